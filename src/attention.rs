@@ -1,0 +1,387 @@
+//! What one EvoAttention call computes over: the batch, its chunks, the head shape, the
+//! parameters, and which keys each query sees in each branch (SPEC section 3).
+//!
+//! The key sets are written here once, as iteration over index ranges; the reference uses them
+//! directly and the GPU kernels implement the same ranges. Nothing here builds a `T x T` mask.
+
+use crate::batch::JaggedBatch;
+use crate::chunking::Chunks;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+use crate::temporal::RelTemporal;
+
+/// Head dimensions the kernels are built for.
+pub const SUPPORTED_HEAD_DIMS: &[usize] = &[32, 64, 128];
+
+/// Number of branches; gates and LSE have this many entries per `(token, head)`.
+pub const NUM_BRANCHES: usize = 3;
+
+/// The three branches, in the order of the gates and LSE entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Branch {
+    /// Chunk summaries: global interests.
+    Global = 0,
+    /// Tail tokens of chunks: interest transitions.
+    Transition = 1,
+    /// Sliding window plus the user token: short-term interests.
+    Local = 2,
+}
+
+impl Branch {
+    /// All branches in gate order.
+    pub const ALL: [Branch; NUM_BRANCHES] = [Branch::Global, Branch::Transition, Branch::Local];
+}
+
+/// One key a query attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Key {
+    /// A token of the batch (absolute index).
+    Token(usize),
+    /// The summary of a chunk (global chunk id): mean of its members' K and V.
+    Summary(usize),
+}
+
+/// Heads and head dimension of Q, K, V and O (`[T, H, D]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// `H >= 1`.
+    pub heads: usize,
+    /// `D`, one of [`SUPPORTED_HEAD_DIMS`].
+    pub head_dim: usize,
+}
+
+impl Dims {
+    /// Checks `H >= 1` and `D` supported.
+    pub fn validate(&self) -> Result<()> {
+        if self.heads == 0 {
+            return Err(Error::Zero { field: "heads" });
+        }
+        if !SUPPORTED_HEAD_DIMS.contains(&self.head_dim) {
+            return Err(Error::UnsupportedHeadDim {
+                value: self.head_dim,
+                supported: SUPPORTED_HEAD_DIMS,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of the attention itself (the number of chunks belongs to [`Chunks`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnConfig {
+    /// `m >= 1`: tail tokens per chunk in the transition branch.
+    pub tail_tokens: usize,
+    /// `w >= 1`: local window length.
+    pub window: usize,
+    /// Bucket count and UTC offset of the bias.
+    pub temporal: RelTemporal,
+    /// Logit scale; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f32>,
+}
+
+impl AttnConfig {
+    /// `m` tail tokens, window `w`, default bias parameters and scale.
+    pub fn new(tail_tokens: usize, window: usize) -> Self {
+        AttnConfig {
+            tail_tokens,
+            window,
+            temporal: RelTemporal::default(),
+            scale: None,
+        }
+    }
+}
+
+/// A validated description of one attention call: batch, chunks, shape and parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct EvoAttention<'a> {
+    batch: &'a JaggedBatch,
+    chunks: &'a Chunks,
+    dims: Dims,
+    config: AttnConfig,
+    scale: f64,
+}
+
+impl<'a> EvoAttention<'a> {
+    /// Validates that everything fits together: `H`, `D`, `m`, `w`, the bias parameters, the
+    /// scale, and that `chunks` partition this batch's behaviors.
+    pub fn new(
+        batch: &'a JaggedBatch,
+        chunks: &'a Chunks,
+        dims: Dims,
+        config: AttnConfig,
+    ) -> Result<Self> {
+        dims.validate()?;
+        if config.tail_tokens == 0 {
+            return Err(Error::Zero {
+                field: "tail_tokens",
+            });
+        }
+        if config.window == 0 {
+            return Err(Error::Zero { field: "window" });
+        }
+        config.temporal.validate()?;
+        let scale = match config.scale {
+            None => 1.0 / (dims.head_dim as f64).sqrt(),
+            Some(s) if s.is_finite() && s > 0.0 => s as f64,
+            Some(s) => {
+                return Err(Error::OutOfRange {
+                    field: "scale",
+                    value: s.to_string(),
+                    expected: "a finite positive number",
+                })
+            }
+        };
+        chunks.check_matches(batch)?;
+        Ok(EvoAttention {
+            batch,
+            chunks,
+            dims,
+            config,
+            scale,
+        })
+    }
+
+    /// The batch.
+    pub fn batch(&self) -> &'a JaggedBatch {
+        self.batch
+    }
+
+    /// The chunks.
+    pub fn chunks(&self) -> &'a Chunks {
+        self.chunks
+    }
+
+    /// Heads and head dimension.
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+
+    /// The parameters as given.
+    pub fn config(&self) -> &AttnConfig {
+        &self.config
+    }
+
+    /// The logit scale in effect.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Timestamp of a query token; `None` for the user token (it has no time).
+    pub fn query_time(&self, seq: usize, q: usize) -> Option<i64> {
+        (self.batch.seq(seq).user != Some(q)).then(|| self.batch.timestamps()[q])
+    }
+
+    /// Timestamp of a key: a token's own, or the chunk's last behavior for a summary; `None` for
+    /// the user token.
+    pub fn key_time(&self, seq: usize, key: Key) -> Option<i64> {
+        let ts = self.batch.timestamps();
+        match key {
+            Key::Token(j) => (self.batch.seq(seq).user != Some(j)).then(|| ts[j]),
+            Key::Summary(c) => Some(ts[self.chunks.last(c)]),
+        }
+    }
+
+    /// Writes into `out` the keys that query token `q` of sequence `seq` sees in `branch`
+    /// (SPEC section 3), in a fixed order. The user token sees nothing.
+    pub fn keys(&self, seq: usize, q: usize, branch: Branch, out: &mut Vec<Key>) {
+        out.clear();
+        let span = self.batch.seq(seq);
+        let behaviors = span.behaviors.clone();
+        let is_candidate = span.candidates.contains(&q);
+        if !is_candidate && !behaviors.contains(&q) {
+            return;
+        }
+        // Behaviors at positions below this bound are in the query's past.
+        let visible_end = if is_candidate { behaviors.end } else { q + 1 };
+        let chunks = self.chunks;
+        match branch {
+            Branch::Global => {
+                for c in chunks.of_seq(seq) {
+                    if chunks.span(c).end > visible_end {
+                        break;
+                    }
+                    out.push(Key::Summary(c));
+                }
+            }
+            Branch::Transition => {
+                for c in chunks.of_seq(seq) {
+                    let tail = chunks.tail(c, self.config.tail_tokens);
+                    if tail.start >= visible_end {
+                        break;
+                    }
+                    out.extend((tail.start..tail.end.min(visible_end)).map(Key::Token));
+                }
+            }
+            Branch::Local => {
+                out.extend(span.user.map(Key::Token));
+                let w = self.config.window;
+                // A candidate stands where the next behavior would: it sees w - 1 behaviors.
+                let first = if is_candidate {
+                    (behaviors.end + 1).saturating_sub(w)
+                } else {
+                    (q + 1).saturating_sub(w)
+                };
+                out.extend((first.max(behaviors.start)..visible_end).map(Key::Token));
+                if is_candidate {
+                    out.push(Key::Token(q));
+                }
+            }
+        }
+    }
+
+    /// Writes into `out` the keys of the dense counterpart (SPEC section 5): the user token and
+    /// every behavior up to the query; a candidate sees all behaviors and itself. The user token
+    /// as a query sees itself *(decided: causal attention's diagonal)*.
+    pub fn dense_keys(&self, seq: usize, q: usize, out: &mut Vec<Key>) {
+        out.clear();
+        let span = self.batch.seq(seq);
+        if span.user == Some(q) {
+            out.push(Key::Token(q));
+            return;
+        }
+        out.extend(span.user.map(Key::Token));
+        let is_candidate = span.candidates.contains(&q);
+        let visible_end = if is_candidate {
+            span.behaviors.end
+        } else {
+            q + 1
+        };
+        out.extend((span.behaviors.start..visible_end).map(Key::Token));
+        if is_candidate {
+            out.push(Key::Token(q));
+        }
+    }
+}
+
+/// Per-branch gates `[T, H, 3]`, in the input dtype or f32.
+#[derive(Debug, Clone, Copy)]
+pub enum Gates<'a, T> {
+    /// Same dtype as Q.
+    Native(&'a [T]),
+    /// f32 gates.
+    F32(&'a [f32]),
+}
+
+impl<T: Element> Gates<'_, T> {
+    fn len(&self) -> usize {
+        match self {
+            Gates::Native(g) => g.len(),
+            Gates::F32(g) => g.len(),
+        }
+    }
+
+    fn to_f64(self) -> Vec<f64> {
+        match self {
+            Gates::Native(g) => crate::dtype::to_f64_vec(g),
+            Gates::F32(g) => crate::dtype::to_f64_vec(g),
+        }
+    }
+}
+
+/// The tensors of one call, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Inputs<'a, T> {
+    /// `[T, H, D]` queries.
+    pub q: &'a [T],
+    /// `[T, H, D]` keys.
+    pub k: &'a [T],
+    /// `[T, H, D]` values.
+    pub v: &'a [T],
+    /// `[H, 3]` f32 RelTemporal coefficients `(s1, s2, s3)` per head.
+    pub coeffs: &'a [f32],
+    /// `[T, H, 3]` gates; `None` means all ones.
+    pub gates: Option<Gates<'a, T>>,
+}
+
+/// Checks a tensor's length against its expected shape.
+pub(crate) fn check_len(field: &'static str, len: usize, expected: usize) -> Result<()> {
+    if len != expected {
+        return Err(Error::Length {
+            field,
+            len,
+            expected,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the lengths of `[q, k, v]` (`[T, H, D]`), coeffs (`[H, 3]`) and gates (`[T, H, 3]`).
+pub(crate) fn check_shapes(
+    attn: &EvoAttention<'_>,
+    qkv_lens: [usize; 3],
+    coeffs_len: usize,
+    gates_len: Option<usize>,
+) -> Result<()> {
+    let t = attn.batch().num_tokens();
+    let Dims { heads, head_dim } = attn.dims();
+    for (field, len) in ["q", "k", "v"].into_iter().zip(qkv_lens) {
+        check_len(field, len, t * heads * head_dim)?;
+    }
+    check_len("coeffs", coeffs_len, heads * 3)?;
+    if let Some(len) = gates_len {
+        check_len("gates", len, t * heads * NUM_BRANCHES)?;
+    }
+    Ok(())
+}
+
+/// Checks that every coefficient is finite (a NaN coefficient would poison whole heads).
+pub(crate) fn check_coeffs<C: Copy + Into<f64>>(coeffs: &[C]) -> Result<()> {
+    if let Some((index, c)) = coeffs
+        .iter()
+        .map(|&c| c.into())
+        .enumerate()
+        .find(|(_, c): &(usize, f64)| !c.is_finite())
+    {
+        return Err(Error::OutOfRange {
+            field: "coeffs",
+            value: format!("{c} at index {index}"),
+            expected: "finite values",
+        });
+    }
+    Ok(())
+}
+
+impl<T: Element> Inputs<'_, T> {
+    /// Checks every tensor's length against `attn` and that the coefficients are finite.
+    pub fn validate(&self, attn: &EvoAttention<'_>) -> Result<()> {
+        let lens = [self.q.len(), self.k.len(), self.v.len()];
+        check_shapes(attn, lens, self.coeffs.len(), self.gates.map(|g| g.len()))?;
+        check_coeffs(self.coeffs)
+    }
+
+    /// Validates and widens to f64, the form the reference computes in.
+    pub fn widen(&self, attn: &EvoAttention<'_>) -> Result<Widened> {
+        self.validate(attn)?;
+        Ok(Widened {
+            q: crate::dtype::to_f64_vec(self.q),
+            k: crate::dtype::to_f64_vec(self.k),
+            v: crate::dtype::to_f64_vec(self.v),
+            coeffs: crate::dtype::to_f64_vec(self.coeffs),
+            gates: self.gates.map(|g| g.to_f64()),
+        })
+    }
+}
+
+/// Inputs widened to f64 (owned). Finite-difference tests perturb these directly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Widened {
+    /// `[T, H, D]`.
+    pub q: Vec<f64>,
+    /// `[T, H, D]`.
+    pub k: Vec<f64>,
+    /// `[T, H, D]`.
+    pub v: Vec<f64>,
+    /// `[H, 3]`.
+    pub coeffs: Vec<f64>,
+    /// `[T, H, 3]`, `None` = all ones.
+    pub gates: Option<Vec<f64>>,
+}
+
+impl Widened {
+    /// Checks every tensor's length against `attn` and that the coefficients are finite.
+    pub fn validate(&self, attn: &EvoAttention<'_>) -> Result<()> {
+        let lens = [self.q.len(), self.k.len(), self.v.len()];
+        check_shapes(attn, lens, self.coeffs.len(), self.gates.as_ref().map(Vec::len))?;
+        check_coeffs(&self.coeffs)
+    }
+}

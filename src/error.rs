@@ -1,0 +1,226 @@
+//! The one error type of the crate.
+//!
+//! Every variant names the field at fault and, where there is one, the index and value, so that a
+//! caller can find the bad element without reading our code. Bad input never panics and never
+//! reaches a kernel; a missing driver, GPU or NVRTC is an error value too.
+
+use std::fmt;
+
+/// Result alias used by every fallible function of the crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What went wrong, with the field, index and value at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Error {
+    /// `seq_offsets` is empty: it needs `B + 1` entries, at least `[0]`.
+    SeqOffsetsEmpty,
+    /// `seq_offsets[0]` is not 0.
+    SeqOffsetsStart { value: usize },
+    /// `seq_offsets[index] < seq_offsets[index - 1]`.
+    SeqOffsetsDecreasing {
+        index: usize,
+        value: usize,
+        previous: usize,
+    },
+    /// `seq_offsets[B]` is not the number of tokens `T` (the length of `timestamps`).
+    SeqOffsetsEnd { value: usize, num_tokens: usize },
+    /// A per-sequence or per-token array has the wrong length.
+    Length {
+        field: &'static str,
+        len: usize,
+        expected: usize,
+    },
+    /// Sequence `seq` is too short for its `num_candidates[seq]` candidates (plus the user token).
+    TooManyCandidates {
+        seq: usize,
+        num_candidates: usize,
+        seq_len: usize,
+        has_user_token: bool,
+    },
+    /// `timestamps[index]` (a behavior of sequence `seq`) is earlier than the behavior before it.
+    DecreasingTimestamp {
+        seq: usize,
+        index: usize,
+        value: i64,
+        previous: i64,
+    },
+    /// The behaviors and candidates of sequence `seq` span more than `i32::MAX` seconds.
+    TimeSpanTooLarge { seq: usize, span: i128 },
+    /// A size parameter that must be at least 1 is 0 (`heads`, `num_chunks`, `tail_tokens`,
+    /// `window`, `num_time_buckets`).
+    Zero { field: &'static str },
+    /// The head dimension is not one the kernels are built for.
+    UnsupportedHeadDim {
+        value: usize,
+        supported: &'static [usize],
+    },
+    /// A scalar parameter is out of its domain (`scale` not finite and positive, `utc_offset`
+    /// beyond a day, ...).
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// Caller-supplied chunk boundaries do not partition the behaviors of sequence `seq`.
+    ChunkBoundaries {
+        field: &'static str,
+        seq: usize,
+        index: usize,
+        value: usize,
+        reason: &'static str,
+    },
+    /// Chunks were built for a different batch than the one they are used with.
+    ChunksMismatch {
+        seq: usize,
+        chunked_behaviors: usize,
+        batch_behaviors: usize,
+    },
+    /// The padded `[B, L]` description is inconsistent (`mask` or `timestamps` length, ...).
+    Padded {
+        field: &'static str,
+        index: usize,
+        value: usize,
+        reason: &'static str,
+    },
+    /// No CUDA driver library (`libcuda`) could be loaded.
+    NoCudaDriver,
+    /// The driver loaded but reports no GPU (or not the requested ordinal).
+    NoGpu { ordinal: usize, detail: String },
+    /// No NVRTC library could be loaded.
+    NoNvrtc,
+    /// A kernel failed to compile; the log is NVRTC's.
+    Compile { kernel: String, log: String },
+    /// A CUDA driver call failed.
+    Cuda { call: &'static str, detail: String },
+}
+
+impl Error {
+    /// The name of the input field at fault, as the docs and SPEC.md spell it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Error::SeqOffsetsEmpty
+            | Error::SeqOffsetsStart { .. }
+            | Error::SeqOffsetsDecreasing { .. }
+            | Error::SeqOffsetsEnd { .. } => "seq_offsets",
+            Error::Length { field, .. } => field,
+            Error::TooManyCandidates { .. } => "num_candidates",
+            Error::DecreasingTimestamp { .. } | Error::TimeSpanTooLarge { .. } => "timestamps",
+            Error::Zero { field } => field,
+            Error::UnsupportedHeadDim { .. } => "head_dim",
+            Error::OutOfRange { field, .. } => field,
+            Error::ChunkBoundaries { field, .. } => field,
+            Error::ChunksMismatch { .. } => "chunks",
+            Error::Padded { field, .. } => field,
+            Error::NoCudaDriver | Error::NoGpu { .. } | Error::Cuda { .. } => "device",
+            Error::NoNvrtc | Error::Compile { .. } => "kernels",
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::SeqOffsetsEmpty => write!(f, "seq_offsets is empty; it needs B + 1 entries"),
+            Error::SeqOffsetsStart { value } => {
+                write!(f, "seq_offsets[0] = {value}, must be 0")
+            }
+            Error::SeqOffsetsDecreasing {
+                index,
+                value,
+                previous,
+            } => write!(
+                f,
+                "seq_offsets[{index}] = {value} is less than seq_offsets[{}] = {previous}",
+                index - 1
+            ),
+            Error::SeqOffsetsEnd { value, num_tokens } => write!(
+                f,
+                "seq_offsets ends at {value}, but there are {num_tokens} tokens (timestamps.len())"
+            ),
+            Error::Length {
+                field,
+                len,
+                expected,
+            } => write!(f, "{field} has length {len}, expected {expected}"),
+            Error::TooManyCandidates {
+                seq,
+                num_candidates,
+                seq_len,
+                has_user_token,
+            } => write!(
+                f,
+                "num_candidates[{seq}] = {num_candidates} does not fit sequence {seq} of length \
+                 {seq_len}{}",
+                if *has_user_token {
+                    " with its user token"
+                } else {
+                    ""
+                }
+            ),
+            Error::DecreasingTimestamp {
+                seq,
+                index,
+                value,
+                previous,
+            } => write!(
+                f,
+                "timestamps[{index}] = {value} (sequence {seq}) is earlier than the behavior \
+                 before it ({previous}); behaviors must be non-decreasing in time"
+            ),
+            Error::TimeSpanTooLarge { seq, span } => write!(
+                f,
+                "timestamps of sequence {seq} span {span} s, more than i32::MAX"
+            ),
+            Error::Zero { field } => write!(f, "{field} = 0, must be at least 1"),
+            Error::UnsupportedHeadDim { value, supported } => {
+                write!(f, "head_dim = {value} is not supported; supported: {supported:?}")
+            }
+            Error::OutOfRange {
+                field,
+                value,
+                expected,
+            } => write!(f, "{field} = {value}, expected {expected}"),
+            Error::ChunkBoundaries {
+                field,
+                seq,
+                index,
+                value,
+                reason,
+            } => write!(f, "{field}[{index}] = {value} (sequence {seq}): {reason}"),
+            Error::ChunksMismatch {
+                seq,
+                chunked_behaviors,
+                batch_behaviors,
+            } => write!(
+                f,
+                "chunks of sequence {seq} cover {chunked_behaviors} behaviors but the batch has \
+                 {batch_behaviors}: the chunks belong to another batch"
+            ),
+            Error::Padded {
+                field,
+                index,
+                value,
+                reason,
+            } => write!(f, "{field}[{index}] = {value}: {reason}"),
+            Error::NoCudaDriver => write!(
+                f,
+                "no CUDA driver: libcuda could not be loaded (is an NVIDIA driver installed?)"
+            ),
+            Error::NoGpu { ordinal, detail } => {
+                write!(f, "no GPU with ordinal {ordinal}: {detail}")
+            }
+            Error::NoNvrtc => write!(
+                f,
+                "no NVRTC: libnvrtc could not be loaded (install the CUDA toolkit or the \
+                 nvidia-cuda-nvrtc wheel and put its lib/ on LD_LIBRARY_PATH)"
+            ),
+            Error::Compile { kernel, log } => {
+                write!(f, "kernel {kernel} failed to compile:\n{log}")
+            }
+            Error::Cuda { call, detail } => write!(f, "CUDA call {call} failed: {detail}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}

@@ -1,0 +1,229 @@
+//! The f64 reference against itself: backward against central finite differences of the forward
+//! (sparse and dense), and the local branch against the dense counterpart where they must agree.
+
+mod common;
+
+use proptest::prelude::*;
+use sparsectr_attn::workload::{random_tensor, Rng};
+use sparsectr_attn::{
+    reference, rel_l2_error, AttnConfig, Chunks, Dims, EvoAttention, Inputs, JaggedBatch,
+    RelTemporal, Widened,
+};
+
+/// Finite differences in f64 with h = 1e-5 have truncation error ~1e-10 relative and round-off
+/// ~1e-11; an analytic gradient that is wrong anywhere is off by far more than this.
+const FD_TOL: f64 = 1e-7;
+const FD_STEP: f64 = 1e-5;
+
+/// Which tensor of [`Widened`] a gradient belongs to.
+#[derive(Debug, Clone, Copy)]
+enum Param {
+    Q,
+    K,
+    V,
+    Coeffs,
+    Gates,
+}
+
+fn param(inp: &mut Widened, p: Param) -> &mut Vec<f64> {
+    match p {
+        Param::Q => &mut inp.q,
+        Param::K => &mut inp.k,
+        Param::V => &mut inp.v,
+        Param::Coeffs => &mut inp.coeffs,
+        Param::Gates => inp.gates.as_mut().expect("gates present"),
+    }
+}
+
+/// Central differences of `loss` with respect to every element of one tensor.
+fn finite_differences(inp: &Widened, p: Param, loss: &dyn Fn(&Widened) -> f64) -> Vec<f64> {
+    let mut x = inp.clone();
+    let n = param(&mut x, p).len();
+    (0..n)
+        .map(|i| {
+            let orig = param(&mut x, p)[i];
+            param(&mut x, p)[i] = orig + FD_STEP;
+            let up = loss(&x);
+            param(&mut x, p)[i] = orig - FD_STEP;
+            let down = loss(&x);
+            param(&mut x, p)[i] = orig;
+            (up - down) / (2.0 * FD_STEP)
+        })
+        .collect()
+}
+
+fn check(name: &str, analytic: &[f64], numeric: &[f64]) -> Result<(), TestCaseError> {
+    let err = rel_l2_error(analytic, numeric);
+    // A tensor whose true gradient is zero (no visible pairs) must come out exactly zero.
+    let numeric_norm = numeric.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let ok = if numeric_norm < 1e-9 {
+        analytic.iter().all(|x| x.abs() < 1e-9)
+    } else {
+        err.is_finite() && err <= FD_TOL
+    };
+    prop_assert!(ok, "{}: relative L2 error {:e} > {:e}", name, err, FD_TOL);
+    Ok(())
+}
+
+/// `L = sum O * R` so that `dO = R`.
+fn weighted_sum(o: &[f64], r: &[f64]) -> f64 {
+    o.iter().zip(r).map(|(a, b)| a * b).sum()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    batch: JaggedBatch,
+    num_chunks: usize,
+    tail_tokens: usize,
+    window: usize,
+    heads: usize,
+    gates: bool,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        common::batch(3, 9, 2),
+        1usize..5,
+        1usize..4,
+        1usize..6,
+        1usize..3,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(batch, num_chunks, tail_tokens, window, heads, gates, seed)| Case {
+                batch,
+                num_chunks,
+                tail_tokens,
+                window,
+                heads,
+                gates,
+                seed,
+            },
+        )
+}
+
+const D: usize = 32;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn sparse_backward_matches_finite_differences(c in case()) {
+        let chunks = Chunks::personalized(&c.batch, c.num_chunks).unwrap();
+        let dims = Dims { heads: c.heads, head_dim: D };
+        let mut config = AttnConfig::new(c.tail_tokens, c.window);
+        // A few buckets so that some pairs saturate Bk.
+        config.temporal = RelTemporal { num_time_buckets: 40, utc_offset: 3600 };
+        let attn = EvoAttention::new(&c.batch, &chunks, dims, config).unwrap();
+        let t = c.batch.num_tokens();
+        let inp = common::widened(c.seed, t, c.heads, D, c.gates);
+        let r: Vec<f64> = random_tensor(&mut Rng::new(c.seed ^ 1), t * c.heads * D, 1.0);
+        let grads = reference::backward_f64(&attn, &inp, &r).unwrap();
+        let loss = |x: &Widened| weighted_sum(&reference::forward_f64(&attn, x).unwrap().o, &r);
+        check("dq", &grads.dq, &finite_differences(&inp, Param::Q, &loss))?;
+        check("dk", &grads.dk, &finite_differences(&inp, Param::K, &loss))?;
+        check("dv", &grads.dv, &finite_differences(&inp, Param::V, &loss))?;
+        check("dcoeffs", &grads.dcoeffs, &finite_differences(&inp, Param::Coeffs, &loss))?;
+        // dgates is checked against explicit gates; absent gates mean ones.
+        let mut gated = inp.clone();
+        let ones = vec![1.0; t * c.heads * 3];
+        gated.gates.get_or_insert(ones);
+        let dgates_fd = finite_differences(&gated, Param::Gates, &loss);
+        check("dgates", &grads.dgates, &dgates_fd)?;
+    }
+
+    #[test]
+    fn dense_backward_matches_finite_differences(c in case()) {
+        let chunks = Chunks::personalized(&c.batch, c.num_chunks).unwrap();
+        let dims = Dims { heads: c.heads, head_dim: D };
+        let attn = EvoAttention::new(&c.batch, &chunks, dims, AttnConfig::new(1, 1)).unwrap();
+        let t = c.batch.num_tokens();
+        let inp = common::widened(c.seed, t, c.heads, D, false);
+        let r: Vec<f64> = random_tensor(&mut Rng::new(c.seed ^ 2), t * c.heads * D, 1.0);
+        let grads = reference::dense_backward_f64(&attn, &inp, &r).unwrap();
+        let loss = |x: &Widened| weighted_sum(&reference::dense_forward_f64(&attn, x).unwrap().o, &r);
+        check("dq", &grads.dq, &finite_differences(&inp, Param::Q, &loss))?;
+        check("dk", &grads.dk, &finite_differences(&inp, Param::K, &loss))?;
+        check("dv", &grads.dv, &finite_differences(&inp, Param::V, &loss))?;
+        check("dcoeffs", &grads.dcoeffs, &finite_differences(&inp, Param::Coeffs, &loss))?;
+    }
+
+    /// With gates (0, 0, 1) and `w >= n` the sparse output is the local branch, which then sees
+    /// the user token and every behavior up to the query: exactly the dense counterpart on
+    /// behavior rows (and on candidate rows too once `w > n`).
+    #[test]
+    fn local_branch_equals_dense_when_window_covers_everything(
+        batch in common::batch(4, 12, 3),
+        extra in 0usize..3,
+        heads in 1usize..3,
+        seed in any::<u64>(),
+    ) {
+        let max_n = batch.seqs().map(|s| s.num_behaviors()).max().unwrap_or(0);
+        let window = max_n.max(1) + extra;
+        let chunks = Chunks::personalized(&batch, 3).unwrap();
+        let dims = Dims { heads, head_dim: D };
+        let attn = EvoAttention::new(&batch, &chunks, dims, AttnConfig::new(2, window)).unwrap();
+        let t = batch.num_tokens();
+        let mut inp = common::widened(seed, t, heads, D, false);
+        inp.gates = Some((0..t * heads).flat_map(|_| [0.0, 0.0, 1.0]).collect());
+        let sparse = reference::forward_f64(&attn, &inp).unwrap();
+        let dense = reference::dense_forward_f64(&attn, &inp).unwrap();
+        let mut compared = 0;
+        for span in batch.seqs() {
+            let rows: Vec<usize> = if window > span.num_behaviors() {
+                span.behaviors.clone().chain(span.candidates.clone()).collect()
+            } else {
+                span.behaviors.clone().collect()
+            };
+            for q in rows {
+                for h in 0..heads {
+                    let qh = q * heads + h;
+                    let o = &sparse.o[qh * D..(qh + 1) * D];
+                    let want = &dense.o[qh * D..(qh + 1) * D];
+                    let err = rel_l2_error(o, want);
+                    prop_assert!(err <= 1e-12, "O row {} head {}: {:e}", q, h, err);
+                    let lse = sparse.lse[qh * 3 + 2];
+                    prop_assert!((lse - dense.lse[qh]).abs() <= 1e-12 * (1.0 + lse.abs()));
+                    compared += 1;
+                }
+            }
+        }
+        prop_assert_eq!(compared, heads * batch.num_behaviors()
+            + batch.seqs().filter(|s| window > s.num_behaviors()).map(|s| heads * s.candidates.len()).sum::<usize>());
+    }
+}
+
+/// The generic entry points widen f32, f16 and bf16 exactly: each gives the f64 result of its
+/// rounded inputs.
+#[test]
+fn generic_inputs_widen_exactly() {
+    let mut rng = Rng::new(77);
+    let batch = sparsectr_attn::workload::generate_batch(&mut rng, 3, 20, 2, true).unwrap();
+    let chunks = Chunks::personalized(&batch, 4).unwrap();
+    let dims = Dims {
+        heads: 2,
+        head_dim: 64,
+    };
+    let attn = EvoAttention::new(&batch, &chunks, dims, AttnConfig::new(2, 5)).unwrap();
+    let n = batch.num_tokens() * 2 * 64;
+    let q: Vec<half::bf16> = random_tensor(&mut rng, n, 1.0);
+    let k: Vec<half::bf16> = random_tensor(&mut rng, n, 1.0);
+    let v: Vec<half::bf16> = random_tensor(&mut rng, n, 1.0);
+    let g: Vec<f32> = random_tensor(&mut rng, batch.num_tokens() * 6, 1.0);
+    let coeffs = [0.1f32, 0.2, 0.3, -0.1, -0.2, -0.3];
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: Some(sparsectr_attn::Gates::F32(&g)),
+    };
+    let widened = inputs.widen(&attn).unwrap();
+    assert_eq!(widened.q[3], q[3].to_f64());
+    let a = reference::forward(&attn, &inputs).unwrap();
+    let b = reference::forward_f64(&attn, &widened).unwrap();
+    assert_eq!(a, b);
+    assert!(a.o.iter().all(|x| x.is_finite()));
+}
