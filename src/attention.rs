@@ -51,6 +51,27 @@ pub struct Dims {
 }
 
 impl Dims {
+    /// `T * H * D`: the length of Q, K, V and O for `tokens` tokens, or an error if it overflows.
+    pub fn tensor_len(&self, tokens: usize) -> Result<usize> {
+        self.len_per_token(tokens, self.head_dim)
+    }
+
+    /// `T * H * 3`: the length of gates and LSE for `tokens` tokens.
+    pub fn branch_len(&self, tokens: usize) -> Result<usize> {
+        self.len_per_token(tokens, NUM_BRANCHES)
+    }
+
+    fn len_per_token(&self, tokens: usize, per_head: usize) -> Result<usize> {
+        tokens
+            .checked_mul(self.heads)
+            .and_then(|x| x.checked_mul(per_head))
+            .ok_or(Error::OutOfRange {
+                field: "heads",
+                value: self.heads.to_string(),
+                expected: "T * H * D to fit in usize",
+            })
+    }
+
     /// Checks `H >= 1` and `D` supported.
     pub fn validate(&self) -> Result<()> {
         if self.heads == 0 {
@@ -91,6 +112,32 @@ impl AttnConfig {
     }
 }
 
+impl AttnConfig {
+    /// Checks the parameters against `dims` (`m, w >= 1`, bias parameters, scale finite and
+    /// positive) and returns the logit scale in effect.
+    pub fn validate(&self, dims: Dims) -> Result<f64> {
+        dims.validate()?;
+        if self.tail_tokens == 0 {
+            return Err(Error::Zero {
+                field: "tail_tokens",
+            });
+        }
+        if self.window == 0 {
+            return Err(Error::Zero { field: "window" });
+        }
+        self.temporal.validate()?;
+        match self.scale {
+            None => Ok(1.0 / (dims.head_dim as f64).sqrt()),
+            Some(s) if s.is_finite() && s > 0.0 => Ok(s as f64),
+            Some(s) => Err(Error::OutOfRange {
+                field: "scale",
+                value: s.to_string(),
+                expected: "a finite positive number",
+            }),
+        }
+    }
+}
+
 /// A validated description of one attention call: batch, chunks, shape and parameters.
 #[derive(Debug, Clone, Copy)]
 pub struct EvoAttention<'a> {
@@ -110,27 +157,18 @@ impl<'a> EvoAttention<'a> {
         dims: Dims,
         config: AttnConfig,
     ) -> Result<Self> {
-        dims.validate()?;
-        if config.tail_tokens == 0 {
-            return Err(Error::Zero {
-                field: "tail_tokens",
-            });
-        }
-        if config.window == 0 {
-            return Err(Error::Zero { field: "window" });
-        }
-        config.temporal.validate()?;
-        let scale = match config.scale {
-            None => 1.0 / (dims.head_dim as f64).sqrt(),
-            Some(s) if s.is_finite() && s > 0.0 => s as f64,
-            Some(s) => {
-                return Err(Error::OutOfRange {
-                    field: "scale",
-                    value: s.to_string(),
-                    expected: "a finite positive number",
-                })
-            }
-        };
+        let scale = config.validate(dims)?;
+        // Every tensor of the call must be addressable; then no length below can overflow.
+        dims.tensor_len(batch.num_tokens())?;
+        dims.branch_len(batch.num_tokens())?;
+        chunks
+            .num_chunks()
+            .checked_mul(dims.heads * dims.head_dim)
+            .ok_or(Error::OutOfRange {
+                field: "heads",
+                value: dims.heads.to_string(),
+                expected: "C * H * D to fit in usize",
+            })?;
         chunks.check_matches(batch)?;
         Ok(EvoAttention {
             batch,
@@ -312,14 +350,15 @@ pub(crate) fn check_shapes(
     coeffs_len: usize,
     gates_len: Option<usize>,
 ) -> Result<()> {
+    // EvoAttention::new checked that these products fit.
     let t = attn.batch().num_tokens();
-    let Dims { heads, head_dim } = attn.dims();
+    let dims = attn.dims();
     for (field, len) in ["q", "k", "v"].into_iter().zip(qkv_lens) {
-        check_len(field, len, t * heads * head_dim)?;
+        check_len(field, len, dims.tensor_len(t)?)?;
     }
-    check_len("coeffs", coeffs_len, heads * 3)?;
+    check_len("coeffs", coeffs_len, dims.branch_len(1)?)?;
     if let Some(len) = gates_len {
-        check_len("gates", len, t * heads * NUM_BRANCHES)?;
+        check_len("gates", len, dims.branch_len(t)?)?;
     }
     Ok(())
 }
@@ -381,7 +420,12 @@ impl Widened {
     /// Checks every tensor's length against `attn` and that the coefficients are finite.
     pub fn validate(&self, attn: &EvoAttention<'_>) -> Result<()> {
         let lens = [self.q.len(), self.k.len(), self.v.len()];
-        check_shapes(attn, lens, self.coeffs.len(), self.gates.as_ref().map(Vec::len))?;
+        check_shapes(
+            attn,
+            lens,
+            self.coeffs.len(),
+            self.gates.as_ref().map(Vec::len),
+        )?;
         check_coeffs(&self.coeffs)
     }
 }

@@ -263,7 +263,8 @@ impl Padded {
 
     /// Packs a padded tensor `[B, L, row]` into the jagged `[T, row]`.
     pub fn pack<T: Copy>(&self, padded: &[T], row: usize) -> Result<Vec<T>> {
-        let expected = self.padded_len * row;
+        let expected = row_len(self.padded_len, row)?;
+        row_len(self.kept.len(), row)?;
         if padded.len() != expected {
             return Err(Error::Length {
                 field: "padded",
@@ -280,7 +281,8 @@ impl Padded {
 
     /// Scatters a jagged `[T, row]` tensor back to `[B, L, row]`, writing `fill` under pads.
     pub fn unpack<T: Copy>(&self, packed: &[T], row: usize, fill: T) -> Result<Vec<T>> {
-        let expected = self.kept.len() * row;
+        let expected = row_len(self.kept.len(), row)?;
+        row_len(self.padded_len, row)?;
         if packed.len() != expected {
             return Err(Error::Length {
                 field: "packed",
@@ -294,4 +296,14 @@ impl Padded {
         }
         Ok(out)
     }
+}
+
+/// `rows * row`, or an error naming `row` if it overflows.
+fn row_len(rows: usize, row: usize) -> Result<usize> {
+    rows.checked_mul(row).ok_or(Error::Padded {
+        field: "row",
+        index: 0,
+        value: row,
+        reason: "rows * row overflows usize",
+    })
 }

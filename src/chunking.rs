@@ -127,8 +127,8 @@ impl Chunks {
         let mut ends = Vec::with_capacity(chunk_lengths.len());
         for (seq, span) in batch.seqs().enumerate() {
             let mut pos = span.behaviors.start;
-            for index in chunk_offsets[seq]..chunk_offsets[seq + 1] {
-                let len = chunk_lengths[index];
+            let ids = chunk_offsets[seq]..chunk_offsets[seq + 1];
+            for (index, &len) in ids.clone().zip(&chunk_lengths[ids]) {
                 if len == 0 {
                     return Err(Error::ChunkBoundaries {
                         field: "chunk_lengths",
@@ -187,7 +187,10 @@ impl Chunks {
                 pos = self.ends[c];
             }
             if !ok || pos != span.behaviors.end {
-                let covered = self.of_seq(seq).map(|c| self.ends[c] - self.starts[c]).sum();
+                let covered = self
+                    .of_seq(seq)
+                    .map(|c| self.ends[c] - self.starts[c])
+                    .sum();
                 return Err(Error::ChunksMismatch {
                     seq,
                     chunked_behaviors: covered,

@@ -76,7 +76,8 @@ pub enum Error {
         chunked_behaviors: usize,
         batch_behaviors: usize,
     },
-    /// The padded `[B, L]` description is inconsistent (`mask` or `timestamps` length, ...).
+    /// A padded `[B, L]` conversion cannot be done (`max_len` or `row` overflow); wrong `mask` or
+    /// `timestamps` lengths are [`Error::Length`].
     Padded {
         field: &'static str,
         index: usize,
@@ -91,12 +92,27 @@ pub enum Error {
     NoNvrtc,
     /// A kernel failed to compile; the log is NVRTC's.
     Compile { kernel: String, log: String },
+    /// No kernel was built for this combination (the instantiation list in build.rs).
+    NoKernel {
+        entry: &'static str,
+        dtype: &'static str,
+        head_dim: Option<usize>,
+    },
+    /// The GPU's compute capability is below what the kernels need (sm_80).
+    UnsupportedArch { major: i32, minor: i32 },
+    /// Device data built for one batch or setting used with another.
+    DeviceMismatch {
+        field: &'static str,
+        value: String,
+        expected: String,
+    },
     /// A CUDA driver call failed.
     Cuda { call: &'static str, detail: String },
 }
 
 impl Error {
-    /// The name of the input field at fault, as the docs and SPEC.md spell it.
+    /// The name of the input field at fault, as the docs and SPEC.md spell it; for a missing
+    /// driver, GPU or NVRTC, the category `device` or `kernels`.
     pub fn field(&self) -> &'static str {
         match self {
             Error::SeqOffsetsEmpty
@@ -113,7 +129,9 @@ impl Error {
             Error::ChunksMismatch { .. } => "chunks",
             Error::Padded { field, .. } => field,
             Error::NoCudaDriver | Error::NoGpu { .. } | Error::Cuda { .. } => "device",
-            Error::NoNvrtc | Error::Compile { .. } => "kernels",
+            Error::NoNvrtc | Error::Compile { .. } | Error::NoKernel { .. } => "kernels",
+            Error::UnsupportedArch { .. } => "device",
+            Error::DeviceMismatch { field, .. } => field,
         }
     }
 }
@@ -132,7 +150,7 @@ impl fmt::Display for Error {
             } => write!(
                 f,
                 "seq_offsets[{index}] = {value} is less than seq_offsets[{}] = {previous}",
-                index - 1
+                index.saturating_sub(1)
             ),
             Error::SeqOffsetsEnd { value, num_tokens } => write!(
                 f,
@@ -174,7 +192,10 @@ impl fmt::Display for Error {
             ),
             Error::Zero { field } => write!(f, "{field} = 0, must be at least 1"),
             Error::UnsupportedHeadDim { value, supported } => {
-                write!(f, "head_dim = {value} is not supported; supported: {supported:?}")
+                write!(
+                    f,
+                    "head_dim = {value} is not supported; supported: {supported:?}"
+                )
             }
             Error::OutOfRange {
                 field,
@@ -194,8 +215,9 @@ impl fmt::Display for Error {
                 batch_behaviors,
             } => write!(
                 f,
-                "chunks of sequence {seq} cover {chunked_behaviors} behaviors but the batch has \
-                 {batch_behaviors}: the chunks belong to another batch"
+                "chunks of sequence {seq} do not partition its behaviors (they cover \
+                 {chunked_behaviors}, the batch has {batch_behaviors}, starting where they \
+                 start): the chunks belong to another batch"
             ),
             Error::Padded {
                 field,
@@ -218,6 +240,24 @@ impl fmt::Display for Error {
             Error::Compile { kernel, log } => {
                 write!(f, "kernel {kernel} failed to compile:\n{log}")
             }
+            Error::NoKernel {
+                entry,
+                dtype,
+                head_dim,
+            } => write!(
+                f,
+                "no {entry} kernel for dtype {dtype}{}",
+                head_dim.map_or(String::new(), |d| format!(" and head_dim {d}"))
+            ),
+            Error::UnsupportedArch { major, minor } => write!(
+                f,
+                "GPU compute capability {major}.{minor} is not supported; sm_80 or newer is needed"
+            ),
+            Error::DeviceMismatch {
+                field,
+                value,
+                expected,
+            } => write!(f, "{field} = {value} does not match {expected}"),
             Error::Cuda { call, detail } => write!(f, "CUDA call {call} failed: {detail}"),
         }
     }

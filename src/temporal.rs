@@ -53,7 +53,7 @@ impl RelTemporal {
                 field: "num_time_buckets",
             });
         }
-        if self.utc_offset.abs() > DAY {
+        if self.utc_offset.unsigned_abs() > DAY as u64 {
             return Err(Error::OutOfRange {
                 field: "utc_offset",
                 value: self.utc_offset.to_string(),

@@ -62,8 +62,9 @@ fn key_sets_match_figure_1_row_by_row() {
     };
     let attn = EvoAttention::new(&batch, &chunks, dims, AttnConfig::new(1, 3)).unwrap();
     // (query, global, transition, local) as in SPEC section 9.
+    type Row = (usize, Vec<Key>, Vec<Key>, Vec<Key>);
     #[rustfmt::skip]
-    let rows: Vec<(usize, Vec<Key>, Vec<Key>, Vec<Key>)> = vec![
+    let rows: Vec<Row> = vec![
         (0, vec![], vec![], vec![]),
         (1, vec![], vec![], tok(&[0, 1])),
         (2, sums(&[0]), tok(&[2]), tok(&[0, 1, 2])),
@@ -110,7 +111,11 @@ fn buckets_match_spec_examples() {
     for (dt, bucket) in expected {
         assert_eq!(time_bucket(dt), bucket, "bucket({dt})");
     }
-    assert_eq!(time_bucket(365 * DAY as u64), 49, "one year is about bucket 49");
+    assert_eq!(
+        time_bucket(365 * DAY as u64),
+        49,
+        "one year is about bucket 49"
+    );
     assert_eq!(time_bucket(DAY as u64), 32);
     assert_eq!(time_bucket(900), 19);
     assert_eq!(time_bucket(120), 13);
@@ -132,7 +137,7 @@ fn bias_values_worked_by_hand() {
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * (1.0 + b.abs());
     // b3 -> summary C1 (time of b2): one day exactly (bucket 32), whole day (Hr 0),
     // Saturday vs Friday (Wk -1).
-    let want = 0.7 * (-32.0 / 64.0) + 2.1 * -1.0;
+    let want = 0.7 * (-32.0 / 64.0) - 2.1;
     assert!(close(bias(3, Key::Summary(0)), want));
     // b8 -> b5: 900 s (bucket 19), same day type.
     let want = 0.7 * (-19.0 / 64.0) - 1.3 * -(pi * 900.0 / 86_400.0).sin().powi(2);
@@ -175,7 +180,11 @@ fn forward_of_first_behavior_written_out() {
         k: draw(),
         v: draw(),
         coeffs: vec![0.3, 0.2, 0.9, -0.4, 1.1, 0.5],
-        gates: Some((0..batch.num_tokens() * h * 3).map(|i| 0.5 + (i % 5) as f64 / 7.0).collect()),
+        gates: Some(
+            (0..batch.num_tokens() * h * 3)
+                .map(|i| 0.5 + (i % 5) as f64 / 7.0)
+                .collect(),
+        ),
     };
     let out = reference::forward_f64(&attn, &inp).unwrap();
     let row = |x: &[f64], t: usize, hh: usize| x[(t * h + hh) * d..(t * h + hh + 1) * d].to_vec();
@@ -184,7 +193,13 @@ fn forward_of_first_behavior_written_out() {
         let q = row(&inp.q, 1, head);
         let z: Vec<f64> = [0usize, 1]
             .iter()
-            .map(|&j| scale * q.iter().zip(row(&inp.k, j, head)).map(|(a, b)| a * b).sum::<f64>())
+            .map(|&j| {
+                scale
+                    * q.iter()
+                        .zip(row(&inp.k, j, head))
+                        .map(|(a, b)| a * b)
+                        .sum::<f64>()
+            })
             .collect();
         let lse = (z[0].exp() + z[1].exp()).ln();
         let (p0, p1) = ((z[0] - lse).exp(), (z[1] - lse).exp());

@@ -62,8 +62,13 @@ pub fn dense_backward_f64(
     inp: &Widened,
     d_o: &[f64],
 ) -> Result<Gradients> {
+    inp.validate(attn)?;
+    check_len(
+        "d_o",
+        d_o.len(),
+        attn.dims().tensor_len(attn.batch().num_tokens())?,
+    )?;
     let fwd = dense_forward_f64(attn, inp)?;
-    check_len("d_o", d_o.len(), fwd.o.len())?;
     let ops = Operands::new(attn, inp);
     let (heads, d) = (attn.dims().heads, attn.dims().head_dim);
     let mut sinks = Sinks::new(&ops);

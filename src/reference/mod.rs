@@ -11,7 +11,9 @@
 mod dense;
 mod sparse;
 
-pub use dense::{dense_backward, dense_backward_f64, dense_forward, dense_forward_f64, DenseForward};
+pub use dense::{
+    dense_backward, dense_backward_f64, dense_forward, dense_forward_f64, DenseForward,
+};
 pub use sparse::{backward, backward_f64, forward, forward_f64, Forward};
 
 use crate::attention::{EvoAttention, Key, Widened};

@@ -55,9 +55,7 @@ pub fn forward_f64(attn: &EvoAttention<'_>, inp: &Widened) -> Result<Forward> {
 }
 
 fn gate(inp: &Widened, qh: usize, b: usize) -> f64 {
-    inp.gates
-        .as_ref()
-        .map_or(1.0, |g| g[qh * NUM_BRANCHES + b])
+    inp.gates.as_ref().map_or(1.0, |g| g[qh * NUM_BRANCHES + b])
 }
 
 /// Backward of sparse EvoAttention for upstream gradient `d_o` (`[T, H, D]`) of `O`.
@@ -71,9 +69,14 @@ pub fn backward<T: Element, G: Element>(
 
 /// Backward on widened inputs (SPEC section 6).
 pub fn backward_f64(attn: &EvoAttention<'_>, inp: &Widened, d_o: &[f64]) -> Result<Gradients> {
+    inp.validate(attn)?;
+    check_len(
+        "d_o",
+        d_o.len(),
+        attn.dims().tensor_len(attn.batch().num_tokens())?,
+    )?;
     let fwd = forward_f64(attn, inp)?;
     let (heads, d) = (attn.dims().heads, attn.dims().head_dim);
-    check_len("d_o", d_o.len(), fwd.o.len())?;
     let ops = Operands::new(attn, inp);
     let mut sinks = Sinks::new(&ops);
     let mut dgates = vec![0.0; fwd.lse.len()];

@@ -1,0 +1,548 @@
+//! EvoAttention end to end on a realistic batch: build a BENCH.md workload, chunk it, run the
+//! forward and backward, check the outputs, print a summary.
+//!
+//! ```text
+//! cargo run --release --example evoattention -- [--workload ctr-base] [--len 512] [--tokens 4096]
+//!                                               [--seed 0] [--dtype bf16] [--no-backward]
+//! ```
+//!
+//! Exit status: 0 when every check passes, 1 when a check fails or the library returns an error,
+//! 2 on a bad command line.
+
+use std::fmt;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use half::{bf16, f16};
+use sparsectr_attn::reference::{self, Gradients};
+use sparsectr_attn::workload::{self, Rng, Workload, WORKLOADS};
+use sparsectr_attn::{
+    Branch, Chunks, DType, Element, EvoAttention, Gates, Inputs, JaggedBatch, NUM_BRANCHES,
+};
+
+/// Defaults: ctr-base at n = 512 and 4096 requested tokens (8 users, about 3,900 tokens) runs
+/// the f64 reference forward (0.7 s) and backward (2 s) in about 3 s in release mode on a 2-core
+/// machine (the reference is single-threaded).
+const DEFAULT_WORKLOAD: Workload = workload::CTR_BASE;
+const DEFAULT_LEN: usize = 512;
+const DEFAULT_TOKENS: usize = 4096;
+
+const HELP: &str = "\
+EvoAttention example: chunk a realistic batch, run forward and backward, check the outputs.
+
+USAGE:
+    cargo run --release --example evoattention -- [OPTIONS]
+
+OPTIONS:
+    --workload NAME   BENCH.md workload: ctr-small, ctr-base, ctr-wide   [default: ctr-base]
+    --len N           behaviors per user, n (lengths are uniform in [0.75 n, n])  [default: 512]
+    --tokens N        total tokens requested; users B = max(1, N / n)    [default: 4096]
+    --seed S          seed of the batch and the random inputs            [default: 0]
+    --dtype D         storage type of Q, K, V, gates and dO: bf16, f16, f32  [default: bf16]
+    --no-backward     run the forward only
+    -h, --help        print this help
+
+The device is the f64 CPU reference; its cost grows linearly with --tokens.
+Exit status: 0 all checks pass, 1 a check failed or the library returned an error, 2 bad flags.";
+
+// ---------------------------------------------------------------------------------------------
+// Command line
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct Args {
+    workload: Workload,
+    len: usize,
+    tokens: usize,
+    seed: u64,
+    dtype: DType,
+    backward: bool,
+}
+
+enum Command {
+    Run(Args),
+    Help,
+}
+
+/// Parses `--flag value`, `--flag=value` and bare switches; anything unknown is an error.
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Command, String> {
+    let mut args = Args {
+        workload: DEFAULT_WORKLOAD,
+        len: DEFAULT_LEN,
+        tokens: DEFAULT_TOKENS,
+        seed: 0,
+        dtype: DType::BF16,
+        backward: true,
+    };
+    while let Some(arg) = argv.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let switch = |inline: Option<String>| match inline {
+            Some(_) => Err(format!("{flag} takes no value")),
+            None => Ok(()),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| argv.next())
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "-h" | "--help" => {
+                switch(inline.clone())?;
+                return Ok(Command::Help);
+            }
+            "--no-backward" => {
+                switch(inline.clone())?;
+                args.backward = false;
+            }
+            "--workload" => {
+                let name = value()?;
+                args.workload = Workload::by_name(&name).ok_or_else(|| {
+                    let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+                    format!(
+                        "--workload {name:?}: unknown workload; expected one of {}",
+                        names.join(", ")
+                    )
+                })?;
+            }
+            "--len" => args.len = parse_number(&flag, &value()?)?,
+            "--tokens" => args.tokens = parse_number(&flag, &value()?)?,
+            "--seed" => args.seed = parse_number(&flag, &value()?)?,
+            "--dtype" => {
+                let name = value()?;
+                args.dtype = match name.as_str() {
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    "f32" => DType::F32,
+                    _ => return Err(format!("--dtype {name:?}: expected bf16, f16 or f32")),
+                };
+            }
+            _ if flag.starts_with('-') => return Err(format!("unknown flag {flag}")),
+            _ => return Err(format!("unexpected argument {arg:?}")),
+        }
+    }
+    check_memory(&args)?;
+    Ok(Command::Run(args))
+}
+
+/// f64 values the reference holds per element of a `[T, H, D]` tensor during the backward
+/// (widened inputs, per-branch outputs, gradients): 13.4 measured at the defaults, rounded up.
+const F64_PER_ELEMENT: u128 = 16;
+/// Sizes whose estimate exceeds this are refused, rather than aborting on a failed allocation.
+const MAX_MEMORY_GIB: u128 = 8;
+
+/// Refuses sizes the f64 reference cannot hold, before anything is allocated.
+fn check_memory(args: &Args) -> Result<(), String> {
+    let wl = args.workload;
+    let users = (args.tokens / args.len.max(1)).max(1) as u128;
+    let max_tokens = users * (args.len as u128 + 1 + wl.candidates as u128);
+    let bytes = max_tokens * (wl.heads * wl.head_dim) as u128 * F64_PER_ELEMENT * 8;
+    if bytes > MAX_MEMORY_GIB << 30 {
+        return Err(format!(
+            "--len {} --tokens {} with {}: up to {max_tokens} tokens, about {:.1} GiB for the \
+             f64 reference; the limit is {MAX_MEMORY_GIB} GiB",
+            args.len,
+            args.tokens,
+            wl.name,
+            bytes as f64 / (1u64 << 30) as f64
+        ));
+    }
+    Ok(())
+}
+
+fn parse_number<N: std::str::FromStr>(flag: &str, value: &str) -> Result<N, String>
+where
+    N::Err: fmt::Display,
+{
+    value
+        .parse()
+        .map_err(|e| format!("{flag} {value:?}: not a non-negative integer ({e})"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+// ---------------------------------------------------------------------------------------------
+
+/// Where the attention runs. Only the f64 CPU reference exists today; the CUDA path becomes a
+/// second variant, probed in [`Backend::select`], with outputs widened to the same f64 form so
+/// the checks below serve both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// `reference::forward` / `reference::backward`: f64 loops, one thread.
+    CpuReference,
+}
+
+/// Forward outputs in the form the checks read.
+struct ForwardOut {
+    /// `[T, H, D]`.
+    o: Vec<f64>,
+    /// `[T, H, 3]`, `-inf` where a branch's key set is empty.
+    lse: Vec<f64>,
+}
+
+impl Backend {
+    fn select() -> Backend {
+        Backend::CpuReference
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Backend::CpuReference => "CPU reference (f64)",
+        }
+    }
+
+    fn forward<T: Element>(
+        self,
+        attn: &EvoAttention<'_>,
+        inputs: &Inputs<'_, T>,
+    ) -> sparsectr_attn::Result<ForwardOut> {
+        match self {
+            Backend::CpuReference => {
+                let fwd = reference::forward(attn, inputs)?;
+                Ok(ForwardOut {
+                    o: fwd.o,
+                    lse: fwd.lse,
+                })
+            }
+        }
+    }
+
+    /// Gradients for upstream `d_o` (`[T, H, D]`). The reference recomputes its forward inside.
+    fn backward<T: Element>(
+        self,
+        attn: &EvoAttention<'_>,
+        inputs: &Inputs<'_, T>,
+        d_o: &[T],
+    ) -> sparsectr_attn::Result<Gradients> {
+        match self {
+            Backend::CpuReference => reference::backward(attn, inputs, d_o),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+// ---------------------------------------------------------------------------------------------
+
+/// One named pass/fail check and what it saw.
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+struct Timings {
+    chunking: Duration,
+    forward: Duration,
+    backward: Option<Duration>,
+}
+
+fn run<T: Element>(args: &Args, backend: Backend) -> sparsectr_attn::Result<bool> {
+    let wl = args.workload;
+    let batch = wl.batch(args.seed, args.len, args.tokens)?;
+
+    let start = Instant::now();
+    let chunks = Chunks::personalized(&batch, wl.num_chunks)?;
+    let chunking = start.elapsed();
+
+    let attn = EvoAttention::new(&batch, &chunks, wl.dims(), wl.config())?;
+    let t_total = batch.num_tokens();
+    let (heads, d) = (wl.heads, wl.head_dim);
+    // A stream apart from the batch's, so that the inputs do not repeat the timestamps' draws.
+    let mut rng = Rng::new(args.seed ^ 0x5EED_0F1A_7E57);
+    let q: Vec<T> = workload::random_tensor(&mut rng, t_total * heads * d, 1.0);
+    let k: Vec<T> = workload::random_tensor(&mut rng, t_total * heads * d, 1.0);
+    let v: Vec<T> = workload::random_tensor(&mut rng, t_total * heads * d, 1.0);
+    let gates: Vec<T> =
+        workload::uniform_tensor(&mut rng, t_total * heads * NUM_BRANCHES, 0.5, 1.5);
+    let coeffs: Vec<f32> = workload::random_tensor(&mut rng, heads * 3, 0.3);
+    let d_o: Vec<T> = workload::random_tensor(&mut rng, t_total * heads * d, 1.0);
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: Some(Gates::Native(&gates)),
+    };
+
+    let start = Instant::now();
+    let fwd = backend.forward(&attn, &inputs)?;
+    let forward = start.elapsed();
+
+    let (grads, backward) = if args.backward {
+        let start = Instant::now();
+        let grads = backend.backward(&attn, &inputs, &d_o)?;
+        (Some(grads), Some(start.elapsed()))
+    } else {
+        (None, None)
+    };
+
+    print_summary(
+        args,
+        backend,
+        &batch,
+        &chunks,
+        &Timings {
+            chunking,
+            forward,
+            backward,
+        },
+    );
+    let checks = check_outputs(&attn, &fwd, grads.as_ref());
+    println!("checks");
+    for c in &checks {
+        println!(
+            "  {} {}: {}",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
+    }
+    let all_ok = checks.iter().all(|c| c.ok);
+    println!(
+        "{}",
+        if all_ok {
+            "all checks passed"
+        } else {
+            "SOME CHECKS FAILED"
+        }
+    );
+    Ok(all_ok)
+}
+
+fn print_summary(
+    args: &Args,
+    backend: Backend,
+    batch: &JaggedBatch,
+    chunks: &Chunks,
+    timings: &Timings,
+) {
+    let wl = args.workload;
+    let per_user: Vec<usize> = (0..chunks.num_seqs())
+        .map(|u| chunks.of_seq(u).len())
+        .collect();
+    let lens: Vec<usize> = batch.seqs().map(|s| s.num_behaviors()).collect();
+    let min_max = |xs: &[usize]| {
+        (
+            xs.iter().copied().min().unwrap_or(0),
+            xs.iter().copied().max().unwrap_or(0),
+        )
+    };
+    let (c_min, c_max) = min_max(&per_user);
+    let (n_min, n_max) = min_max(&lens);
+    let c_mean = chunks.num_chunks() as f64 / chunks.num_seqs().max(1) as f64;
+
+    println!("device    {}", backend.describe());
+    println!(
+        "workload  {} (H {}, D {}, P {}, m {}, w {}, {} candidates/user), n = {}, seed {}",
+        wl.name,
+        wl.heads,
+        wl.head_dim,
+        wl.num_chunks,
+        wl.tail_tokens,
+        wl.window,
+        wl.candidates,
+        args.len,
+        args.seed
+    );
+    println!("dtype     {} (Q, K, V, gates, dO)", args.dtype.name());
+    println!(
+        "batch     {} users, {} tokens, {} behaviors (per user {}..={})",
+        batch.num_seqs(),
+        batch.num_tokens(),
+        batch.num_behaviors(),
+        n_min,
+        n_max
+    );
+    println!(
+        "chunks    {} in all; per user mean {:.2}, min {}, max {}",
+        chunks.num_chunks(),
+        c_mean,
+        c_min,
+        c_max
+    );
+    println!("time      chunking  {}", fmt_duration(timings.chunking));
+    println!("          forward   {}", fmt_duration(timings.forward));
+    match timings.backward {
+        Some(t) => println!(
+            "          backward  {} (recomputes the forward)",
+            fmt_duration(t)
+        ),
+        None => println!("          backward  skipped (--no-backward)"),
+    }
+}
+
+fn fmt_duration(t: Duration) -> String {
+    let s = t.as_secs_f64();
+    if s >= 1.0 {
+        format!("{s:.2} s")
+    } else if s >= 1e-3 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{:.1} us", s * 1e6)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------------
+
+/// Which branches of query token `q` have an empty key set, from SPEC section 3 directly (not
+/// through `EvoAttention::keys`, so that the two cross-check): the user token sees nothing; a
+/// behavior sees no summary before its first chunk is complete and no tail token before the
+/// first chunk's tail starts; a candidate sees none of either only when `n = 0`; the local
+/// branch of a behavior or candidate always holds the query itself.
+fn empty_branches(
+    batch: &JaggedBatch,
+    chunks: &Chunks,
+    m: usize,
+    seq: usize,
+    q: usize,
+) -> [bool; NUM_BRANCHES] {
+    let span = batch.seq(seq);
+    if span.user == Some(q) {
+        return [true; NUM_BRANCHES];
+    }
+    let first = chunks.of_seq(seq).next();
+    let (global, transition) = match first {
+        None => (true, true), // n = 0
+        Some(_) if span.candidates.contains(&q) => (false, false),
+        Some(c) => (q < chunks.last(c), q < chunks.tail(c, m).start),
+    };
+    let mut empty = [false; NUM_BRANCHES];
+    empty[Branch::Global as usize] = global;
+    empty[Branch::Transition as usize] = transition;
+    empty[Branch::Local as usize] = false;
+    empty
+}
+
+fn check_outputs(
+    attn: &EvoAttention<'_>,
+    fwd: &ForwardOut,
+    grads: Option<&Gradients>,
+) -> Vec<Check> {
+    let batch = attn.batch();
+    let chunks = attn.chunks();
+    let (heads, d) = (attn.dims().heads, attn.dims().head_dim);
+    let m = attn.config().tail_tokens;
+    let mut checks = Vec::new();
+
+    let bad_o = fwd.o.iter().filter(|x| !x.is_finite()).count();
+    checks.push(Check {
+        name: "O finite",
+        ok: bad_o == 0,
+        detail: format!("{bad_o} non-finite of {}", fwd.o.len()),
+    });
+
+    // LSE: -inf exactly on the empty (query, head, branch) rows, finite everywhere else.
+    let mut empty_queries = [0usize; NUM_BRANCHES];
+    let (mut wrong_empty, mut wrong_nonempty) = (0usize, 0usize);
+    for (seq, span) in batch.seqs().enumerate() {
+        for q in span.tokens() {
+            let empty = empty_branches(batch, chunks, m, seq, q);
+            for (b, &is_empty) in empty.iter().enumerate() {
+                empty_queries[b] += usize::from(is_empty);
+                for h in 0..heads {
+                    let lse = fwd.lse[(q * heads + h) * NUM_BRANCHES + b];
+                    if is_empty && lse != f64::NEG_INFINITY {
+                        wrong_empty += 1;
+                    }
+                    if !is_empty && !lse.is_finite() {
+                        wrong_nonempty += 1;
+                    }
+                }
+            }
+        }
+    }
+    checks.push(Check {
+        name: "LSE",
+        ok: wrong_empty == 0 && wrong_nonempty == 0,
+        detail: format!(
+            "empty key sets (queries, x{heads} heads): global {}, transition {}, local {} of {}; \
+             {wrong_empty} empty rows not -inf, {wrong_nonempty} other rows not finite",
+            empty_queries[0],
+            empty_queries[1],
+            empty_queries[2],
+            batch.num_tokens()
+        ),
+    });
+
+    let users: Vec<usize> = batch.seqs().filter_map(|s| s.user).collect();
+    let nonzero_user_rows = users
+        .iter()
+        .flat_map(|&u| (0..heads).map(move |h| (u * heads + h) * d))
+        .filter(|&row| fwd.o[row..row + d].iter().any(|&x| x != 0.0))
+        .count();
+    checks.push(Check {
+        name: "user-token O rows zero",
+        ok: nonzero_user_rows == 0,
+        detail: format!(
+            "{nonzero_user_rows} nonzero of {} (user token, head) rows",
+            users.len() * heads
+        ),
+    });
+
+    if let Some(g) = grads {
+        let tensors: [(&str, &[f64]); 5] = [
+            ("dQ", &g.dq),
+            ("dK", &g.dk),
+            ("dV", &g.dv),
+            ("dgates", &g.dgates),
+            ("dcoeffs", &g.dcoeffs),
+        ];
+        let bad: Vec<String> = tensors
+            .iter()
+            .map(|(name, xs)| (name, xs.iter().filter(|x| !x.is_finite()).count()))
+            .filter(|(_, n)| *n > 0)
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        let total: usize = tensors.iter().map(|(_, xs)| xs.len()).sum();
+        checks.push(Check {
+            name: "gradients finite",
+            ok: bad.is_empty(),
+            detail: if bad.is_empty() {
+                format!("dQ, dK, dV, dgates, dcoeffs: 0 non-finite of {total}")
+            } else {
+                format!("non-finite: {}", bad.join(", "))
+            },
+        });
+    }
+    checks
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Command::Run(args)) => args,
+        Ok(Command::Help) => {
+            println!("{HELP}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("error: {msg}\n(run with --help for the options)");
+            return ExitCode::from(2);
+        }
+    };
+    let backend = Backend::select();
+    let result = match args.dtype {
+        DType::BF16 => run::<bf16>(&args, backend),
+        DType::F16 => run::<f16>(&args, backend),
+        DType::F32 => run::<f32>(&args, backend),
+        DType::F64 => {
+            eprintln!("error: f64 inputs are not a storage type of this example");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
