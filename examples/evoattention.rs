@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
+use sparsectr_attn::cuda::{GpuDevice, GpuElement};
 use sparsectr_attn::reference::{self, Gradients};
 use sparsectr_attn::workload::{self, Rng, Workload, WORKLOADS};
 use sparsectr_attn::{
@@ -40,9 +41,11 @@ OPTIONS:
     --seed S          seed of the batch and the random inputs            [default: 0]
     --dtype D         storage type of Q, K, V, gates and dO: bf16, f16, f32  [default: bf16]
     --no-backward     run the forward only
+    --cpu             use the CPU reference even when a GPU is present
     -h, --help        print this help
 
-The device is the f64 CPU reference; its cost grows linearly with --tokens.
+The forward runs on GPU 0 when one answers, otherwise on the f64 CPU reference (whose cost grows
+linearly with --tokens); the backward runs on the reference for now. The first line says which.
 Exit status: 0 all checks pass, 1 a check failed or the library returned an error, 2 bad flags.";
 
 // ---------------------------------------------------------------------------------------------
@@ -57,6 +60,7 @@ struct Args {
     seed: u64,
     dtype: DType,
     backward: bool,
+    force_cpu: bool,
 }
 
 enum Command {
@@ -73,6 +77,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Command, String>
         seed: 0,
         dtype: DType::BF16,
         backward: true,
+        force_cpu: false,
     };
     while let Some(arg) = argv.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -97,6 +102,10 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Command, String>
             "--no-backward" => {
                 switch(inline.clone())?;
                 args.backward = false;
+            }
+            "--cpu" => {
+                switch(inline.clone())?;
+                args.force_cpu = true;
             }
             "--workload" => {
                 let name = value()?;
@@ -166,13 +175,14 @@ where
 // Backends
 // ---------------------------------------------------------------------------------------------
 
-/// Where the attention runs. Only the f64 CPU reference exists today; the CUDA path becomes a
-/// second variant, probed in [`Backend::select`], with outputs widened to the same f64 form so
-/// the checks below serve both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where the attention runs: the GPU forward when a GPU answers (and `--cpu` is not given),
+/// otherwise the f64 CPU reference. Outputs are widened to the same f64 form so the checks below
+/// serve both. The backward runs on the reference until the GPU backward exists.
 enum Backend {
     /// `reference::forward` / `reference::backward`: f64 loops, one thread.
-    CpuReference,
+    CpuReference { why: String },
+    /// `GpuDevice::forward_host` (upload, kernels, copy back), reference backward.
+    Gpu(Box<GpuDevice>),
 }
 
 /// Forward outputs in the form the checks read.
@@ -184,27 +194,53 @@ struct ForwardOut {
 }
 
 impl Backend {
-    fn select() -> Backend {
-        Backend::CpuReference
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Backend::CpuReference => "CPU reference (f64)",
+    fn select(force_cpu: bool) -> Backend {
+        if force_cpu {
+            return Backend::CpuReference {
+                why: "--cpu".into(),
+            };
+        }
+        match GpuDevice::new(0) {
+            Ok(gpu) => Backend::Gpu(Box::new(gpu)),
+            Err(e) => Backend::CpuReference { why: e.to_string() },
         }
     }
 
-    fn forward<T: Element>(
-        self,
+    fn describe(&self) -> String {
+        match self {
+            Backend::CpuReference { why } => format!("CPU reference (f64); no GPU used: {why}"),
+            Backend::Gpu(gpu) => format!(
+                "GPU {} ({}) for the forward; backward on the CPU reference (no GPU backward yet)",
+                gpu.name().unwrap_or_else(|e| e.to_string()),
+                gpu.arch()
+            ),
+        }
+    }
+
+    fn forward<T: GpuElement>(
+        &self,
         attn: &EvoAttention<'_>,
         inputs: &Inputs<'_, T>,
     ) -> sparsectr_attn::Result<ForwardOut> {
         match self {
-            Backend::CpuReference => {
+            Backend::CpuReference { .. } => {
                 let fwd = reference::forward(attn, inputs)?;
                 Ok(ForwardOut {
                     o: fwd.o,
                     lse: fwd.lse,
+                })
+            }
+            Backend::Gpu(gpu) => {
+                let fwd = gpu.forward_host(
+                    attn.batch(),
+                    attn.chunks(),
+                    attn.dims(),
+                    attn.config(),
+                    inputs,
+                )?;
+                Ok(ForwardOut {
+                    o: fwd.o.iter().map(|x| x.to_f64()).collect(),
+                    lse: fwd.lse.iter().map(|&x| x as f64).collect(),
                 })
             }
         }
@@ -212,13 +248,15 @@ impl Backend {
 
     /// Gradients for upstream `d_o` (`[T, H, D]`). The reference recomputes its forward inside.
     fn backward<T: Element>(
-        self,
+        &self,
         attn: &EvoAttention<'_>,
         inputs: &Inputs<'_, T>,
         d_o: &[T],
     ) -> sparsectr_attn::Result<Gradients> {
         match self {
-            Backend::CpuReference => reference::backward(attn, inputs, d_o),
+            Backend::CpuReference { .. } | Backend::Gpu(_) => {
+                reference::backward(attn, inputs, d_o)
+            }
         }
     }
 }
@@ -240,7 +278,7 @@ struct Timings {
     backward: Option<Duration>,
 }
 
-fn run<T: Element>(args: &Args, backend: Backend) -> sparsectr_attn::Result<bool> {
+fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<bool> {
     let wl = args.workload;
     let batch = wl.batch(args.seed, args.len, args.tokens)?;
 
@@ -315,7 +353,7 @@ fn run<T: Element>(args: &Args, backend: Backend) -> sparsectr_attn::Result<bool
 
 fn print_summary(
     args: &Args,
-    backend: Backend,
+    backend: &Backend,
     batch: &JaggedBatch,
     chunks: &Chunks,
     timings: &Timings,
@@ -527,11 +565,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let backend = Backend::select();
+    let backend = Backend::select(args.force_cpu);
     let result = match args.dtype {
-        DType::BF16 => run::<bf16>(&args, backend),
-        DType::F16 => run::<f16>(&args, backend),
-        DType::F32 => run::<f32>(&args, backend),
+        DType::BF16 => run::<bf16>(&args, &backend),
+        DType::F16 => run::<f16>(&args, &backend),
+        DType::F32 => run::<f32>(&args, &backend),
         DType::F64 => {
             eprintln!("error: f64 inputs are not a storage type of this example");
             return ExitCode::from(2);

@@ -38,6 +38,7 @@
 pub mod attention;
 pub mod batch;
 pub mod chunking;
+pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod reference;

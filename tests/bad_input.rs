@@ -1278,6 +1278,22 @@ fn display_names_the_index_and_value() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 2j. Device entry points
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn compile_report_with_a_bad_arch_is_an_error() {
+    // The architecture is checked before NVRTC is even looked for, so this holds with or
+    // without NVRTC on the machine.
+    for arch in ["sm_bogus", "sm_", "compute_90", "", "sm_9x"] {
+        assert_err!(
+            sparsectr_attn::cuda::compile_report(arch),
+            Error::OutOfRange { field: "arch", .. }
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // 3. Regressions: overflow and malformed arguments that once panicked
 // ---------------------------------------------------------------------------------------------
 
@@ -1342,6 +1358,14 @@ fn pack_and_unpack_with_a_huge_row_are_errors() {
     let result = no_panic("Padded::pack", || padded.pack::<f32>(&[], row));
     assert!(result.is_err());
     let result = no_panic("Padded::unpack", || padded.unpack::<f32>(&[], row, 0.0));
+    assert!(result.is_err());
+}
+
+#[test]
+fn compile_report_with_a_nul_in_arch_is_an_error() {
+    let result = no_panic("cuda::compile_report", || {
+        sparsectr_attn::cuda::compile_report("sm_90\0")
+    });
     assert!(result.is_err());
 }
 

@@ -1,0 +1,68 @@
+// Storage types and conversions. 16-bit types are raw bits converted with PTX `cvt`, so the
+// kernels need no toolkit header (cuda_fp16.h / cuda_bf16.h) and NVRTC needs no include path.
+#pragma once
+
+struct half_t {
+    unsigned short bits;
+};
+struct bf16_t {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+__device__ __forceinline__ float to_float(half_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+
+__device__ __forceinline__ float to_float(bf16_t x) {
+    return __uint_as_float(static_cast<unsigned>(x.bits) << 16);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+    return x;
+}
+
+template <>
+__device__ __forceinline__ half_t from_float<half_t>(float x) {
+    half_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+
+template <>
+__device__ __forceinline__ bf16_t from_float<bf16_t>(float x) {
+    bf16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+    return h;
+}
+
+// Elements of T per 16-byte vector load.
+template <typename T>
+struct VecWidth {
+    static constexpr int kValue = 16 / sizeof(T);
+};
+
+// Dot product of a row of `kHeadDim` elements of T (16-byte aligned) with an f32 vector in shared
+// memory that every lane of the warp reads at the same address (a broadcast, no bank conflicts).
+template <typename T, int kHeadDim>
+__device__ __forceinline__ float dot_row(const T* __restrict__ gRow, const float* sVec) {
+    constexpr int kVec = VecWidth<T>::kValue;
+    static_assert(kHeadDim % kVec == 0, "rows are read in 16-byte pieces");
+    const uint4* gRow4 = reinterpret_cast<const uint4*>(gRow);
+    float acc = 0.f;
+#pragma unroll 4
+    for (int i = 0; i < kHeadDim / kVec; ++i) {
+        uint4 raw = __ldg(gRow4 + i);
+        const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc = fmaf(to_float(elems[e]), sVec[i * kVec + e], acc);
+    }
+    return acc;
+}

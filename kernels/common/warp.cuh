@@ -1,0 +1,36 @@
+// Warp-wide reductions.
+#pragma once
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kWarpSize = 32;
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+    return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+    return x;
+}
+
+__device__ __forceinline__ int warp_sum(int x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
+    return x;
+}
+
+// The sequence holding token `t < T`: the last `s` with `seqs[s].start <= t`. That is never an
+// empty sequence: an empty one is followed by a sequence with the same start (or is last, with
+// start T > t).
+template <typename SeqInfoT>
+__device__ __forceinline__ int find_seq(const SeqInfoT* __restrict__ seqs, int num_seqs, int t) {
+    int lo = 0, hi = num_seqs - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (seqs[mid].start <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}

@@ -1,0 +1,109 @@
+// Fused three-branch EvoAttention forward: for each (query, head), the global, transition and
+// local softmaxes with the RelTemporal bias computed in-kernel, gated and summed. One warp per
+// (query, head); the warps of a block take consecutive queries of one head so that overlapping
+// windows and shared tails/summaries hit L1/L2.
+//
+// @instantiate SPARSECTR_FORWARD dtype head_dim
+
+#include "common/dtype.cuh"
+#include "common/params.cuh"
+#include "common/warp.cuh"
+#include "attn/temporal.cuh"
+#include "attn/branches.cuh"
+#include "attn/softmax.cuh"
+
+constexpr int kForwardWarps = 4;
+constexpr int kForwardThreads = kForwardWarps * kWarpSize;
+// With __launch_bounds__(128) alone, ptxas (NVRTC 13.0, sm_80 and sm_90) capped the forward at
+// 56-64 registers and spilled 8-36 B; asking for 4 resident blocks allows 128 and it used 66-80
+// with no spills.
+constexpr int kForwardMinBlocks = 4;
+
+// Gate of branch b for (token, head): native dtype, f32, or 1 when absent.
+template <typename T>
+__device__ __forceinline__ float load_gate(const EvoParams& p, const void* gates, size_t index) {
+    if (p.gates_mode == kGatesNative) return to_float(static_cast<const T*>(gates)[index]);
+    if (p.gates_mode == kGatesF32) return static_cast<const float*>(gates)[index];
+    return 1.f;
+}
+
+// Adds gates[b] * O_b to rOut and returns LSE_b.
+template <typename T, int kHeadDim, typename Branch>
+__device__ __forceinline__ float gated_branch(const QueryContext<T>& ctx, const void* gates,
+                                              size_t lse_row, int b,
+                                              float (&rOut)[kHeadDim / kWarpSize]) {
+    float rBranch[kHeadDim / kWarpSize];
+    const float lse_b = attend_branch<T, kHeadDim, Branch>(ctx, rBranch);
+    const float g = load_gate<T>(*ctx.p, gates, lse_row + b);
+#pragma unroll
+    for (int i = 0; i < kHeadDim / kWarpSize; ++i) rOut[i] = fmaf(g, rBranch[i], rOut[i]);
+    return lse_b;
+}
+
+template <typename T, int kHeadDim>
+__device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const KeyTensors<T>& kt,
+                            const void* __restrict__ gates, const float* __restrict__ coeffs,
+                            const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
+                            const int* __restrict__ chunk_counts, T* __restrict__ o,
+                            float* __restrict__ lse) {
+    static_assert(kHeadDim % kWarpSize == 0, "lanes split the head dimension evenly");
+    constexpr int kPerLane = kHeadDim / kWarpSize;
+    __shared__ float sQ[kForwardWarps][kHeadDim];  // (warp, kHeadDim): the scaled query
+
+    const int warp = threadIdx.x / kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
+    // Grid (ceil(T / kForwardWarps), H): 32-bit indices, no 64-bit division. Warps past the end
+    // compute on the last token and store nothing, so every warp reaches the collectives below.
+    const int head = blockIdx.y;
+    const bool active = blockIdx.x * kForwardWarps + warp < p.num_tokens;
+    const int token = min(static_cast<int>(blockIdx.x * kForwardWarps + warp), p.num_tokens - 1);
+    const size_t row = (static_cast<size_t>(token) * p.heads + head) * kHeadDim;
+    const size_t lse_row = (static_cast<size_t>(token) * p.heads + head) * kNumBranches;
+
+    const int s = find_seq(seqs, p.num_seqs, token);
+    QueryInfo qi;
+    qi.seq = seqs[s];
+    qi.token = token;
+    qi.candidate = token >= qi.seq.candidates;
+    qi.user = token < qi.seq.behaviors;
+    qi.visible_end = qi.candidate ? qi.seq.candidates : token + 1;
+    qi.chunk_base = s * p.max_chunks;
+    qi.num_chunks = chunk_counts[s];
+    // Chunks are few (P): each lane tests some, a warp sum counts the completed ones.
+    int completed = 0;
+    for (int k = lane; k < qi.num_chunks; k += kWarpSize)
+        completed += kt.chunk_ends[qi.chunk_base + k] <= qi.visible_end ? 1 : 0;
+    qi.completed = warp_sum(completed);
+
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i)
+        sQ[warp][lane + i * kWarpSize] = to_float(q[row + lane + i * kWarpSize]) * p.scale;
+    __syncwarp();
+
+    const QueryContext<T> ctx{qi,    &p, head, kt, sQ[warp], kt.rel_time[token], weekday0[s],
+                              TemporalCoeffs{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]}};
+    float rOut[kPerLane];  // this lane's dims of the gated sum
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) rOut[i] = 0.f;
+    const float lse_global = gated_branch<T, kHeadDim, GlobalKeys>(ctx, gates, lse_row, 0, rOut);
+    const float lse_transition = gated_branch<T, kHeadDim, TransitionKeys>(ctx, gates, lse_row, 1, rOut);
+    const float lse_local = gated_branch<T, kHeadDim, LocalKeys>(ctx, gates, lse_row, 2, rOut);
+
+    if (!active) return;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) o[row + lane + i * kWarpSize] = from_float<T>(rOut[i]);
+    if (lane < kNumBranches)
+        lse[lse_row + lane] = lane == 0 ? lse_global : (lane == 1 ? lse_transition : lse_local);
+}
+
+#define SPARSECTR_FORWARD(NAME, T, D)                                                            \
+    extern "C" __global__ void __launch_bounds__(kForwardThreads, kForwardMinBlocks)                                \
+        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
+             const T* __restrict__ v, const T* __restrict__ kbar, const T* __restrict__ vbar,    \
+             const void* __restrict__ gates, const float* __restrict__ coeffs,                   \
+             const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
+             const int* __restrict__ weekday0, const int* __restrict__ chunk_ends,               \
+             const int* __restrict__ chunk_counts, T* __restrict__ o, float* __restrict__ lse) { \
+        const KeyTensors<T> kt{k, v, kbar, vbar, chunk_ends, rel_time};                          \
+        evo_forward<T, D>(p, q, kt, gates, coeffs, seqs, weekday0, chunk_counts, o, lse);        \
+    }

@@ -1,0 +1,244 @@
+//! A validated batch and its chunks on the GPU.
+//!
+//! Timestamps go up as u32 seconds relative to a per-sequence base: the local (`utc_offset`)
+//! midnight at or before the sequence's first timed token. Differences then fit a u32 (the span
+//! is at most `i32::MAX`), the hour-of-day phase is `dt mod 86400`, and a token's weekday is
+//! `(t / 86400 + weekday0) mod 7`, so the kernels need no 64-bit division per pair.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::device::{driver, GpuDevice};
+use super::kernels::Entry;
+use super::params::{EvoParams, SeqInfo};
+use crate::batch::JaggedBatch;
+use crate::chunking::Chunks;
+use crate::error::{Error, Result};
+use crate::temporal::{RelTemporal, DAY};
+
+/// Threads per block of the chunking kernel (`kChunkThreads` in chunking.cu).
+const CHUNK_THREADS: u32 = 256;
+
+/// A [`JaggedBatch`] uploaded for one `utc_offset`.
+#[derive(Debug)]
+pub struct DeviceBatch {
+    pub(crate) num_seqs: usize,
+    pub(crate) num_tokens: usize,
+    pub(crate) utc_offset: i64,
+    pub(crate) max_behaviors: usize,
+    pub(crate) seqs: CudaSlice<SeqInfo>,
+    pub(crate) rel_time: CudaSlice<u32>,
+    pub(crate) weekday0: CudaSlice<i32>,
+}
+
+impl DeviceBatch {
+    /// Number of sequences `B`.
+    pub fn num_seqs(&self) -> usize {
+        self.num_seqs
+    }
+
+    /// Number of tokens `T`.
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    /// The UTC offset the times were prepared for; attention calls must use the same.
+    pub fn utc_offset(&self) -> i64 {
+        self.utc_offset
+    }
+}
+
+/// The chunks of every sequence of a [`DeviceBatch`]: for sequence `u`, `counts[u]` chunks whose
+/// exclusive ends (absolute token indices) are `ends[u * max_chunks ..]`.
+#[derive(Debug)]
+pub struct DeviceChunks {
+    pub(crate) num_seqs: usize,
+    pub(crate) max_chunks: usize,
+    pub(crate) ends: CudaSlice<i32>,
+    pub(crate) counts: CudaSlice<i32>,
+}
+
+impl DeviceChunks {
+    /// The stride of the per-sequence chunk arrays: no sequence has more chunks.
+    pub fn max_chunks(&self) -> usize {
+        self.max_chunks
+    }
+}
+
+fn to_i32(field: &'static str, value: usize) -> Result<i32> {
+    i32::try_from(value).map_err(|_| Error::OutOfRange {
+        field,
+        value: value.to_string(),
+        expected: "at most i32::MAX on the GPU path",
+    })
+}
+
+/// Copies a host slice to a new device buffer (cudarc's empty buffer when there is nothing).
+pub(crate) fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, data: &[T]) -> Result<CudaSlice<T>> {
+    if data.is_empty() {
+        return stream.null().map_err(driver("cuMemAlloc"));
+    }
+    stream.clone_htod(data).map_err(driver("cuMemcpyHtoD"))
+}
+
+impl GpuDevice {
+    /// Uploads a validated batch, preparing its times for `temporal.utc_offset`.
+    pub fn upload_batch(&self, batch: &JaggedBatch, temporal: &RelTemporal) -> Result<DeviceBatch> {
+        temporal.validate()?;
+        let num_tokens = batch.num_tokens();
+        to_i32("num_tokens", num_tokens)?;
+        let ts = batch.timestamps();
+        let off = temporal.utc_offset as i128;
+        let mut seqs = Vec::with_capacity(batch.num_seqs());
+        let mut weekday0 = Vec::with_capacity(batch.num_seqs());
+        let mut rel_time = vec![0u32; num_tokens];
+        let mut max_behaviors = 0;
+        for span in batch.seqs() {
+            // Indices fit i32 because num_tokens does.
+            seqs.push(SeqInfo {
+                start: span.tokens().start as i32,
+                behaviors: span.behaviors.start as i32,
+                candidates: span.candidates.start as i32,
+                end: span.candidates.end as i32,
+            });
+            max_behaviors = max_behaviors.max(span.num_behaviors());
+            let timed = span.behaviors.start..span.candidates.end;
+            let Some(&t_min) = ts[timed.clone()].iter().min() else {
+                weekday0.push(0);
+                continue;
+            };
+            let day0 = (t_min as i128 + off).div_euclid(DAY as i128);
+            let base = day0 * DAY as i128 - off;
+            weekday0.push((day0 + 4).rem_euclid(7) as i32);
+            for t in timed {
+                // < span + one day <= i32::MAX + 86400: fits a u32 (JaggedBatch checked the span).
+                rel_time[t] = (ts[t] as i128 - base) as u32;
+            }
+        }
+        Ok(DeviceBatch {
+            num_seqs: batch.num_seqs(),
+            num_tokens,
+            utc_offset: temporal.utc_offset,
+            max_behaviors,
+            seqs: upload(&self.stream, &seqs)?,
+            rel_time: upload(&self.stream, &rel_time)?,
+            weekday0: upload(&self.stream, &weekday0)?,
+        })
+    }
+
+    /// Personalized time-aware chunking on the GPU (SPEC section 2): the same cuts as
+    /// [`Chunks::personalized`], with no host round trip.
+    pub fn chunk(&self, batch: &DeviceBatch, num_chunks: usize) -> Result<DeviceChunks> {
+        if num_chunks == 0 {
+            return Err(Error::Zero {
+                field: "num_chunks",
+            });
+        }
+        // A sequence never has more chunks than behaviors.
+        let max_chunks = num_chunks.min(batch.max_behaviors.max(1));
+        let slots = batch
+            .num_seqs
+            .checked_mul(max_chunks)
+            .filter(|&s| s <= i32::MAX as usize)
+            .ok_or(Error::OutOfRange {
+                field: "num_chunks",
+                value: num_chunks.to_string(),
+                expected: "B * P at most i32::MAX on the GPU path",
+            })?;
+        let mut ends = upload(&self.stream, &vec![0i32; slots])?;
+        let mut counts = upload(&self.stream, &vec![0i32; batch.num_seqs])?;
+        if batch.num_seqs > 0 {
+            let params = EvoParams {
+                num_seqs: batch.num_seqs as i32,
+                num_tokens: batch.num_tokens as i32,
+                max_chunks: max_chunks as i32,
+                ..EvoParams::default()
+            };
+            let func = self.function(Entry::Chunking, None, None)?;
+            let cfg = LaunchConfig {
+                grid_dim: (batch.num_seqs as u32, 1, 1),
+                block_dim: (CHUNK_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = self.stream.launch_builder(&func);
+            launch
+                .arg(&params)
+                .arg(&batch.rel_time)
+                .arg(&batch.seqs)
+                .arg(&mut ends)
+                .arg(&mut counts);
+            // SAFETY: argument types and order match SPARSECTR_CHUNKING in chunking.cu; `ends`
+            // holds B * max_chunks slots, `counts` B, and the batch arrays were built together.
+            unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_chunking)"))?;
+        }
+        Ok(DeviceChunks {
+            num_seqs: batch.num_seqs,
+            max_chunks,
+            ends,
+            counts,
+        })
+    }
+
+    /// Uploads chunks computed on the host or supplied by the caller.
+    pub fn upload_chunks(&self, batch: &JaggedBatch, chunks: &Chunks) -> Result<DeviceChunks> {
+        chunks.check_matches(batch)?;
+        to_i32("num_tokens", batch.num_tokens())?;
+        let num_seqs = batch.num_seqs();
+        let max_chunks = (0..num_seqs)
+            .map(|s| chunks.of_seq(s).len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let slots = num_seqs.saturating_mul(max_chunks);
+        to_i32("chunks", slots)?;
+        let mut ends = vec![0i32; slots];
+        let mut counts = vec![0i32; num_seqs];
+        for (s, count) in counts.iter_mut().enumerate() {
+            let ids = chunks.of_seq(s);
+            *count = ids.len() as i32;
+            for (k, c) in ids.enumerate() {
+                ends[s * max_chunks + k] = chunks.span(c).end as i32;
+            }
+        }
+        Ok(DeviceChunks {
+            num_seqs,
+            max_chunks,
+            ends: upload(&self.stream, &ends)?,
+            counts: upload(&self.stream, &counts)?,
+        })
+    }
+
+    /// Copies device chunks back to the host (validated against `batch`).
+    pub fn download_chunks(&self, batch: &JaggedBatch, chunks: &DeviceChunks) -> Result<Chunks> {
+        if chunks.num_seqs != batch.num_seqs() {
+            return Err(Error::DeviceMismatch {
+                field: "chunks",
+                value: format!("{} sequences", chunks.num_seqs),
+                expected: format!("the batch's {}", batch.num_seqs()),
+            });
+        }
+        let ends = self
+            .stream
+            .clone_dtoh(&chunks.ends)
+            .map_err(driver("cuMemcpyDtoH"))?;
+        let counts = self
+            .stream
+            .clone_dtoh(&chunks.counts)
+            .map_err(driver("cuMemcpyDtoH"))?;
+        let mut offsets = vec![0usize];
+        let mut lengths = Vec::new();
+        for (s, span) in batch.seqs().enumerate() {
+            let mut start = span.behaviors.start as i64;
+            let count = counts.get(s).copied().unwrap_or(0).max(0) as usize;
+            for k in 0..count.min(chunks.max_chunks) {
+                let end = ends[s * chunks.max_chunks + k] as i64;
+                // A bad end shows up as a partition error from `from_lengths`.
+                lengths.push((end - start).max(0) as usize);
+                start = end;
+            }
+            offsets.push(lengths.len());
+        }
+        Chunks::from_lengths(batch, &offsets, &lengths)
+    }
+}

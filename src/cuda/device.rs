@@ -1,0 +1,129 @@
+//! The device handle: probing for a driver and a GPU, the stream, and loaded kernel modules.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::nvrtc::Ptx;
+
+use super::kernels::{self, Entry, KernelEntry};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+
+/// Wraps a driver error with the call that failed.
+pub(crate) fn driver(call: &'static str) -> impl FnOnce(DriverError) -> Error {
+    move |e| Error::Cuda {
+        call,
+        detail: format!("{e:?}"),
+    }
+}
+
+/// Checks that the CUDA driver library can be loaded; cudarc panics on first use otherwise.
+fn probe_driver() -> Result<()> {
+    // SAFETY: only tries to dlopen the library by its candidate names.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::NoCudaDriver)
+    }
+}
+
+/// One GPU, a stream on it, and the kernel modules loaded so far.
+///
+/// Kernels are compiled at first use (by NVRTC for this GPU's architecture, once per process)
+/// unless nvcc built them with the crate. Every call is enqueued on [`stream`](Self::stream).
+#[derive(Debug)]
+pub struct GpuDevice {
+    ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    arch: String,
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+}
+
+impl GpuDevice {
+    /// Opens GPU `ordinal` with a stream of its own. A missing driver, a missing GPU or a GPU
+    /// older than sm_80 is an error.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        probe_driver()?;
+        let count = CudaContext::device_count().map_err(|e| Error::NoGpu {
+            ordinal,
+            detail: format!("{e:?}"),
+        })?;
+        if ordinal >= count.max(0) as usize {
+            return Err(Error::NoGpu {
+                ordinal,
+                detail: format!("{count} GPU(s) visible"),
+            });
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoGpu {
+            ordinal,
+            detail: format!("{e:?}"),
+        })?;
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        Self::from_stream(stream)
+    }
+
+    /// Uses a caller's stream (a framework's), so that this crate's kernels order with its work.
+    pub fn from_stream(stream: Arc<CudaStream>) -> Result<Self> {
+        let ctx = stream.context().clone();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(driver("cuDeviceGetAttribute"))?;
+        if major < 8 {
+            return Err(Error::UnsupportedArch { major, minor });
+        }
+        Ok(GpuDevice {
+            ctx,
+            stream,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The stream every call of this handle is enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The GPU's architecture, e.g. `sm_90`.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn name(&self) -> Result<String> {
+        self.ctx.name().map_err(driver("cuDeviceGetName"))
+    }
+
+    /// The kernel of `entry` for these template arguments, loading its module on first use.
+    pub(crate) fn function(
+        &self,
+        entry: Entry,
+        dtype: Option<DType>,
+        head_dim: Option<usize>,
+    ) -> Result<CudaFunction> {
+        let k: &KernelEntry = kernels::kernel(entry, dtype, head_dim)?;
+        let module = self.module(k.module)?;
+        module
+            .load_function(k.function)
+            .map_err(driver("cuModuleGetFunction"))
+    }
+
+    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = modules.get(name) {
+            return Ok(m.clone());
+        }
+        let source = kernels::module_source(name);
+        let image = match source.prebuilt {
+            Some(fatbin) => fatbin.to_vec(),
+            None => kernels::cached_image(source, &self.arch)?.as_ref().clone(),
+        };
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(image))
+            .map_err(driver("cuModuleLoadData"))?;
+        modules.insert(name, module.clone());
+        Ok(module)
+    }
+}

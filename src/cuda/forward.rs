@@ -1,0 +1,336 @@
+//! The fused three-branch forward on the GPU: chunk pooling, then one kernel for the global,
+//! transition and local softmaxes with the RelTemporal bias in-kernel.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use half::{bf16, f16};
+
+use super::batch::{upload, DeviceBatch, DeviceChunks};
+use super::device::{driver, GpuDevice};
+use super::kernels::Entry;
+use super::params::{EvoParams, GatesMode};
+use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs, NUM_BRANCHES};
+use crate::batch::JaggedBatch;
+use crate::chunking::Chunks;
+use crate::dtype::Element;
+use crate::error::{Error, Result};
+
+/// Threads per block of the forward (`kForwardThreads`) and queries per block (`kForwardWarps`).
+const FORWARD_THREADS: u32 = 128;
+const FORWARD_WARPS: u32 = 4;
+/// Threads per block of the pooling kernel (`kPoolThreads`).
+const POOL_THREADS: u32 = 256;
+
+/// An element type the kernels are built for: f32, f16 or bf16.
+pub trait GpuElement: Element + DeviceRepr + ValidAsZeroBits + Default {}
+impl GpuElement for f32 {}
+impl GpuElement for f16 {}
+impl GpuElement for bf16 {}
+
+/// Per-branch gates on the device, `[T, H, 3]`.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceGates<'a, T> {
+    /// Same dtype as Q.
+    Native(&'a CudaSlice<T>),
+    /// f32 gates.
+    F32(&'a CudaSlice<f32>),
+}
+
+/// The device tensors of one forward call.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceInputs<'a, T> {
+    /// `[T, H, D]`.
+    pub q: &'a CudaSlice<T>,
+    /// `[T, H, D]`.
+    pub k: &'a CudaSlice<T>,
+    /// `[T, H, D]`.
+    pub v: &'a CudaSlice<T>,
+    /// `[H, 3]` f32 RelTemporal coefficients; on the device because training updates them there.
+    pub coeffs: &'a CudaSlice<f32>,
+    /// `[T, H, 3]`; `None` means all ones.
+    pub gates: Option<DeviceGates<'a, T>>,
+}
+
+/// Caller buffers the forward writes, every element of them.
+#[derive(Debug)]
+pub struct DeviceOutputs<'a, T> {
+    /// `[T, H, D]` in the input dtype.
+    pub o: &'a mut CudaSlice<T>,
+    /// `[T, H, 3]` f32 per-branch log-sum-exp, `-inf` where a branch's key set is empty.
+    pub lse: &'a mut CudaSlice<f32>,
+}
+
+/// Forward outputs on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostForward<T> {
+    /// `[T, H, D]` in the input dtype.
+    pub o: Vec<T>,
+    /// `[T, H, 3]` per-branch log-sum-exp, `-inf` where a branch's key set is empty.
+    pub lse: Vec<f32>,
+}
+
+/// Scalars of a launch, validated against the batch, chunks and tensors.
+fn launch_params(
+    batch: &DeviceBatch,
+    chunks: &DeviceChunks,
+    dims: Dims,
+    config: &AttnConfig,
+) -> Result<EvoParams> {
+    let scale = config.validate(dims)?;
+    if chunks.num_seqs != batch.num_seqs {
+        return Err(Error::DeviceMismatch {
+            field: "chunks",
+            value: format!("{} sequences", chunks.num_seqs),
+            expected: format!("the batch's {}", batch.num_seqs),
+        });
+    }
+    if config.temporal.utc_offset != batch.utc_offset {
+        return Err(Error::DeviceMismatch {
+            field: "utc_offset",
+            value: config.temporal.utc_offset.to_string(),
+            expected: format!("the {} the batch was uploaded with", batch.utc_offset),
+        });
+    }
+    if dims.heads > u16::MAX as usize {
+        return Err(Error::OutOfRange {
+            field: "heads",
+            value: dims.heads.to_string(),
+            expected: "at most 65535 on the GPU path (grid y)",
+        });
+    }
+    let num_time_buckets =
+        i32::try_from(config.temporal.num_time_buckets).map_err(|_| Error::OutOfRange {
+            field: "num_time_buckets",
+            value: config.temporal.num_time_buckets.to_string(),
+            expected: "at most i32::MAX on the GPU path",
+        })?;
+    // Beyond these, larger values select the same keys; clamping keeps the kernel's int math safe.
+    let tail_tokens = config.tail_tokens.min(batch.max_behaviors.max(1));
+    if tail_tokens.saturating_mul(chunks.max_chunks) > i32::MAX as usize {
+        return Err(Error::OutOfRange {
+            field: "tail_tokens",
+            value: config.tail_tokens.to_string(),
+            expected: "tail_tokens * P at most i32::MAX on the GPU path",
+        });
+    }
+    let window = config.window.min(batch.max_behaviors + 1);
+    Ok(EvoParams {
+        num_seqs: batch.num_seqs as i32,
+        num_tokens: batch.num_tokens as i32,
+        heads: dims.heads as i32,
+        max_chunks: chunks.max_chunks as i32,
+        tail_tokens: tail_tokens as i32,
+        window: window as i32,
+        num_time_buckets,
+        gates_mode: GatesMode::None as i32,
+        scale: scale as f32,
+        head_dim: dims.head_dim as i32,
+        reserved: [0; 2],
+    })
+}
+
+impl GpuDevice {
+    /// Sparse EvoAttention forward into caller buffers (`out.o`, `out.lse`); every element of
+    /// both is written. Chunk summaries take `2 * B * P * H * D` elements of scratch, allocated
+    /// per call.
+    pub fn forward_into<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+        out: DeviceOutputs<'_, T>,
+    ) -> Result<()> {
+        let DeviceOutputs { o, lse } = out;
+        let mut params = launch_params(batch, chunks, dims, config)?;
+        let t = batch.num_tokens;
+        let rows = dims.tensor_len(t)?;
+        for (field, len) in [
+            ("q", inputs.q.len()),
+            ("k", inputs.k.len()),
+            ("v", inputs.v.len()),
+            ("o", o.len()),
+        ] {
+            check_len(field, len, rows)?;
+        }
+        check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
+        check_len("lse", lse.len(), dims.branch_len(t)?)?;
+        params.gates_mode = match inputs.gates {
+            None => GatesMode::None,
+            Some(DeviceGates::Native(g)) => {
+                check_len("gates", g.len(), dims.branch_len(t)?)?;
+                GatesMode::Native
+            }
+            Some(DeviceGates::F32(g)) => {
+                check_len("gates", g.len(), dims.branch_len(t)?)?;
+                GatesMode::F32
+            }
+        } as i32;
+        if t == 0 {
+            return Ok(());
+        }
+        let stream = &self.stream;
+
+        // Summaries: every slot is zero-initialised, the kernel fills the slots of real chunks.
+        let summary_len = (chunks.num_seqs * chunks.max_chunks)
+            .checked_mul(dims.heads * dims.head_dim)
+            .ok_or(Error::OutOfRange {
+                field: "heads",
+                value: dims.heads.to_string(),
+                expected: "B * P * H * D to fit in usize",
+            })?
+            .max(1);
+        let mut kbar = stream
+            .alloc_zeros::<T>(summary_len)
+            .map_err(driver("cuMemAlloc(kbar)"))?;
+        let mut vbar = stream
+            .alloc_zeros::<T>(summary_len)
+            .map_err(driver("cuMemAlloc(vbar)"))?;
+        let pool = self.function(Entry::Pooling, Some(T::DTYPE), None)?;
+        let pool_cfg = LaunchConfig {
+            grid_dim: ((chunks.num_seqs * chunks.max_chunks) as u32, 1, 1),
+            block_dim: (POOL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&pool);
+        launch
+            .arg(&params)
+            .arg(inputs.k)
+            .arg(inputs.v)
+            .arg(&batch.seqs)
+            .arg(&chunks.ends)
+            .arg(&chunks.counts)
+            .arg(&mut kbar)
+            .arg(&mut vbar);
+        // SAFETY: argument types and order match SPARSECTR_POOLING; k and v hold T * H * D
+        // elements (checked above), kbar and vbar B * P * H * D, chunks match the batch.
+        unsafe { launch.launch(pool_cfg) }.map_err(driver("cuLaunchKernel(evo_pooling)"))?;
+
+        let forward = self.function(Entry::Forward, Some(T::DTYPE), Some(dims.head_dim))?;
+        let cfg = LaunchConfig {
+            grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),
+            block_dim: (FORWARD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let no_gates = 0u64; // a null pointer: the kernel reads no gates
+        let mut launch = stream.launch_builder(&forward);
+        launch
+            .arg(&params)
+            .arg(inputs.q)
+            .arg(inputs.k)
+            .arg(inputs.v)
+            .arg(&kbar)
+            .arg(&vbar);
+        match inputs.gates {
+            None => launch.arg(&no_gates),
+            Some(DeviceGates::Native(g)) => launch.arg(g),
+            Some(DeviceGates::F32(g)) => launch.arg(g),
+        };
+        launch
+            .arg(inputs.coeffs)
+            .arg(&batch.rel_time)
+            .arg(&batch.seqs)
+            .arg(&batch.weekday0)
+            .arg(&chunks.ends)
+            .arg(&chunks.counts)
+            .arg(o)
+            .arg(lse);
+        // SAFETY: argument types and order match SPARSECTR_FORWARD; every tensor length was
+        // checked against T, H and D above; gates_mode says which gates pointer is valid.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_forward)"))?;
+        Ok(())
+    }
+
+    /// Sparse EvoAttention forward, allocating the outputs.
+    pub fn forward<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+    ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
+        let t = batch.num_tokens;
+        if t == 0 {
+            // Still validate the call, then hand back cudarc's empty buffers.
+            launch_params(batch, chunks, dims, config)?;
+            let stream = &self.stream;
+            return Ok((
+                stream.null().map_err(driver("cuMemAlloc(o)"))?,
+                stream.null().map_err(driver("cuMemAlloc(lse)"))?,
+            ));
+        }
+        let mut o = self
+            .stream
+            .alloc_zeros::<T>(dims.tensor_len(t)?)
+            .map_err(driver("cuMemAlloc(o)"))?;
+        let mut lse = self
+            .stream
+            .alloc_zeros::<f32>(dims.branch_len(t)?)
+            .map_err(driver("cuMemAlloc(lse)"))?;
+        let out = DeviceOutputs {
+            o: &mut o,
+            lse: &mut lse,
+        };
+        self.forward_into(batch, chunks, dims, config, inputs, out)?;
+        Ok((o, lse))
+    }
+
+    /// Convenience: host slices in, host vectors out. Validates like the reference, uploads,
+    /// chunks with `chunks`, runs [`forward_into`](Self::forward_into) and copies back.
+    pub fn forward_host<T: GpuElement>(
+        &self,
+        batch: &JaggedBatch,
+        chunks: &Chunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &Inputs<'_, T>,
+    ) -> Result<HostForward<T>> {
+        let attn = EvoAttention::new(batch, chunks, dims, *config)?;
+        inputs.validate(&attn)?;
+        let t = batch.num_tokens();
+        if t == 0 {
+            return Ok(HostForward {
+                o: Vec::new(),
+                lse: Vec::new(),
+            });
+        }
+        let d_batch = self.upload_batch(batch, &config.temporal)?;
+        let d_chunks = self.upload_chunks(batch, chunks)?;
+        let q = upload(&self.stream, inputs.q)?;
+        let k = upload(&self.stream, inputs.k)?;
+        let v = upload(&self.stream, inputs.v)?;
+        let coeffs = upload(&self.stream, inputs.coeffs)?;
+        let gates_native;
+        let gates_f32;
+        let gates = match inputs.gates {
+            None => None,
+            Some(Gates::Native(g)) => {
+                gates_native = upload(&self.stream, g)?;
+                Some(DeviceGates::Native(&gates_native))
+            }
+            Some(Gates::F32(g)) => {
+                gates_f32 = upload(&self.stream, g)?;
+                Some(DeviceGates::F32(&gates_f32))
+            }
+        };
+        let d_inputs = DeviceInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            coeffs: &coeffs,
+            gates,
+        };
+        let (o, lse) = self.forward(&d_batch, &d_chunks, dims, config, &d_inputs)?;
+        let o = self
+            .stream
+            .clone_dtoh(&o)
+            .map_err(driver("cuMemcpyDtoH(o)"))?;
+        let lse = self
+            .stream
+            .clone_dtoh(&lse)
+            .map_err(driver("cuMemcpyDtoH(lse)"))?;
+        debug_assert_eq!(lse.len(), t * dims.heads * NUM_BRANCHES);
+        Ok(HostForward { o, lse })
+    }
+}

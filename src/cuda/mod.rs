@@ -1,0 +1,35 @@
+//! The GPU path: runtime probe, kernel table and NVRTC, device handle, batch upload, chunking,
+//! pooling and the fused forward.
+//!
+//! ```no_run
+//! use sparsectr_attn::cuda::GpuDevice;
+//! use sparsectr_attn::{workload, AttnConfig, Chunks, Inputs};
+//!
+//! let gpu = GpuDevice::new(0)?; // an error value, not a panic, without a driver or GPU
+//! let wl = workload::CTR_SMALL;
+//! let batch = wl.batch(1, 256, 4096)?;
+//! let chunks = Chunks::personalized(&batch, wl.num_chunks)?;
+//! let n = batch.num_tokens() * wl.heads * wl.head_dim;
+//! let mut rng = workload::Rng::new(2);
+//! let (q, k, v): (Vec<f32>, Vec<f32>, Vec<f32>) = (
+//!     workload::random_tensor(&mut rng, n, 1.0),
+//!     workload::random_tensor(&mut rng, n, 1.0),
+//!     workload::random_tensor(&mut rng, n, 1.0),
+//! );
+//! let coeffs = vec![0.1f32; wl.heads * 3];
+//! let inputs = Inputs { q: &q, k: &k, v: &v, coeffs: &coeffs, gates: None };
+//! let out = gpu.forward_host(&batch, &chunks, wl.dims(), &wl.config(), &inputs)?;
+//! assert_eq!(out.o.len(), n);
+//! # Ok::<(), sparsectr_attn::Error>(())
+//! ```
+
+mod batch;
+mod device;
+mod forward;
+mod kernels;
+mod params;
+
+pub use batch::{DeviceBatch, DeviceChunks};
+pub use device::GpuDevice;
+pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
+pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};

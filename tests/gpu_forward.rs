@@ -1,0 +1,345 @@
+//! GPU chunking and the fused forward against the CPU chunking and the f64 reference, within
+//! SPEC section 8's tolerances, over awkward jagged batches. Without a GPU these tests print a
+//! visible SKIPPED line and pass; with `SPARSECTR_REQUIRE_GPU=1` they fail instead.
+
+mod common;
+
+use std::io::Write;
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
+use sparsectr_attn::cuda::{DeviceGates, DeviceInputs, DeviceOutputs, GpuDevice, GpuElement};
+use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
+use sparsectr_attn::{
+    reference, rel_l2_error, AttnConfig, Chunks, Dims, Error, EvoAttention, Gates, Inputs,
+    JaggedBatch, RelTemporal, NUM_BRANCHES, SUPPORTED_HEAD_DIMS,
+};
+
+/// The GPU, or `None` after a SKIPPED line on the terminal (written past libtest's capture).
+fn gpu(test: &str) -> Option<&'static GpuDevice> {
+    static GPU: OnceLock<Result<GpuDevice, Error>> = OnceLock::new();
+    match GPU.get_or_init(|| GpuDevice::new(0)) {
+        Ok(gpu) => Some(gpu),
+        Err(e) => {
+            if std::env::var("SPARSECTR_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("SPARSECTR_REQUIRE_GPU=1 but no GPU: {e}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn no_driver_or_gpu_is_an_error_value() {
+    // Runs everywhere: on a machine without CUDA this must be an error, never a panic.
+    match GpuDevice::new(0) {
+        Ok(gpu) => assert!(gpu.arch().starts_with("sm_")),
+        Err(e) => assert!(
+            matches!(
+                e,
+                Error::NoCudaDriver | Error::NoGpu { .. } | Error::UnsupportedArch { .. }
+            ),
+            "{e:?}"
+        ),
+    }
+    assert!(matches!(
+        GpuDevice::new(usize::MAX),
+        Err(Error::NoCudaDriver | Error::NoGpu { .. })
+    ));
+}
+
+#[test]
+fn gpu_chunking_equals_cpu_chunking() {
+    let Some(gpu) = gpu("gpu_chunking_equals_cpu_chunking") else {
+        return;
+    };
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(128));
+    runner
+        .run(&(common::batch(8, 300, 3), 1usize..40), |(batch, p)| {
+            let d_batch = gpu.upload_batch(&batch, &RelTemporal::default()).unwrap();
+            let d_chunks = gpu.chunk(&d_batch, p).unwrap();
+            let got = gpu.download_chunks(&batch, &d_chunks).unwrap();
+            prop_assert_eq!(got, Chunks::personalized(&batch, p).unwrap());
+            Ok(())
+        })
+        .unwrap();
+    // A realistic batch: sessions, ties of zero gaps, thousands of behaviors per user.
+    let batch = workload::CTR_BASE.batch(7, 4096, 1 << 16).unwrap();
+    let d_batch = gpu.upload_batch(&batch, &RelTemporal::default()).unwrap();
+    for p in [1, 2, 32, 5000] {
+        let got = gpu
+            .download_chunks(&batch, &gpu.chunk(&d_batch, p).unwrap())
+            .unwrap();
+        assert_eq!(got, Chunks::personalized(&batch, p).unwrap(), "P = {p}");
+    }
+}
+
+/// Which gates a case passes.
+#[derive(Debug, Clone, Copy)]
+enum GateKind {
+    None,
+    Native,
+    F32,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    batch: JaggedBatch,
+    num_chunks: usize,
+    tail_tokens: usize,
+    window: usize,
+    heads: usize,
+    gates: GateKind,
+    utc_offset: i64,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        common::batch(5, 70, 4),
+        1usize..8,
+        1usize..5,
+        prop_oneof![1usize..8, 8usize..100],
+        1usize..4,
+        prop_oneof![
+            Just(GateKind::None),
+            Just(GateKind::Native),
+            Just(GateKind::F32)
+        ],
+        prop_oneof![Just(0i64), -43_200i64..43_200],
+        any::<u64>(),
+    )
+        .prop_map(
+            |(batch, num_chunks, tail_tokens, window, heads, gates, utc_offset, seed)| Case {
+                batch,
+                num_chunks,
+                tail_tokens,
+                window,
+                heads,
+                gates,
+                utc_offset,
+                seed,
+            },
+        )
+}
+
+/// Runs the GPU forward (chunks computed on the GPU from timestamps, outputs poisoned with NaN
+/// first) and compares O and every branch's LSE with the f64 reference.
+fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Result<(), String> {
+    let dims = Dims {
+        heads: c.heads,
+        head_dim,
+    };
+    let mut config = AttnConfig::new(c.tail_tokens, c.window);
+    config.temporal = RelTemporal {
+        num_time_buckets: 48,
+        utc_offset: c.utc_offset,
+    };
+    let t = c.batch.num_tokens();
+    let mut rng = Rng::new(c.seed);
+    let n = t * c.heads * head_dim;
+    let q: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let k: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let v: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let coeffs: Vec<f32> = random_tensor(&mut rng, c.heads * 3, 1.0);
+    let g_native: Vec<T> = uniform_tensor(&mut rng, t * c.heads * NUM_BRANCHES, -0.5, 1.5);
+    let g_f32: Vec<f32> = uniform_tensor(&mut rng, t * c.heads * NUM_BRANCHES, -0.5, 1.5);
+    let gates = match c.gates {
+        GateKind::None => None,
+        GateKind::Native => Some(Gates::Native(&g_native[..])),
+        GateKind::F32 => Some(Gates::F32(&g_f32[..])),
+    };
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates,
+    };
+    let chunks = Chunks::personalized(&c.batch, c.num_chunks).unwrap();
+    let attn = EvoAttention::new(&c.batch, &chunks, dims, config).unwrap();
+    let want = reference::forward(&attn, &inputs).unwrap();
+    if t == 0 {
+        return Ok(());
+    }
+
+    let stream = gpu.stream();
+    let d_batch = gpu.upload_batch(&c.batch, &config.temporal).unwrap();
+    let d_chunks = gpu.chunk(&d_batch, c.num_chunks).unwrap();
+    let (dq, dk, dv) = (
+        stream.clone_htod(&q).unwrap(),
+        stream.clone_htod(&k).unwrap(),
+        stream.clone_htod(&v).unwrap(),
+    );
+    let dcoeffs = stream.clone_htod(&coeffs).unwrap();
+    let dg_native = stream.clone_htod(&g_native).unwrap();
+    let dg_f32 = stream.clone_htod(&g_f32).unwrap();
+    let d_inputs = DeviceInputs {
+        q: &dq,
+        k: &dk,
+        v: &dv,
+        coeffs: &dcoeffs,
+        gates: match c.gates {
+            GateKind::None => None,
+            GateKind::Native => Some(DeviceGates::Native(&dg_native)),
+            GateKind::F32 => Some(DeviceGates::F32(&dg_f32)),
+        },
+    };
+    let mut o = stream.clone_htod(&vec![T::from_f64(f64::NAN); n]).unwrap();
+    let mut lse = stream
+        .clone_htod(&vec![f32::NAN; t * c.heads * NUM_BRANCHES])
+        .unwrap();
+    let out = DeviceOutputs {
+        o: &mut o,
+        lse: &mut lse,
+    };
+    gpu.forward_into(&d_batch, &d_chunks, dims, &config, &d_inputs, out)
+        .map_err(|e| e.to_string())?;
+    let o: Vec<f64> = stream
+        .clone_dtoh(&o)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
+    let lse: Vec<f32> = stream.clone_dtoh(&lse).unwrap();
+
+    let tol = T::DTYPE.tolerance();
+    let err = rel_l2_error(&o, &want.o);
+    if !(err.is_finite() && err <= tol) {
+        return Err(format!(
+            "O: relative L2 error {err:e} > {tol:e} ({:?}, D = {head_dim})",
+            T::DTYPE
+        ));
+    }
+    // LSE: the same rows empty (exactly -inf), the rest close.
+    let (mut got_finite, mut want_finite) = (Vec::new(), Vec::new());
+    for (i, (&g, &w)) in lse.iter().zip(&want.lse).enumerate() {
+        if w == f64::NEG_INFINITY {
+            if g != f32::NEG_INFINITY {
+                return Err(format!("LSE[{i}] = {g}, expected -inf (empty key set)"));
+            }
+        } else {
+            got_finite.push(g as f64);
+            want_finite.push(w);
+        }
+    }
+    let err = rel_l2_error(&got_finite, &want_finite);
+    if !(err.is_finite() && err <= tol) {
+        return Err(format!("LSE: relative L2 error {err:e} > {tol:e}"));
+    }
+    Ok(())
+}
+
+fn forward_matches_reference<T: GpuElement>(test: &str, cases: u32) {
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    for &head_dim in SUPPORTED_HEAD_DIMS {
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(cases));
+        runner
+            .run(&case(), |c| {
+                check_case::<T>(gpu, &c, head_dim).map_err(TestCaseError::fail)
+            })
+            .unwrap();
+    }
+}
+
+#[test]
+fn gpu_forward_matches_reference_f32() {
+    forward_matches_reference::<f32>("gpu_forward_matches_reference_f32", 48);
+}
+
+#[test]
+fn gpu_forward_matches_reference_f16() {
+    forward_matches_reference::<f16>("gpu_forward_matches_reference_f16", 48);
+}
+
+#[test]
+fn gpu_forward_matches_reference_bf16() {
+    forward_matches_reference::<bf16>("gpu_forward_matches_reference_bf16", 48);
+}
+
+/// A BENCH.md-like batch (sessions, thousands of behaviors, 16 candidates, bf16) through the
+/// host convenience call.
+#[test]
+fn gpu_forward_realistic_batch() {
+    let Some(gpu) = gpu("gpu_forward_realistic_batch") else {
+        return;
+    };
+    let wl = workload::CTR_SMALL;
+    let batch = wl.batch(3, 2048, 1 << 13).unwrap();
+    let chunks = Chunks::personalized(&batch, wl.num_chunks).unwrap();
+    let n = batch.num_tokens() * wl.heads * wl.head_dim;
+    let mut rng = Rng::new(4);
+    let q: Vec<bf16> = random_tensor(&mut rng, n, 1.0);
+    let k: Vec<bf16> = random_tensor(&mut rng, n, 1.0);
+    let v: Vec<bf16> = random_tensor(&mut rng, n, 1.0);
+    let coeffs: Vec<f32> = random_tensor(&mut rng, wl.heads * 3, 1.0);
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: None,
+    };
+    let got = gpu
+        .forward_host(&batch, &chunks, wl.dims(), &wl.config(), &inputs)
+        .unwrap();
+    let attn = EvoAttention::new(&batch, &chunks, wl.dims(), wl.config()).unwrap();
+    let want = reference::forward(&attn, &inputs).unwrap();
+    let o: Vec<f64> = got.o.iter().map(|x| x.to_f64()).collect();
+    let err = rel_l2_error(&o, &want.o);
+    assert!(err.is_finite() && err <= 1e-2, "bf16 O error {err:e}");
+}
+
+/// Device data must be used with the settings it was made for.
+#[test]
+fn gpu_mismatched_settings_are_errors() {
+    let Some(gpu) = gpu("gpu_mismatched_settings_are_errors") else {
+        return;
+    };
+    let batch = workload::CTR_SMALL.batch(5, 64, 512).unwrap();
+    let d_batch = gpu.upload_batch(&batch, &RelTemporal::default()).unwrap();
+    let d_chunks = gpu.chunk(&d_batch, 4).unwrap();
+    let dims = Dims {
+        heads: 2,
+        head_dim: 32,
+    };
+    let n = batch.num_tokens() * 2 * 32;
+    let x = gpu.stream().clone_htod(&vec![0.5f32; n]).unwrap();
+    let short = gpu.stream().clone_htod(&vec![0.5f32; n - 1]).unwrap();
+    let coeffs = gpu.stream().clone_htod(&[0.1f32; 6]).unwrap();
+    let mut config = AttnConfig::new(1, 4);
+    let inputs = DeviceInputs {
+        q: &x,
+        k: &x,
+        v: &x,
+        coeffs: &coeffs,
+        gates: None,
+    };
+    config.temporal.utc_offset = 3600;
+    let r = gpu.forward(&d_batch, &d_chunks, dims, &config, &inputs);
+    assert!(matches!(
+        r,
+        Err(Error::DeviceMismatch {
+            field: "utc_offset",
+            ..
+        })
+    ));
+    config.temporal.utc_offset = 0;
+    let bad = DeviceInputs {
+        k: &short,
+        ..inputs
+    };
+    let r = gpu.forward(&d_batch, &d_chunks, dims, &config, &bad);
+    assert!(matches!(r, Err(Error::Length { field: "k", .. })));
+    let wrong_dims = Dims {
+        heads: 2,
+        head_dim: 48,
+    };
+    let r = gpu.forward(&d_batch, &d_chunks, wrong_dims, &config, &inputs);
+    assert!(matches!(r, Err(Error::UnsupportedHeadDim { .. })));
+}
