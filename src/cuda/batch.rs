@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 
 use super::device::{driver, GpuDevice};
 use super::kernels::Entry;
@@ -82,6 +84,17 @@ pub(crate) fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, data: &[T]) -> Res
     stream.clone_htod(data).map_err(driver("cuMemcpyHtoD"))
 }
 
+/// A zeroed device buffer made on the device (cudarc's empty buffer for length 0).
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+) -> Result<CudaSlice<T>> {
+    if len == 0 {
+        return stream.null().map_err(driver("cuMemAlloc"));
+    }
+    stream.alloc_zeros(len).map_err(driver("cuMemAlloc"))
+}
+
 impl GpuDevice {
     /// Uploads a validated batch, preparing its times for `temporal.utc_offset`.
     pub fn upload_batch(&self, batch: &JaggedBatch, temporal: &RelTemporal) -> Result<DeviceBatch> {
@@ -146,8 +159,8 @@ impl GpuDevice {
                 value: num_chunks.to_string(),
                 expected: "B * P at most i32::MAX on the GPU path",
             })?;
-        let mut ends = upload(&self.stream, &vec![0i32; slots])?;
-        let mut counts = upload(&self.stream, &vec![0i32; batch.num_seqs])?;
+        let mut ends = zeros(&self.stream, slots)?;
+        let mut counts = zeros(&self.stream, batch.num_seqs)?;
         if batch.num_seqs > 0 {
             let params = EvoParams {
                 num_seqs: batch.num_seqs as i32,

@@ -28,6 +28,7 @@ mod device;
 mod forward;
 mod kernels;
 mod params;
+mod timing;
 
 pub use batch::{DeviceBatch, DeviceChunks};
 pub use device::GpuDevice;

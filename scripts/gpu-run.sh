@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs on a GPU host over the binaries of scripts/build-device-bin.sh (carried as device-bin/):
+# the GPU tests with SPARSECTR_REQUIRE_GPU=1, compute-sanitizer (memcheck, racecheck, initcheck)
+# on the GPU test binary, and the forward benchmark. Logs and results go to $OUT (or ./gpu-out).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-out}
+mkdir -p "$out/results"
+export SPARSECTR_REQUIRE_GPU=1
+export SPARSECTR_COMMIT=$(cat device-bin/COMMIT 2>/dev/null || echo unknown)
+cuda_lib=$(dirname "$(dirname "$(command -v nvcc)")")/lib64
+export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
+{
+  echo "commit $SPARSECTR_COMMIT"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  nvcc --version | tail -2
+} > "$out/env.txt" 2>&1
+status=0
+for bin in device-bin/test-gpu_forward device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn; do
+  [ -x "$bin" ] || continue
+  name=$(basename "$bin")
+  "$bin" --test-threads 1 > "$out/$name.log" 2>&1 || status=1
+  tail -3 "$out/$name.log"
+done
+sanitize=${SANITIZE:-memcheck racecheck initcheck}
+for tool in $sanitize; do
+  compute-sanitizer --tool "$tool" --error-exitcode 9 device-bin/test-gpu_forward --test-threads 1 \
+    > "$out/sanitizer-$tool.log" 2>&1 || status=1
+  tail -2 "$out/sanitizer-$tool.log"
+done
+if [ -x device-bin/bench-gpu_forward ]; then
+  device-bin/bench-gpu_forward --out "$out/results" ${BENCH_ARGS:-} > "$out/bench-gpu_forward.log" 2>&1 || status=1
+  cat "$out/bench-gpu_forward.log"
+fi
+exit $status
