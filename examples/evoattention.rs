@@ -14,11 +14,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
-use sparsectr_attn::cuda::{GpuDevice, GpuElement};
+use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement};
 use sparsectr_attn::reference::{self, Gradients};
 use sparsectr_attn::workload::{self, Rng, Workload, WORKLOADS};
 use sparsectr_attn::{
-    Branch, Chunks, DType, Element, EvoAttention, Gates, Inputs, JaggedBatch, NUM_BRANCHES,
+    Branch, Chunks, DType, EvoAttention, Gates, Inputs, JaggedBatch, NUM_BRANCHES,
 };
 
 /// Defaults: ctr-base at n = 512 and 4096 requested tokens (8 users, about 3,900 tokens) runs
@@ -44,8 +44,8 @@ OPTIONS:
     --cpu             use the CPU reference even when a GPU is present
     -h, --help        print this help
 
-The forward runs on GPU 0 when one answers, otherwise on the f64 CPU reference (whose cost grows
-linearly with --tokens); the backward runs on the reference for now. The first line says which.
+Forward and backward run on GPU 0 when one answers, otherwise on the f64 CPU reference (whose
+cost grows linearly with --tokens). The first line says which.
 Exit status: 0 all checks pass, 1 a check failed or the library returned an error, 2 bad flags.";
 
 // ---------------------------------------------------------------------------------------------
@@ -175,13 +175,13 @@ where
 // Backends
 // ---------------------------------------------------------------------------------------------
 
-/// Where the attention runs: the GPU forward when a GPU answers (and `--cpu` is not given),
+/// Where the attention runs: the GPU kernels when a GPU answers (and `--cpu` is not given),
 /// otherwise the f64 CPU reference. Outputs are widened to the same f64 form so the checks below
-/// serve both. The backward runs on the reference until the GPU backward exists.
+/// serve both.
 enum Backend {
     /// `reference::forward` / `reference::backward`: f64 loops, one thread.
     CpuReference { why: String },
-    /// `GpuDevice::forward_host` (upload, kernels, copy back), reference backward.
+    /// `GpuDevice::forward_host` / `backward_host` (upload, kernels, copy back).
     Gpu(Box<GpuDevice>),
 }
 
@@ -210,7 +210,7 @@ impl Backend {
         match self {
             Backend::CpuReference { why } => format!("CPU reference (f64); no GPU used: {why}"),
             Backend::Gpu(gpu) => format!(
-                "GPU {} ({}) for the forward; backward on the CPU reference (no GPU backward yet)",
+                "GPU {} ({}): forward and backward kernels",
                 gpu.name().unwrap_or_else(|e| e.to_string()),
                 gpu.arch()
             ),
@@ -246,16 +246,35 @@ impl Backend {
         }
     }
 
-    /// Gradients for upstream `d_o` (`[T, H, D]`). The reference recomputes its forward inside.
-    fn backward<T: Element>(
+    /// Gradients for upstream `d_o` (`[T, H, D]`). Both paths recompute what they need of the
+    /// forward (the reference its outputs, the GPU its LSE).
+    fn backward<T: GpuElement>(
         &self,
         attn: &EvoAttention<'_>,
         inputs: &Inputs<'_, T>,
         d_o: &[T],
     ) -> sparsectr_attn::Result<Gradients> {
         match self {
-            Backend::CpuReference { .. } | Backend::Gpu(_) => {
-                reference::backward(attn, inputs, d_o)
+            Backend::CpuReference { .. } => reference::backward(attn, inputs, d_o),
+            Backend::Gpu(gpu) => {
+                let g = gpu.backward_host(
+                    attn.batch(),
+                    attn.chunks(),
+                    attn.dims(),
+                    attn.config(),
+                    inputs,
+                    d_o,
+                    BackwardMode::Fast,
+                )?;
+                let wide = |x: &[T]| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
+                let wide32 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                Ok(Gradients {
+                    dq: wide(&g.dq),
+                    dk: wide(&g.dk),
+                    dv: wide(&g.dv),
+                    dcoeffs: wide32(&g.dcoeffs),
+                    dgates: wide32(&g.dgates),
+                })
             }
         }
     }

@@ -10,6 +10,7 @@
 #include "common/warp.cuh"
 #include "attn/temporal.cuh"
 #include "attn/branches.cuh"
+#include "attn/query.cuh"
 #include "attn/softmax.cuh"
 
 constexpr int kForwardWarps = 4;
@@ -18,14 +19,6 @@ constexpr int kForwardThreads = kForwardWarps * kWarpSize;
 // 56-64 registers and spilled 8-36 B; asking for 4 resident blocks allows 128 and it used 66-80
 // with no spills.
 constexpr int kForwardMinBlocks = 4;
-
-// Gate of branch b for (token, head): native dtype, f32, or 1 when absent.
-template <typename T>
-__device__ __forceinline__ float load_gate(const EvoParams& p, const void* gates, size_t index) {
-    if (p.gates_mode == kGatesNative) return to_float(static_cast<const T*>(gates)[index]);
-    if (p.gates_mode == kGatesF32) return static_cast<const float*>(gates)[index];
-    return 1.f;
-}
 
 // Adds gates[b] * O_b to rOut and returns LSE_b.
 template <typename T, int kHeadDim, typename Branch>
@@ -50,30 +43,12 @@ __device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const K
     constexpr int kPerLane = kHeadDim / kWarpSize;
     __shared__ float sQ[kForwardWarps][kHeadDim];  // (warp, kHeadDim): the scaled query
 
-    const int warp = threadIdx.x / kWarpSize;
-    const int lane = threadIdx.x % kWarpSize;
-    // Grid (ceil(T / kForwardWarps), H): 32-bit indices, no 64-bit division. Warps past the end
-    // compute on the last token and store nothing, so every warp reaches the collectives below.
-    const int head = blockIdx.y;
-    const bool active = blockIdx.x * kForwardWarps + warp < p.num_tokens;
-    const int token = min(static_cast<int>(blockIdx.x * kForwardWarps + warp), p.num_tokens - 1);
-    const size_t row = (static_cast<size_t>(token) * p.heads + head) * kHeadDim;
-    const size_t lse_row = (static_cast<size_t>(token) * p.heads + head) * kNumBranches;
+    const TokenWarp tw = token_warp<kForwardWarps, kHeadDim>(p);
+    const int warp = tw.warp, lane = tw.lane, head = tw.head, token = tw.token;
+    const size_t row = tw.row, lse_row = tw.lse_row;
 
-    const int s = find_seq(seqs, p.num_seqs, token);
-    QueryInfo qi;
-    qi.seq = seqs[s];
-    qi.token = token;
-    qi.candidate = token >= qi.seq.candidates;
-    qi.user = token < qi.seq.behaviors;
-    qi.visible_end = qi.candidate ? qi.seq.candidates : token + 1;
-    qi.chunk_base = s * p.max_chunks;
-    qi.num_chunks = chunk_counts[s];
-    // Chunks are few (P): each lane tests some, a warp sum counts the completed ones.
-    int completed = 0;
-    for (int k = lane; k < qi.num_chunks; k += kWarpSize)
-        completed += kt.chunk_ends[qi.chunk_base + k] <= qi.visible_end ? 1 : 0;
-    qi.completed = warp_sum(completed);
+    int s;
+    const QueryInfo qi = make_query_info(p, seqs, kt.chunk_ends, chunk_counts, token, &s);
 
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i)
@@ -89,7 +64,7 @@ __device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const K
     const float lse_transition = gated_branch<T, kHeadDim, TransitionKeys>(ctx, gates, lse_row, 1, rOut);
     const float lse_local = gated_branch<T, kHeadDim, LocalKeys>(ctx, gates, lse_row, 2, rOut);
 
-    if (!active) return;
+    if (!tw.active) return;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) o[row + lane + i * kWarpSize] = from_float<T>(rOut[i]);
     if (lane < kNumBranches)

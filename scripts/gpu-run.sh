@@ -16,17 +16,21 @@ export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
   nvcc --version | tail -2
 } > "$out/env.txt" 2>&1
 status=0
-for bin in device-bin/test-gpu_forward device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn; do
+for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn; do
   [ -x "$bin" ] || continue
   name=$(basename "$bin")
   "$bin" --test-threads 1 > "$out/$name.log" 2>&1 || status=1
   tail -3 "$out/$name.log"
 done
 sanitize=${SANITIZE:-memcheck racecheck initcheck}
+# Few cases under the sanitizer: it slows kernels down 10-100x.
 for tool in $sanitize; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 device-bin/test-gpu_forward --test-threads 1 \
-    > "$out/sanitizer-$tool.log" 2>&1 || status=1
-  tail -2 "$out/sanitizer-$tool.log"
+  for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward; do
+    [ -x "$bin" ] || continue
+    SPARSECTR_GPU_CASES=${SANITIZER_CASES:-3} compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      "$bin" --test-threads 1 > "$out/sanitizer-$tool-$(basename "$bin").log" 2>&1 || status=1
+    tail -2 "$out/sanitizer-$tool-$(basename "$bin").log"
+  done
 done
 if [ -x device-bin/bench-gpu_forward ]; then
   device-bin/bench-gpu_forward --out "$out/results" ${BENCH_ARGS:-} > "$out/bench-gpu_forward.log" 2>&1 || status=1

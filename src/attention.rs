@@ -4,6 +4,8 @@
 //! The key sets are written here once, as iteration over index ranges; the reference uses them
 //! directly and the GPU kernels implement the same ranges. Nothing here builds a `T x T` mask.
 
+use std::ops::Range;
+
 use crate::batch::JaggedBatch;
 use crate::chunking::Chunks;
 use crate::dtype::Element;
@@ -265,6 +267,43 @@ impl<'a> EvoAttention<'a> {
                 }
             }
         }
+    }
+
+    /// The queries whose key set in `branch` contains `key` (the inverse of
+    /// [`keys`](Self::keys)), as two ranges of absolute token indices: behaviors, then
+    /// candidates. The GPU backward gathers each key's gradient over exactly these queries.
+    pub fn queries(&self, seq: usize, key: Key, branch: Branch) -> [Range<usize>; 2] {
+        let span = self.batch.seq(seq);
+        let (b, c) = (span.behaviors.clone(), span.candidates.clone());
+        let none = [0..0, 0..0];
+        let w = self.config.window;
+        match (branch, key) {
+            // A summary is seen from its chunk's last behavior on, and by every candidate.
+            (Branch::Global, Key::Summary(k)) => [self.chunks.last(k)..b.end, c],
+            (Branch::Transition, Key::Token(j)) if b.contains(&j) => {
+                let k = self.chunk_of(seq, j);
+                if self.chunks.tail(k, self.config.tail_tokens).contains(&j) {
+                    [j..b.end, c]
+                } else {
+                    none
+                }
+            }
+            (Branch::Local, Key::Token(j)) if span.user == Some(j) => [b, c],
+            (Branch::Local, Key::Token(j)) if b.contains(&j) => {
+                // Candidates see the last w - 1 behaviors.
+                let cands = if j + w > b.end { c } else { 0..0 };
+                [j..(j + w).min(b.end), cands]
+            }
+            (Branch::Local, Key::Token(j)) if c.contains(&j) => [j..j + 1, 0..0],
+            _ => none,
+        }
+    }
+
+    /// The chunk (global id) holding behavior `j` of sequence `seq`.
+    pub fn chunk_of(&self, seq: usize, j: usize) -> usize {
+        let ids = self.chunks.of_seq(seq);
+        let first = ids.start;
+        first + ids.take_while(|&k| self.chunks.span(k).end <= j).count()
     }
 
     /// Writes into `out` the keys of the dense counterpart (SPEC section 5): the user token and

@@ -4,9 +4,6 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::OnceLock;
-
 use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::test_runner::TestRunner;
@@ -17,20 +14,7 @@ use sparsectr_attn::{
     JaggedBatch, RelTemporal, NUM_BRANCHES, SUPPORTED_HEAD_DIMS,
 };
 
-/// The GPU, or `None` after a SKIPPED line on the terminal (written past libtest's capture).
-fn gpu(test: &str) -> Option<&'static GpuDevice> {
-    static GPU: OnceLock<Result<GpuDevice, Error>> = OnceLock::new();
-    match GPU.get_or_init(|| GpuDevice::new(0)) {
-        Ok(gpu) => Some(gpu),
-        Err(e) => {
-            if std::env::var("SPARSECTR_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("SPARSECTR_REQUIRE_GPU=1 but no GPU: {e}");
-            }
-            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({e})");
-            None
-        }
-    }
-}
+use common::gpu::{cases, gpu};
 
 #[test]
 fn no_driver_or_gpu_is_an_error_value() {
@@ -56,7 +40,7 @@ fn gpu_chunking_equals_cpu_chunking() {
     let Some(gpu) = gpu("gpu_chunking_equals_cpu_chunking") else {
         return;
     };
-    let mut runner = TestRunner::new(ProptestConfig::with_cases(128));
+    let mut runner = TestRunner::new(ProptestConfig::with_cases(cases(128)));
     runner
         .run(&(common::batch(8, 300, 3), 1usize..40), |(batch, p)| {
             let d_batch = gpu.upload_batch(&batch, &RelTemporal::default()).unwrap();
@@ -233,12 +217,12 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     Ok(())
 }
 
-fn forward_matches_reference<T: GpuElement>(test: &str, cases: u32) {
+fn forward_matches_reference<T: GpuElement>(test: &str, default_cases: u32) {
     let Some(gpu) = gpu(test) else {
         return;
     };
     for &head_dim in SUPPORTED_HEAD_DIMS {
-        let mut runner = TestRunner::new(ProptestConfig::with_cases(cases));
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(cases(default_cases)));
         runner
             .run(&case(), |c| {
                 check_case::<T>(gpu, &c, head_dim).map_err(TestCaseError::fail)

@@ -227,3 +227,47 @@ fn generic_inputs_widen_exactly() {
     assert_eq!(a, b);
     assert!(a.o.iter().all(|x| x.is_finite()));
 }
+
+/// `EvoAttention::queries` (which the GPU backward iterates per key) is exactly the transpose
+/// of `EvoAttention::keys`, in every branch.
+#[test]
+fn queries_of_a_key_are_the_transpose_of_keys() {
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(256));
+    runner
+        .run(
+            &(common::batch(4, 30, 3), 1usize..6, 1usize..4, 1usize..12),
+            |(batch, p, m, w)| {
+                let chunks = Chunks::personalized(&batch, p).unwrap();
+                let dims = Dims {
+                    heads: 1,
+                    head_dim: D,
+                };
+                let attn = EvoAttention::new(&batch, &chunks, dims, AttnConfig::new(m, w)).unwrap();
+                let mut keys = Vec::new();
+                for (seq, span) in batch.seqs().enumerate() {
+                    let mut all_keys: Vec<sparsectr_attn::Key> =
+                        span.tokens().map(sparsectr_attn::Key::Token).collect();
+                    all_keys.extend(chunks.of_seq(seq).map(sparsectr_attn::Key::Summary));
+                    for branch in sparsectr_attn::Branch::ALL {
+                        for &key in &all_keys {
+                            let mut want = Vec::new();
+                            for q in span.tokens() {
+                                attn.keys(seq, q, branch, &mut keys);
+                                if keys.contains(&key) {
+                                    want.push(q);
+                                }
+                            }
+                            let got: Vec<usize> = attn
+                                .queries(seq, key, branch)
+                                .into_iter()
+                                .flatten()
+                                .collect();
+                            prop_assert_eq!(got, want, "{:?} in {:?}", key, branch);
+                        }
+                    }
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+}

@@ -69,7 +69,7 @@ pub struct HostForward<T> {
 }
 
 /// Scalars of a launch, validated against the batch, chunks and tensors.
-fn launch_params(
+pub(crate) fn launch_params(
     batch: &DeviceBatch,
     chunks: &DeviceChunks,
     dims: Dims,
@@ -129,6 +129,54 @@ fn launch_params(
 }
 
 impl GpuDevice {
+    /// Chunk summaries `Kbar`, `Vbar` (`[B * P, H, D]`): every slot is zero-initialised, the
+    /// pooling kernel fills the slots of real chunks.
+    pub(crate) fn pool<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        params: &EvoParams,
+        k: &CudaSlice<T>,
+        v: &CudaSlice<T>,
+    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+        let stream = &self.stream;
+        let summary_len = (chunks.num_seqs * chunks.max_chunks)
+            .checked_mul(dims.heads * dims.head_dim)
+            .ok_or(Error::OutOfRange {
+                field: "heads",
+                value: dims.heads.to_string(),
+                expected: "B * P * H * D to fit in usize",
+            })?
+            .max(1);
+        let mut kbar = stream
+            .alloc_zeros::<T>(summary_len)
+            .map_err(driver("cuMemAlloc(kbar)"))?;
+        let mut vbar = stream
+            .alloc_zeros::<T>(summary_len)
+            .map_err(driver("cuMemAlloc(vbar)"))?;
+        let pool = self.function(Entry::Pooling, Some(T::DTYPE), None)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((chunks.num_seqs * chunks.max_chunks) as u32, 1, 1),
+            block_dim: (POOL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&pool);
+        launch
+            .arg(params)
+            .arg(k)
+            .arg(v)
+            .arg(&batch.seqs)
+            .arg(&chunks.ends)
+            .arg(&chunks.counts)
+            .arg(&mut kbar)
+            .arg(&mut vbar);
+        // SAFETY: argument types and order match SPARSECTR_POOLING; the caller checked that k
+        // and v hold T * H * D elements; kbar and vbar hold B * P * H * D; chunks match batch.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_pooling)"))?;
+        Ok((kbar, vbar))
+    }
+
     /// Sparse EvoAttention forward into caller buffers (`out.o`, `out.lse`); every element of
     /// both is written. Chunk summaries take `2 * B * P * H * D` elements of scratch, allocated
     /// per call.
@@ -171,41 +219,7 @@ impl GpuDevice {
         }
         let stream = &self.stream;
 
-        // Summaries: every slot is zero-initialised, the kernel fills the slots of real chunks.
-        let summary_len = (chunks.num_seqs * chunks.max_chunks)
-            .checked_mul(dims.heads * dims.head_dim)
-            .ok_or(Error::OutOfRange {
-                field: "heads",
-                value: dims.heads.to_string(),
-                expected: "B * P * H * D to fit in usize",
-            })?
-            .max(1);
-        let mut kbar = stream
-            .alloc_zeros::<T>(summary_len)
-            .map_err(driver("cuMemAlloc(kbar)"))?;
-        let mut vbar = stream
-            .alloc_zeros::<T>(summary_len)
-            .map_err(driver("cuMemAlloc(vbar)"))?;
-        let pool = self.function(Entry::Pooling, Some(T::DTYPE), None)?;
-        let pool_cfg = LaunchConfig {
-            grid_dim: ((chunks.num_seqs * chunks.max_chunks) as u32, 1, 1),
-            block_dim: (POOL_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut launch = stream.launch_builder(&pool);
-        launch
-            .arg(&params)
-            .arg(inputs.k)
-            .arg(inputs.v)
-            .arg(&batch.seqs)
-            .arg(&chunks.ends)
-            .arg(&chunks.counts)
-            .arg(&mut kbar)
-            .arg(&mut vbar);
-        // SAFETY: argument types and order match SPARSECTR_POOLING; k and v hold T * H * D
-        // elements (checked above), kbar and vbar B * P * H * D, chunks match the batch.
-        unsafe { launch.launch(pool_cfg) }.map_err(driver("cuLaunchKernel(evo_pooling)"))?;
-
+        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
         let forward = self.function(Entry::Forward, Some(T::DTYPE), Some(dims.head_dim))?;
         let cfg = LaunchConfig {
             grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),

@@ -35,6 +35,10 @@ pub(crate) enum Entry {
     Chunking,
     Pooling,
     Forward,
+    BackwardQuery,
+    BackwardSummary,
+    BackwardKey,
+    CoeffsReduce,
 }
 
 impl Entry {
@@ -43,6 +47,10 @@ impl Entry {
             Entry::Chunking => "chunking",
             Entry::Pooling => "pooling",
             Entry::Forward => "forward",
+            Entry::BackwardQuery => "backward_query",
+            Entry::BackwardSummary => "backward_summary",
+            Entry::BackwardKey => "backward_key",
+            Entry::CoeffsReduce => "coeffs_reduce",
         }
     }
 }
@@ -300,7 +308,19 @@ mod tests {
                 assert!(kernel(Entry::Forward, Some(dtype), Some(*d)).is_ok());
             }
         }
+        for entry in [
+            Entry::BackwardQuery,
+            Entry::BackwardSummary,
+            Entry::BackwardKey,
+        ] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for d in crate::SUPPORTED_HEAD_DIMS {
+                    assert!(kernel(entry, Some(dtype), Some(*d)).is_ok(), "{entry:?}");
+                }
+            }
+        }
         assert!(kernel(Entry::Chunking, None, None).is_ok());
+        assert!(kernel(Entry::CoeffsReduce, None, None).is_ok());
         assert!(matches!(
             kernel(Entry::Forward, Some(DType::F64), Some(64)),
             Err(Error::NoKernel { dtype: "f64", .. })

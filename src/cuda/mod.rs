@@ -1,5 +1,5 @@
 //! The GPU path: runtime probe, kernel table and NVRTC, device handle, batch upload, chunking,
-//! pooling and the fused forward.
+//! pooling, the fused forward and the backward.
 //!
 //! ```no_run
 //! use sparsectr_attn::cuda::GpuDevice;
@@ -23,6 +23,7 @@
 //! # Ok::<(), sparsectr_attn::Error>(())
 //! ```
 
+mod backward;
 mod batch;
 mod device;
 mod forward;
@@ -30,6 +31,7 @@ mod kernels;
 mod params;
 mod timing;
 
+pub use backward::{BackwardMode, DeviceGrads, HostGradients};
 pub use batch::{DeviceBatch, DeviceChunks};
 pub use device::GpuDevice;
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};

@@ -1,6 +1,8 @@
 //! Strategies for awkward jagged batches, shared by the property tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod gpu;
+
 use proptest::prelude::*;
 use sparsectr_attn::workload::{random_tensor, Rng};
 use sparsectr_attn::{JaggedBatch, Widened, NUM_BRANCHES};

@@ -1,0 +1,325 @@
+//! The backward on the GPU (SPEC section 6): dQ, dK, dV through summaries, tails and window,
+//! dcoeffs and dgates, from `dO` and the forward's per-branch LSE.
+//!
+//! Four launches after pooling: the query kernel (dQ, dgates, per-query dcoeff partials), the
+//! summary kernel (dKbar, dVbar), the key kernel (dK, dV: local and transition uses gathered
+//! over the queries that see the key, plus the chunk's summary gradient / |C|), and a fixed-order
+//! reduction of the dcoeff partials. No kernel scatters with atomics, so every mode gives the
+//! same bits from run to run.
+
+use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+
+use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
+use super::device::{driver, GpuDevice};
+use super::forward::{launch_params, DeviceGates, DeviceInputs, GpuElement};
+use super::kernels::Entry;
+use super::params::GatesMode;
+use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs};
+use crate::batch::JaggedBatch;
+use crate::chunking::Chunks;
+use crate::error::Result;
+
+/// Warps (one (token, head) or (chunk, head) each) per block of the backward kernels.
+const BWD_WARPS: u32 = 4;
+const BWD_THREADS: u32 = BWD_WARPS * 32;
+/// Threads per block of the dcoeffs reduction (`kReduceThreads`).
+const REDUCE_THREADS: u32 = 256;
+
+/// How the backward may order its floating-point sums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackwardMode {
+    /// The fastest kernels available.
+    #[default]
+    Fast,
+    /// Bitwise identical results from run to run.
+    Deterministic,
+}
+
+/// Caller buffers the backward writes, every element of them.
+#[derive(Debug)]
+pub struct DeviceGrads<'a, T> {
+    /// `[T, H, D]`.
+    pub dq: &'a mut CudaSlice<T>,
+    /// `[T, H, D]`.
+    pub dk: &'a mut CudaSlice<T>,
+    /// `[T, H, D]`.
+    pub dv: &'a mut CudaSlice<T>,
+    /// `[H, 3]` f32.
+    pub dcoeffs: &'a mut CudaSlice<f32>,
+    /// `[T, H, 3]` f32: `<dO, O_b>`, the gradient of the gates (of implicit ones when absent).
+    pub dgates: &'a mut CudaSlice<f32>,
+}
+
+/// Gradients on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostGradients<T> {
+    /// `[T, H, D]`.
+    pub dq: Vec<T>,
+    /// `[T, H, D]`.
+    pub dk: Vec<T>,
+    /// `[T, H, D]`.
+    pub dv: Vec<T>,
+    /// `[H, 3]`.
+    pub dcoeffs: Vec<f32>,
+    /// `[T, H, 3]`.
+    pub dgates: Vec<f32>,
+}
+
+/// Pushes the gates argument: the buffer, or a null pointer when there are none.
+fn push_gates<'a, T>(
+    launch: &mut LaunchArgs<'a>,
+    gates: &Option<DeviceGates<'a, T>>,
+    null: &'a u64,
+) {
+    match gates {
+        None => launch.arg(null),
+        Some(DeviceGates::Native(g)) => launch.arg(*g),
+        Some(DeviceGates::F32(g)) => launch.arg(*g),
+    };
+}
+
+impl GpuDevice {
+    /// Sparse EvoAttention backward into caller buffers, from `d_o` (`[T, H, D]`) and the
+    /// forward's `lse` (`[T, H, 3]`). Scratch beyond the outputs, allocated per call:
+    /// summaries `2 * B * P * H * D` elements of T, their gradients `2 * B * P * H * D` f32, and
+    /// `3 * T * H` f32 dcoeff partials. Nothing is `T x T`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_into<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+        lse: &CudaSlice<f32>,
+        d_o: &CudaSlice<T>,
+        mode: BackwardMode,
+        grads: DeviceGrads<'_, T>,
+    ) -> Result<()> {
+        // Both modes run the same atomic-free kernels today; see the module docs.
+        let _ = mode;
+        let mut params = launch_params(batch, chunks, dims, config)?;
+        let t = batch.num_tokens;
+        let rows = dims.tensor_len(t)?;
+        let branch_rows = dims.branch_len(t)?;
+        for (field, len) in [
+            ("q", inputs.q.len()),
+            ("k", inputs.k.len()),
+            ("v", inputs.v.len()),
+            ("d_o", d_o.len()),
+            ("dq", grads.dq.len()),
+            ("dk", grads.dk.len()),
+            ("dv", grads.dv.len()),
+        ] {
+            check_len(field, len, rows)?;
+        }
+        check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
+        check_len("dcoeffs", grads.dcoeffs.len(), dims.branch_len(1)?)?;
+        check_len("lse", lse.len(), branch_rows)?;
+        check_len("dgates", grads.dgates.len(), branch_rows)?;
+        params.gates_mode = match inputs.gates {
+            None => GatesMode::None,
+            Some(DeviceGates::Native(g)) => {
+                check_len("gates", g.len(), branch_rows)?;
+                GatesMode::Native
+            }
+            Some(DeviceGates::F32(g)) => {
+                check_len("gates", g.len(), branch_rows)?;
+                GatesMode::F32
+            }
+        } as i32;
+        let stream = &self.stream;
+        if t == 0 {
+            // No pair exists: dcoeffs is zero.
+            stream
+                .memset_zeros(grads.dcoeffs)
+                .map_err(driver("cuMemsetD8(dcoeffs)"))?;
+            return Ok(());
+        }
+        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
+        let summary_rows = chunks.num_seqs * chunks.max_chunks * dims.heads * dims.head_dim;
+        let mut dkbar = zeros::<f32>(stream, summary_rows)?;
+        let mut dvbar = zeros::<f32>(stream, summary_rows)?;
+        let mut partial = zeros::<f32>(stream, branch_rows)?;
+        let null = 0u64;
+        let dtype = Some(T::DTYPE);
+        let dim = Some(dims.head_dim);
+        let token_grid = ((t as u32).div_ceil(BWD_WARPS), dims.heads as u32, 1);
+        let block = (BWD_THREADS, 1, 1);
+
+        let func = self.function(Entry::BackwardQuery, dtype, dim)?;
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&params)
+            .arg(inputs.q)
+            .arg(inputs.k)
+            .arg(inputs.v)
+            .arg(&kbar)
+            .arg(&vbar);
+        push_gates(&mut launch, &inputs.gates, &null);
+        launch
+            .arg(inputs.coeffs)
+            .arg(&batch.rel_time)
+            .arg(&batch.seqs)
+            .arg(&batch.weekday0)
+            .arg(&chunks.ends)
+            .arg(&chunks.counts)
+            .arg(d_o)
+            .arg(lse)
+            .arg(&mut *grads.dq)
+            .arg(&mut *grads.dgates)
+            .arg(&mut partial);
+        let cfg = LaunchConfig {
+            grid_dim: token_grid,
+            block_dim: block,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY; lengths checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
+
+        let func = self.function(Entry::BackwardSummary, dtype, dim)?;
+        let slots = (chunks.num_seqs * chunks.max_chunks) as u32;
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&params).arg(inputs.q).arg(&kbar).arg(&vbar);
+        push_gates(&mut launch, &inputs.gates, &null);
+        launch
+            .arg(inputs.coeffs)
+            .arg(&batch.rel_time)
+            .arg(&batch.seqs)
+            .arg(&batch.weekday0)
+            .arg(&chunks.ends)
+            .arg(&chunks.counts)
+            .arg(d_o)
+            .arg(lse)
+            .arg(&*grads.dgates)
+            .arg(&mut dkbar)
+            .arg(&mut dvbar);
+        let cfg = LaunchConfig {
+            grid_dim: (slots.div_ceil(BWD_WARPS), dims.heads as u32, 1),
+            block_dim: block,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_SUMMARY; dkbar and dvbar
+        // hold B * P * H * D f32.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
+
+        let func = self.function(Entry::BackwardKey, dtype, dim)?;
+        let mut launch = stream.launch_builder(&func);
+        launch
+            .arg(&params)
+            .arg(inputs.q)
+            .arg(inputs.k)
+            .arg(inputs.v);
+        push_gates(&mut launch, &inputs.gates, &null);
+        launch
+            .arg(inputs.coeffs)
+            .arg(&batch.rel_time)
+            .arg(&batch.seqs)
+            .arg(&batch.weekday0)
+            .arg(&chunks.ends)
+            .arg(&chunks.counts)
+            .arg(d_o)
+            .arg(lse)
+            .arg(&*grads.dgates)
+            .arg(&dkbar)
+            .arg(&dvbar)
+            .arg(&mut *grads.dk)
+            .arg(&mut *grads.dv);
+        let cfg = LaunchConfig {
+            grid_dim: token_grid,
+            block_dim: block,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_KEY; lengths checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key)"))?;
+
+        let func = self.function(Entry::CoeffsReduce, None, None)?;
+        let mut launch = stream.launch_builder(&func);
+        launch.arg(&params).arg(&partial).arg(&mut *grads.dcoeffs);
+        let cfg = LaunchConfig {
+            grid_dim: (dims.heads as u32, 1, 1),
+            block_dim: (REDUCE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches SPARSECTR_COEFFS_REDUCE; partial holds H * T * 3 f32, dcoeffs H * 3.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_coeffs_reduce)"))?;
+        Ok(())
+    }
+
+    /// Convenience: host slices in, host vectors out. Runs the GPU forward for the LSE, then
+    /// [`backward_into`](Self::backward_into).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_host<T: GpuElement>(
+        &self,
+        batch: &JaggedBatch,
+        chunks: &Chunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &Inputs<'_, T>,
+        d_o: &[T],
+        mode: BackwardMode,
+    ) -> Result<HostGradients<T>> {
+        let attn = EvoAttention::new(batch, chunks, dims, *config)?;
+        inputs.validate(&attn)?;
+        let t = batch.num_tokens();
+        check_len("d_o", d_o.len(), dims.tensor_len(t)?)?;
+        let d_batch = self.upload_batch(batch, &config.temporal)?;
+        let d_chunks = self.upload_chunks(batch, chunks)?;
+        let stream = &self.stream;
+        let (q, k, v) = (
+            upload(stream, inputs.q)?,
+            upload(stream, inputs.k)?,
+            upload(stream, inputs.v)?,
+        );
+        let coeffs = upload(stream, inputs.coeffs)?;
+        let d_o = upload(stream, d_o)?;
+        let (gates_native, gates_f32);
+        let gates = match inputs.gates {
+            None => None,
+            Some(Gates::Native(g)) => {
+                gates_native = upload(stream, g)?;
+                Some(DeviceGates::Native(&gates_native))
+            }
+            Some(Gates::F32(g)) => {
+                gates_f32 = upload(stream, g)?;
+                Some(DeviceGates::F32(&gates_f32))
+            }
+        };
+        let d_inputs = DeviceInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            coeffs: &coeffs,
+            gates,
+        };
+        let (_, lse) = self.forward(&d_batch, &d_chunks, dims, config, &d_inputs)?;
+        let rows = dims.tensor_len(t)?;
+        let mut dq = zeros::<T>(stream, rows)?;
+        let mut dk = zeros::<T>(stream, rows)?;
+        let mut dv = zeros::<T>(stream, rows)?;
+        let mut dcoeffs = zeros::<f32>(stream, dims.branch_len(1)?)?;
+        let mut dgates = zeros::<f32>(stream, dims.branch_len(t)?)?;
+        let grads = DeviceGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+            dcoeffs: &mut dcoeffs,
+            dgates: &mut dgates,
+        };
+        self.backward_into(
+            &d_batch, &d_chunks, dims, config, &d_inputs, &lse, &d_o, mode, grads,
+        )?;
+        let down = |what: &'static str| driver(what);
+        Ok(HostGradients {
+            dq: stream.clone_dtoh(&dq).map_err(down("cuMemcpyDtoH(dq)"))?,
+            dk: stream.clone_dtoh(&dk).map_err(down("cuMemcpyDtoH(dk)"))?,
+            dv: stream.clone_dtoh(&dv).map_err(down("cuMemcpyDtoH(dv)"))?,
+            dcoeffs: stream
+                .clone_dtoh(&dcoeffs)
+                .map_err(down("cuMemcpyDtoH(dcoeffs)"))?,
+            dgates: stream
+                .clone_dtoh(&dgates)
+                .map_err(down("cuMemcpyDtoH(dgates)"))?,
+        })
+    }
+}

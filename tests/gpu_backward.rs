@@ -1,0 +1,295 @@
+//! The GPU backward against the f64 reference backward (SPEC section 8 tolerances) on awkward
+//! batches, its determinism (50 runs, bitwise), and a gradient check of the whole GPU path
+//! against finite differences of the GPU forward in f32. Without a GPU these print SKIPPED.
+
+mod common;
+
+use common::gpu::{cases, gpu};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::TestRunner;
+use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, HostGradients};
+use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
+use sparsectr_attn::{
+    reference, rel_l2_error, AttnConfig, Chunks, Dims, EvoAttention, Gates, Inputs, JaggedBatch,
+    RelTemporal, NUM_BRANCHES, SUPPORTED_HEAD_DIMS,
+};
+
+#[derive(Debug, Clone)]
+struct Case {
+    batch: JaggedBatch,
+    num_chunks: usize,
+    tail_tokens: usize,
+    window: usize,
+    heads: usize,
+    gates: u8, // 0 none, 1 native, 2 f32
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        common::batch(4, 50, 4),
+        1usize..8,
+        1usize..5,
+        prop_oneof![1usize..8, 8usize..80],
+        1usize..4,
+        0u8..3,
+        any::<u64>(),
+    )
+        .prop_map(
+            |(batch, num_chunks, tail_tokens, window, heads, gates, seed)| Case {
+                batch,
+                num_chunks,
+                tail_tokens,
+                window,
+                heads,
+                gates,
+                seed,
+            },
+        )
+}
+
+/// Random inputs of one case, owned.
+struct Data<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    coeffs: Vec<f32>,
+    g_native: Vec<T>,
+    g_f32: Vec<f32>,
+    d_o: Vec<T>,
+}
+
+impl<T: GpuElement> Data<T> {
+    fn new(seed: u64, t: usize, heads: usize, d: usize) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = t * heads * d;
+        Data {
+            q: random_tensor(&mut rng, n, 1.0),
+            k: random_tensor(&mut rng, n, 1.0),
+            v: random_tensor(&mut rng, n, 1.0),
+            coeffs: random_tensor(&mut rng, heads * 3, 1.0),
+            g_native: uniform_tensor(&mut rng, t * heads * NUM_BRANCHES, -0.5, 1.5),
+            g_f32: uniform_tensor(&mut rng, t * heads * NUM_BRANCHES, -0.5, 1.5),
+            d_o: random_tensor(&mut rng, n, 1.0),
+        }
+    }
+
+    fn inputs(&self, gates: u8) -> Inputs<'_, T> {
+        Inputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            coeffs: &self.coeffs,
+            gates: match gates {
+                0 => None,
+                1 => Some(Gates::Native(&self.g_native)),
+                _ => Some(Gates::F32(&self.g_f32)),
+            },
+        }
+    }
+}
+
+fn widen<T: GpuElement>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|v| v.to_f64()).collect()
+}
+
+fn compare(name: &str, got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
+    let err = rel_l2_error(got, want);
+    // A gradient that is exactly zero in the reference (no pair reaches it) must be zero here.
+    let want_norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if want_norm == 0.0 {
+        return if got.iter().all(|&x| x == 0.0) {
+            Ok(())
+        } else {
+            Err(format!("{name}: reference is zero, GPU is not"))
+        };
+    }
+    if err.is_finite() && err <= tol {
+        Ok(())
+    } else {
+        Err(format!("{name}: relative L2 error {err:e} > {tol:e}"))
+    }
+}
+
+fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Result<(), String> {
+    let dims = Dims {
+        heads: c.heads,
+        head_dim,
+    };
+    let mut config = AttnConfig::new(c.tail_tokens, c.window);
+    config.temporal = RelTemporal {
+        num_time_buckets: 40,
+        utc_offset: 7200,
+    };
+    let t = c.batch.num_tokens();
+    let data = Data::<T>::new(c.seed, t, c.heads, head_dim);
+    let inputs = data.inputs(c.gates);
+    let chunks = Chunks::personalized(&c.batch, c.num_chunks).unwrap();
+    let attn = EvoAttention::new(&c.batch, &chunks, dims, config).unwrap();
+    let want = reference::backward(&attn, &inputs, &data.d_o).unwrap();
+    let got = gpu
+        .backward_host(
+            &c.batch,
+            &chunks,
+            dims,
+            &config,
+            &inputs,
+            &data.d_o,
+            BackwardMode::Fast,
+        )
+        .map_err(|e| e.to_string())?;
+    let tol = T::DTYPE.tolerance();
+    compare("dq", &widen(&got.dq), &want.dq, tol)?;
+    compare("dk", &widen(&got.dk), &want.dk, tol)?;
+    compare("dv", &widen(&got.dv), &want.dv, tol)?;
+    let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    compare("dgates", &f(&got.dgates), &want.dgates, tol)?;
+    compare("dcoeffs", &f(&got.dcoeffs), &want.dcoeffs, tol)?;
+    Ok(())
+}
+
+fn backward_matches_reference<T: GpuElement>(test: &str, default_cases: u32) {
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    for &head_dim in SUPPORTED_HEAD_DIMS {
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(cases(default_cases)));
+        runner
+            .run(&case(), |c| {
+                check_case::<T>(gpu, &c, head_dim).map_err(TestCaseError::fail)
+            })
+            .unwrap();
+    }
+}
+
+#[test]
+fn gpu_backward_matches_reference_f32() {
+    backward_matches_reference::<f32>("gpu_backward_matches_reference_f32", 32);
+}
+
+#[test]
+fn gpu_backward_matches_reference_f16() {
+    backward_matches_reference::<f16>("gpu_backward_matches_reference_f16", 32);
+}
+
+#[test]
+fn gpu_backward_matches_reference_bf16() {
+    backward_matches_reference::<bf16>("gpu_backward_matches_reference_bf16", 32);
+}
+
+/// Deterministic mode: 50 runs on the same inputs give the same bits in every gradient.
+#[test]
+fn gpu_backward_deterministic_mode_is_bitwise_repeatable() {
+    let Some(gpu) = gpu("gpu_backward_deterministic_mode_is_bitwise_repeatable") else {
+        return;
+    };
+    let wl = workload::CTR_SMALL;
+    let batch = wl.batch(11, 512, 1 << 12).unwrap();
+    let chunks = Chunks::personalized(&batch, wl.num_chunks).unwrap();
+    let data = Data::<bf16>::new(12, batch.num_tokens(), wl.heads, wl.head_dim);
+    let inputs = data.inputs(1);
+    let run = || -> HostGradients<bf16> {
+        gpu.backward_host(
+            &batch,
+            &chunks,
+            wl.dims(),
+            &wl.config(),
+            &inputs,
+            &data.d_o,
+            BackwardMode::Deterministic,
+        )
+        .unwrap()
+    };
+    let first = run();
+    let bits = |g: &HostGradients<bf16>| {
+        let mut v: Vec<u32> = Vec::new();
+        v.extend(
+            g.dq.iter()
+                .chain(&g.dk)
+                .chain(&g.dv)
+                .map(|x| x.to_bits() as u32),
+        );
+        v.extend(g.dcoeffs.iter().chain(&g.dgates).map(|x| x.to_bits()));
+        v
+    };
+    let first_bits = bits(&first);
+    assert!(
+        first.dq.iter().any(|x| x.to_f32() != 0.0),
+        "gradients are not all zero"
+    );
+    for i in 1..50 {
+        assert!(bits(&run()) == first_bits, "run {i} differs from run 0");
+    }
+}
+
+/// The whole GPU path in f32: `L = sum O * R` through forward and backward, against central
+/// differences of the GPU forward at sampled coordinates of every input.
+#[test]
+fn gpu_gradients_match_finite_differences_of_gpu_forward() {
+    let Some(gpu) = gpu("gpu_gradients_match_finite_differences_of_gpu_forward") else {
+        return;
+    };
+    let mut rng = Rng::new(21);
+    let batch = workload::generate_batch(&mut rng, 3, 40, 3, true).unwrap();
+    let chunks = Chunks::personalized(&batch, 4).unwrap();
+    let dims = Dims {
+        heads: 2,
+        head_dim: 32,
+    };
+    let config = AttnConfig::new(2, 6);
+    let t = batch.num_tokens();
+    let mut data = Data::<f32>::new(22, t, 2, 32);
+    let r = data.d_o.clone();
+    let loss = |d: &Data<f32>| -> f64 {
+        let out = gpu
+            .forward_host(&batch, &chunks, dims, &config, &d.inputs(2))
+            .unwrap();
+        out.o
+            .iter()
+            .zip(&r)
+            .map(|(&o, &w)| o as f64 * w as f64)
+            .sum()
+    };
+    let grads = gpu
+        .backward_host(
+            &batch,
+            &chunks,
+            dims,
+            &config,
+            &data.inputs(2),
+            &r,
+            BackwardMode::Fast,
+        )
+        .unwrap();
+    let eps = 1e-2f32;
+    let mut pick = Rng::new(23);
+    type Field = fn(&mut Data<f32>) -> &mut Vec<f32>;
+    let fields: [(&str, Field, Vec<f32>); 5] = [
+        ("q", |d| &mut d.q, grads.dq.clone()),
+        ("k", |d| &mut d.k, grads.dk.clone()),
+        ("v", |d| &mut d.v, grads.dv.clone()),
+        ("coeffs", |d| &mut d.coeffs, grads.dcoeffs.clone()),
+        ("gates", |d| &mut d.g_f32, grads.dgates.clone()),
+    ];
+    for (name, field, analytic) in fields {
+        let len = field(&mut data).len();
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        for _ in 0..40.min(len) {
+            let i = pick.range(0, len as u64 - 1) as usize;
+            let orig = field(&mut data)[i];
+            field(&mut data)[i] = orig + eps;
+            let up = loss(&data);
+            field(&mut data)[i] = orig - eps;
+            let down = loss(&data);
+            field(&mut data)[i] = orig;
+            want.push((up - down) / (2.0 * eps as f64));
+            got.push(analytic[i] as f64);
+        }
+        let err = rel_l2_error(&got, &want);
+        assert!(
+            err.is_finite() && err <= 2e-2,
+            "{name}: GPU backward vs finite differences of the GPU forward: {err:e}"
+        );
+    }
+}
