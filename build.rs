@@ -145,7 +145,8 @@ fn inline(path: &Path, seen: &mut HashSet<PathBuf>, out: &mut String) {
             continue;
         }
         if let Some(rest) = trimmed.strip_prefix("#include \"") {
-            let name = rest.trim_end_matches('"');
+            // The name ends at the closing quote; a trailing comment may follow.
+            let name = rest.split('"').next().unwrap_or_default();
             let dir = path.parent().unwrap_or(Path::new("."));
             inline(&dir.join(name), seen, out);
             continue;

@@ -326,4 +326,28 @@ fn gpu_mismatched_settings_are_errors() {
     };
     let r = gpu.forward(&d_batch, &d_chunks, wrong_dims, &config, &inputs);
     assert!(matches!(r, Err(Error::UnsupportedHeadDim { .. })));
+    // Chunks of a batch with as many sequences but other lengths would send the kernels past
+    // this batch's tokens: rejected before any launch, whether chunked on the GPU or uploaded.
+    let other = workload::CTR_SMALL.batch(6, 64, 512).unwrap();
+    assert_eq!(other.num_seqs(), batch.num_seqs());
+    assert_ne!(other.seq_offsets(), batch.seq_offsets());
+    let other_d = gpu.upload_batch(&other, &RelTemporal::default()).unwrap();
+    let foreign = [
+        gpu.chunk(&other_d, 4).unwrap(),
+        gpu.upload_chunks(&other, &Chunks::personalized(&other, 4).unwrap())
+            .unwrap(),
+    ];
+    for chunks in &foreign {
+        let r = gpu.forward(&d_batch, chunks, dims, &config, &inputs);
+        assert!(
+            matches!(
+                r,
+                Err(Error::DeviceMismatch {
+                    field: "chunks",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
 }

@@ -263,6 +263,16 @@ impl GpuDevice {
         inputs.validate(&attn)?;
         let t = batch.num_tokens();
         check_len("d_o", d_o.len(), dims.tensor_len(t)?)?;
+        if t == 0 {
+            // No pair exists: every gradient is empty or zero.
+            return Ok(HostGradients {
+                dq: Vec::new(),
+                dk: Vec::new(),
+                dv: Vec::new(),
+                dcoeffs: vec![0.0; dims.branch_len(1)?],
+                dgates: Vec::new(),
+            });
+        }
         let d_batch = self.upload_batch(batch, &config.temporal)?;
         let d_chunks = self.upload_chunks(batch, chunks)?;
         let stream = &self.stream;

@@ -22,9 +22,29 @@ use crate::temporal::{RelTemporal, DAY};
 /// Threads per block of the chunking kernel (`kChunkThreads` in chunking.cu).
 const CHUNK_THREADS: u32 = 256;
 
+/// What chunks must agree with to be used with a batch: where its behaviors are. Kept on both
+/// sides and compared exactly before any launch, so chunks of another batch never reach a kernel.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct LayoutKey {
+    seq_offsets: Vec<usize>,
+    num_candidates: Vec<usize>,
+    has_user_token: bool,
+}
+
+impl LayoutKey {
+    fn of(batch: &JaggedBatch) -> Arc<LayoutKey> {
+        Arc::new(LayoutKey {
+            seq_offsets: batch.seq_offsets().to_vec(),
+            num_candidates: batch.num_candidates().to_vec(),
+            has_user_token: batch.has_user_token(),
+        })
+    }
+}
+
 /// A [`JaggedBatch`] uploaded for one `utc_offset`.
 #[derive(Debug)]
 pub struct DeviceBatch {
+    pub(crate) layout: Arc<LayoutKey>,
     pub(crate) num_seqs: usize,
     pub(crate) num_tokens: usize,
     pub(crate) utc_offset: i64,
@@ -55,6 +75,7 @@ impl DeviceBatch {
 /// exclusive ends (absolute token indices) are `ends[u * max_chunks ..]`.
 #[derive(Debug)]
 pub struct DeviceChunks {
+    pub(crate) layout: Arc<LayoutKey>,
     pub(crate) num_seqs: usize,
     pub(crate) max_chunks: usize,
     pub(crate) ends: CudaSlice<i32>,
@@ -76,23 +97,25 @@ fn to_i32(field: &'static str, value: usize) -> Result<i32> {
     })
 }
 
-/// Copies a host slice to a new device buffer (cudarc's empty buffer when there is nothing).
-pub(crate) fn upload<T: DeviceRepr>(stream: &Arc<CudaStream>, data: &[T]) -> Result<CudaSlice<T>> {
+/// Copies a host slice to a new device buffer. An empty slice gets one zeroed element instead:
+/// `cuMemAlloc(0)` fails on contexts without stream-ordered allocation. Callers track logical
+/// lengths beside such buffers.
+pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    data: &[T],
+) -> Result<CudaSlice<T>> {
     if data.is_empty() {
-        return stream.null().map_err(driver("cuMemAlloc"));
+        return zeros(stream, 1);
     }
     stream.clone_htod(data).map_err(driver("cuMemcpyHtoD"))
 }
 
-/// A zeroed device buffer made on the device (cudarc's empty buffer for length 0).
+/// A zeroed device buffer made on the device; at least one element (see [`upload`]).
 pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     len: usize,
 ) -> Result<CudaSlice<T>> {
-    if len == 0 {
-        return stream.null().map_err(driver("cuMemAlloc"));
-    }
-    stream.alloc_zeros(len).map_err(driver("cuMemAlloc"))
+    stream.alloc_zeros(len.max(1)).map_err(driver("cuMemAlloc"))
 }
 
 impl GpuDevice {
@@ -130,6 +153,7 @@ impl GpuDevice {
             }
         }
         Ok(DeviceBatch {
+            layout: LayoutKey::of(batch),
             num_seqs: batch.num_seqs(),
             num_tokens,
             utc_offset: temporal.utc_offset,
@@ -186,6 +210,7 @@ impl GpuDevice {
             unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_chunking)"))?;
         }
         Ok(DeviceChunks {
+            layout: batch.layout.clone(),
             num_seqs: batch.num_seqs,
             max_chunks,
             ends,
@@ -215,6 +240,7 @@ impl GpuDevice {
             }
         }
         Ok(DeviceChunks {
+            layout: LayoutKey::of(batch),
             num_seqs,
             max_chunks,
             ends: upload(&self.stream, &ends)?,
@@ -224,11 +250,11 @@ impl GpuDevice {
 
     /// Copies device chunks back to the host (validated against `batch`).
     pub fn download_chunks(&self, batch: &JaggedBatch, chunks: &DeviceChunks) -> Result<Chunks> {
-        if chunks.num_seqs != batch.num_seqs() {
+        if *chunks.layout != *LayoutKey::of(batch) {
             return Err(Error::DeviceMismatch {
                 field: "chunks",
-                value: format!("{} sequences", chunks.num_seqs),
-                expected: format!("the batch's {}", batch.num_seqs()),
+                value: format!("chunks of a {}-sequence batch", chunks.num_seqs),
+                expected: "chunks built for this batch".into(),
             });
         }
         let ends = self

@@ -1,6 +1,8 @@
 //! The fused three-branch forward on the GPU: chunk pooling, then one kernel for the global,
 //! transition and local softmaxes with the RelTemporal bias in-kernel.
 
+use std::sync::Arc;
+
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 use half::{bf16, f16};
 
@@ -76,11 +78,12 @@ pub(crate) fn launch_params(
     config: &AttnConfig,
 ) -> Result<EvoParams> {
     let scale = config.validate(dims)?;
-    if chunks.num_seqs != batch.num_seqs {
+    // Chunks of another batch would send kernels past this batch's tokens.
+    if !Arc::ptr_eq(&chunks.layout, &batch.layout) && *chunks.layout != *batch.layout {
         return Err(Error::DeviceMismatch {
             field: "chunks",
-            value: format!("{} sequences", chunks.num_seqs),
-            expected: format!("the batch's {}", batch.num_seqs),
+            value: format!("chunks of a {}-sequence batch", chunks.num_seqs),
+            expected: "chunks built for this batch (same offsets and candidates)".into(),
         });
     }
     if config.temporal.utc_offset != batch.utc_offset {

@@ -1,6 +1,6 @@
 //! `#[repr(C)]` mirrors of the structs in `kernels/common/params.cuh`, sizes asserted on both sides.
 
-use cudarc::driver::DeviceRepr;
+use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
 
 /// The scalars of every launch (`EvoParams` in params.cuh).
 #[repr(C)]
@@ -46,3 +46,5 @@ const _: () = assert!(std::mem::size_of::<SeqInfo>() == 16);
 
 // SAFETY: four i32 in C layout, as in params.cuh.
 unsafe impl DeviceRepr for SeqInfo {}
+// SAFETY: all-zero bits are four zero i32.
+unsafe impl ValidAsZeroBits for SeqInfo {}
