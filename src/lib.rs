@@ -37,6 +37,8 @@
 
 pub mod attention;
 pub mod batch;
+#[cfg(feature = "candle")]
+pub mod candle_op;
 pub mod chunking;
 pub mod cuda;
 pub mod dtype;
