@@ -7,11 +7,13 @@
 //! reduction of the dcoeff partials. No kernel scatters with atomics, so every mode gives the
 //! same bits from run to run.
 
-use cudarc::driver::{CudaSlice, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
 use super::device::{driver, GpuDevice};
-use super::forward::{launch_params, DeviceGates, DeviceInputs, GpuElement};
+use super::forward::{
+    launch_params, push_gates, push_layout, DeviceGates, DeviceInputs, GpuElement,
+};
 use super::kernels::Entry;
 use super::params::GatesMode;
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs};
@@ -63,19 +65,6 @@ pub struct HostGradients<T> {
     pub dcoeffs: Vec<f32>,
     /// `[T, H, 3]`.
     pub dgates: Vec<f32>,
-}
-
-/// Pushes the gates argument: the buffer, or a null pointer when there are none.
-fn push_gates<'a, T>(
-    launch: &mut LaunchArgs<'a>,
-    gates: &Option<DeviceGates<'a, T>>,
-    null: &'a u64,
-) {
-    match gates {
-        None => launch.arg(null),
-        Some(DeviceGates::Native(g)) => launch.arg(*g),
-        Some(DeviceGates::F32(g)) => launch.arg(*g),
-    };
 }
 
 impl GpuDevice {
@@ -157,13 +146,8 @@ impl GpuDevice {
             .arg(&kbar)
             .arg(&vbar);
         push_gates(&mut launch, &inputs.gates, &null);
+        push_layout(&mut launch, inputs.coeffs, batch, chunks);
         launch
-            .arg(inputs.coeffs)
-            .arg(&batch.rel_time)
-            .arg(&batch.seqs)
-            .arg(&batch.weekday0)
-            .arg(&chunks.ends)
-            .arg(&chunks.counts)
             .arg(d_o)
             .arg(lse)
             .arg(&mut *grads.dq)
@@ -182,13 +166,8 @@ impl GpuDevice {
         let mut launch = stream.launch_builder(&func);
         launch.arg(&params).arg(inputs.q).arg(&kbar).arg(&vbar);
         push_gates(&mut launch, &inputs.gates, &null);
+        push_layout(&mut launch, inputs.coeffs, batch, chunks);
         launch
-            .arg(inputs.coeffs)
-            .arg(&batch.rel_time)
-            .arg(&batch.seqs)
-            .arg(&batch.weekday0)
-            .arg(&chunks.ends)
-            .arg(&chunks.counts)
             .arg(d_o)
             .arg(lse)
             .arg(&*grads.dgates)
@@ -211,13 +190,8 @@ impl GpuDevice {
             .arg(inputs.k)
             .arg(inputs.v);
         push_gates(&mut launch, &inputs.gates, &null);
+        push_layout(&mut launch, inputs.coeffs, batch, chunks);
         launch
-            .arg(inputs.coeffs)
-            .arg(&batch.rel_time)
-            .arg(&batch.seqs)
-            .arg(&batch.weekday0)
-            .arg(&chunks.ends)
-            .arg(&chunks.counts)
             .arg(d_o)
             .arg(lse)
             .arg(&*grads.dgates)

@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+use cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
 use half::{bf16, f16};
 
 use super::batch::{upload, DeviceBatch, DeviceChunks};
@@ -68,6 +70,37 @@ pub struct HostForward<T> {
     pub o: Vec<T>,
     /// `[T, H, 3]` per-branch log-sum-exp, `-inf` where a branch's key set is empty.
     pub lse: Vec<f32>,
+}
+
+/// Pushes the gates argument: the buffer, or a null pointer when there are none (`gates_mode`
+/// tells the kernel which).
+pub(crate) fn push_gates<'a, T>(
+    launch: &mut LaunchArgs<'a>,
+    gates: &Option<DeviceGates<'a, T>>,
+    null: &'a u64,
+) {
+    match gates {
+        None => launch.arg(null),
+        Some(DeviceGates::Native(g)) => launch.arg(*g),
+        Some(DeviceGates::F32(g)) => launch.arg(*g),
+    };
+}
+
+/// Pushes the arguments every attention kernel takes after its gates, in the kernels' order:
+/// coeffs, rel_time, seqs, weekday0, chunk_ends, chunk_counts.
+pub(crate) fn push_layout<'a>(
+    launch: &mut LaunchArgs<'a>,
+    coeffs: &'a CudaSlice<f32>,
+    batch: &'a DeviceBatch,
+    chunks: &'a DeviceChunks,
+) {
+    launch
+        .arg(coeffs)
+        .arg(&batch.rel_time)
+        .arg(&batch.seqs)
+        .arg(&batch.weekday0)
+        .arg(&chunks.ends)
+        .arg(&chunks.counts);
 }
 
 /// Scalars of a launch, validated against the batch, chunks and tensors.
@@ -238,20 +271,9 @@ impl GpuDevice {
             .arg(inputs.v)
             .arg(&kbar)
             .arg(&vbar);
-        match inputs.gates {
-            None => launch.arg(&no_gates),
-            Some(DeviceGates::Native(g)) => launch.arg(g),
-            Some(DeviceGates::F32(g)) => launch.arg(g),
-        };
-        launch
-            .arg(inputs.coeffs)
-            .arg(&batch.rel_time)
-            .arg(&batch.seqs)
-            .arg(&batch.weekday0)
-            .arg(&chunks.ends)
-            .arg(&chunks.counts)
-            .arg(o)
-            .arg(lse);
+        push_gates(&mut launch, &inputs.gates, &no_gates);
+        push_layout(&mut launch, inputs.coeffs, batch, chunks);
+        launch.arg(o).arg(lse);
         // SAFETY: argument types and order match SPARSECTR_FORWARD; every tensor length was
         // checked against T, H and D above; gates_mode says which gates pointer is valid.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_forward)"))?;
