@@ -2,8 +2,8 @@
 //! to the query (candidates: all behaviors and themselves), with the same bias and no gates. It is
 //! the full-attention model SparseCTR replaces, and the benchmark baseline.
 
-use super::{Gradients, Operands, Sinks};
-use crate::attention::{check_len, EvoAttention, Inputs, Key, Widened};
+use super::{Gradients, KeySet, Operands, Sinks};
+use crate::attention::{check_len, EvoAttention, Inputs, Widened};
 use crate::dtype::{to_f64_vec, Element};
 use crate::error::Result;
 
@@ -34,13 +34,15 @@ pub fn dense_forward_f64(attn: &EvoAttention<'_>, inp: &Widened) -> Result<Dense
         o: vec![0.0; t_total * heads * d],
         lse: vec![0.0; t_total * heads],
     };
-    let mut keys: Vec<Key> = Vec::new();
+    let mut set = KeySet::default();
+    let mut z = Vec::new();
     for (seq, span) in attn.batch().seqs().enumerate() {
         for q in span.tokens() {
-            attn.dense_keys(seq, q, &mut keys);
+            attn.dense_keys(seq, q, &mut set.keys);
+            set.compute_features(attn, seq, q);
             for h in 0..heads {
                 let qh = q * heads + h;
-                out.lse[qh] = ops.attend(seq, q, h, &keys, &mut out.o[qh * d..(qh + 1) * d]);
+                out.lse[qh] = ops.attend(q, h, &set, &mut z, &mut out.o[qh * d..(qh + 1) * d]);
             }
         }
     }
@@ -72,15 +74,18 @@ pub fn dense_backward_f64(
     let ops = Operands::new(attn, inp);
     let (heads, d) = (attn.dims().heads, attn.dims().head_dim);
     let mut sinks = Sinks::new(&ops);
-    let mut keys: Vec<Key> = Vec::new();
+    let mut set = KeySet::default();
+    let mut z = Vec::new();
     for (seq, span) in attn.batch().seqs().enumerate() {
         for q in span.tokens() {
-            attn.dense_keys(seq, q, &mut keys);
+            attn.dense_keys(seq, q, &mut set.keys);
+            set.compute_features(attn, seq, q);
             for h in 0..heads {
                 let qh = q * heads + h;
                 let rows = qh * d..(qh + 1) * d;
                 let (d_o_row, o_row) = (&d_o[rows.clone()], &fwd.o[rows]);
-                ops.attend_backward(seq, q, h, &keys, d_o_row, o_row, fwd.lse[qh], &mut sinks);
+                let lse = fwd.lse[qh];
+                ops.attend_backward(q, h, &set, &mut z, d_o_row, o_row, lse, &mut sinks);
             }
         }
     }

@@ -89,33 +89,28 @@ impl<'x> Operands<'x> {
         [c[0], c[1], c[2]]
     }
 
-    /// Logits `z_j` and bias features of query `q` (of sequence `seq`), head `h`, over `keys`.
-    fn logits(&self, seq: usize, q: usize, h: usize, keys: &[Key]) -> (Vec<f64>, Vec<[f64; 3]>) {
-        let temporal = self.attn.config().temporal;
-        let t_q = self.attn.query_time(seq, q);
+    /// Logits `z_j = scale <Q_q, K_j> + bias_h(q, j)` of query `q`, head `h`, over `set`,
+    /// written into `z`.
+    fn logits(&self, q: usize, h: usize, set: &KeySet, z: &mut Vec<f64>) {
         let s = self.coeffs(h);
         let qrow = self.q(q, h);
-        let mut z = Vec::with_capacity(keys.len());
-        let mut feats = Vec::with_capacity(keys.len());
-        for &key in keys {
-            let f = temporal.features(t_q, self.attn.key_time(seq, key));
+        z.clear();
+        for (&key, f) in set.keys.iter().zip(&set.feats) {
             let (krow, _) = self.kv(key, h);
             z.push(self.attn.scale() * dot(qrow, krow) + s[0] * f[0] + s[1] * f[1] + s[2] * f[2]);
-            feats.push(f);
         }
-        (z, feats)
     }
 
-    /// One softmax over `keys`: writes `O = sum_j softmax(z)_j V_j` into `o` and returns
-    /// `LSE = log sum_j exp z_j`. An empty key set gives `O = 0`, `LSE = -inf`.
-    fn attend(&self, seq: usize, q: usize, h: usize, keys: &[Key], o: &mut [f64]) -> f64 {
+    /// One softmax over `set`: writes `O = sum_j softmax(z)_j V_j` into `o` and returns
+    /// `LSE = log sum_j exp z_j`. An empty key set gives `O = 0`, `LSE = -inf`. `z` is scratch.
+    fn attend(&self, q: usize, h: usize, set: &KeySet, z: &mut Vec<f64>, o: &mut [f64]) -> f64 {
         o.fill(0.0);
-        if keys.is_empty() {
+        if set.keys.is_empty() {
             return f64::NEG_INFINITY;
         }
-        let (z, _) = self.logits(seq, q, h, keys);
-        let lse = log_sum_exp(&z);
-        for (&key, &zj) in keys.iter().zip(&z) {
+        self.logits(q, h, set, z);
+        let lse = log_sum_exp(z);
+        for (&key, &zj) in set.keys.iter().zip(z.iter()) {
             let p = (zj - lse).exp();
             let (_, vrow) = self.kv(key, h);
             axpy(p, vrow, o);
@@ -128,24 +123,24 @@ impl<'x> Operands<'x> {
     #[allow(clippy::too_many_arguments)]
     fn attend_backward(
         &self,
-        seq: usize,
         q: usize,
         h: usize,
-        keys: &[Key],
+        set: &KeySet,
+        z: &mut Vec<f64>,
         d_o: &[f64],
         o: &[f64],
         lse: f64,
         grads: &mut Sinks,
     ) {
-        if keys.is_empty() {
+        if set.keys.is_empty() {
             return;
         }
         let scale = self.attn.scale();
-        let (z, feats) = self.logits(seq, q, h, keys);
+        self.logits(q, h, set, z);
         let delta = dot(d_o, o);
         let qrow = self.q(q, h).to_vec();
         let q_range = self.row(q, h);
-        for ((&key, &zj), f) in keys.iter().zip(&z).zip(&feats) {
+        for ((&key, &zj), f) in set.keys.iter().zip(z.iter()).zip(&set.feats) {
             let p = (zj - lse).exp();
             let (krow, vrow) = self.kv(key, h);
             let dz = p * (dot(d_o, vrow) - delta);
@@ -157,6 +152,28 @@ impl<'x> Operands<'x> {
                 grads.dcoeffs[h * 3 + x] += dz * fx;
             }
         }
+    }
+}
+
+/// The keys one query sees in one branch, with the bias features of each pair: they do not
+/// depend on the head, so they are computed once for all heads.
+#[derive(Debug, Default)]
+struct KeySet {
+    keys: Vec<Key>,
+    feats: Vec<[f64; 3]>,
+}
+
+impl KeySet {
+    /// Fills `feats` for the keys already in `keys`, as seen from query `q` of sequence `seq`.
+    fn compute_features(&mut self, attn: &EvoAttention<'_>, seq: usize, q: usize) {
+        let temporal = attn.config().temporal;
+        let t_q = attn.query_time(seq, q);
+        self.feats.clear();
+        self.feats.extend(
+            self.keys
+                .iter()
+                .map(|&key| temporal.features(t_q, attn.key_time(seq, key))),
+        );
     }
 }
 

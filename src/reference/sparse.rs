@@ -1,7 +1,7 @@
 //! Sparse EvoAttention: three softmaxes per query (global, transition, local), gated and summed.
 
-use super::{Gradients, Operands, Sinks};
-use crate::attention::{check_len, Branch, EvoAttention, Inputs, Key, Widened, NUM_BRANCHES};
+use super::{Gradients, KeySet, Operands, Sinks};
+use crate::attention::{check_len, Branch, EvoAttention, Inputs, Widened, NUM_BRANCHES};
 use crate::dtype::{to_f64_vec, Element};
 use crate::error::Result;
 
@@ -32,16 +32,18 @@ pub fn forward_f64(attn: &EvoAttention<'_>, inp: &Widened) -> Result<Forward> {
         o_branch: vec![0.0; t_total * heads * NUM_BRANCHES * d],
         lse: vec![0.0; t_total * heads * NUM_BRANCHES],
     };
-    let mut keys: Vec<Key> = Vec::new();
+    let mut set = KeySet::default();
+    let mut z = Vec::new();
     for (seq, span) in attn.batch().seqs().enumerate() {
         for q in span.tokens() {
-            for h in 0..heads {
-                let qh = q * heads + h;
-                for branch in Branch::ALL {
-                    let b = branch as usize;
-                    attn.keys(seq, q, branch, &mut keys);
+            for branch in Branch::ALL {
+                let b = branch as usize;
+                attn.keys(seq, q, branch, &mut set.keys);
+                set.compute_features(attn, seq, q);
+                for h in 0..heads {
+                    let qh = q * heads + h;
                     let ob_range = (qh * NUM_BRANCHES + b) * d..(qh * NUM_BRANCHES + b + 1) * d;
-                    let lse = ops.attend(seq, q, h, &keys, &mut out.o_branch[ob_range.clone()]);
+                    let lse = ops.attend(q, h, &set, &mut z, &mut out.o_branch[ob_range.clone()]);
                     out.lse[qh * NUM_BRANCHES + b] = lse;
                     let g = gate(inp, qh, b);
                     for x in 0..d {
@@ -80,15 +82,18 @@ pub fn backward_f64(attn: &EvoAttention<'_>, inp: &Widened, d_o: &[f64]) -> Resu
     let ops = Operands::new(attn, inp);
     let mut sinks = Sinks::new(&ops);
     let mut dgates = vec![0.0; fwd.lse.len()];
-    let mut keys: Vec<Key> = Vec::new();
+    let mut set = KeySet::default();
+    let mut z = Vec::new();
     let mut d_ob = vec![0.0; d];
     for (seq, span) in attn.batch().seqs().enumerate() {
         for q in span.tokens() {
-            for h in 0..heads {
-                let qh = q * heads + h;
-                let d_o_row = &d_o[qh * d..(qh + 1) * d];
-                for branch in Branch::ALL {
-                    let b = branch as usize;
+            for branch in Branch::ALL {
+                let b = branch as usize;
+                attn.keys(seq, q, branch, &mut set.keys);
+                set.compute_features(attn, seq, q);
+                for h in 0..heads {
+                    let qh = q * heads + h;
+                    let d_o_row = &d_o[qh * d..(qh + 1) * d];
                     let ob_start = (qh * NUM_BRANCHES + b) * d;
                     let o_b = &fwd.o_branch[ob_start..ob_start + d];
                     dgates[qh * NUM_BRANCHES + b] = super::dot(d_o_row, o_b);
@@ -96,9 +101,8 @@ pub fn backward_f64(attn: &EvoAttention<'_>, inp: &Widened, d_o: &[f64]) -> Resu
                     for (x, dx) in d_ob.iter_mut().enumerate() {
                         *dx = g * d_o_row[x];
                     }
-                    attn.keys(seq, q, branch, &mut keys);
                     let lse = fwd.lse[qh * NUM_BRANCHES + b];
-                    ops.attend_backward(seq, q, h, &keys, &d_ob, o_b, lse, &mut sinks);
+                    ops.attend_backward(q, h, &set, &mut z, &d_ob, o_b, lse, &mut sinks);
                 }
             }
         }
