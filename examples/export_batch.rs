@@ -1,0 +1,196 @@
+//! Writes a workload batch, its chunks, random inputs and this crate's forward output to a
+//! folder, for the PyTorch baselines (`benches/torch_baselines.py`) to check their EvoAttention
+//! against before timing it.
+//!
+//! ```text
+//! cargo run --release --example export_batch -- --out DIR [--workload ctr-small] [--len 64]
+//!     [--tokens 2048] [--seed 0] [--dtype bf16|f16|f32] [--cpu]
+//! ```
+//!
+//! Files (little-endian, row-major): `meta.json` (sizes and parameters); `seq_offsets`,
+//! `num_candidates`, `timestamps`, `chunk_offsets`, `chunk_lengths` as i64; `q`, `k`, `v`
+//! (`[T, H, D]`), `gates` (`[T, H, 3]`), `coeffs` (`[H, 3]`), `o` (`[T, H, D]`) and `lse`
+//! (`[T, H, 3]`) as f32. Inputs are drawn in `--dtype` and stored widened to f32 (exactly).
+//! `o` comes from the GPU forward when a GPU answers (unless `--cpu`), else from the f64
+//! reference; `meta.json` says which.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use sparsectr_attn::cuda::{GpuDevice, GpuElement};
+use sparsectr_attn::workload::{self, Rng, Workload, CTR_SMALL};
+use sparsectr_attn::{reference, Chunks, DType, EvoAttention, Gates, Inputs, NUM_BRANCHES};
+
+struct Args {
+    out: PathBuf,
+    workload: Workload,
+    len: usize,
+    tokens: usize,
+    seed: u64,
+    dtype: DType,
+    cpu: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        out: PathBuf::new(),
+        workload: CTR_SMALL,
+        len: 64,
+        tokens: 2048,
+        seed: 0,
+        dtype: DType::BF16,
+        cpu: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--out" => a.out = PathBuf::from(value()?),
+            "--workload" => {
+                let name = value()?;
+                a.workload = Workload::by_name(&name).ok_or(format!("unknown workload {name}"))?
+            }
+            "--len" => a.len = value()?.parse().map_err(|e| format!("--len: {e}"))?,
+            "--tokens" => a.tokens = value()?.parse().map_err(|e| format!("--tokens: {e}"))?,
+            "--seed" => a.seed = value()?.parse().map_err(|e| format!("--seed: {e}"))?,
+            "--dtype" => {
+                a.dtype = match value()?.as_str() {
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    "f32" => DType::F32,
+                    other => return Err(format!("--dtype {other}: expected bf16, f16 or f32")),
+                }
+            }
+            "--cpu" => a.cpu = true,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.out.as_os_str().is_empty() {
+        return Err("--out DIR is required".into());
+    }
+    Ok(a)
+}
+
+fn write_raw<T: bytemuck::Pod>(dir: &Path, name: &str, data: &[T]) -> Result<(), String> {
+    fs::write(dir.join(name), bytemuck::cast_slice(data)).map_err(|e| format!("{name}: {e}"))
+}
+
+fn main() {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let result = match args.dtype {
+        DType::BF16 => run::<bf16>(&args),
+        DType::F16 => run::<f16>(&args),
+        DType::F32 => run::<f32>(&args),
+        DType::F64 => Err("f64 is not a storage dtype here".into()),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
+    let wl = args.workload;
+    let batch = wl
+        .batch(args.seed, args.len, args.tokens)
+        .map_err(|e| e.to_string())?;
+    let chunks = Chunks::personalized(&batch, wl.num_chunks).map_err(|e| e.to_string())?;
+    let attn =
+        EvoAttention::new(&batch, &chunks, wl.dims(), wl.config()).map_err(|e| e.to_string())?;
+    let t = batch.num_tokens();
+    let n = t * wl.heads * wl.head_dim;
+    let mut rng = Rng::new(args.seed ^ 0xE4_0127);
+    let q: Vec<T> = workload::random_tensor(&mut rng, n, 1.0);
+    let k: Vec<T> = workload::random_tensor(&mut rng, n, 1.0);
+    let v: Vec<T> = workload::random_tensor(&mut rng, n, 1.0);
+    let gates: Vec<T> = workload::uniform_tensor(&mut rng, t * wl.heads * NUM_BRANCHES, 0.5, 1.5);
+    let coeffs: Vec<f32> = workload::random_tensor(&mut rng, wl.heads * 3, 0.5);
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: Some(Gates::Native(&gates)),
+    };
+
+    let gpu = if args.cpu {
+        None
+    } else {
+        GpuDevice::new(0).ok()
+    };
+    let (o, lse, source): (Vec<f32>, Vec<f32>, String) = match &gpu {
+        Some(gpu) => {
+            let out = gpu
+                .forward_host(&batch, &chunks, wl.dims(), &wl.config(), &inputs)
+                .map_err(|e| e.to_string())?;
+            let name = gpu.name().unwrap_or_default();
+            (
+                out.o.iter().map(|x| x.to_f64() as f32).collect(),
+                out.lse,
+                format!("gpu {name}"),
+            )
+        }
+        None => {
+            let out = reference::forward(&attn, &inputs).map_err(|e| e.to_string())?;
+            (
+                out.o.iter().map(|&x| x as f32).collect(),
+                out.lse.iter().map(|&x| x as f32).collect(),
+                "cpu reference (f64)".into(),
+            )
+        }
+    };
+
+    let dir = &args.out;
+    fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let as_i64 = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<i64>>();
+    let widen = |x: &[T]| x.iter().map(|v| v.to_f64() as f32).collect::<Vec<f32>>();
+    write_raw(dir, "seq_offsets", &as_i64(batch.seq_offsets()))?;
+    write_raw(dir, "num_candidates", &as_i64(batch.num_candidates()))?;
+    write_raw(dir, "timestamps", batch.timestamps())?;
+    write_raw(dir, "chunk_offsets", &as_i64(chunks.chunk_offsets()))?;
+    let lengths: Vec<usize> = (0..chunks.num_chunks())
+        .map(|c| chunks.span(c).len())
+        .collect();
+    write_raw(dir, "chunk_lengths", &as_i64(&lengths))?;
+    write_raw(dir, "q", &widen(&q))?;
+    write_raw(dir, "k", &widen(&k))?;
+    write_raw(dir, "v", &widen(&v))?;
+    write_raw(dir, "gates", &widen(&gates))?;
+    write_raw(dir, "coeffs", &coeffs)?;
+    write_raw(dir, "o", &o)?;
+    write_raw(dir, "lse", &lse)?;
+    let config = wl.config();
+    let meta = format!(
+        "{{\"workload\":{:?},\"num_seqs\":{},\"num_tokens\":{t},\"num_chunks_total\":{},\
+         \"heads\":{},\"head_dim\":{},\"num_chunks\":{},\"tail_tokens\":{},\"window\":{},\
+         \"num_time_buckets\":{},\"utc_offset\":{},\"scale\":{},\"has_user_token\":{},\
+         \"dtype\":{:?},\"output_source\":{source:?}}}\n",
+        wl.name,
+        batch.num_seqs(),
+        chunks.num_chunks(),
+        wl.heads,
+        wl.head_dim,
+        wl.num_chunks,
+        config.tail_tokens,
+        config.window,
+        config.temporal.num_time_buckets,
+        config.temporal.utc_offset,
+        attn.scale(),
+        batch.has_user_token(),
+        args.dtype.name(),
+    );
+    fs::write(dir.join("meta.json"), meta).map_err(|e| e.to_string())?;
+    println!(
+        "wrote {} ({} users, {t} tokens, output from {source})",
+        dir.display(),
+        batch.num_seqs()
+    );
+    Ok(())
+}
