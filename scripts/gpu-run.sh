@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs on a GPU host over the binaries of scripts/build-device-bin.sh (carried as device-bin/):
 # the GPU tests with SPARSECTR_REQUIRE_GPU=1, compute-sanitizer (memcheck, racecheck, initcheck)
-# on the GPU test binary, and the forward benchmark. Logs and results go to $OUT (or ./gpu-out).
+# on the GPU test binaries, and the forward benchmark. Everything lands in one tarball,
+# $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-gpu-out}
-mkdir -p "$out/results"
+dest=${OUT:-gpu-out}
+out=$(mktemp -d)/gpu-run
+mkdir -p "$out/results" "$dest"
 export SPARSECTR_REQUIRE_GPU=1
 export SPARSECTR_COMMIT=$(cat device-bin/COMMIT 2>/dev/null || echo unknown)
 cuda_lib=$(dirname "$(dirname "$(command -v nvcc)")")/lib64
@@ -36,4 +38,6 @@ if [ -x device-bin/bench-gpu_forward ]; then
   device-bin/bench-gpu_forward --out "$out/results" ${BENCH_ARGS:-} > "$out/bench-gpu_forward.log" 2>&1 || status=1
   cat "$out/bench-gpu_forward.log"
 fi
+grep -h -E "test result|ERROR SUMMARY|fraction of copy|forward incl" "$out"/*.log > "$dest/summary.txt" 2>/dev/null
+tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
 exit $status
