@@ -40,9 +40,12 @@ pub mod batch;
 #[cfg(feature = "candle")]
 pub mod candle_op;
 pub mod chunking;
+pub mod ctr_data;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "candle")]
+pub mod model;
 pub mod reference;
 pub mod temporal;
 pub mod workload;
