@@ -1,10 +1,11 @@
 //! Writes a workload batch, its chunks, random inputs and this crate's forward output to a
 //! folder, for the PyTorch baselines (`benches/torch_baselines.py`) to check their EvoAttention
-//! against before timing it.
+//! against before timing it, and for the CPU emulation of the CUDA kernels
+//! (`kernels/emu/run_kernels.cpp`, driven by `tests/kernel_emulation.rs`).
 //!
 //! ```text
 //! cargo run --release --example export_batch -- --out DIR [--workload ctr-small] [--len 64]
-//!     [--tokens 2048] [--seed 0] [--dtype bf16|f16|f32] [--cpu]
+//!     [--tokens 2048] [--seed 0] [--dtype bf16|f16|f32] [--cpu] [--grads]
 //! ```
 //!
 //! Files (little-endian, row-major): `meta.json` (sizes and parameters); `seq_offsets`,
@@ -12,7 +13,13 @@
 //! (`[T, H, D]`), `gates` (`[T, H, 3]`), `coeffs` (`[H, 3]`), `o` (`[T, H, D]`) and `lse`
 //! (`[T, H, 3]`) as f32. Inputs are drawn in `--dtype` and stored widened to f32 (exactly).
 //! `o` comes from the GPU forward when a GPU answers (unless `--cpu`), else from the f64
-//! reference; `meta.json` says which.
+//! reference; `meta.json` says which. `meta.json` also says how the gates are passed
+//! (`gates_mode`: `native` here; `f32`, or `none` with a `gates` file of ones, from other writers)
+//! and whether the chunks are the `personalized` ones of `num_chunks` or `supplied` by the caller.
+//!
+//! With `--grads` it also writes a random upstream gradient `d_o` (`[T, H, D]`, drawn in
+//! `--dtype`) and the f64 reference backward for it: `dq`, `dk`, `dv` (`[T, H, D]`), `dcoeffs`
+//! (`[H, 3]`) and `dgates` (`[T, H, 3]`), as f32; `meta.json` gets `"grads":true`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,7 +27,10 @@ use std::path::{Path, PathBuf};
 use half::{bf16, f16};
 use sparsectr_attn::cuda::{GpuDevice, GpuElement};
 use sparsectr_attn::workload::{self, Rng, Workload, CTR_SMALL};
-use sparsectr_attn::{reference, Chunks, DType, EvoAttention, Gates, Inputs, NUM_BRANCHES};
+use sparsectr_attn::{
+    reference, AttnConfig, Chunks, DType, Dims, Element, EvoAttention, Gates, Inputs, JaggedBatch,
+    NUM_BRANCHES,
+};
 
 struct Args {
     out: PathBuf,
@@ -30,6 +40,7 @@ struct Args {
     seed: u64,
     dtype: DType,
     cpu: bool,
+    grads: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -41,6 +52,7 @@ fn parse() -> Result<Args, String> {
         seed: 0,
         dtype: DType::BF16,
         cpu: false,
+        grads: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -63,6 +75,7 @@ fn parse() -> Result<Args, String> {
                 }
             }
             "--cpu" => a.cpu = true,
+            "--grads" => a.grads = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -70,10 +83,6 @@ fn parse() -> Result<Args, String> {
         return Err("--out DIR is required".into());
     }
     Ok(a)
-}
-
-fn write_raw<T: bytemuck::Pod>(dir: &Path, name: &str, data: &[T]) -> Result<(), String> {
-    fs::write(dir.join(name), bytemuck::cast_slice(data)).map_err(|e| format!("{name}: {e}"))
 }
 
 fn main() {
@@ -102,8 +111,6 @@ fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
         .batch(args.seed, args.len, args.tokens)
         .map_err(|e| e.to_string())?;
     let chunks = Chunks::personalized(&batch, wl.num_chunks).map_err(|e| e.to_string())?;
-    let attn =
-        EvoAttention::new(&batch, &chunks, wl.dims(), wl.config()).map_err(|e| e.to_string())?;
     let t = batch.num_tokens();
     let n = t * wl.heads * wl.head_dim;
     let mut rng = Rng::new(args.seed ^ 0xE4_0127);
@@ -112,6 +119,10 @@ fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
     let v: Vec<T> = workload::random_tensor(&mut rng, n, 1.0);
     let gates: Vec<T> = workload::uniform_tensor(&mut rng, t * wl.heads * NUM_BRANCHES, 0.5, 1.5);
     let coeffs: Vec<f32> = workload::random_tensor(&mut rng, wl.heads * 3, 0.5);
+    // Drawn after everything else, so that the other tensors do not depend on `--grads`.
+    let d_o: Option<Vec<T>> = args
+        .grads
+        .then(|| workload::random_tensor(&mut rng, n, 1.0));
     let inputs = Inputs {
         q: &q,
         k: &k,
@@ -125,32 +136,109 @@ fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
     } else {
         GpuDevice::new(0).ok()
     };
-    let (o, lse, source): (Vec<f32>, Vec<f32>, String) = match &gpu {
+    let output = match &gpu {
         Some(gpu) => {
             let out = gpu
                 .forward_host(&batch, &chunks, wl.dims(), &wl.config(), &inputs)
                 .map_err(|e| e.to_string())?;
             let name = gpu.name().unwrap_or_default();
-            (
-                out.o.iter().map(|x| x.to_f64() as f32).collect(),
-                out.lse,
-                format!("gpu {name}"),
-            )
+            Some(Output {
+                o: out.o.iter().map(|x| x.to_f64() as f32).collect(),
+                lse: out.lse,
+                source: format!("gpu {name}"),
+            })
         }
+        None => None,
+    };
+    let export = Export {
+        name: wl.name,
+        batch: &batch,
+        chunks: &chunks,
+        personalized: true,
+        num_chunks: wl.num_chunks,
+        dims: wl.dims(),
+        config: wl.config(),
+        inputs,
+        d_o: d_o.as_deref(),
+    };
+    let source = write_folder(&args.out, &export, output)?;
+    println!(
+        "wrote {} ({} users, {t} tokens, output from {source}{})",
+        args.out.display(),
+        batch.num_seqs(),
+        if args.grads {
+            ", reference gradients"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// Everything a folder describes.
+pub struct Export<'a, T> {
+    /// Recorded as `workload` in meta.json.
+    pub name: &'a str,
+    pub batch: &'a JaggedBatch,
+    pub chunks: &'a Chunks,
+    /// `chunks` are `Chunks::personalized(batch, num_chunks)` (else supplied by the caller).
+    pub personalized: bool,
+    /// `P`.
+    pub num_chunks: usize,
+    pub dims: Dims,
+    pub config: AttnConfig,
+    pub inputs: Inputs<'a, T>,
+    /// Upstream gradient: with it the folder also holds the reference backward.
+    pub d_o: Option<&'a [T]>,
+}
+
+/// A forward output computed elsewhere (the GPU), written instead of the reference's.
+pub struct Output {
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+    pub source: String,
+}
+
+fn write_raw<T: bytemuck::Pod>(dir: &Path, name: &str, data: &[T]) -> Result<(), String> {
+    fs::write(dir.join(name), bytemuck::cast_slice(data)).map_err(|e| format!("{name}: {e}"))
+}
+
+fn narrow(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// Writes the folder; the forward output is `output` or, without it, the f64 reference's.
+/// Returns where the output came from.
+pub fn write_folder<T: Element>(
+    dir: &Path,
+    e: &Export<'_, T>,
+    output: Option<Output>,
+) -> Result<String, String> {
+    let batch = e.batch;
+    let chunks = e.chunks;
+    let attn = EvoAttention::new(batch, chunks, e.dims, e.config).map_err(|err| err.to_string())?;
+    let t = batch.num_tokens();
+    let heads = e.dims.heads;
+    let output = match output {
+        Some(out) => out,
         None => {
-            let out = reference::forward(&attn, &inputs).map_err(|e| e.to_string())?;
-            (
-                out.o.iter().map(|&x| x as f32).collect(),
-                out.lse.iter().map(|&x| x as f32).collect(),
-                "cpu reference (f64)".into(),
-            )
+            let out = reference::forward(&attn, &e.inputs).map_err(|err| err.to_string())?;
+            Output {
+                o: narrow(&out.o),
+                lse: narrow(&out.lse),
+                source: "cpu reference (f64)".into(),
+            }
         }
     };
-
-    let dir = &args.out;
-    fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let as_i64 = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<i64>>();
     let widen = |x: &[T]| x.iter().map(|v| v.to_f64() as f32).collect::<Vec<f32>>();
+    let (gates, gates_mode) = match e.inputs.gates {
+        Some(Gates::Native(g)) => (widen(g), "native"),
+        Some(Gates::F32(g)) => (g.to_vec(), "f32"),
+        None => (vec![1.0f32; t * heads * NUM_BRANCHES], "none"),
+    };
+
+    fs::create_dir_all(dir).map_err(|err| err.to_string())?;
+    let as_i64 = |x: &[usize]| x.iter().map(|&v| v as i64).collect::<Vec<i64>>();
     write_raw(dir, "seq_offsets", &as_i64(batch.seq_offsets()))?;
     write_raw(dir, "num_candidates", &as_i64(batch.num_candidates()))?;
     write_raw(dir, "timestamps", batch.timestamps())?;
@@ -159,38 +247,50 @@ fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
         .map(|c| chunks.span(c).len())
         .collect();
     write_raw(dir, "chunk_lengths", &as_i64(&lengths))?;
-    write_raw(dir, "q", &widen(&q))?;
-    write_raw(dir, "k", &widen(&k))?;
-    write_raw(dir, "v", &widen(&v))?;
-    write_raw(dir, "gates", &widen(&gates))?;
-    write_raw(dir, "coeffs", &coeffs)?;
-    write_raw(dir, "o", &o)?;
-    write_raw(dir, "lse", &lse)?;
-    let config = wl.config();
+    write_raw(dir, "q", &widen(e.inputs.q))?;
+    write_raw(dir, "k", &widen(e.inputs.k))?;
+    write_raw(dir, "v", &widen(e.inputs.v))?;
+    write_raw(dir, "gates", &gates)?;
+    write_raw(dir, "coeffs", e.inputs.coeffs)?;
+    write_raw(dir, "o", &output.o)?;
+    write_raw(dir, "lse", &output.lse)?;
+    if let Some(d_o) = e.d_o {
+        let g = reference::backward(&attn, &e.inputs, d_o).map_err(|err| err.to_string())?;
+        write_raw(dir, "d_o", &widen(d_o))?;
+        write_raw(dir, "dq", &narrow(&g.dq))?;
+        write_raw(dir, "dk", &narrow(&g.dk))?;
+        write_raw(dir, "dv", &narrow(&g.dv))?;
+        write_raw(dir, "dcoeffs", &narrow(&g.dcoeffs))?;
+        write_raw(dir, "dgates", &narrow(&g.dgates))?;
+    }
+    let config = e.config;
     let meta = format!(
         "{{\"workload\":{:?},\"num_seqs\":{},\"num_tokens\":{t},\"num_chunks_total\":{},\
          \"heads\":{},\"head_dim\":{},\"num_chunks\":{},\"tail_tokens\":{},\"window\":{},\
          \"num_time_buckets\":{},\"utc_offset\":{},\"scale\":{},\"has_user_token\":{},\
-         \"dtype\":{:?},\"output_source\":{source:?}}}\n",
-        wl.name,
+         \"dtype\":{:?},\"output_source\":{:?},\"gates_mode\":{gates_mode:?},\
+         \"chunks\":{:?},\"grads\":{}}}\n",
+        e.name,
         batch.num_seqs(),
         chunks.num_chunks(),
-        wl.heads,
-        wl.head_dim,
-        wl.num_chunks,
+        heads,
+        e.dims.head_dim,
+        e.num_chunks,
         config.tail_tokens,
         config.window,
         config.temporal.num_time_buckets,
         config.temporal.utc_offset,
         attn.scale(),
         batch.has_user_token(),
-        args.dtype.name(),
+        T::DTYPE.name(),
+        output.source,
+        if e.personalized {
+            "personalized"
+        } else {
+            "supplied"
+        },
+        e.d_o.is_some(),
     );
-    fs::write(dir.join("meta.json"), meta).map_err(|e| e.to_string())?;
-    println!(
-        "wrote {} ({} users, {t} tokens, output from {source})",
-        dir.display(),
-        batch.num_seqs()
-    );
-    Ok(())
+    fs::write(dir.join("meta.json"), meta).map_err(|err| err.to_string())?;
+    Ok(output.source)
 }

@@ -1,5 +1,7 @@
 // Storage types and conversions. 16-bit types are raw bits converted with PTX `cvt`, so the
 // kernels need no toolkit header (cuda_fp16.h / cuda_bf16.h) and NVRTC needs no include path.
+// Host compiles (the CPU emulation in kernels/emu/, no __CUDA_ARCH__) take the host_* conversions
+// of kernels/emu/cuda_host.h instead of the PTX; the device code is the same either way.
 #pragma once
 
 struct half_t {
@@ -12,9 +14,13 @@ struct bf16_t {
 __device__ __forceinline__ float to_float(float x) { return x; }
 
 __device__ __forceinline__ float to_float(half_t x) {
+#ifdef __CUDA_ARCH__
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
     return f;
+#else
+    return host_half_to_float(x.bits);  // host emulation (kernels/emu/cuda_host.h): exact
+#endif
 }
 
 __device__ __forceinline__ float to_float(bf16_t x) {
@@ -32,14 +38,22 @@ __device__ __forceinline__ float from_float<float>(float x) {
 template <>
 __device__ __forceinline__ half_t from_float<half_t>(float x) {
     half_t h;
+#ifdef __CUDA_ARCH__
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#else
+    h.bits = host_float_to_half_rn(x);  // host emulation: round to nearest even
+#endif
     return h;
 }
 
 template <>
 __device__ __forceinline__ bf16_t from_float<bf16_t>(float x) {
     bf16_t h;
+#ifdef __CUDA_ARCH__
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h.bits) : "f"(x));
+#else
+    h.bits = host_float_to_bf16_rn(x);  // host emulation: round to nearest even
+#endif
     return h;
 }
 

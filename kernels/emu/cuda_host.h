@@ -1,0 +1,692 @@
+// CUDA on the CPU: just enough of the CUDA C++ dialect for the kernels in kernels/ to compile as
+// host C++20 (g++ -std=c++20 -pthread) and run, one OS thread per CUDA thread.
+//
+// - Qualifiers are defined away; `__shared__` becomes `static`: the blocks of a launch run one
+//   after another, so one copy per kernel is one copy per block.
+// - `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread-local.
+// - Warp collectives (`__syncwarp`, `__shfl_sync`, `__shfl_xor_sync`, `__shfl_up_sync`,
+//   `__shfl_down_sync`, `__ballot_sync`, `__any_sync`, `__all_sync`) exchange
+//   values through a per-warp slot array and a barrier of the warp's 32 lanes; `__syncthreads` is
+//   a barrier of the whole block. As on a GPU, every lane must reach the same collectives: a lane
+//   that reaches a different kind of collective, a collective reached after a lane of the warp
+//   exited, or a partial mask stops the run with a message (all are undefined behavior or a hang on
+//   a GPU). A watchdog stops a run that makes no progress for EMU_WATCHDOG_SECONDS (default 20)
+//   and prints where every thread waits: a deadlock of the emulation is a deadlock of the kernel.
+// - `__ldg` of a 16-byte vector checks 16-byte alignment, as the hardware requires.
+// - `emu::launch(kernel, grid, block, args...)` (or `EMU_LAUNCH`, which also names the kernel in
+//   messages, or `emu::launch_named(name, kernel, ...)`) runs every block's threads:
+//   blockDim std::jthreads per launch, thread `tid` of each block on thread `tid`, blocks one after
+//   another (each block starts when every thread has finished the one before). It checks the
+//   arguments against the kernel's parameter types (pointee types exactly, `const void*` takes any
+//   pointer).
+//
+// Sanitizers work on top: -fsanitize=address,undefined finds out-of-bounds accesses of the
+// kernels, -fsanitize=thread races between CUDA threads (a missing __syncwarp or __syncthreads
+// is a data race it reports). Not emulated: timing, occupancy, shared-memory size limits, the
+// GPU's memory model beyond the collectives' acquire/release, and uninitialized shared memory
+// (a `static` array starts at zero, and keeps the previous block's contents).
+//
+// Kernel sources include nothing from here; compile with `-include` or include this first.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cstdarg>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <math.h>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#ifdef __CUDA_ARCH__
+#error "cuda_host.h is for host compiles only"
+#endif
+
+// ---- Qualifiers -------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__
+#define __launch_bounds__(...)
+#define __shared__ static
+
+// ---- Built-in vector types and indices --------------------------------------------------------
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct uint3 {
+    unsigned x, y, z;
+};
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+inline thread_local uint3 threadIdx{0, 0, 0};
+inline thread_local uint3 blockIdx{0, 0, 0};
+inline thread_local dim3 blockDim{1, 1, 1};
+inline thread_local dim3 gridDim{1, 1, 1};
+constexpr int warpSize = 32;
+
+// ---- 16-bit float conversions (used by kernels/common/dtype.cuh without __CUDA_ARCH__) ---------
+inline float host_half_to_float(unsigned short h) {
+    const unsigned sign = (h & 0x8000u) << 16;
+    const unsigned exp = (h >> 10) & 0x1fu;
+    const unsigned man = h & 0x3ffu;
+    unsigned bits;
+    if (exp == 0x1fu) {
+        bits = sign | 0x7f800000u | (man << 13);  // inf, NaN (payload kept, quiet or not)
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {
+        // Subnormal: value man * 2^-24, exact in f32.
+        float f = static_cast<float>(man) * 0x1p-24f;
+        std::memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+// Round to nearest, ties to even; NaN becomes the canonical NaN 0x7fff (as PTX cvt does).
+inline unsigned short host_float_to_half_rn(float f) {
+    unsigned x;
+    std::memcpy(&x, &f, 4);
+    const unsigned sign = (x >> 16) & 0x8000u;
+    const unsigned abs = x & 0x7fffffffu;
+    if (abs > 0x7f800000u) return 0x7fffu;
+    if (abs >= 0x47800000u) {  // >= 65536: inf (and everything that rounds to it below)
+        return static_cast<unsigned short>(sign | 0x7c00u);
+    }
+    if (abs >= 0x38800000u) {  // normal half range, >= 2^-14
+        // Rebias the exponent, then round the 13 dropped mantissa bits to nearest even; a carry
+        // out of the mantissa bumps the exponent, up to inf, which is the right answer.
+        const unsigned rebiased = abs - 0x38000000u;  // exponent - 112
+        const unsigned rounded = rebiased + 0xfffu + ((rebiased >> 13) & 1u);
+        return static_cast<unsigned short>(sign | (rounded >> 13));
+    }
+    if (abs < 0x33000000u) return static_cast<unsigned short>(sign);  // < 2^-25: to zero
+    // Subnormal half: value = abs_mantissa * 2^(e - 150); result units are 2^-24.
+    const unsigned e = abs >> 23;
+    const unsigned mant = (abs & 0x7fffffu) | 0x800000u;
+    const unsigned shift = 126u - e;  // e in [102, 112]: shift in [14, 24]
+    const unsigned q = mant >> shift;
+    const unsigned rem = mant & ((1u << shift) - 1u);
+    const unsigned half = 1u << (shift - 1u);
+    const unsigned r = q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u);
+    return static_cast<unsigned short>(sign | r);
+}
+
+inline unsigned short host_float_to_bf16_rn(float f) {
+    unsigned x;
+    std::memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+    const unsigned rounded = x + 0x7fffu + ((x >> 16) & 1u);
+    return static_cast<unsigned short>(rounded >> 16);
+}
+
+// ---- Intrinsics -------------------------------------------------------------------------------
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline long long max(long long a, long long b) { return a > b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+inline unsigned long long max(unsigned long long a, unsigned long long b) { return a > b ? a : b; }
+
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) {
+    return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
+}
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline float __int_as_float(int x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline float __uint_as_float(unsigned x) {
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float x) {
+    unsigned u;
+    std::memcpy(&u, &x, 4);
+    return u;
+}
+inline int __float_as_int(float x) {
+    int i;
+    std::memcpy(&i, &x, 4);
+    return i;
+}
+// IEEE reciprocal, round to nearest: what __frcp_rn computes.
+inline float __frcp_rn(float x) { return 1.0f / x; }
+// sin(pi x), correctly rounded for the arguments the kernels pass (|x| < 1) via f64.
+inline float sinpif(float x) {
+    const double r = static_cast<double>(x) - 2.0 * std::nearbyint(0.5 * static_cast<double>(x));
+    if (r == 0.0 || std::fabs(r) == 1.0) return std::copysign(0.0f, x);
+    return static_cast<float>(std::sin(M_PI * r));
+}
+// expf, logf, fmaf, fmaxf: the C library's (math.h, global namespace).
+
+namespace emu {
+[[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+}
+
+// Read-only cached loads: plain loads; 16-byte vectors must be 16-byte aligned.
+inline uint4 __ldg(const uint4* p) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0)
+        emu::fail("__ldg(uint4*) at %p: not 16-byte aligned (a misaligned address fault on a GPU)",
+                  static_cast<const void*>(p));
+    uint4 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+template <typename T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+
+// Atomics (shared or global memory): real atomics, the threads of a block run concurrently.
+inline unsigned atomicAdd(unsigned* address, unsigned val) {
+    return std::atomic_ref<unsigned>(*address).fetch_add(val, std::memory_order_relaxed);
+}
+inline int atomicAdd(int* address, int val) {
+    return std::atomic_ref<int>(*address).fetch_add(val, std::memory_order_relaxed);
+}
+inline unsigned long long atomicAdd(unsigned long long* address, unsigned long long val) {
+    return std::atomic_ref<unsigned long long>(*address).fetch_add(val, std::memory_order_relaxed);
+}
+inline float atomicAdd(float* address, float val) {
+    return std::atomic_ref<float>(*address).fetch_add(val, std::memory_order_relaxed);
+}
+
+// ---- The emulated block ----------------------------------------------------------------------
+namespace emu {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+// What a thread is doing, for the collective checks and the watchdog's report.
+enum Op : int {
+    kRunning = 0,
+    kSyncWarp,
+    kShflIdx,
+    kShflXor,
+    kBallot,
+    kShflUp,
+    kShflDown,
+    kVote,
+    kSyncThreads,
+    kExited,
+};
+
+inline const char* op_name(int op) {
+    switch (op) {
+        case kRunning: return "running";
+        case kSyncWarp: return "__syncwarp";
+        case kShflIdx: return "__shfl_sync";
+        case kShflXor: return "__shfl_xor_sync";
+        case kBallot: return "__ballot_sync";
+        case kShflUp: return "__shfl_up_sync";
+        case kShflDown: return "__shfl_down_sync";
+        case kVote: return "__any_sync/__all_sync";
+        case kSyncThreads: return "__syncthreads";
+        case kExited: return "exited";
+        default: return "?";
+    }
+}
+
+// A reusable barrier of `count` threads that also carries one 64-bit value per participant.
+// Double-buffered by generation parity: a thread may write round g+1 while a slower one still
+// reads round g, but not round g+2 before every thread has arrived at round g+1.
+struct Exchange {
+    int count = 0;
+    std::atomic<int> arrived{0};
+    std::atomic<int> exited{0};
+    std::atomic<unsigned> generation{0};
+    std::vector<std::uint64_t> slots[2];
+    std::vector<int> ops[2];
+    std::vector<unsigned> masks[2];
+    std::vector<int> args[2];
+
+    void init(int n) {
+        count = n;
+        for (int b = 0; b < 2; ++b) {
+            slots[b].assign(n, 0);
+            ops[b].assign(n, kRunning);
+            masks[b].assign(n, 0);
+            args[b].assign(n, 0);
+        }
+    }
+};
+
+struct BlockState;
+
+// Per-thread context.
+struct ThreadCtx {
+    BlockState* block = nullptr;
+    int tid = 0;       // linear thread index in the block
+    int warp = 0;
+    int lane = 0;
+    unsigned warp_gen = 0;   // exchanges this thread completed in its warp
+    unsigned block_gen = 0;  // __syncthreads this thread completed
+};
+inline thread_local ThreadCtx tctx;
+
+struct BlockState {
+    const char* kernel = "";
+    dim3 block_idx;
+    int num_threads = 0;
+    std::vector<std::unique_ptr<Exchange>> warps;
+    Exchange block;
+    std::unique_ptr<std::atomic<int>[]> where;  // per thread: an Op
+};
+
+// Progress of the whole emulation: the watchdog fires when it stops moving.
+inline std::atomic<unsigned long long> g_progress{0};
+inline std::atomic<BlockState*> g_current{nullptr};
+inline std::mutex g_fail_mutex;
+
+[[noreturn]] inline void vfail(const char* fmt, va_list ap) {
+    std::lock_guard<std::mutex> lock(g_fail_mutex);
+    std::fflush(stdout);
+    std::fprintf(stderr, "EMULATION ERROR: ");
+    std::vfprintf(stderr, fmt, ap);
+    std::fprintf(stderr, "\n");
+    BlockState* b = g_current.load();
+    if (b != nullptr && tctx.block == b) {
+        std::fprintf(stderr, "  in %s, block (%u, %u, %u), thread %d (warp %d, lane %d)\n",
+                     b->kernel, b->block_idx.x, b->block_idx.y, b->block_idx.z, tctx.tid,
+                     tctx.warp, tctx.lane);
+    } else if (b != nullptr) {
+        std::fprintf(stderr, "  in %s, block (%u, %u, %u)\n", b->kernel, b->block_idx.x,
+                     b->block_idx.y, b->block_idx.z);
+    }
+    std::fflush(stderr);
+    std::_Exit(3);
+}
+
+[[noreturn]] inline void fail(const char* fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(fmt, ap);
+    va_end(ap);
+}
+
+// Every thread of `ex` contributes `value` with operation `op`; returns after all have.
+// Then slots[parity] holds everybody's values until the next-but-one round.
+inline int exchange(Exchange& ex, unsigned& my_gen, int my_index, int op, unsigned mask,
+                    int arg, std::uint64_t value, std::atomic<int>& where) {
+    const int parity = static_cast<int>(my_gen & 1u);
+    ex.slots[parity][my_index] = value;
+    ex.ops[parity][my_index] = op;
+    ex.masks[parity][my_index] = mask;
+    ex.args[parity][my_index] = arg;
+    where.store(op, std::memory_order_relaxed);
+    const int before = ex.arrived.fetch_add(1, std::memory_order_acq_rel);
+    if (ex.exited.load(std::memory_order_seq_cst) != 0)
+        fail("%s reached while %d of the %d threads it needs have exited (with a full mask every "
+             "thread must take part)",
+             op_name(op), ex.exited.load(), ex.count);
+    if (before + 1 == ex.count) {
+        // Last to arrive: check that everybody is in the same kind of collective.
+        for (int i = 0; i < ex.count; ++i) {
+            if (ex.ops[parity][i] != op || ex.masks[parity][i] != mask || ex.args[parity][i] != arg)
+                fail("divergent collectives: thread %d of the group is in %s (mask %08x, width "
+                     "%d), thread %d in %s (mask %08x, width %d)",
+                     my_index, op_name(op), mask, arg, i, op_name(ex.ops[parity][i]),
+                     ex.masks[parity][i], ex.args[parity][i]);
+        }
+        ex.arrived.store(0, std::memory_order_relaxed);
+        ex.generation.store(my_gen + 1, std::memory_order_release);
+        ex.generation.notify_all();
+    } else {
+        unsigned g = ex.generation.load(std::memory_order_acquire);
+        while (g == my_gen) {
+            ex.generation.wait(g, std::memory_order_acquire);
+            g = ex.generation.load(std::memory_order_acquire);
+        }
+    }
+    where.store(kRunning, std::memory_order_relaxed);
+    g_progress.fetch_add(1, std::memory_order_relaxed);
+    ++my_gen;
+    return parity;
+}
+
+inline void check_mask(const char* what, unsigned mask) {
+    if (mask != kFull)
+        fail("%s with mask %08x: the emulation (and these kernels) use full-warp masks only", what,
+             mask);
+}
+
+template <typename T>
+inline std::uint64_t to_bits(T v) {
+    static_assert(std::is_trivially_copyable_v<T> && (sizeof(T) == 4 || sizeof(T) == 8),
+                  "shuffles move 32- or 64-bit values");
+    std::uint64_t b = 0;
+    std::memcpy(&b, &v, sizeof(T));
+    return b;
+}
+template <typename T>
+inline T from_bits(std::uint64_t b) {
+    T v;
+    std::memcpy(&v, &b, sizeof(T));
+    return v;
+}
+
+inline Exchange& my_warp() {
+    if (tctx.block == nullptr) fail("warp collective outside a kernel launch");
+    return *tctx.block->warps[tctx.warp];
+}
+
+inline std::atomic<int>& my_where() { return tctx.block->where[tctx.tid]; }
+
+}  // namespace emu
+
+inline void __syncwarp(unsigned mask = emu::kFull) {
+    emu::check_mask("__syncwarp", mask);
+    emu::exchange(emu::my_warp(), emu::tctx.warp_gen, emu::tctx.lane, emu::kSyncWarp, mask, 0, 0,
+                  emu::my_where());
+}
+
+inline void __syncthreads() {
+    emu::ThreadCtx& t = emu::tctx;
+    if (t.block == nullptr) emu::fail("__syncthreads outside a kernel launch");
+    emu::exchange(t.block->block, t.block_gen, t.tid, emu::kSyncThreads, emu::kFull, 0, 0,
+                  emu::my_where());
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize) {
+    emu::check_mask("__shfl_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int lane = emu::tctx.lane;
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, lane, emu::kShflIdx, mask, width,
+                                     emu::to_bits(var), emu::my_where());
+    const int base = (lane / width) * width;
+    const int src = base + (src_lane % width + width) % width;
+    return emu::from_bits<T>(w.slots[parity][src]);
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize) {
+    emu::check_mask("__shfl_xor_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int lane = emu::tctx.lane;
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, lane, emu::kShflXor, mask, width,
+                                     emu::to_bits(var), emu::my_where());
+    const int src = lane ^ lane_mask;
+    // A lane of a later group of `width` lanes gives back the caller's own value.
+    if (src >= (lane / width + 1) * width || src >= warpSize) return var;
+    return emu::from_bits<T>(w.slots[parity][src]);
+}
+
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+    emu::check_mask("__shfl_up_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int lane = emu::tctx.lane;
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, lane, emu::kShflUp, mask, width,
+                                     emu::to_bits(var), emu::my_where());
+    const int src = lane - static_cast<int>(delta);
+    if (src < (lane / width) * width) return var;  // below the group: unchanged
+    return emu::from_bits<T>(w.slots[parity][src]);
+}
+
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize) {
+    emu::check_mask("__shfl_down_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int lane = emu::tctx.lane;
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, lane, emu::kShflDown, mask, width,
+                                     emu::to_bits(var), emu::my_where());
+    const int src = lane + static_cast<int>(delta);
+    if (src >= (lane / width + 1) * width) return var;  // past the group: unchanged
+    return emu::from_bits<T>(w.slots[parity][src]);
+}
+
+inline int __any_sync(unsigned mask, int predicate) {
+    emu::check_mask("__any_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, emu::tctx.lane, emu::kVote, mask, 0,
+                                     predicate != 0 ? 1u : 0u, emu::my_where());
+    for (int i = 0; i < warpSize; ++i)
+        if (w.slots[parity][i] != 0) return 1;
+    return 0;
+}
+
+inline int __all_sync(unsigned mask, int predicate) {
+    emu::check_mask("__all_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, emu::tctx.lane, emu::kVote, mask, 1,
+                                     predicate != 0 ? 1u : 0u, emu::my_where());
+    for (int i = 0; i < warpSize; ++i)
+        if (w.slots[parity][i] == 0) return 0;
+    return 1;
+}
+
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+    emu::check_mask("__ballot_sync", mask);
+    emu::Exchange& w = emu::my_warp();
+    const int parity = emu::exchange(w, emu::tctx.warp_gen, emu::tctx.lane, emu::kBallot, mask, 0,
+                                     predicate != 0 ? 1u : 0u, emu::my_where());
+    unsigned ballot = 0;
+    for (int i = 0; i < warpSize; ++i)
+        if (w.slots[parity][i] != 0) ballot |= 1u << i;
+    return ballot;
+}
+
+// ---- Launch -----------------------------------------------------------------------------------
+namespace emu {
+
+// Seconds without progress before the watchdog reports a hang (env EMU_WATCHDOG_SECONDS).
+inline double watchdog_seconds() {
+    const char* s = std::getenv("EMU_WATCHDOG_SECONDS");
+    double v = s != nullptr ? std::atof(s) : 0.0;
+    return v > 0.0 ? v : 20.0;
+}
+
+inline void report_hang(BlockState* b, double seconds) {
+    std::lock_guard<std::mutex> lock(g_fail_mutex);
+    std::fflush(stdout);
+    std::fprintf(stderr,
+                 "EMULATION ERROR: no progress for %.0f s in %s, block (%u, %u, %u): a deadlock "
+                 "(threads waiting in collectives that cannot complete) or a thread that never "
+                 "reaches its next collective\n",
+                 seconds, b->kernel, b->block_idx.x, b->block_idx.y, b->block_idx.z);
+    const int warps = static_cast<int>(b->warps.size());
+    for (int w = 0; w < warps; ++w) {
+        std::fprintf(stderr, "  warp %d:", w);
+        int last = -1, run = 0;
+        auto flush = [&](int lane_end) {
+            if (last < 0) return;
+            if (run == 1) std::fprintf(stderr, " lane %d %s;", lane_end - 1, op_name(last));
+            else std::fprintf(stderr, " lanes %d-%d %s;", lane_end - run, lane_end - 1, op_name(last));
+        };
+        for (int l = 0; l < warpSize; ++l) {
+            const int op = b->where[w * warpSize + l].load();
+            if (op != last) {
+                flush(l);
+                last = op;
+                run = 0;
+            }
+            ++run;
+        }
+        flush(warpSize);
+        std::fprintf(stderr, "\n");
+    }
+    std::fflush(stderr);
+    std::_Exit(4);
+}
+
+// One watchdog for the process, started by the first launch.
+inline void start_watchdog() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        std::thread([] {
+            const double limit = watchdog_seconds();
+            unsigned long long last = g_progress.load();
+            auto since = std::chrono::steady_clock::now();
+            for (;;) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(200));
+                const unsigned long long now = g_progress.load();
+                BlockState* b = g_current.load();
+                if (now != last || b == nullptr) {
+                    last = now;
+                    since = std::chrono::steady_clock::now();
+                    continue;
+                }
+                const double idle =
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+                if (idle > limit) report_hang(b, idle);
+            }
+        }).detach();
+    });
+}
+
+// Kernel argument checking: a pointer argument must point to the parameter's pointee type (const
+// may be added); `const void*` takes any pointer; scalars and structs must match exactly.
+template <typename P, typename A>
+constexpr bool arg_matches() {
+    using PD = std::decay_t<P>;
+    using AD = std::decay_t<A>;
+    if constexpr (std::is_pointer_v<PD>) {
+        using PT = std::remove_pointer_t<PD>;
+        if constexpr (std::is_same_v<AD, std::nullptr_t>) return true;
+        else if constexpr (!std::is_pointer_v<AD>) return false;
+        else if constexpr (std::is_void_v<PT>) return std::is_const_v<PT> || !std::is_const_v<std::remove_pointer_t<AD>>;
+        else return std::is_same_v<std::remove_cv_t<PT>, std::remove_cv_t<std::remove_pointer_t<AD>>> &&
+                    (std::is_const_v<PT> || !std::is_const_v<std::remove_pointer_t<AD>>);
+    } else {
+        return std::is_same_v<PD, AD>;
+    }
+}
+
+// Counts launches and threads, for the summary line.
+struct LaunchStats {
+    std::atomic<unsigned long long> launches{0}, blocks{0}, threads{0};
+};
+inline LaunchStats g_stats;
+
+template <typename... P, typename... A>
+void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
+    static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+    static_assert((arg_matches<P, A>() && ...),
+                  "kernel argument types do not match the kernel's parameters");
+    start_watchdog();
+    const int threads = static_cast<int>(block.x * block.y * block.z);
+    if (threads <= 0 || threads > 1024) fail("%s: %d threads per block", name, threads);
+    if (threads % warpSize != 0)
+        fail("%s: %d threads per block: the emulation runs whole warps only", name, threads);
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0)
+        fail("%s: empty grid (%u, %u, %u): cuLaunchKernel rejects it", name, grid.x, grid.y, grid.z);
+    if (grid.y > 65535 || grid.z > 65535)
+        fail("%s: grid (%u, %u, %u) too large", name, grid.x, grid.y, grid.z);
+    // Parameters are copies, as on a GPU.
+    const std::tuple<std::decay_t<P>...> params(static_cast<std::decay_t<P>>(args)...);
+    g_stats.launches.fetch_add(1);
+
+    // One OS thread per CUDA thread of a block, for the whole launch: thread `tid` runs thread
+    // `tid` of every block, blocks in order; no thread starts block b + 1 before every thread has
+    // finished block b.
+    const unsigned long long num_blocks =
+        static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
+    BlockState st;
+    st.kernel = name;
+    st.block_idx = dim3(0, 0, 0);
+    st.num_threads = threads;
+    const int warps = threads / warpSize;
+    for (int w = 0; w < warps; ++w) {
+        st.warps.push_back(std::make_unique<Exchange>());
+        st.warps.back()->init(warpSize);
+    }
+    st.block.init(threads);
+    st.where = std::make_unique<std::atomic<int>[]>(threads);
+    for (int i = 0; i < threads; ++i) st.where[i].store(kRunning);
+    unsigned long long current = 0;
+    auto block_of = [grid](unsigned long long b) {
+        return dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                    static_cast<unsigned>(b / (static_cast<unsigned long long>(grid.x) * grid.y)));
+    };
+    // Runs once per block, after its last thread exited and before any thread goes on.
+    auto next_block = [&]() noexcept {
+        for (auto& w : st.warps) w->exited.store(0);
+        st.block.exited.store(0);
+        for (int i = 0; i < threads; ++i) st.where[i].store(kRunning);
+        ++current;
+        st.block_idx = block_of(current < num_blocks ? current : 0);
+        g_stats.blocks.fetch_add(1);
+        g_progress.fetch_add(1, std::memory_order_relaxed);
+    };
+    std::barrier between_blocks(threads, next_block);
+    g_current.store(&st);
+    {
+        std::vector<std::jthread> pool;
+        pool.reserve(threads);
+        for (int tid = 0; tid < threads; ++tid) {
+            pool.emplace_back([&, tid] {
+                tctx = ThreadCtx{};
+                tctx.block = &st;
+                tctx.tid = tid;
+                tctx.warp = tid / warpSize;
+                tctx.lane = tid % warpSize;
+                threadIdx = uint3{tid % block.x, (tid / block.x) % block.y, tid / (block.x * block.y)};
+                blockDim = block;
+                gridDim = grid;
+                Exchange& w = *st.warps[tctx.warp];
+                for (unsigned long long b = 0; b < num_blocks; ++b) {
+                    const dim3 bi = block_of(b);
+                    blockIdx = uint3{bi.x, bi.y, bi.z};
+                    std::apply(kernel, params);
+                    // Exited: a collective that still counts on this thread is a bug.
+                    st.where[tid].store(kExited);
+                    w.exited.fetch_add(1, std::memory_order_seq_cst);
+                    st.block.exited.fetch_add(1, std::memory_order_seq_cst);
+                    if (w.arrived.load(std::memory_order_seq_cst) != 0)
+                        fail("thread exited while %d lanes of its warp wait in a warp collective "
+                             "for it",
+                             w.arrived.load());
+                    if (st.block.arrived.load(std::memory_order_seq_cst) != 0)
+                        fail("thread exited while %d threads of its block wait in __syncthreads "
+                             "for it",
+                             st.block.arrived.load());
+                    g_progress.fetch_add(1, std::memory_order_relaxed);
+                    between_blocks.arrive_and_wait();
+                }
+                tctx = ThreadCtx{};
+            });
+        }
+    }  // jthreads join here
+    g_current.store(nullptr);
+    g_stats.threads.fetch_add(static_cast<unsigned long long>(threads) * num_blocks);
+}
+
+// The same without a name for messages.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, A&&... args) {
+    launch_named("kernel", kernel, grid, block, std::forward<A>(args)...);
+}
+
+}  // namespace emu
+
+// Launches with the kernel's name (as written) in messages.
+#define EMU_LAUNCH(kernel, grid, block, ...) \
+    ::emu::launch_named(#kernel, kernel, grid, block, __VA_ARGS__)

@@ -1,0 +1,947 @@
+// Runs this crate's CUDA kernels on the CPU (through cuda_host.h) on a folder written by
+// `examples/export_batch.rs` (or tests/kernel_emulation.rs), and compares every result with the
+// folder's f64 reference: GPU chunking (cut sets exactly), pooling, forward (O, LSE) and, when the
+// folder has gradients, the backward kernels (dQ, dK, dV, dgates, dcoeffs), within SPEC section 8
+// (relative L2: f32 1e-5, f16 3e-3, bf16 1e-2; NaN never passes; a zero reference needs an exact
+// zero). Every output and every scratch buffer a kernel claims to fill is poisoned with NaN first.
+//
+// The kernels are the sources build.rs generates (kernels/*.cu with their headers inlined and the
+// `// @instantiate` lines expanded), i.e. exactly what NVRTC compiles; each goes in a namespace of
+// its own so that one translation unit holds them all and every launch is type-checked:
+//
+//   cd kernels/emu && OUT=$(ls -td ../../target/release/build/sparsectr-attn-*/out | head -1)
+//   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -iquote "$OUT" -o /tmp/run_kernels run_kernels.cpp
+//   /tmp/run_kernels DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]
+//   /tmp/run_kernels --self-test   (the emulated collectives against their definitions)
+//
+// `cargo test --release --test kernel_emulation` does all of this (tests/kernel_emulation.rs).
+//
+// Inputs are prepared the way src/cuda/{batch,forward,backward}.rs prepare them: u32 times relative
+// to a local midnight per sequence with its weekday0, SeqInfo per sequence, chunk ends with a stride
+// of max_chunks, the clamped m and w, the same grids, blocks and argument order. `--chunks gpu`
+// (the default for personalized chunks) uses the chunking kernel's output (stride min(P, max n),
+// as `GpuDevice::chunk`); `--chunks host` uploads the folder's chunks (stride: the most chunks of
+// any sequence, as `GpuDevice::upload_chunks`); supplied (non-personalized) chunks always go the
+// host way. `--repeat-backward` runs the backward twice and requires the same bits (the kernels
+// promise run-to-run determinism; the emulation's thread interleavings differ between runs).
+// `--chunking-only` stops after the chunking kernel (for long sequences, cheap to chunk).
+//
+// Exit status: 0 all good, 1 a mismatch (each printed), 2 bad usage or folder, 3/4 an emulation
+// error (divergent collectives, a deadlock: printed by cuda_host.h).
+
+#include "cuda_host.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cinttypes>
+#include <fstream>
+#include <map>
+#include <new>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#if !__has_include("forward.cu")
+#error "pass -iquote <OUT_DIR of the sparsectr-attn build script> (it holds the generated kernels)"
+#endif
+
+namespace k_chunking {
+#include "chunking.cu"
+}
+namespace k_pooling {
+#include "pooling.cu"
+}
+namespace k_forward {
+#include "forward.cu"
+}
+namespace k_bwd_query {
+#include "backward_query.cu"
+}
+namespace k_bwd_summary {
+#include "backward_summary.cu"
+}
+namespace k_bwd_key {
+#include "backward_key.cu"
+}
+namespace k_coeffs {
+#include "coeffs_reduce.cu"
+}
+
+// ---- A self-test of the emulated collectives (`--self-test`) ----------------------------------
+namespace selftest {
+
+constexpr int kThreads = 64, kBlocks = 2, kOutputs = 13;
+
+__global__ void collectives(int* out) {
+    const unsigned full = 0xffffffffu;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+    const int x = 100 * static_cast<int>(blockIdx.x) + 10 * warp + lane;
+    int* o = out + (static_cast<size_t>(blockIdx.x) * kThreads + tid) * kOutputs;
+    o[0] = __shfl_sync(full, x, (lane + 3) % 32);
+    o[1] = __shfl_xor_sync(full, x, 5);
+    o[2] = __shfl_up_sync(full, x, 2);
+    o[3] = __shfl_down_sync(full, x, 2);
+    o[4] = static_cast<int>(__ballot_sync(full, lane % 3 == 0));
+    o[5] = __any_sync(full, lane == 7) + 2 * __all_sync(full, lane < 32) + 4 * __all_sync(full, lane != 4);
+    o[6] = __shfl_sync(full, x, 3, 8);
+    o[7] = __shfl_xor_sync(full, x, 8, 8);
+    o[8] = __shfl_down_sync(full, x, 1, 16);
+    __shared__ int s[kThreads];
+    __shared__ unsigned count;
+    s[tid] = x;
+    if (tid == 0) count = 0;
+    __syncthreads();
+    o[9] = s[kThreads - 1 - tid];
+    atomicAdd(&count, 1u);
+    __syncwarp();
+    __syncthreads();
+    o[10] = static_cast<int>(count);
+    o[11] = static_cast<int>(blockDim.x * gridDim.x);
+    o[12] = __clz(1) + 100 * __ffs(0x50) + 10000 * __popc(0xf0f0u);
+}
+
+// Expected values from the CUDA programming guide's definitions.
+int run() {
+    std::vector<int> out(static_cast<size_t>(kBlocks) * kThreads * kOutputs, -1);
+    EMU_LAUNCH(collectives, dim3(kBlocks), dim3(kThreads), out.data());
+    int bad = 0;
+    for (int b = 0; b < kBlocks; ++b)
+        for (int tid = 0; tid < kThreads; ++tid) {
+            const int lane = tid % 32, warp = tid / 32;
+            auto val = [&](int l) { return 100 * b + 10 * warp + l; };
+            unsigned ballot = 0;
+            for (int l = 0; l < 32; ++l) ballot |= (l % 3 == 0 ? 1u : 0u) << l;
+            const int want[kOutputs] = {
+                val((lane + 3) % 32),
+                val(lane ^ 5),
+                lane >= 2 ? val(lane - 2) : val(lane),
+                lane + 2 < 32 ? val(lane + 2) : val(lane),
+                static_cast<int>(ballot),
+                1 + 2 + 0,
+                val(lane / 8 * 8 + 3),
+                // An earlier group of 8 is readable, a later one gives the caller's own value.
+                (lane ^ 8) < lane ? val(lane ^ 8) : val(lane),
+                lane % 16 + 1 < 16 ? val(lane + 1) : val(lane),
+                100 * b + 10 * ((kThreads - 1 - tid) / 32) + (kThreads - 1 - tid) % 32,
+                kThreads,
+                kThreads * kBlocks,
+                31 + 100 * 5 + 10000 * 8,
+            };
+            for (int i = 0; i < kOutputs; ++i) {
+                const int got = out[(static_cast<size_t>(b) * kThreads + tid) * kOutputs + i];
+                if (got != want[i] && bad++ < 10)
+                    std::printf("self-test: block %d thread %d output %d: got %d, want %d\n", b, tid,
+                                i, got, want[i]);
+            }
+        }
+    std::printf("%s self-test of the emulated collectives\n", bad == 0 ? "OK" : "FAILED");
+    return bad == 0 ? 0 : 1;
+}
+
+}  // namespace selftest
+
+namespace {
+
+// ---- Storage types per module (each module has its own, identical, half_t and bf16_t) ----------
+enum class DType { F32, F16, BF16 };
+
+const char* dtype_name(DType d) {
+    return d == DType::F32 ? "f32" : d == DType::F16 ? "f16" : "bf16";
+}
+
+double tolerance(DType d) {
+    return d == DType::F32 ? 1e-5 : d == DType::F16 ? 3e-3 : 1e-2;
+}
+
+template <DType D, typename F32, typename F16, typename BF16>
+using Pick = std::conditional_t<D == DType::F32, F32, std::conditional_t<D == DType::F16, F16, BF16>>;
+
+template <DType D>
+struct Elem {
+    using pooling = Pick<D, float, k_pooling::half_t, k_pooling::bf16_t>;
+    using forward = Pick<D, float, k_forward::half_t, k_forward::bf16_t>;
+    using bwd_query = Pick<D, float, k_bwd_query::half_t, k_bwd_query::bf16_t>;
+    using bwd_summary = Pick<D, float, k_bwd_summary::half_t, k_bwd_summary::bf16_t>;
+    using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
+};
+
+// The instantiations of build.rs (DTYPES x HEAD_DIMS), by (dtype, head dim).
+template <DType D, int HD>
+struct Kernels;
+#define EMU_KERNELS(DT, dn, HD)                                                         \
+    template <>                                                                         \
+    struct Kernels<DType::DT, HD> {                                                     \
+        static constexpr auto pooling = k_pooling::evo_pooling_##dn;                    \
+        static constexpr auto forward = k_forward::evo_forward_##dn##_d##HD;            \
+        static constexpr auto bwd_query = k_bwd_query::evo_backward_query_##dn##_d##HD; \
+        static constexpr auto bwd_summary =                                             \
+            k_bwd_summary::evo_backward_summary_##dn##_d##HD;                           \
+        static constexpr auto bwd_key = k_bwd_key::evo_backward_key_##dn##_d##HD;       \
+        static constexpr const char* pooling_name = "evo_pooling_" #dn;                 \
+        static constexpr const char* forward_name = "evo_forward_" #dn "_d" #HD;        \
+        static constexpr const char* bwd_query_name = "evo_backward_query_" #dn "_d" #HD; \
+        static constexpr const char* bwd_summary_name =                                 \
+            "evo_backward_summary_" #dn "_d" #HD;                                       \
+        static constexpr const char* bwd_key_name = "evo_backward_key_" #dn "_d" #HD;   \
+    };
+EMU_KERNELS(F32, f32, 32)
+EMU_KERNELS(F32, f32, 64)
+EMU_KERNELS(F32, f32, 128)
+EMU_KERNELS(F16, f16, 32)
+EMU_KERNELS(F16, f16, 64)
+EMU_KERNELS(F16, f16, 128)
+EMU_KERNELS(BF16, bf16, 32)
+EMU_KERNELS(BF16, bf16, 64)
+EMU_KERNELS(BF16, bf16, 128)
+#undef EMU_KERNELS
+
+// Launch constants of src/cuda (CHUNK_THREADS, FORWARD_THREADS, ...), checked against the kernels'.
+constexpr unsigned kChunkThreads = 256, kPoolThreads = 256, kForwardThreads = 128,
+                   kForwardWarps = 4, kBwdWarps = 4, kBwdThreads = 128, kReduceThreads = 256;
+static_assert(kChunkThreads == k_chunking::kChunkThreads);
+static_assert(kPoolThreads == k_pooling::kPoolThreads);
+static_assert(kForwardThreads == k_forward::kForwardThreads && kForwardWarps == k_forward::kForwardWarps);
+static_assert(kBwdWarps == k_bwd_query::kBwdQueryWarps && kBwdThreads == k_bwd_query::kBwdQueryThreads);
+static_assert(kBwdWarps == k_bwd_summary::kBwdSummaryWarps && kBwdThreads == k_bwd_summary::kBwdSummaryThreads);
+static_assert(kBwdWarps == k_bwd_key::kBwdKeyWarps && kBwdThreads == k_bwd_key::kBwdKeyThreads);
+static_assert(kReduceThreads == k_coeffs::kReduceThreads);
+
+// All modules' EvoParams and SeqInfo are the same struct; the chunking module's serves the host.
+using EvoParams = k_chunking::EvoParams;
+using SeqInfo = k_chunking::SeqInfo;
+
+template <typename To>
+To cast_params(const EvoParams& p) {
+    static_assert(sizeof(To) == sizeof(EvoParams));
+    To out;
+    std::memcpy(&out, &p, sizeof out);
+    return out;
+}
+
+// ---- "Device" buffers: exact sizes (at least one element, as src/cuda/batch.rs::upload), 256-byte
+// aligned like cuMemAlloc, so that AddressSanitizer sees any out-of-bounds access. ----------------
+struct Buf {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    Buf() = default;
+    explicit Buf(size_t n) : bytes(n) { ptr = ::operator new(n, std::align_val_t(256)); }
+    Buf(const Buf&) = delete;
+    Buf& operator=(const Buf&) = delete;
+    Buf(Buf&& o) noexcept : ptr(o.ptr), bytes(o.bytes) { o.ptr = nullptr; o.bytes = 0; }
+    Buf& operator=(Buf&& o) noexcept {
+        std::swap(ptr, o.ptr);
+        std::swap(bytes, o.bytes);
+        return *this;
+    }
+    ~Buf() {
+        if (ptr != nullptr) ::operator delete(ptr, std::align_val_t(256));
+    }
+    template <typename T>
+    T* as() const {
+        return static_cast<T*>(ptr);
+    }
+};
+
+template <typename T>
+Buf upload(const std::vector<T>& v) {
+    Buf b(std::max<size_t>(v.size(), 1) * sizeof(T));
+    std::memset(b.ptr, 0, b.bytes);
+    if (!v.empty()) std::memcpy(b.ptr, v.data(), v.size() * sizeof(T));
+    return b;
+}
+
+template <typename T>
+Buf zeros(size_t n) {
+    Buf b(std::max<size_t>(n, 1) * sizeof(T));
+    std::memset(b.ptr, 0, b.bytes);
+    return b;
+}
+
+// n elements of T, every bit pattern 0xff: NaN for f32, f16 and bf16.
+template <typename T>
+Buf poisoned(size_t n) {
+    Buf b(std::max<size_t>(n, 1) * sizeof(T));
+    std::memset(b.ptr, 0xff, b.bytes);
+    return b;
+}
+
+// ---- Element conversions (the kernels' own, so host and kernel agree bit for bit) -------------
+template <DType D>
+struct Conv;
+template <>
+struct Conv<DType::F32> {
+    static float widen(const void* p, size_t i) { return static_cast<const float*>(p)[i]; }
+    static void store(void* p, size_t i, float x) { static_cast<float*>(p)[i] = x; }
+    static constexpr size_t size = 4;
+};
+template <>
+struct Conv<DType::F16> {
+    static float widen(const void* p, size_t i) {
+        return host_half_to_float(static_cast<const unsigned short*>(p)[i]);
+    }
+    static void store(void* p, size_t i, float x) {
+        static_cast<unsigned short*>(p)[i] = host_float_to_half_rn(x);
+    }
+    static constexpr size_t size = 2;
+};
+template <>
+struct Conv<DType::BF16> {
+    static float widen(const void* p, size_t i) {
+        return __uint_as_float(static_cast<unsigned>(static_cast<const unsigned short*>(p)[i]) << 16);
+    }
+    static void store(void* p, size_t i, float x) {
+        static_cast<unsigned short*>(p)[i] = host_float_to_bf16_rn(x);
+    }
+    static constexpr size_t size = 2;
+};
+
+// A tensor of the storage dtype from f32 values (which the folder holds widened, exactly).
+template <DType D>
+Buf to_device(const std::vector<float>& v, bool* inexact) {
+    Buf b(std::max<size_t>(v.size(), 1) * Conv<D>::size);
+    std::memset(b.ptr, 0, b.bytes);
+    for (size_t i = 0; i < v.size(); ++i) {
+        Conv<D>::store(b.ptr, i, v[i]);
+        if (Conv<D>::widen(b.ptr, i) != v[i] && !(std::isnan(v[i]))) *inexact = true;
+    }
+    return b;
+}
+
+template <DType D>
+std::vector<double> widen(const Buf& b, size_t n) {
+    std::vector<double> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = Conv<D>::widen(b.ptr, i);
+    return out;
+}
+
+std::vector<double> widen_f32(const Buf& b, size_t n) {
+    std::vector<double> out(n);
+    for (size_t i = 0; i < n; ++i) out[i] = b.as<float>()[i];
+    return out;
+}
+
+// ---- The folder ------------------------------------------------------------------------------
+struct Meta {
+    std::map<std::string, std::string> kv;
+
+    bool has(const std::string& k) const { return kv.count(k) != 0; }
+    std::string str(const std::string& k, const std::string& def = "") const {
+        auto it = kv.find(k);
+        return it == kv.end() ? def : it->second;
+    }
+    long long i64(const std::string& k) const {
+        auto it = kv.find(k);
+        if (it == kv.end()) throw std::runtime_error("meta.json: missing " + k);
+        return std::stoll(it->second);
+    }
+    double f64(const std::string& k) const {
+        auto it = kv.find(k);
+        if (it == kv.end()) throw std::runtime_error("meta.json: missing " + k);
+        return std::stod(it->second);
+    }
+    bool flag(const std::string& k) const { return str(k) == "true"; }
+};
+
+// A flat JSON object of strings, numbers and booleans (what export_batch writes).
+Meta parse_meta(const std::string& text) {
+    Meta m;
+    size_t i = 0;
+    auto skip = [&] {
+        while (i < text.size() && std::isspace(static_cast<unsigned char>(text[i]))) ++i;
+    };
+    auto string = [&] {
+        if (text[i] != '"') throw std::runtime_error("meta.json: expected a string");
+        std::string s;
+        for (++i; i < text.size() && text[i] != '"'; ++i) {
+            if (text[i] == '\\' && i + 1 < text.size()) ++i;
+            s += text[i];
+        }
+        ++i;
+        return s;
+    };
+    skip();
+    if (text[i++] != '{') throw std::runtime_error("meta.json: expected an object");
+    for (;;) {
+        skip();
+        if (text[i] == '}') break;
+        std::string key = string();
+        skip();
+        if (text[i++] != ':') throw std::runtime_error("meta.json: expected ':'");
+        skip();
+        std::string value;
+        if (text[i] == '"') {
+            value = string();
+        } else {
+            while (i < text.size() && text[i] != ',' && text[i] != '}' &&
+                   !std::isspace(static_cast<unsigned char>(text[i])))
+                value += text[i++];
+        }
+        m.kv[key] = value;
+        skip();
+        if (text[i] == ',') ++i;
+    }
+    return m;
+}
+
+struct Folder {
+    std::string dir;
+    Meta meta;
+
+    std::string path(const std::string& name) const { return dir + "/" + name; }
+
+    bool exists(const std::string& name) const { return std::ifstream(path(name)).good(); }
+
+    template <typename T>
+    std::vector<T> read(const std::string& name, size_t expected) const {
+        std::ifstream f(path(name), std::ios::binary);
+        if (!f) throw std::runtime_error("cannot open " + path(name));
+        std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        if (bytes.size() != expected * sizeof(T))
+            throw std::runtime_error(name + ": " + std::to_string(bytes.size()) + " bytes, expected " +
+                                     std::to_string(expected * sizeof(T)));
+        std::vector<T> v(expected);
+        if (expected != 0) std::memcpy(v.data(), bytes.data(), bytes.size());
+        return v;
+    }
+
+    template <typename T>
+    std::vector<T> read_any(const std::string& name) const {
+        std::ifstream f(path(name), std::ios::binary);
+        if (!f) throw std::runtime_error("cannot open " + path(name));
+        std::vector<char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        if (bytes.size() % sizeof(T) != 0) throw std::runtime_error(name + ": ragged length");
+        std::vector<T> v(bytes.size() / sizeof(T));
+        if (!v.empty()) std::memcpy(v.data(), bytes.data(), bytes.size());
+        return v;
+    }
+};
+
+// ---- Comparison ------------------------------------------------------------------------------
+struct Report {
+    int failures = 0;
+    std::vector<std::string> errors;  // name=error, for the summary line
+
+    void fail(const std::string& msg) {
+        ++failures;
+        std::printf("  MISMATCH %s\n", msg.c_str());
+        std::fflush(stdout);
+    }
+};
+
+// Relative L2 error; NaN anywhere fails; a zero reference needs an exactly zero result.
+double compare(Report& r, const std::string& name, const std::vector<double>& got,
+               const std::vector<double>& want, double tol) {
+    if (got.size() != want.size()) {
+        r.fail(name + ": length " + std::to_string(got.size()) + " vs " + std::to_string(want.size()));
+        return NAN;
+    }
+    double num = 0, den = 0;
+    size_t nan_at = SIZE_MAX, worst = 0;
+    double worst_abs = -1;
+    for (size_t i = 0; i < got.size(); ++i) {
+        if (std::isnan(got[i]) || std::isnan(want[i])) {
+            if (nan_at == SIZE_MAX) nan_at = i;
+            continue;
+        }
+        const double d = got[i] - want[i];
+        num += d * d;
+        den += want[i] * want[i];
+        if (std::fabs(d) > worst_abs) {
+            worst_abs = std::fabs(d);
+            worst = i;
+        }
+    }
+    char buf[512];
+    if (nan_at != SIZE_MAX) {
+        size_t count = 0;
+        for (size_t i = 0; i < got.size(); ++i) count += std::isnan(got[i]) || std::isnan(want[i]);
+        std::snprintf(buf, sizeof buf, "%s: %zu NaN (first at index %zu: got %g, reference %g)",
+                      name.c_str(), count, nan_at, got[nan_at], want[nan_at]);
+        r.fail(buf);
+        r.errors.push_back(name + "=NaN");
+        return NAN;
+    }
+    if (den == 0.0) {
+        if (num != 0.0) {
+            std::snprintf(buf, sizeof buf, "%s: the reference is zero, the kernel's is not (|x| = %g, "
+                          "largest at %zu: %g)", name.c_str(), std::sqrt(num), worst, got[worst]);
+            r.fail(buf);
+            r.errors.push_back(name + "=nonzero");
+            return INFINITY;
+        }
+        r.errors.push_back(name + "=0");
+        return 0.0;
+    }
+    const double err = std::sqrt(num / den);
+    std::snprintf(buf, sizeof buf, "%s=%.2e", name.c_str(), err);
+    r.errors.push_back(buf);
+    if (!(err <= tol)) {
+        std::snprintf(buf, sizeof buf,
+                      "%s: relative L2 error %.3e > %.0e (largest difference at index %zu: got %.6g, "
+                      "reference %.6g)",
+                      name.c_str(), err, tol, worst, got[worst], want[worst]);
+        r.fail(buf);
+    }
+    return err;
+}
+
+// LSE: -inf exactly where the reference has -inf (empty key set), relative L2 over the rest.
+void compare_lse(Report& r, const std::vector<double>& got, const std::vector<double>& want,
+                 double tol, int heads) {
+    std::vector<double> g, w;
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        const bool want_inf = std::isinf(want[i]) && want[i] < 0;
+        const bool got_inf = std::isinf(got[i]) && got[i] < 0;
+        if (want_inf != got_inf) {
+            if (bad++ == 0) first = i;
+            continue;
+        }
+        if (!want_inf) {
+            g.push_back(got[i]);
+            w.push_back(want[i]);
+        }
+    }
+    if (bad != 0) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf,
+                      "lse: %zu entries disagree on -inf (empty key set), first: token %zu, head "
+                      "%zu, branch %zu: got %g, reference %g",
+                      bad, first / 3 / heads, first / 3 % heads, first % 3, got[first], want[first]);
+        r.fail(buf);
+    }
+    compare(r, "lse", g, w, tol);
+}
+
+// ---- One run ---------------------------------------------------------------------------------
+struct Options {
+    std::string chunks = "auto";  // gpu | host | auto
+    bool repeat_backward = false;
+    bool chunking_only = false;
+};
+
+struct Layout {
+    int B = 0, T = 0;
+    bool user = false;
+    std::vector<SeqInfo> seqs;
+    std::vector<int> weekday0;
+    std::vector<unsigned> rel_time;
+    int max_behaviors = 0;
+};
+
+// GpuDevice::upload_batch.
+Layout prepare_layout(const std::vector<int64_t>& offsets, const std::vector<int64_t>& ncand,
+                      bool user, const std::vector<int64_t>& ts, long long utc_offset) {
+    Layout l;
+    l.B = static_cast<int>(ncand.size());
+    l.T = static_cast<int>(ts.size());
+    l.user = user;
+    l.rel_time.assign(l.T, 0u);
+    const __int128 off = utc_offset, day = 86400;
+    for (int s = 0; s < l.B; ++s) {
+        const int start = static_cast<int>(offsets[s]), end = static_cast<int>(offsets[s + 1]);
+        const int behaviors = start + (user ? 1 : 0);
+        const int candidates = end - static_cast<int>(ncand[s]);
+        l.seqs.push_back(SeqInfo{start, behaviors, candidates, end});
+        l.max_behaviors = std::max(l.max_behaviors, candidates - behaviors);
+        if (behaviors == end) {
+            l.weekday0.push_back(0);
+            continue;
+        }
+        int64_t t_min = INT64_MAX;
+        for (int t = behaviors; t < end; ++t) t_min = std::min(t_min, ts[t]);
+        const __int128 x = static_cast<__int128>(t_min) + off;
+        __int128 day0 = x / day;
+        if (x % day != 0 && x < 0) --day0;  // div_euclid
+        const __int128 base = day0 * day - off;
+        __int128 wd = (day0 + 4) % 7;
+        if (wd < 0) wd += 7;
+        l.weekday0.push_back(static_cast<int>(wd));
+        for (int t = behaviors; t < end; ++t)
+            l.rel_time[t] = static_cast<unsigned>(static_cast<unsigned __int128>(ts[t] - base));
+    }
+    return l;
+}
+
+// Outputs of one backward run.
+struct Out {
+    Buf dq, dk, dv, dgates, dcoeffs;
+};
+
+struct Timer {
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    double seconds() const {
+        return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+};
+
+template <DType DT, int HD>
+int run(const Folder& f, const Options& opt) {
+    using TP = typename Elem<DT>::pooling;
+    using TF = typename Elem<DT>::forward;
+    using TQ = typename Elem<DT>::bwd_query;
+    using TS = typename Elem<DT>::bwd_summary;
+    using TK = typename Elem<DT>::bwd_key;
+    using K = Kernels<DT, HD>;
+    const Meta& m = f.meta;
+    Report rep;
+    const double tol = tolerance(DT);
+    Timer total;
+
+    const int B = static_cast<int>(m.i64("num_seqs"));
+    const int T = static_cast<int>(m.i64("num_tokens"));
+    const int H = static_cast<int>(m.i64("heads"));
+    const int P = static_cast<int>(m.i64("num_chunks"));
+    const long long tail_tokens = m.i64("tail_tokens"), window = m.i64("window");
+    const int NB = static_cast<int>(m.i64("num_time_buckets"));
+    const long long utc_offset = m.i64("utc_offset");
+    const float scale = static_cast<float>(m.f64("scale"));
+    const bool user = m.flag("has_user_token");
+    const std::string gates_mode = m.str("gates_mode", "native");
+    const bool personalized = m.str("chunks", "personalized") == "personalized";
+    const bool grads = m.flag("grads");
+    const size_t rows = static_cast<size_t>(T) * H * HD, branch_rows = static_cast<size_t>(T) * H * 3;
+
+    const auto offsets = f.read<int64_t>("seq_offsets", B + 1);
+    const auto ncand = f.read<int64_t>("num_candidates", B);
+    const auto ts = f.read<int64_t>("timestamps", T);
+    const auto chunk_offsets = f.read<int64_t>("chunk_offsets", B + 1);
+    const auto chunk_lengths = f.read_any<int64_t>("chunk_lengths");
+    const auto q = f.read<float>("q", rows), k = f.read<float>("k", rows), v = f.read<float>("v", rows);
+    const auto gates = f.read<float>("gates", branch_rows);
+    const auto coeffs = f.read<float>("coeffs", static_cast<size_t>(H) * 3);
+    const auto o_ref = f.read<float>("o", rows);
+    const auto lse_ref = f.read<float>("lse", branch_rows);
+
+    std::string chunk_source = opt.chunks == "auto" ? (personalized ? "gpu" : "host") : opt.chunks;
+    if (chunk_source == "gpu" && !personalized) {
+        std::printf("  (supplied chunks: uploading them, as upload_chunks does)\n");
+        chunk_source = "host";
+    }
+    std::printf("case %s: B=%d T=%d H=%d D=%d %s P=%d m=%lld w=%lld NB=%d utc_offset=%lld gates=%s "
+                "chunks=%s%s\n",
+                f.dir.c_str(), B, T, H, HD, dtype_name(DT), P, tail_tokens, window, NB, utc_offset,
+                gates_mode.c_str(), personalized ? "personalized" : "supplied",
+                chunk_source == "gpu" ? " (from the chunking kernel)" : " (uploaded)");
+
+    const Layout lay = prepare_layout(offsets, ncand, user, ts, utc_offset);
+    const Buf seqs_d = upload(lay.seqs), rel_d = upload(lay.rel_time), wd0_d = upload(lay.weekday0);
+
+    // The folder's chunks, as absolute exclusive ends per sequence.
+    std::vector<std::vector<int>> ref_ends(B);
+    {
+        size_t c = 0;
+        for (int s = 0; s < B; ++s) {
+            int at = lay.seqs[s].behaviors;
+            for (int64_t i = chunk_offsets[s]; i < chunk_offsets[s + 1]; ++i, ++c) {
+                at += static_cast<int>(chunk_lengths.at(c));
+                ref_ends[s].push_back(at);
+            }
+        }
+    }
+
+    // ---- GpuDevice::chunk: the chunking kernel --------------------------------------------
+    const int gpu_stride = std::min(P, std::max(lay.max_behaviors, 1));
+    Buf gpu_ends = zeros<int>(static_cast<size_t>(B) * gpu_stride), gpu_counts = zeros<int>(B);
+    if (B > 0) {
+        EvoParams cp{};
+        cp.num_seqs = B;
+        cp.num_tokens = T;
+        cp.max_chunks = gpu_stride;
+        EMU_LAUNCH(k_chunking::evo_chunking, dim3(B), dim3(kChunkThreads), cp,
+                   rel_d.as<const unsigned>(), seqs_d.as<const SeqInfo>(), gpu_ends.as<int>(),
+                   gpu_counts.as<int>());
+    }
+    if (personalized) {
+        int wrong = 0, total_chunks = 0;
+        for (int s = 0; s < B; ++s) {
+            const int count = gpu_counts.as<int>()[s];
+            std::vector<int> got;
+            if (count < 0 || count > gpu_stride) {
+                got.push_back(-1);
+            } else {
+                for (int c = 0; c < count; ++c) got.push_back(gpu_ends.as<int>()[s * gpu_stride + c]);
+            }
+            total_chunks += static_cast<int>(ref_ends[s].size());
+            if (got != ref_ends[s]) {
+                if (wrong++ < 5) {
+                    std::string g, w;
+                    for (int e : got) g += " " + std::to_string(e);
+                    for (int e : ref_ends[s]) w += " " + std::to_string(e);
+                    rep.fail("chunking: sequence " + std::to_string(s) + ": kernel ends [" + g +
+                             " ], reference [" + w + " ]");
+                }
+            }
+        }
+        std::printf("  chunking: %s (%d sequences, %d chunks, stride %d)\n",
+                    wrong == 0 ? "cut sets equal" : "CUT SETS DIFFER", B, total_chunks, gpu_stride);
+    }
+
+    // ---- The chunks the attention kernels get ---------------------------------------------
+    int stride;
+    Buf ends_d, counts_d;
+    if (chunk_source == "gpu") {
+        stride = gpu_stride;
+        ends_d = std::move(gpu_ends);
+        counts_d = std::move(gpu_counts);
+    } else {  // GpuDevice::upload_chunks
+        stride = 1;
+        for (int s = 0; s < B; ++s) stride = std::max(stride, static_cast<int>(ref_ends[s].size()));
+        std::vector<int> ends(static_cast<size_t>(B) * stride, 0), counts(B, 0);
+        for (int s = 0; s < B; ++s) {
+            counts[s] = static_cast<int>(ref_ends[s].size());
+            for (size_t c = 0; c < ref_ends[s].size(); ++c) ends[s * stride + c] = ref_ends[s][c];
+        }
+        ends_d = upload(ends);
+        counts_d = upload(counts);
+    }
+    std::vector<int> counts_h(B), ends_h(static_cast<size_t>(B) * stride);
+    if (B > 0) std::memcpy(counts_h.data(), counts_d.ptr, B * sizeof(int));
+    if (B > 0) std::memcpy(ends_h.data(), ends_d.ptr, ends_h.size() * sizeof(int));
+
+    // ---- launch_params --------------------------------------------------------------------
+    EvoParams p{};
+    p.num_seqs = B;
+    p.num_tokens = T;
+    p.heads = H;
+    p.max_chunks = stride;
+    p.tail_tokens = static_cast<int>(std::min<long long>(tail_tokens, std::max(lay.max_behaviors, 1)));
+    p.window = static_cast<int>(std::min<long long>(window, lay.max_behaviors + 1));
+    p.num_time_buckets = NB;
+    p.gates_mode = gates_mode == "native" ? k_chunking::kGatesNative
+                   : gates_mode == "f32"  ? k_chunking::kGatesF32
+                                          : k_chunking::kGatesNone;
+    p.scale = scale;
+    p.head_dim = HD;
+
+    bool inexact = false;
+    const Buf q_d = to_device<DT>(q, &inexact), k_d = to_device<DT>(k, &inexact),
+              v_d = to_device<DT>(v, &inexact);
+    const Buf coeffs_d = upload(coeffs);
+    Buf gates_d;
+    const void* gates_ptr = nullptr;
+    if (p.gates_mode == k_chunking::kGatesNative) {
+        gates_d = to_device<DT>(gates, &inexact);
+        gates_ptr = gates_d.ptr;
+    } else if (p.gates_mode == k_chunking::kGatesF32) {
+        gates_d = upload(gates);
+        gates_ptr = gates_d.ptr;
+    }
+    if (inexact) std::printf("  note: some inputs were not exactly representable in %s\n", dtype_name(DT));
+
+    if (opt.chunking_only) {
+        std::printf("  (--chunking-only: no attention kernels)\n");
+    } else if (T == 0) {
+        // forward_into and backward_into launch nothing (dcoeffs is memset to zero).
+        std::printf("  no tokens: nothing to launch\n");
+    } else {
+        const size_t slots = static_cast<size_t>(B) * stride;
+        const size_t summary_rows = slots * H * HD;
+
+        // ---- pool: unused slots stay NaN (the host zeroes them; no kernel may read them) ----
+        Buf kbar = poisoned<TP>(summary_rows), vbar = poisoned<TP>(summary_rows);
+        {
+            Timer t;
+            emu::launch_named(K::pooling_name, K::pooling, dim3(static_cast<unsigned>(slots)),
+                              dim3(kPoolThreads), cast_params<k_pooling::EvoParams>(p),
+                              k_d.as<const TP>(), v_d.as<const TP>(),
+                              seqs_d.as<const k_pooling::SeqInfo>(), ends_d.as<const int>(),
+                              counts_d.as<const int>(), kbar.as<TP>(), vbar.as<TP>());
+            // Reference: f64 means of the (stored) members over the used slots.
+            std::vector<double> got_k, got_v, want_k, want_v;
+            const auto kw = widen<DT>(k_d, rows), vw = widen<DT>(v_d, rows);
+            const auto kb = widen<DT>(kbar, summary_rows), vb = widen<DT>(vbar, summary_rows);
+            const size_t width = static_cast<size_t>(H) * HD;
+            for (int s = 0; s < B; ++s)
+                for (int c = 0; c < counts_h[s]; ++c) {
+                    const size_t slot = static_cast<size_t>(s) * stride + c;
+                    const int start = c == 0 ? lay.seqs[s].behaviors : ends_h[slot - 1];
+                    const int end = ends_h[slot];
+                    for (size_t e = 0; e < width; ++e) {
+                        double sk = 0, sv = 0;
+                        for (int j = start; j < end; ++j) {
+                            sk += kw[j * width + e];
+                            sv += vw[j * width + e];
+                        }
+                        want_k.push_back(sk / (end - start));
+                        want_v.push_back(sv / (end - start));
+                        got_k.push_back(kb[slot * width + e]);
+                        got_v.push_back(vb[slot * width + e]);
+                    }
+                }
+            compare(rep, "kbar", got_k, want_k, tol);
+            compare(rep, "vbar", got_v, want_v, tol);
+            std::printf("  pooling:  %s %s (%.2f s)\n", rep.errors[rep.errors.size() - 2].c_str(),
+                        rep.errors.back().c_str(), t.seconds());
+        }
+
+        // ---- forward ---------------------------------------------------------------------
+        Buf o = poisoned<TF>(rows), lse = poisoned<float>(branch_rows);
+        {
+            Timer t;
+            const dim3 grid((T + kForwardWarps - 1) / kForwardWarps, H);
+            emu::launch_named(K::forward_name, K::forward, grid, dim3(kForwardThreads),
+                              cast_params<k_forward::EvoParams>(p), q_d.as<const TF>(),
+                              k_d.as<const TF>(), v_d.as<const TF>(), kbar.as<const TF>(),
+                              vbar.as<const TF>(), gates_ptr, coeffs_d.as<const float>(),
+                              rel_d.as<const unsigned>(), seqs_d.as<const k_forward::SeqInfo>(),
+                              wd0_d.as<const int>(), ends_d.as<const int>(),
+                              counts_d.as<const int>(), o.as<TF>(), lse.as<float>());
+            const std::vector<double> o_want(o_ref.begin(), o_ref.end());
+            const std::vector<double> lse_want(lse_ref.begin(), lse_ref.end());
+            compare(rep, "o", widen<DT>(o, rows), o_want, tol);
+            compare_lse(rep, widen_f32(lse, branch_rows), lse_want, tol, H);
+            std::printf("  forward:  %s %s (%.2f s)\n", rep.errors[rep.errors.size() - 2].c_str(),
+                        rep.errors.back().c_str(), t.seconds());
+        }
+
+        // ---- backward (GpuDevice::backward_into) -----------------------------------------
+        if (grads) {
+            const auto d_o = f.read<float>("d_o", rows);
+            const Buf d_o_d = to_device<DT>(d_o, &inexact);
+            auto backward = [&]() {
+                Out out{poisoned<TQ>(rows), poisoned<TK>(rows), poisoned<TK>(rows),
+                        poisoned<float>(branch_rows), poisoned<float>(static_cast<size_t>(H) * 3)};
+                Buf dkbar = poisoned<float>(summary_rows), dvbar = poisoned<float>(summary_rows);
+                Buf partial = poisoned<float>(branch_rows);
+                const dim3 token_grid((T + kBwdWarps - 1) / kBwdWarps, H), block(kBwdThreads);
+                emu::launch_named(
+                    K::bwd_query_name, K::bwd_query, token_grid, block,
+                    cast_params<k_bwd_query::EvoParams>(p), q_d.as<const TQ>(), k_d.as<const TQ>(),
+                    v_d.as<const TQ>(), kbar.as<const TQ>(), vbar.as<const TQ>(), gates_ptr,
+                    coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                    seqs_d.as<const k_bwd_query::SeqInfo>(), wd0_d.as<const int>(),
+                    ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TQ>(),
+                    lse.as<const float>(), out.dq.as<TQ>(), out.dgates.as<float>(),
+                    partial.as<float>());
+                const dim3 summary_grid(
+                    (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
+                emu::launch_named(
+                    K::bwd_summary_name, K::bwd_summary, summary_grid, block,
+                    cast_params<k_bwd_summary::EvoParams>(p), q_d.as<const TS>(),
+                    kbar.as<const TS>(), vbar.as<const TS>(), gates_ptr, coeffs_d.as<const float>(),
+                    rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_summary::SeqInfo>(),
+                    wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
+                    d_o_d.as<const TS>(), lse.as<const float>(), out.dgates.as<const float>(),
+                    dkbar.as<float>(), dvbar.as<float>());
+                emu::launch_named(
+                    K::bwd_key_name, K::bwd_key, token_grid, block,
+                    cast_params<k_bwd_key::EvoParams>(p), q_d.as<const TK>(), k_d.as<const TK>(),
+                    v_d.as<const TK>(), gates_ptr, coeffs_d.as<const float>(),
+                    rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_key::SeqInfo>(),
+                    wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
+                    d_o_d.as<const TK>(), lse.as<const float>(), out.dgates.as<const float>(),
+                    dkbar.as<const float>(), dvbar.as<const float>(), out.dk.as<TK>(),
+                    out.dv.as<TK>());
+                EMU_LAUNCH(k_coeffs::evo_coeffs_reduce, dim3(H), dim3(kReduceThreads),
+                           cast_params<k_coeffs::EvoParams>(p), partial.as<const float>(),
+                           out.dcoeffs.as<float>());
+                return out;
+            };
+            Timer t;
+            Out out = backward();
+            const double secs = t.seconds();
+            const size_t first = rep.errors.size();
+            auto ref = [&](const char* name, size_t n) {
+                const auto x = f.read<float>(name, n);
+                return std::vector<double>(x.begin(), x.end());
+            };
+            compare(rep, "dq", widen<DT>(out.dq, rows), ref("dq", rows), tol);
+            compare(rep, "dk", widen<DT>(out.dk, rows), ref("dk", rows), tol);
+            compare(rep, "dv", widen<DT>(out.dv, rows), ref("dv", rows), tol);
+            compare(rep, "dgates", widen_f32(out.dgates, branch_rows), ref("dgates", branch_rows), tol);
+            compare(rep, "dcoeffs", widen_f32(out.dcoeffs, static_cast<size_t>(H) * 3),
+                    ref("dcoeffs", static_cast<size_t>(H) * 3), tol);
+            std::string line;
+            for (size_t i = first; i < rep.errors.size(); ++i) line += rep.errors[i] + " ";
+            std::printf("  backward: %s(%.2f s)\n", line.c_str(), secs);
+            if (opt.repeat_backward) {
+                Out again = backward();
+                const std::pair<const char*, std::pair<const Buf*, const Buf*>> pairs[] = {
+                    {"dq", {&out.dq, &again.dq}},         {"dk", {&out.dk, &again.dk}},
+                    {"dv", {&out.dv, &again.dv}},         {"dgates", {&out.dgates, &again.dgates}},
+                    {"dcoeffs", {&out.dcoeffs, &again.dcoeffs}}};
+                bool same = true;
+                for (const auto& [name, bufs] : pairs) {
+                    if (std::memcmp(bufs.first->ptr, bufs.second->ptr, bufs.first->bytes) != 0) {
+                        rep.fail(std::string(name) + ": a second backward run gave different bits");
+                        same = false;
+                    }
+                }
+                std::printf("  backward again: %s\n", same ? "bitwise identical" : "DIFFERENT BITS");
+            }
+        }
+    }
+    if (T == 0 && grads && !opt.chunking_only) {
+        // backward_into memsets dcoeffs to zero: the reference must agree.
+        const auto dc = f.read<float>("dcoeffs", static_cast<size_t>(H) * 3);
+        std::vector<double> want(dc.begin(), dc.end()), got(want.size(), 0.0);
+        compare(rep, "dcoeffs", got, want, tol);
+    }
+
+    std::string summary;
+    for (const auto& e : rep.errors) summary += " " + e;
+    std::printf("%s %s D=%d:%s (%.1f s; %llu launches, %llu blocks, %llu threads, %llu collective "
+                "arrivals)\n",
+                rep.failures == 0 ? "OK" : "FAILED", dtype_name(DT), HD, summary.c_str(),
+                total.seconds(), emu::g_stats.launches.load(), emu::g_stats.blocks.load(),
+                emu::g_stats.threads.load(), emu::g_progress.load());
+    return rep.failures == 0 ? 0 : 1;
+}
+
+template <DType DT>
+int run_dim(const Folder& f, const Options& opt, int hd) {
+    switch (hd) {
+        case 32: return run<DT, 32>(f, opt);
+        case 64: return run<DT, 64>(f, opt);
+        case 128: return run<DT, 128>(f, opt);
+        default:
+            std::fprintf(stderr, "head_dim %d: no kernel instantiation\n", hd);
+            return 2;
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc == 2 && std::string(argv[1]) == "--self-test") return selftest::run();
+    if (argc < 2) {
+        std::fprintf(stderr,
+                     "usage: %s DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]\n"
+                     "       %s --self-test\n",
+                     argv[0], argv[0]);
+        return 2;
+    }
+    try {
+        Folder f;
+        f.dir = argv[1];
+        Options opt;
+        for (int i = 2; i < argc; ++i) {
+            const std::string a = argv[i];
+            if (a == "--chunks" && i + 1 < argc) {
+                opt.chunks = argv[++i];
+                if (opt.chunks != "gpu" && opt.chunks != "host") throw std::runtime_error("--chunks gpu|host");
+            } else if (a == "--repeat-backward") {
+                opt.repeat_backward = true;
+            } else if (a == "--chunking-only") {
+                opt.chunking_only = true;
+            } else {
+                throw std::runtime_error("unknown argument " + a);
+            }
+        }
+        std::ifstream mf(f.path("meta.json"));
+        if (!mf) throw std::runtime_error("cannot open " + f.path("meta.json"));
+        std::stringstream ss;
+        ss << mf.rdbuf();
+        f.meta = parse_meta(ss.str());
+        const std::string dt = f.meta.str("dtype");
+        const int hd = static_cast<int>(f.meta.i64("head_dim"));
+        if (dt == "f32") return run_dim<DType::F32>(f, opt, hd);
+        if (dt == "f16") return run_dim<DType::F16>(f, opt, hd);
+        if (dt == "bf16") return run_dim<DType::BF16>(f, opt, hd);
+        throw std::runtime_error("dtype " + dt + ": expected f32, f16 or bf16");
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 2;
+    }
+}

@@ -1,0 +1,873 @@
+//! The CUDA kernels themselves, run on the CPU: `kernels/emu/run_kernels.cpp` compiles the
+//! sources build.rs generates (what NVRTC compiles) as host C++20 through `kernels/emu/cuda_host.h`
+//! (one OS thread per CUDA thread, warp collectives through per-warp barriers, a watchdog for
+//! deadlocks) and checks chunking, pooling, forward and backward against the f64 reference that
+//! this test writes to a folder per case (the format of `examples/export_batch.rs`, whose writer
+//! this test reuses). Awkward small batches, every dtype and head dimension.
+//!
+//! Needs a C++20 compiler (`$CXX`, `c++`, `g++` or `clang++`); without one the test fails. The
+//! driver is built once per source version into Cargo's target tmp dir. Environment:
+//! `SPARSECTR_EMU_SANITIZE=address` (AddressSanitizer + UBSan: out-of-bounds accesses) or `thread`
+//! (ThreadSanitizer: races) builds a sanitized driver (slow to build); `SPARSECTR_EMU_CASES=name,..`
+//! runs only the named cases; `SPARSECTR_EMU_JOBS=n` sets the number of drivers run at once;
+//! `SPARSECTR_EMU_RANDOM=n` sets the number of random small scenarios (default 6, seed
+//! `SPARSECTR_EMU_SEED`, default 7).
+
+#[allow(dead_code)] // this test uses the folder writer, not the example's `main`
+#[path = "../examples/export_batch.rs"]
+mod export_batch;
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
+use std::fs;
+use std::hash::{Hash, Hasher};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use export_batch::{write_folder, Export};
+use half::{bf16, f16};
+use sparsectr_attn::workload::{random_tensor, uniform_tensor, user_history, Rng};
+use sparsectr_attn::{
+    AttnConfig, Chunks, DType, Dims, Element, Gates, Inputs, JaggedBatch, RelTemporal, NUM_BRANCHES,
+};
+
+/// Writes past libtest's output capture, so progress shows as it happens.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+// ---- The driver ----------------------------------------------------------------------------
+
+/// The first C++ compiler that answers `--version`.
+fn find_cxx() -> Option<String> {
+    let mut candidates = Vec::new();
+    if let Ok(cxx) = std::env::var("CXX") {
+        candidates.push(cxx);
+    }
+    candidates.extend(["c++", "g++", "clang++"].map(String::from));
+    candidates.into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })
+}
+
+/// Builds (or reuses) the driver for the current kernel sources; returns its path.
+fn build_driver(cxx: &str) -> Result<PathBuf, String> {
+    let generated = Path::new(env!("OUT_DIR"));
+    let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
+    let mut flags: Vec<String> = ["-std=c++20", "-pthread", "-fno-strict-aliasing"]
+        .map(String::from)
+        .to_vec();
+    match std::env::var("SPARSECTR_EMU_SANITIZE").as_deref() {
+        Ok("address") => flags.extend(
+            [
+                "-O1",
+                "-g",
+                "-fsanitize=address,undefined",
+                "-fno-sanitize-recover=undefined",
+            ]
+            .map(String::from),
+        ),
+        Ok("thread") => flags.extend(["-O1", "-g", "-fsanitize=thread"].map(String::from)),
+        Ok("") | Err(_) => flags.push("-O2".into()),
+        Ok(other) => {
+            return Err(format!(
+                "SPARSECTR_EMU_SANITIZE={other}: expected address or thread"
+            ))
+        }
+    }
+    // The binary is named by everything that goes into it.
+    let mut hasher = DefaultHasher::new();
+    cxx.hash(&mut hasher);
+    flags.hash(&mut hasher);
+    let mut inputs: Vec<PathBuf> = vec![emu.join("cuda_host.h"), emu.join("run_kernels.cpp")];
+    let mut cu: Vec<PathBuf> = fs::read_dir(generated)
+        .map_err(|e| format!("{}: {e}", generated.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    cu.sort();
+    inputs.extend(cu);
+    for p in &inputs {
+        let text = fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        p.file_name().hash(&mut hasher);
+        text.hash(&mut hasher);
+    }
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_emulation");
+    fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let exe = dir.join(format!("run_kernels-{:016x}", hasher.finish()));
+    if exe.is_file() {
+        return Ok(exe);
+    }
+    let partial = exe.with_extension("partial");
+    let started = Instant::now();
+    let out = Command::new(cxx)
+        .args(&flags)
+        .arg("-iquote")
+        .arg(generated)
+        .arg("-o")
+        .arg(&partial)
+        .arg(emu.join("run_kernels.cpp"))
+        .output()
+        .map_err(|e| format!("running {cxx}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cxx} failed to build the kernel emulation:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    fs::rename(&partial, &exe).map_err(|e| e.to_string())?;
+    say!(
+        "kernel emulation: built {} with {cxx} {} in {:.0} s",
+        exe.display(),
+        flags.join(" "),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(exe)
+}
+
+// ---- Cases ---------------------------------------------------------------------------------
+
+/// One sequence: behavior timestamps and the number of candidates.
+struct Seq {
+    behaviors: Vec<i64>,
+    candidates: usize,
+}
+
+/// Behaviors at `start` and then after each gap.
+fn times(start: i64, gaps: &[i64]) -> Vec<i64> {
+    let mut t = vec![start];
+    for g in gaps {
+        t.push(t.last().unwrap() + g);
+    }
+    t
+}
+
+fn seq(behaviors: Vec<i64>, candidates: usize) -> Seq {
+    Seq {
+        behaviors,
+        candidates,
+    }
+}
+
+/// Packs sequences; candidates come 90 s after the last behavior (or at an arbitrary time).
+fn pack(user: bool, seqs: &[Seq]) -> JaggedBatch {
+    let mut offsets = vec![0usize];
+    let mut ts = Vec::new();
+    for s in seqs {
+        if user {
+            ts.push(i64::MIN); // ignored by the attention; absurd so that misuse shows
+        }
+        ts.extend(&s.behaviors);
+        let request = s.behaviors.last().map_or(1_700_000_000, |t| t + 90);
+        ts.extend(std::iter::repeat_n(request, s.candidates));
+        offsets.push(ts.len());
+    }
+    let cands = seqs.iter().map(|s| s.candidates).collect();
+    JaggedBatch::new(offsets, cands, user, ts).expect("a valid test batch")
+}
+
+/// Random sequences whose gaps tie often (zero, 5 s, a minute, a day) or are anything.
+fn random_seqs(rng: &mut Rng, count: usize, max_n: u64) -> Vec<Seq> {
+    (0..count)
+        .map(|_| {
+            let n = rng.range(0, max_n) as usize;
+            let gaps: Vec<i64> = (1..n.max(1))
+                .map(|_| match rng.range(0, 5) {
+                    0 => 0,
+                    1 => 5,
+                    2 => 60,
+                    3 => 86_400,
+                    _ => rng.range(0, 604_800) as i64,
+                })
+                .collect();
+            let start = rng.range(0, 4_000_000_000) as i64 - 100_000_000;
+            let b = if n == 0 {
+                Vec::new()
+            } else {
+                times(start, &gaps)
+            };
+            seq(b, rng.range(0, 3) as usize)
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy)]
+enum GatesKind {
+    None,
+    Native,
+    F32,
+}
+
+struct Scenario {
+    name: &'static str,
+    batch: JaggedBatch,
+    /// `P`; with `supplied`, the chunks are those instead of the personalized ones.
+    num_chunks: usize,
+    supplied: Option<(Vec<usize>, Vec<usize>)>,
+    tail_tokens: usize,
+    window: usize,
+    heads: usize,
+    temporal: RelTemporal,
+    gates: GatesKind,
+    /// Driver flags: `--chunks host`, `--repeat-backward`, `--chunking-only`.
+    flags: Vec<&'static str>,
+    /// (dtype, head dim) runs.
+    runs: Vec<(DType, usize)>,
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+const DIMS: [usize; 3] = [32, 64, 128];
+
+/// The three dtypes, with head dims rotating with `i` so that the scenarios cover every pair.
+fn all_dtypes(i: usize) -> Vec<(DType, usize)> {
+    DTYPES
+        .iter()
+        .enumerate()
+        .map(|(j, &d)| (d, DIMS[(i + j) % 3]))
+        .collect()
+}
+
+fn scenario(
+    name: &'static str,
+    batch: JaggedBatch,
+    num_chunks: usize,
+    m: usize,
+    w: usize,
+) -> Scenario {
+    Scenario {
+        name,
+        batch,
+        num_chunks,
+        supplied: None,
+        tail_tokens: m,
+        window: w,
+        heads: 2,
+        temporal: RelTemporal::default(),
+        gates: GatesKind::Native,
+        flags: Vec::new(),
+        runs: Vec::new(),
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let t0 = 1_699_657_200; // a Friday, 23:00 UTC (SPEC section 9)
+    let mut v = Vec::new();
+
+    let mut s = scenario("empty-batch", pack(true, &[]), 3, 1, 2);
+    s.runs = vec![(DType::F32, 32)];
+    v.push(s);
+    let mut s = scenario(
+        "empty-sequences",
+        pack(false, &[seq(vec![], 0), seq(vec![], 0)]),
+        3,
+        1,
+        2,
+    );
+    s.runs = vec![(DType::BF16, 64)];
+    v.push(s);
+
+    // n = 0: a sequence of only the user token and candidates, one of only the user token.
+    let mut s = scenario(
+        "no-behaviors",
+        pack(
+            true,
+            &[
+                seq(vec![], 3),
+                seq(times(t0, &[10, 0, 3600, 5]), 2),
+                seq(vec![], 0),
+                seq(vec![t0 + 7], 1),
+            ],
+        ),
+        3,
+        2,
+        3,
+    );
+    s.flags = vec!["--repeat-backward"];
+    v.push(s);
+
+    // No user token; empty sequences (same start as the next one) in the middle and at the end.
+    let mut s = scenario(
+        "no-user-token",
+        pack(
+            false,
+            &[
+                seq(times(t0, &[5, 86_400, 5]), 2),
+                seq(vec![], 0),
+                seq(vec![], 2),
+                seq(times(t0 - 1000, &[1, 2, 3, 4, 5]), 0),
+                seq(vec![], 0),
+            ],
+        ),
+        2,
+        1,
+        2,
+    );
+    s.gates = GatesKind::F32;
+    v.push(s);
+
+    let mut s = scenario(
+        "no-candidates",
+        pack(
+            true,
+            &[
+                seq(times(t0, &[60, 60, 7200, 0, 5, 86_400]), 0),
+                seq(times(t0 + 5, &[3, 3]), 0),
+                seq(vec![t0], 0),
+            ],
+        ),
+        3,
+        2,
+        4,
+    );
+    s.gates = GatesKind::None;
+    s.flags = vec!["--chunks", "host"];
+    v.push(s);
+
+    // Tails longer than their chunks: m = 4, chunks of 1 and 2 behaviors.
+    let s = scenario(
+        "chunks-shorter-than-m",
+        pack(
+            true,
+            &[
+                seq(times(t0, &[86_400, 5, 86_401, 86_402, 7, 86_403, 3]), 2),
+                seq(times(t0, &[100_000, 200_000, 300_000, 400_000]), 1),
+            ],
+        ),
+        5,
+        4,
+        3,
+    );
+    v.push(s);
+
+    let mut s = scenario(
+        "window-wider-than-n",
+        pack(
+            true,
+            &[
+                seq(times(t0, &[1, 2, 3600, 3, 4, 86_400, 5, 6]), 3),
+                seq(times(t0, &[9, 9, 9]), 2),
+            ],
+        ),
+        3,
+        2,
+        100,
+    );
+    s.gates = GatesKind::F32;
+    s.flags = vec!["--chunks", "host"];
+    v.push(s);
+
+    let mut s = scenario(
+        "window-1",
+        pack(
+            true,
+            &[
+                seq(times(t0, &[5, 60, 0, 3600, 5, 5, 86_400, 1, 2]), 2),
+                seq(times(t0 + 11, &[0, 0, 70, 0, 1]), 2),
+            ],
+        ),
+        4,
+        1,
+        1,
+    );
+    s.gates = GatesKind::None;
+    v.push(s);
+
+    // P beyond the number of (positive) gaps.
+    let mut s = scenario(
+        "p-above-gaps",
+        pack(
+            true,
+            &[
+                seq(times(t0, &[0, 0, 5, 0, 60, 0, 0, 5, 0, 0, 3600]), 2),
+                seq(vec![t0 + 3], 1),
+                seq(times(t0 + 8, &[0]), 1),
+            ],
+        ),
+        50,
+        2,
+        3,
+    );
+    s.flags = vec!["--chunks", "host"];
+    v.push(s);
+
+    // Equal gaps: the earlier gap wins; runs of simultaneous behaviors are never split.
+    let mut s = scenario(
+        "ties",
+        pack(
+            true,
+            &[
+                seq(times(t0, &[10; 9]), 2),
+                seq(times(t0, &[0, 0, 60, 0, 0, 60, 0, 0, 60, 0]), 1),
+                seq(times(t0, &[5, 5, 0, 5, 5]), 2),
+            ],
+        ),
+        4,
+        2,
+        3,
+    );
+    s.gates = GatesKind::F32;
+    v.push(s);
+
+    // Caller-supplied chunks, cutting between simultaneous behaviors too.
+    let batch = pack(
+        true,
+        &[
+            seq(times(t0, &[0, 0, 0, 5, 5, 0, 60, 0]), 2),
+            seq(times(t0, &[1, 1, 1]), 1),
+            seq(vec![], 2),
+        ],
+    );
+    let mut s = scenario("supplied-chunks", batch, 4, 2, 3);
+    s.supplied = Some((vec![0, 4, 5, 5], vec![1, 3, 2, 3, 4]));
+    s.gates = GatesKind::None;
+    v.push(s);
+
+    // Negative times, a UTC offset, few buckets (saturated), spans near i32::MAX, 3 heads.
+    let mut s = scenario(
+        "time-edges",
+        pack(
+            true,
+            &[
+                seq(times(-86_400 * 3 - 7, &[43_200, 86_399, 1, 172_800, 0]), 2),
+                seq(
+                    times(1_000_000, &[1_000_000_000, 1_000_000_000, 100_000_000]),
+                    1,
+                ),
+            ],
+        ),
+        3,
+        1,
+        2,
+    );
+    s.temporal = RelTemporal {
+        num_time_buckets: 5,
+        utc_offset: -18_000,
+    };
+    s.heads = 3;
+    v.push(s);
+
+    let mut rng = Rng::new(0x5eed_e111);
+    let mut s = scenario(
+        "random-a",
+        pack(true, &random_seqs(&mut rng, 4, 12)),
+        3,
+        2,
+        4,
+    );
+    s.temporal.utc_offset = 32_400;
+    v.push(s);
+    let mut s = scenario(
+        "random-b",
+        pack(false, &random_seqs(&mut rng, 4, 12)),
+        5,
+        1,
+        6,
+    );
+    s.gates = GatesKind::F32;
+    s.flags = vec!["--chunks", "host"];
+    v.push(s);
+
+    // More than 32 slots per branch (transition 6 x 8, window 40) and more than 32 queries per
+    // key: several rounds of the warp loops.
+    let mut s = scenario(
+        "long",
+        pack(
+            true,
+            &[
+                seq(user_history(&mut rng, 70, 1_780_000_000), 3),
+                seq(user_history(&mut rng, 20, 1_780_000_000), 1),
+            ],
+        ),
+        6,
+        8,
+        40,
+    );
+    s.heads = 1;
+    s.runs = vec![(DType::F32, 64), (DType::BF16, 128)];
+    v.push(s);
+
+    // Chunking only, on sequences longer than a block (256 threads): the radix select and the
+    // block scan over several rounds, with ties and mostly-zero gaps.
+    let mut s = scenario(
+        "chunking-long",
+        pack(
+            true,
+            &[
+                seq(
+                    times(
+                        t0,
+                        &(0..699)
+                            .map(|i| [0, 5, 60, 3600][i % 4])
+                            .collect::<Vec<_>>(),
+                    ),
+                    1,
+                ),
+                seq(times(t0, &[7; 299]), 0),
+                seq(times(t0, &(0..256).collect::<Vec<_>>()), 2),
+                seq(
+                    times(
+                        t0,
+                        &(0..599)
+                            .map(|i| if i % 97 == 3 { 1000 + i as i64 } else { 0 })
+                            .collect::<Vec<_>>(),
+                    ),
+                    0,
+                ),
+            ],
+        ),
+        100,
+        1,
+        2,
+    );
+    s.heads = 1;
+    s.flags = vec!["--chunking-only"];
+    s.runs = vec![(DType::F32, 32)];
+    v.push(s);
+
+    // Every other scenario runs all three dtypes, head dims rotating.
+    for (i, s) in v.iter_mut().enumerate() {
+        if s.runs.is_empty() {
+            s.runs = all_dtypes(i);
+        }
+    }
+
+    // Random small scenarios, one run each (SPARSECTR_EMU_RANDOM=n, seed SPARSECTR_EMU_SEED).
+    let extra: usize = env_number("SPARSECTR_EMU_RANDOM").unwrap_or(6);
+    let mut rng = Rng::new(env_number("SPARSECTR_EMU_SEED").unwrap_or(7));
+    for _ in 0..extra {
+        v.push(random_scenario(&mut rng));
+    }
+    v
+}
+
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// A random small scenario with one random (dtype, head dim) run.
+fn random_scenario(rng: &mut Rng) -> Scenario {
+    let count = rng.range(1, 5) as usize;
+    let user = rng.chance(0.5);
+    let seqs = random_seqs(rng, count, 16);
+    let window = if rng.chance(0.2) {
+        rng.range(10, 40)
+    } else {
+        rng.range(1, 6)
+    } as usize;
+    let mut s = scenario(
+        "random",
+        pack(user, &seqs),
+        rng.range(1, 8) as usize,
+        rng.range(1, 5) as usize,
+        window,
+    );
+    s.heads = rng.range(1, 3) as usize;
+    s.temporal = RelTemporal {
+        num_time_buckets: rng.range(1, 70) as u32,
+        utc_offset: rng.range(0, 2 * 86_400) as i64 - 86_400,
+    };
+    s.gates = [GatesKind::None, GatesKind::Native, GatesKind::F32][rng.range(0, 2) as usize];
+    if rng.chance(0.5) {
+        s.flags = vec!["--chunks", "host"];
+    }
+    s.runs = vec![(
+        DTYPES[rng.range(0, 2) as usize],
+        DIMS[rng.range(0, 2) as usize],
+    )];
+    s
+}
+
+/// Inputs of one run, drawn in the run's dtype.
+fn write_case<T: Element>(
+    dir: &Path,
+    s: &Scenario,
+    head_dim: usize,
+    seed: u64,
+) -> Result<(), String> {
+    let batch = &s.batch;
+    let chunks = match &s.supplied {
+        None => Chunks::personalized(batch, s.num_chunks),
+        Some((offsets, lengths)) => Chunks::from_lengths(batch, offsets, lengths),
+    }
+    .map_err(|e| e.to_string())?;
+    let dims = Dims {
+        heads: s.heads,
+        head_dim,
+    };
+    let mut config = AttnConfig::new(s.tail_tokens, s.window);
+    config.temporal = s.temporal;
+    let t = batch.num_tokens();
+    let n = t * s.heads * head_dim;
+    let mut rng = Rng::new(seed);
+    let q: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let k: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let v: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let coeffs: Vec<f32> = random_tensor(&mut rng, s.heads * 3, 1.0);
+    let g_native: Vec<T> = uniform_tensor(&mut rng, t * s.heads * NUM_BRANCHES, -0.5, 1.5);
+    let g_f32: Vec<f32> = uniform_tensor(&mut rng, t * s.heads * NUM_BRANCHES, -0.5, 1.5);
+    let d_o: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: match s.gates {
+            GatesKind::None => None,
+            GatesKind::Native => Some(Gates::Native(&g_native)),
+            GatesKind::F32 => Some(Gates::F32(&g_f32)),
+        },
+    };
+    let export = Export {
+        name: s.name,
+        batch,
+        chunks: &chunks,
+        personalized: s.supplied.is_none(),
+        num_chunks: s.num_chunks,
+        dims,
+        config,
+        inputs,
+        d_o: Some(&d_o),
+    };
+    write_folder(dir, &export, None).map(|_| ())
+}
+
+struct Run {
+    label: String,
+    dtype: DType,
+    dir: PathBuf,
+    flags: Vec<&'static str>,
+}
+
+/// The `name=error` pairs of a driver's result line.
+fn errors_of(summary: &str) -> Vec<(String, f64)> {
+    let errors = summary.split_once(": ").map_or("", |(_, e)| e);
+    errors
+        .split(" (")
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .filter_map(|item| {
+            let (name, value) = item.split_once('=')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// "largest error dk 2.3e-4 of 9 checked (tolerance 3e-3)", or that there was nothing to check.
+fn worst_line(summary: &str, dtype: DType) -> String {
+    let errors = errors_of(summary);
+    match errors.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+        Some((name, e)) => format!(
+            "largest error {name} {e:.1e} of {} checked (tolerance {:.0e})",
+            errors.len(),
+            dtype.tolerance()
+        ),
+        None => "chunking only".to_string(),
+    }
+}
+
+/// What one driver run printed and whether it passed.
+struct Outcome {
+    ok: bool,
+    summary: String,
+    output: String,
+    seconds: f64,
+}
+
+fn run_driver(exe: &Path, run: &Run) -> Outcome {
+    let started = Instant::now();
+    let out = Command::new(exe).arg(&run.dir).args(&run.flags).output();
+    let seconds = started.elapsed().as_secs_f64();
+    match out {
+        Err(e) => Outcome {
+            ok: false,
+            summary: format!("could not run {}: {e}", exe.display()),
+            output: String::new(),
+            seconds,
+        },
+        Ok(o) => {
+            let output = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let summary = output
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("OK ") || l.starts_with("FAILED "))
+                .unwrap_or("(no result line)")
+                .to_string();
+            Outcome {
+                ok: o.status.success(),
+                summary,
+                output,
+                seconds,
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_kernels_in_cpu_emulation_match_the_reference() {
+    let started = Instant::now();
+    let cxx = find_cxx().unwrap_or_else(|| {
+        panic!(
+            "kernel emulation needs a C++20 compiler: none of $CXX, c++, g++, clang++ runs \
+             (install g++, e.g. `apt-get install g++`)"
+        )
+    });
+    let only: Option<Vec<String>> = std::env::var("SPARSECTR_EMU_CASES")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .map(|s| s.split(',').map(String::from).collect());
+
+    // Build the driver while the reference outputs are written.
+    let build = std::thread::spawn(move || build_driver(&cxx));
+
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("kernel_emulation")
+        .join("cases");
+    let _ = fs::remove_dir_all(&root);
+    let mut runs = Vec::new();
+    for (i, s) in scenarios().iter().enumerate() {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|n| n == s.name))
+        {
+            continue;
+        }
+        for &(dtype, head_dim) in &s.runs {
+            let name = if s.name == "random" {
+                format!("random-{i}")
+            } else {
+                s.name.to_string()
+            };
+            let label = format!("{name} {} D={head_dim}", dtype.name());
+            let dir = root.join(format!("{name}-{}-d{head_dim}", dtype.name()));
+            let seed = 1000 * i as u64 + head_dim as u64;
+            let written = match dtype {
+                DType::F32 => write_case::<f32>(&dir, s, head_dim, seed),
+                DType::F16 => write_case::<f16>(&dir, s, head_dim, seed),
+                DType::BF16 => write_case::<bf16>(&dir, s, head_dim, seed),
+                DType::F64 => unreachable!(),
+            };
+            if let Err(e) = written {
+                panic!("{label}: writing the reference folder failed: {e}");
+            }
+            runs.push(Run {
+                label,
+                dtype,
+                dir,
+                flags: s.flags.clone(),
+            });
+        }
+    }
+    let exe = match build.join().expect("build thread") {
+        Ok(exe) => exe,
+        Err(e) => panic!("{e}"),
+    };
+    let self_test = Command::new(&exe)
+        .arg("--self-test")
+        .output()
+        .expect("run the kernel emulation's self-test");
+    assert!(
+        self_test.status.success(),
+        "the emulated collectives fail their self-test:\n{}{}",
+        String::from_utf8_lossy(&self_test.stdout),
+        String::from_utf8_lossy(&self_test.stderr)
+    );
+
+    let jobs = env_number::<usize>("SPARSECTR_EMU_JOBS")
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    say!(
+        "kernel emulation: {} runs, {jobs} at a time (reference folders under {})",
+        runs.len(),
+        root.display()
+    );
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Outcome)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(runs.len()) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(run) = runs.get(i) else {
+                    break;
+                };
+                let outcome = run_driver(&exe, run);
+                let n = done.fetch_add(1, Ordering::SeqCst) + 1;
+                let status = if outcome.ok { "ok  " } else { "FAIL" };
+                let detail = if outcome.ok {
+                    worst_line(&outcome.summary, run.dtype)
+                } else {
+                    outcome.summary.clone()
+                };
+                say!(
+                    "[{n:>2}/{}] {status} {:<31} {:>5.1} s  {detail}",
+                    runs.len(),
+                    run.label,
+                    outcome.seconds
+                );
+                results.lock().unwrap().push((i, outcome));
+            });
+        }
+    });
+
+    // The largest error of each tensor per dtype, over all runs.
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|(i, _)| *i);
+    let mut worst: BTreeMap<(&str, String), f64> = BTreeMap::new();
+    for (i, o) in &results {
+        for (name, x) in errors_of(&o.summary) {
+            let e = worst.entry((runs[*i].dtype.name(), name)).or_insert(0.0);
+            *e = e.max(x);
+        }
+    }
+    for dtype in ["f32", "f16", "bf16"] {
+        let line: Vec<String> = worst
+            .iter()
+            .filter(|((d, _), _)| *d == dtype)
+            .map(|((_, name), e)| format!("{name}={e:.1e}"))
+            .collect();
+        if !line.is_empty() {
+            say!("kernel emulation: worst {dtype}: {}", line.join(" "));
+        }
+    }
+    say!(
+        "kernel emulation: {} runs in {:.0} s",
+        results.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, o)| !o.ok)
+        .map(|(i, o)| {
+            format!(
+                "---- {} ({})\n{}",
+                runs[*i].label,
+                runs[*i].dir.display(),
+                o.output.trim_end()
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} emulated kernel runs failed:\n{}",
+        failed.len(),
+        results.len(),
+        failed.join("\n")
+    );
+}
