@@ -44,10 +44,10 @@ __device__ __forceinline__ float branch_backward(const QueryContext<T>& ctx, con
         const KeySlot key = s < num_slots ? Branch::slot(qi, p, s, kt.chunk_ends, kt.rel_time) : masked_slot();
         if (key.row >= 0) {
             const size_t at = (static_cast<size_t>(key.row) * p.heads + ctx.head) * kHeadDim;
-            float z = dot_row<T, kHeadDim>((key.summary ? kt.kbar : kt.k) + at, ctx.sQ);
+            float z = dot_key<T, kHeadDim>(kt, key.summary, at, ctx.sQ);
             if (key.timed)
                 z += ctx.coeffs.bias(temporal_features(ctx.tq, key.time, ctx.weekday0, p.num_time_buckets));
-            const float u = dot_row<T, kHeadDim>((key.summary ? kt.vbar : kt.v) + at, sDO);
+            const float u = dot_value<T, kHeadDim>(kt, key.summary, at, sDO);
             dgates_lane = fmaf(expf(z - lse_b), u, dgates_lane);
         }
     }
@@ -60,13 +60,13 @@ __device__ __forceinline__ float branch_backward(const QueryContext<T>& ctx, con
         float dz = 0.f;
         if (key.row >= 0) {
             const size_t at = (static_cast<size_t>(key.row) * p.heads + ctx.head) * kHeadDim;
-            float z = dot_row<T, kHeadDim>((key.summary ? kt.kbar : kt.k) + at, ctx.sQ);
+            float z = dot_key<T, kHeadDim>(kt, key.summary, at, ctx.sQ);
             TemporalFeatures f{0.f, 0.f, 0.f};
             if (key.timed) {
                 f = temporal_features(ctx.tq, key.time, ctx.weekday0, p.num_time_buckets);
                 z += ctx.coeffs.bias(f);
             }
-            const float u = dot_row<T, kHeadDim>((key.summary ? kt.vbar : kt.v) + at, sDO);
+            const float u = dot_value<T, kHeadDim>(kt, key.summary, at, sDO);
             dz = pair_grad(z, lse_b, gate, u, dgates_b).dz;
             partial.bucket = fmaf(dz, f.bucket, partial.bucket);
             partial.hour = fmaf(dz, f.hour, partial.hour);
@@ -79,9 +79,10 @@ __device__ __forceinline__ float branch_backward(const QueryContext<T>& ctx, con
             const int row = __shfl_sync(kFullMask, key.row, j);
             const float dzj = __shfl_sync(kFullMask, dz, j) * p.scale;
             const bool summary = __shfl_sync(kFullMask, static_cast<int>(key.summary), j) != 0;
-            const T* kRow = (summary ? kt.kbar : kt.k) + (static_cast<size_t>(row) * p.heads + ctx.head) * kHeadDim;
+            const size_t at = (static_cast<size_t>(row) * p.heads + ctx.head) * kHeadDim + lane;
 #pragma unroll
-            for (int i = 0; i < kPerLane; ++i) rDQ[i] = fmaf(dzj, to_float(kRow[lane + i * kWarpSize]), rDQ[i]);
+            for (int i = 0; i < kPerLane; ++i)
+                rDQ[i] = fmaf(dzj, key_elem(kt, summary, at + i * kWarpSize), rDQ[i]);
         }
     }
     return dgates_b;
@@ -140,7 +141,8 @@ __device__ void backward_query(const EvoParams& p, const T* __restrict__ q, cons
 #define SPARSECTR_BACKWARD_QUERY(NAME, T, D)                                                     \
     extern "C" __global__ void __launch_bounds__(kBwdQueryThreads, kBwdQueryMinBlocks)           \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
-             const T* __restrict__ v, const T* __restrict__ kbar, const T* __restrict__ vbar,    \
+             const T* __restrict__ v, const float* __restrict__ kbar,                            \
+             const float* __restrict__ vbar,                                                     \
              const void* __restrict__ gates, const float* __restrict__ coeffs,                   \
              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
              const int* __restrict__ weekday0, const int* __restrict__ chunk_ends,               \

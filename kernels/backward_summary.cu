@@ -17,7 +17,7 @@ constexpr int kBwdSummaryMinBlocks = 4;
 
 template <typename T, int kHeadDim>
 __device__ void backward_summary(const EvoParams& p, const QueryTensors<T>& qt,
-                                 const T* __restrict__ kbar, const T* __restrict__ vbar,
+                                 const float* __restrict__ kbar, const float* __restrict__ vbar,
                                  const float* __restrict__ coeffs, const SeqInfo* __restrict__ seqs,
                                  const int* __restrict__ weekday0, const int* __restrict__ chunk_ends,
                                  const int* __restrict__ chunk_counts, float* __restrict__ dkbar,
@@ -39,8 +39,8 @@ __device__ void backward_summary(const EvoParams& p, const QueryTensors<T>& qt,
     const size_t row = (static_cast<size_t>(slot) * p.heads + head) * kHeadDim;
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) {
-        sK[warp][lane + i * kWarpSize] = active ? to_float(kbar[row + lane + i * kWarpSize]) * p.scale : 0.f;
-        sV[warp][lane + i * kWarpSize] = active ? to_float(vbar[row + lane + i * kWarpSize]) : 0.f;
+        sK[warp][lane + i * kWarpSize] = active ? kbar[row + lane + i * kWarpSize] * p.scale : 0.f;
+        sV[warp][lane + i * kWarpSize] = active ? vbar[row + lane + i * kWarpSize] : 0.f;
     }
     __syncwarp();
     const KeyContext kc{&p, head, sK[warp], sV[warp], true, active ? qt.rel_time[last] : 0u, weekday0[s],
@@ -61,8 +61,8 @@ __device__ void backward_summary(const EvoParams& p, const QueryTensors<T>& qt,
 
 #define SPARSECTR_BACKWARD_SUMMARY(NAME, T, D)                                                   \
     extern "C" __global__ void __launch_bounds__(kBwdSummaryThreads, kBwdSummaryMinBlocks)       \
-        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ kbar,             \
-             const T* __restrict__ vbar, const void* __restrict__ gates,                         \
+        NAME(const EvoParams p, const T* __restrict__ q, const float* __restrict__ kbar,         \
+             const float* __restrict__ vbar, const void* __restrict__ gates,                     \
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \
              const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
              const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \

@@ -74,7 +74,8 @@ __device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const K
 #define SPARSECTR_FORWARD(NAME, T, D)                                                            \
     extern "C" __global__ void __launch_bounds__(kForwardThreads, kForwardMinBlocks)                                \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
-             const T* __restrict__ v, const T* __restrict__ kbar, const T* __restrict__ vbar,    \
+             const T* __restrict__ v, const float* __restrict__ kbar,                            \
+             const float* __restrict__ vbar,                                                     \
              const void* __restrict__ gates, const float* __restrict__ coeffs,                   \
              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
              const int* __restrict__ weekday0, const int* __restrict__ chunk_ends,               \

@@ -1,7 +1,8 @@
 // Chunk summaries: Kbar_k and Vbar_k are the means of K and V over chunk k's members, per head
 // (SPEC section 3). One block per chunk slot; threads over the H * D elements of a row, so every
-// member row is read coalesced. Sums are kept in f64: a chunk may hold thousands of members and
-// the f32 path must stay within 1e-5 of the f64 reference.
+// member row is read coalesced. Sums are kept in f64 (a chunk may hold thousands of members) and
+// the means are stored in f32 whatever T is: rounding them to bf16 pushed the bf16 dcoeffs past
+// SPEC's 1e-2 (4.8e-2 on a reviewer's case), as it is the only rounding before the outputs.
 //
 // @instantiate SPARSECTR_POOLING dtype
 
@@ -13,8 +14,8 @@ constexpr int kPoolThreads = 256;
 template <typename T>
 __device__ void evo_pooling(const EvoParams& p, const T* __restrict__ k, const T* __restrict__ v,
                             const SeqInfo* __restrict__ seqs, const int* __restrict__ chunk_ends,
-                            const int* __restrict__ chunk_counts, T* __restrict__ kbar,
-                            T* __restrict__ vbar) {
+                            const int* __restrict__ chunk_counts, float* __restrict__ kbar,
+                            float* __restrict__ vbar) {
     const int slot = blockIdx.x;
     const int s = slot / p.max_chunks;
     const int c = slot - s * p.max_chunks;
@@ -31,8 +32,8 @@ __device__ void evo_pooling(const EvoParams& p, const T* __restrict__ k, const T
             sum_v += to_float(v[at]);
         }
         const size_t out = static_cast<size_t>(slot) * width + e;
-        kbar[out] = from_float<T>(static_cast<float>(sum_k * inv));
-        vbar[out] = from_float<T>(static_cast<float>(sum_v * inv));
+        kbar[out] = static_cast<float>(sum_k * inv);
+        vbar[out] = static_cast<float>(sum_v * inv);
     }
 }
 
@@ -40,6 +41,7 @@ __device__ void evo_pooling(const EvoParams& p, const T* __restrict__ k, const T
     extern "C" __global__ void __launch_bounds__(kPoolThreads)                                    \
         NAME(const EvoParams p, const T* __restrict__ k, const T* __restrict__ v,                 \
              const SeqInfo* __restrict__ seqs, const int* __restrict__ chunk_ends,                \
-             const int* __restrict__ chunk_counts, T* __restrict__ kbar, T* __restrict__ vbar) {  \
+             const int* __restrict__ chunk_counts, float* __restrict__ kbar,                     \
+             float* __restrict__ vbar) {                                                          \
         evo_pooling<T>(p, k, v, seqs, chunk_ends, chunk_counts, kbar, vbar);                      \
     }

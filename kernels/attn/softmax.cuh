@@ -14,11 +14,36 @@ template <typename T>
 struct KeyTensors {
     const T* __restrict__ k;
     const T* __restrict__ v;
-    const T* __restrict__ kbar;
-    const T* __restrict__ vbar;
+    const float* __restrict__ kbar;  // chunk summaries are f32 whatever T is (pooling.cu)
+    const float* __restrict__ vbar;
     const int* __restrict__ chunk_ends;
     const unsigned* __restrict__ rel_time;
 };
+
+// Rows of a key, token (T) or summary (f32), at element offset `at` = (row * H + head) * D.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ float dot_key(const KeyTensors<T>& kt, bool summary, size_t at,
+                                         const float* sVec) {
+    return summary ? dot_row<float, kHeadDim>(kt.kbar + at, sVec)
+                   : dot_row<T, kHeadDim>(kt.k + at, sVec);
+}
+
+template <typename T, int kHeadDim>
+__device__ __forceinline__ float dot_value(const KeyTensors<T>& kt, bool summary, size_t at,
+                                           const float* sVec) {
+    return summary ? dot_row<float, kHeadDim>(kt.vbar + at, sVec)
+                   : dot_row<T, kHeadDim>(kt.v + at, sVec);
+}
+
+template <typename T>
+__device__ __forceinline__ float key_elem(const KeyTensors<T>& kt, bool summary, size_t i) {
+    return summary ? kt.kbar[i] : to_float(kt.k[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ float value_elem(const KeyTensors<T>& kt, bool summary, size_t i) {
+    return summary ? kt.vbar[i] : to_float(kt.v[i]);
+}
 
 // Computes O_b (into rAcc, this lane's dims lane, lane + 32, ...) and returns LSE_b; an empty key
 // set gives O_b = 0 and LSE_b = -inf.
@@ -52,8 +77,8 @@ __device__ __forceinline__ float attend_branch(const QueryContext<T>& ctx, float
         KeySlot key = s < num_slots ? Branch::slot(qi, p, s, kt.chunk_ends, kt.rel_time) : masked_slot();
         float z = neg_inf();
         if (key.row >= 0) {
-            const T* kRow = (key.summary ? kt.kbar : kt.k) + (static_cast<size_t>(key.row) * p.heads + head) * kHeadDim;
-            z = dot_row<T, kHeadDim>(kRow, ctx.sQ);
+            const size_t at = (static_cast<size_t>(key.row) * p.heads + head) * kHeadDim;
+            z = dot_key<T, kHeadDim>(kt, key.summary, at, ctx.sQ);
             if (key.timed)
                 z += ctx.coeffs.bias(temporal_features(ctx.tq, key.time, ctx.weekday0, p.num_time_buckets));
         }
@@ -72,9 +97,10 @@ __device__ __forceinline__ float attend_branch(const QueryContext<T>& ctx, float
             const int row = __shfl_sync(kFullMask, key.row, j);
             const float pj = __shfl_sync(kFullMask, prob, j);
             const bool summary = __shfl_sync(kFullMask, static_cast<int>(key.summary), j) != 0;
-            const T* vRow = (summary ? kt.vbar : kt.v) + (static_cast<size_t>(row) * p.heads + head) * kHeadDim;
+            const size_t at = (static_cast<size_t>(row) * p.heads + head) * kHeadDim + lane;
 #pragma unroll
-            for (int i = 0; i < kPerLane; ++i) rAcc[i] = fmaf(pj, to_float(vRow[lane + i * kWarpSize]), rAcc[i]);
+            for (int i = 0; i < kPerLane; ++i)
+                rAcc[i] = fmaf(pj, value_elem(kt, summary, at + i * kWarpSize), rAcc[i]);
         }
         running_max = new_max;
     }

@@ -739,18 +739,18 @@ int run(const Folder& f, const Options& opt) {
         const size_t summary_rows = slots * H * HD;
 
         // ---- pool: unused slots stay NaN (the host zeroes them; no kernel may read them) ----
-        Buf kbar = poisoned<TP>(summary_rows), vbar = poisoned<TP>(summary_rows);
+        Buf kbar = poisoned<float>(summary_rows), vbar = poisoned<float>(summary_rows);
         {
             Timer t;
             emu::launch_named(K::pooling_name, K::pooling, dim3(static_cast<unsigned>(slots)),
                               dim3(kPoolThreads), cast_params<k_pooling::EvoParams>(p),
                               k_d.as<const TP>(), v_d.as<const TP>(),
                               seqs_d.as<const k_pooling::SeqInfo>(), ends_d.as<const int>(),
-                              counts_d.as<const int>(), kbar.as<TP>(), vbar.as<TP>());
+                              counts_d.as<const int>(), kbar.as<float>(), vbar.as<float>());
             // Reference: f64 means of the (stored) members over the used slots.
             std::vector<double> got_k, got_v, want_k, want_v;
             const auto kw = widen<DT>(k_d, rows), vw = widen<DT>(v_d, rows);
-            const auto kb = widen<DT>(kbar, summary_rows), vb = widen<DT>(vbar, summary_rows);
+            const auto kb = widen_f32(kbar, summary_rows), vb = widen_f32(vbar, summary_rows);
             const size_t width = static_cast<size_t>(H) * HD;
             for (int s = 0; s < B; ++s)
                 for (int c = 0; c < counts_h[s]; ++c) {
@@ -782,8 +782,8 @@ int run(const Folder& f, const Options& opt) {
             const dim3 grid((T + kForwardWarps - 1) / kForwardWarps, H);
             emu::launch_named(K::forward_name, K::forward, grid, dim3(kForwardThreads),
                               cast_params<k_forward::EvoParams>(p), q_d.as<const TF>(),
-                              k_d.as<const TF>(), v_d.as<const TF>(), kbar.as<const TF>(),
-                              vbar.as<const TF>(), gates_ptr, coeffs_d.as<const float>(),
+                              k_d.as<const TF>(), v_d.as<const TF>(), kbar.as<const float>(),
+                              vbar.as<const float>(), gates_ptr, coeffs_d.as<const float>(),
                               rel_d.as<const unsigned>(), seqs_d.as<const k_forward::SeqInfo>(),
                               wd0_d.as<const int>(), ends_d.as<const int>(),
                               counts_d.as<const int>(), o.as<TF>(), lse.as<float>());
@@ -808,7 +808,7 @@ int run(const Folder& f, const Options& opt) {
                 emu::launch_named(
                     K::bwd_query_name, K::bwd_query, token_grid, block,
                     cast_params<k_bwd_query::EvoParams>(p), q_d.as<const TQ>(), k_d.as<const TQ>(),
-                    v_d.as<const TQ>(), kbar.as<const TQ>(), vbar.as<const TQ>(), gates_ptr,
+                    v_d.as<const TQ>(), kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
                     coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
                     seqs_d.as<const k_bwd_query::SeqInfo>(), wd0_d.as<const int>(),
                     ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TQ>(),
@@ -819,7 +819,7 @@ int run(const Folder& f, const Options& opt) {
                 emu::launch_named(
                     K::bwd_summary_name, K::bwd_summary, summary_grid, block,
                     cast_params<k_bwd_summary::EvoParams>(p), q_d.as<const TS>(),
-                    kbar.as<const TS>(), vbar.as<const TS>(), gates_ptr, coeffs_d.as<const float>(),
+                    kbar.as<const float>(), vbar.as<const float>(), gates_ptr, coeffs_d.as<const float>(),
                     rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_summary::SeqInfo>(),
                     wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
                     d_o_d.as<const TS>(), lse.as<const float>(), out.dgates.as<const float>(),

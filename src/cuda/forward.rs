@@ -165,8 +165,9 @@ pub(crate) fn launch_params(
 }
 
 impl GpuDevice {
-    /// Chunk summaries `Kbar`, `Vbar` (`[B * P, H, D]`): every slot is zero-initialised, the
-    /// pooling kernel fills the slots of real chunks.
+    /// Chunk summaries `Kbar`, `Vbar` (`[B * P, H, D]` f32 whatever T is: rounding them to bf16
+    /// cost the bf16 dcoeffs their tolerance): every slot is zero-initialised, the pooling kernel
+    /// fills the slots of real chunks.
     pub(crate) fn pool<T: GpuElement>(
         &self,
         batch: &DeviceBatch,
@@ -175,7 +176,7 @@ impl GpuDevice {
         params: &EvoParams,
         k: &CudaSlice<T>,
         v: &CudaSlice<T>,
-    ) -> Result<(CudaSlice<T>, CudaSlice<T>)> {
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let stream = &self.stream;
         let summary_len = (chunks.num_seqs * chunks.max_chunks)
             .checked_mul(dims.heads * dims.head_dim)
@@ -186,10 +187,10 @@ impl GpuDevice {
             })?
             .max(1);
         let mut kbar = stream
-            .alloc_zeros::<T>(summary_len)
+            .alloc_zeros::<f32>(summary_len)
             .map_err(driver("cuMemAlloc(kbar)"))?;
         let mut vbar = stream
-            .alloc_zeros::<T>(summary_len)
+            .alloc_zeros::<f32>(summary_len)
             .map_err(driver("cuMemAlloc(vbar)"))?;
         let pool = self.function(Entry::Pooling, Some(T::DTYPE), None)?;
         let cfg = LaunchConfig {
