@@ -4,15 +4,14 @@
 
 mod common;
 
-use common::gpu::{cases, gpu};
+use common::gpu::{for_each_head_dim, gpu};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
 use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, HostGradients};
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
     reference, rel_l2_error, AttnConfig, Chunks, Dims, EvoAttention, Gates, Inputs, JaggedBatch,
-    RelTemporal, NUM_BRANCHES, SUPPORTED_HEAD_DIMS,
+    RelTemporal, NUM_BRANCHES,
 };
 
 #[derive(Debug, Clone)]
@@ -173,17 +172,7 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
 }
 
 fn backward_matches_reference<T: GpuElement>(test: &str, default_cases: u32) {
-    let Some(gpu) = gpu(test) else {
-        return;
-    };
-    for &head_dim in SUPPORTED_HEAD_DIMS {
-        let mut runner = TestRunner::new(ProptestConfig::with_cases(cases(default_cases)));
-        runner
-            .run(&case(), |c| {
-                check_case::<T>(gpu, &c, head_dim).map_err(TestCaseError::fail)
-            })
-            .unwrap();
-    }
+    for_each_head_dim(test, default_cases, case, check_case::<T>);
 }
 
 #[test]

@@ -11,10 +11,10 @@ use sparsectr_attn::cuda::{DeviceGates, DeviceInputs, DeviceOutputs, GpuDevice, 
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
     reference, rel_l2_error, AttnConfig, Chunks, Dims, Error, EvoAttention, Gates, Inputs,
-    JaggedBatch, RelTemporal, NUM_BRANCHES, SUPPORTED_HEAD_DIMS,
+    JaggedBatch, RelTemporal, NUM_BRANCHES,
 };
 
-use common::gpu::{cases, gpu};
+use common::gpu::{cases, for_each_head_dim, gpu};
 
 #[test]
 fn no_driver_or_gpu_is_an_error_value() {
@@ -218,17 +218,7 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
 }
 
 fn forward_matches_reference<T: GpuElement>(test: &str, default_cases: u32) {
-    let Some(gpu) = gpu(test) else {
-        return;
-    };
-    for &head_dim in SUPPORTED_HEAD_DIMS {
-        let mut runner = TestRunner::new(ProptestConfig::with_cases(cases(default_cases)));
-        runner
-            .run(&case(), |c| {
-                check_case::<T>(gpu, &c, head_dim).map_err(TestCaseError::fail)
-            })
-            .unwrap();
-    }
+    for_each_head_dim(test, default_cases, case, check_case::<T>);
 }
 
 #[test]

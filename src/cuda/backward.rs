@@ -16,7 +16,7 @@ use super::forward::{
 };
 use super::kernels::Entry;
 use super::params::GatesMode;
-use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs};
+use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Inputs};
 use crate::batch::JaggedBatch;
 use crate::chunking::Chunks;
 use crate::error::Result;
@@ -247,36 +247,11 @@ impl GpuDevice {
                 dgates: Vec::new(),
             });
         }
-        let d_batch = self.upload_batch(batch, &config.temporal)?;
-        let d_chunks = self.upload_chunks(batch, chunks)?;
+        let up = self.upload_call(batch, chunks, config, inputs)?;
         let stream = &self.stream;
-        let (q, k, v) = (
-            upload(stream, inputs.q)?,
-            upload(stream, inputs.k)?,
-            upload(stream, inputs.v)?,
-        );
-        let coeffs = upload(stream, inputs.coeffs)?;
         let d_o = upload(stream, d_o)?;
-        let (gates_native, gates_f32);
-        let gates = match inputs.gates {
-            None => None,
-            Some(Gates::Native(g)) => {
-                gates_native = upload(stream, g)?;
-                Some(DeviceGates::Native(&gates_native))
-            }
-            Some(Gates::F32(g)) => {
-                gates_f32 = upload(stream, g)?;
-                Some(DeviceGates::F32(&gates_f32))
-            }
-        };
-        let d_inputs = DeviceInputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            coeffs: &coeffs,
-            gates,
-        };
-        let (_, lse) = self.forward(&d_batch, &d_chunks, dims, config, &d_inputs)?;
+        let d_inputs = up.inputs();
+        let (_, lse) = self.forward(&up.batch, &up.chunks, dims, config, &d_inputs)?;
         let rows = dims.tensor_len(t)?;
         let mut dq = zeros::<T>(stream, rows)?;
         let mut dk = zeros::<T>(stream, rows)?;
@@ -291,7 +266,7 @@ impl GpuDevice {
             dgates: &mut dgates,
         };
         self.backward_into(
-            &d_batch, &d_chunks, dims, config, &d_inputs, &lse, &d_o, mode, grads,
+            &up.batch, &up.chunks, dims, config, &d_inputs, &lse, &d_o, mode, grads,
         )?;
         let down = |what: &'static str| driver(what);
         Ok(HostGradients {

@@ -164,7 +164,63 @@ pub(crate) fn launch_params(
     })
 }
 
+/// Device copies of one host call's batch, chunks and inputs (for the `*_host` conveniences).
+pub(crate) struct HostUpload<T> {
+    pub batch: DeviceBatch,
+    pub chunks: DeviceChunks,
+    q: CudaSlice<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    coeffs: CudaSlice<f32>,
+    gates: Option<OwnedGates<T>>,
+}
+
+enum OwnedGates<T> {
+    Native(CudaSlice<T>),
+    F32(CudaSlice<f32>),
+}
+
+impl<T> HostUpload<T> {
+    /// The uploaded tensors as the device calls take them.
+    pub fn inputs(&self) -> DeviceInputs<'_, T> {
+        DeviceInputs {
+            q: &self.q,
+            k: &self.k,
+            v: &self.v,
+            coeffs: &self.coeffs,
+            gates: self.gates.as_ref().map(|g| match g {
+                OwnedGates::Native(g) => DeviceGates::Native(g),
+                OwnedGates::F32(g) => DeviceGates::F32(g),
+            }),
+        }
+    }
+}
+
 impl GpuDevice {
+    /// Uploads a validated host call: batch (times prepared for `config`), chunks and inputs.
+    pub(crate) fn upload_call<T: GpuElement>(
+        &self,
+        batch: &JaggedBatch,
+        chunks: &Chunks,
+        config: &AttnConfig,
+        inputs: &Inputs<'_, T>,
+    ) -> Result<HostUpload<T>> {
+        let stream = &self.stream;
+        Ok(HostUpload {
+            batch: self.upload_batch(batch, &config.temporal)?,
+            chunks: self.upload_chunks(batch, chunks)?,
+            q: upload(stream, inputs.q)?,
+            k: upload(stream, inputs.k)?,
+            v: upload(stream, inputs.v)?,
+            coeffs: upload(stream, inputs.coeffs)?,
+            gates: match inputs.gates {
+                None => None,
+                Some(Gates::Native(g)) => Some(OwnedGates::Native(upload(stream, g)?)),
+                Some(Gates::F32(g)) => Some(OwnedGates::F32(upload(stream, g)?)),
+            },
+        })
+    }
+
     /// Chunk summaries `Kbar`, `Vbar` (`[B * P, H, D]` f32 whatever T is: rounding them to bf16
     /// cost the bf16 dcoeffs their tolerance): every slot is zero-initialised, the pooling kernel
     /// fills the slots of real chunks.
@@ -335,33 +391,8 @@ impl GpuDevice {
                 lse: Vec::new(),
             });
         }
-        let d_batch = self.upload_batch(batch, &config.temporal)?;
-        let d_chunks = self.upload_chunks(batch, chunks)?;
-        let q = upload(&self.stream, inputs.q)?;
-        let k = upload(&self.stream, inputs.k)?;
-        let v = upload(&self.stream, inputs.v)?;
-        let coeffs = upload(&self.stream, inputs.coeffs)?;
-        let gates_native;
-        let gates_f32;
-        let gates = match inputs.gates {
-            None => None,
-            Some(Gates::Native(g)) => {
-                gates_native = upload(&self.stream, g)?;
-                Some(DeviceGates::Native(&gates_native))
-            }
-            Some(Gates::F32(g)) => {
-                gates_f32 = upload(&self.stream, g)?;
-                Some(DeviceGates::F32(&gates_f32))
-            }
-        };
-        let d_inputs = DeviceInputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            coeffs: &coeffs,
-            gates,
-        };
-        let (o, lse) = self.forward(&d_batch, &d_chunks, dims, config, &d_inputs)?;
+        let up = self.upload_call(batch, chunks, config, inputs)?;
+        let (o, lse) = self.forward(&up.batch, &up.chunks, dims, config, &up.inputs())?;
         let o = self
             .stream
             .clone_dtoh(&o)

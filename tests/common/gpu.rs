@@ -30,3 +30,24 @@ pub fn cases(default: u32) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Runs `check` on the GPU over `cases(default_cases)` values of `strategy` for every supported
+/// head dimension; skips (visibly) without a GPU.
+pub fn for_each_head_dim<S: proptest::strategy::Strategy>(
+    test: &str,
+    default_cases: u32,
+    strategy: impl Fn() -> S,
+    check: impl Fn(&GpuDevice, &S::Value, usize) -> Result<(), String>,
+) {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let Some(gpu) = gpu(test) else {
+        return;
+    };
+    for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
+        TestRunner::new(Config::with_cases(cases(default_cases)))
+            .run(&strategy(), |c| {
+                check(gpu, &c, head_dim).map_err(TestCaseError::fail)
+            })
+            .unwrap();
+    }
+}
