@@ -1,8 +1,9 @@
 // Dense counterpart backward, query side: for a block of 64 queries of one sequence and head,
 // Delta = <dO, O> per row (kept for the key kernel), then over the visible keys
 // P = exp(z - LSE), dP = dO V^T, dS = P (dP - Delta), dQ = scale dS K, and each row's share of
-// dcoeffs (sum of dS times the pair's three temporal features) as a per-(head, token) partial
-// that coeffs_reduce.cu adds in a fixed order. No atomics: every output element has one writer.
+// dcoeffs (sum of dS times the pair's three temporal features, with the exact Delta) as a
+// per-(head, token) partial that coeffs_reduce.cu adds in a fixed order. No atomics: every output
+// element has one writer.
 //
 // Shared memory: K and V tiles [kCols][D + pad] and K^T [D][kCols + pad]: at most 27.6 KB.
 //
@@ -91,7 +92,12 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         FragC acc[kDimTiles];
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
-        float dcoef[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+        // dcoeffs_row = sum_k P (dP - Delta) f = sum P dP f - Delta * sum P f, with the exact
+        // Delta = sum P dP of this pass: Delta from the stored (rounded) O would move a bf16 row's
+        // share by about 2^-9 |dO| |O|, which the cancelling sum turned into 1e-2 relative errors.
+        float pdpf[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};  // sum P dP f
+        float pf[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};    // sum P f
+        float pdp_sum[2] = {0.f, 0.f};                          // sum P dP
 
         for (int kt = si.start; kt < q_end; kt += kCols) {
             __syncthreads();
@@ -128,10 +134,16 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                             f = temporal_features(row_time[r], sKeyTime[col], wd0, p.num_time_buckets);
                             z += tc.bias(f);
                         }
-                        ds = expf(z - row_lse[r]) * (dp[n].c[i] - row_d[r]);
-                        dcoef[r][0] = fmaf(ds, f.bucket, dcoef[r][0]);
-                        dcoef[r][1] = fmaf(ds, f.hour, dcoef[r][1]);
-                        dcoef[r][2] = fmaf(ds, f.weekend, dcoef[r][2]);
+                        const float pr = expf(z - row_lse[r]);
+                        const float pdp = pr * dp[n].c[i];
+                        ds = pr * (dp[n].c[i] - row_d[r]);
+                        pdp_sum[r] += pdp;
+                        const float fx[3] = {f.bucket, f.hour, f.weekend};
+#pragma unroll
+                        for (int x = 0; x < 3; ++x) {
+                            pdpf[r][x] = fmaf(pdp, fx[x], pdpf[r][x]);
+                            pf[r][x] = fmaf(pr, fx[x], pf[r][x]);
+                        }
                     }
                     sc[n].c[i] = ds;
                 }
@@ -157,15 +169,19 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+            pdp_sum[r] += __shfl_xor_sync(kFullMask, pdp_sum[r], 1);
+            pdp_sum[r] += __shfl_xor_sync(kFullMask, pdp_sum[r], 2);
 #pragma unroll
             for (int x = 0; x < 3; ++x) {
-                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 1);
-                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 2);
+                pdpf[r][x] += __shfl_xor_sync(kFullMask, pdpf[r][x], 1);
+                pdpf[r][x] += __shfl_xor_sync(kFullMask, pdpf[r][x], 2);
+                pf[r][x] += __shfl_xor_sync(kFullMask, pf[r][x], 1);
+                pf[r][x] += __shfl_xor_sync(kFullMask, pf[r][x], 2);
             }
             if (t == 0 && blk.part == 0 && rows[r] < si.end) {
                 float* out = partial + (static_cast<size_t>(head) * p.num_tokens + rows[r]) * 3;
 #pragma unroll
-                for (int x = 0; x < 3; ++x) out[x] = dcoef[r][x];
+                for (int x = 0; x < 3; ++x) out[x] = fmaf(-pdp_sum[r], pf[r][x], pdpf[r][x]);
             }
         }
     }

@@ -18,7 +18,7 @@ export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
   nvcc --version | tail -2
 } > "$out/env.txt" 2>&1
 status=0
-for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn; do
+for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn; do
   [ -x "$bin" ] || continue
   name=$(basename "$bin")
   "$bin" --test-threads 1 > "$out/$name.log" 2>&1 || status=1
@@ -27,7 +27,7 @@ done
 sanitize=${SANITIZE:-memcheck racecheck initcheck}
 # Few cases under the sanitizer: it slows kernels down 10-100x.
 for tool in $sanitize; do
-  for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward; do
+  for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense; do
     [ -x "$bin" ] || continue
     SPARSECTR_GPU_CASES=${SANITIZER_CASES:-3} compute-sanitizer --tool "$tool" --error-exitcode 9 \
       "$bin" --test-threads 1 > "$out/sanitizer-$tool-$(basename "$bin").log" 2>&1 || status=1
