@@ -36,3 +36,4 @@ pub use batch::{DeviceBatch, DeviceChunks};
 pub use device::GpuDevice;
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
 pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};
+pub use timing::PoolUsage;
