@@ -17,8 +17,8 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use sparsectr_attn::cuda::{
-    BackwardMode, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs, DeviceOutputs,
-    GpuDevice,
+    BackwardMode, DenseGrads, DenseOutputs, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads,
+    DeviceInputs, DeviceOutputs, GpuDevice,
 };
 use sparsectr_attn::workload::{self, Rng, Workload, CTR_BASE, CTR_SMALL};
 use sparsectr_attn::{Error, Result, NUM_BRANCHES};
@@ -70,6 +70,8 @@ struct Case {
     coeffs: CudaSlice<f32>,
     o: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
+    /// `[T, H]`: the dense LSE.
+    dense_lse: CudaSlice<f32>,
     dq: CudaSlice<bf16>,
     dk: CudaSlice<bf16>,
     dv: CudaSlice<bf16>,
@@ -113,6 +115,7 @@ impl Case {
                 .map_err(cuda("cuMemcpyHtoD"))?,
             o: zeros_bf16(rows)?,
             lse: zeros_f32(branch_rows)?,
+            dense_lse: zeros_f32(t * wl.heads)?,
             dq: zeros_bf16(rows)?,
             dk: zeros_bf16(rows)?,
             dv: zeros_bf16(rows)?,
@@ -161,6 +164,45 @@ impl Case {
     }
 }
 
+impl Case {
+    fn dense(&mut self, gpu: &GpuDevice, i: usize, backward: bool) -> Result<()> {
+        let set = &self.sets[i % 2];
+        let inputs = DeviceInputs {
+            q: &set.q,
+            k: &set.k,
+            v: &set.v,
+            coeffs: &self.coeffs,
+            gates: None,
+        };
+        let (dims, config) = (self.wl.dims(), self.wl.config());
+        let out = DenseOutputs {
+            o: &mut self.o,
+            lse: &mut self.dense_lse,
+        };
+        gpu.dense_forward_into(&self.batch, dims, &config, &inputs, out)?;
+        if !backward {
+            return Ok(());
+        }
+        let grads = DenseGrads {
+            dq: &mut self.dq,
+            dk: &mut self.dk,
+            dv: &mut self.dv,
+            dcoeffs: &mut self.dcoeffs,
+        };
+        gpu.dense_backward_into(
+            &self.batch,
+            dims,
+            &config,
+            &inputs,
+            &self.o,
+            &self.dense_lse,
+            &set.d_o,
+            BackwardMode::Fast,
+            grads,
+        )
+    }
+}
+
 /// Criterion's total for `iters` calls, from CUDA events; a failing call aborts the bench
 /// (criterion's closure cannot return an error).
 fn gpu_time(gpu: &GpuDevice, iters: u64, region: impl FnMut(usize) -> Result<()>) -> Duration {
@@ -177,12 +219,31 @@ fn bench_case(c: &mut Criterion, gpu: &GpuDevice, wl: Workload, n: usize) -> Res
     let (mut case, t) = Case::new(gpu, wl, n)?;
     // The first call compiles (NVRTC) and loads the kernels; keep it out of criterion's warm-up.
     case.sparse(gpu, 0, true)?;
+    case.dense(gpu, 0, true)?;
     let id = format!("{}/n={n}/T={t}", wl.name);
-    for (group, backward) in [("sparse_fwd", false), ("sparse_fwd_bwd", true)] {
+    let groups = [
+        ("sparse_fwd", false, false),
+        ("sparse_fwd_bwd", false, true),
+        ("dense_fwd", true, false),
+        ("dense_fwd_bwd", true, true),
+    ];
+    for (group, dense, backward) in groups {
         let mut g = c.benchmark_group(group);
         g.throughput(Throughput::Elements(t as u64));
+        if dense {
+            // Dense at n = 4096 costs tens of ms a call: fewer samples keep a group short.
+            g.sample_size(10);
+        }
         g.bench_function(BenchmarkId::from_parameter(&id), |b| {
-            b.iter_custom(|iters| gpu_time(gpu, iters, |i| case.sparse(gpu, i, backward)))
+            b.iter_custom(|iters| {
+                gpu_time(gpu, iters, |i| {
+                    if dense {
+                        case.dense(gpu, i, backward)
+                    } else {
+                        case.sparse(gpu, i, backward)
+                    }
+                })
+            })
         });
         g.finish();
     }

@@ -42,7 +42,8 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use sparsectr_attn::cuda::BackwardMode::{self, Fast};
 use sparsectr_attn::cuda::{
-    DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs, DeviceOutputs, GpuDevice,
+    DenseGrads, DenseOutputs, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs,
+    DeviceOutputs, GpuDevice,
 };
 use sparsectr_attn::workload::{Rng, Workload, WORKLOADS};
 use sparsectr_attn::{Chunks, Error, Gates, Inputs, JaggedBatch, Result, NUM_BRANCHES};
@@ -254,16 +255,18 @@ impl HostSet {
     }
 }
 
+/// One input set on the device; gates and the upstream gradient only where a system reads them
+/// (so that the memory pass counts exactly what each system reads).
 struct DeviceSet {
     q: CudaSlice<bf16>,
     k: CudaSlice<bf16>,
     v: CudaSlice<bf16>,
-    gates: CudaSlice<bf16>,
-    d_o: CudaSlice<bf16>,
+    gates: Option<CudaSlice<bf16>>,
+    d_o: Option<CudaSlice<bf16>>,
 }
 
 impl DeviceSet {
-    fn upload(gpu: &GpuDevice, h: &HostSet) -> Result<Self> {
+    fn upload(gpu: &GpuDevice, h: &HostSet, gates: bool, d_o: bool) -> Result<Self> {
         let up = |x: &[bf16]| {
             gpu.stream()
                 .clone_htod(x)
@@ -273,19 +276,23 @@ impl DeviceSet {
             q: up(&h.q)?,
             k: up(&h.k)?,
             v: up(&h.v)?,
-            gates: up(&h.gates)?,
-            d_o: up(&h.d_o)?,
+            gates: gates.then(|| up(&h.gates)).transpose()?,
+            d_o: d_o.then(|| up(&h.d_o)).transpose()?,
         })
     }
 
-    fn inputs<'a>(&'a self, coeffs: &'a CudaSlice<f32>, gates: bool) -> DeviceInputs<'a, bf16> {
+    fn inputs<'a>(&'a self, coeffs: &'a CudaSlice<f32>) -> DeviceInputs<'a, bf16> {
         DeviceInputs {
             q: &self.q,
             k: &self.k,
             v: &self.v,
             coeffs,
-            gates: gates.then_some(DeviceGates::Native(&self.gates)),
+            gates: self.gates.as_ref().map(DeviceGates::Native),
         }
+    }
+
+    fn d_o(&self) -> Result<&CudaSlice<bf16>> {
+        self.d_o.as_ref().ok_or(Error::Zero { field: "d_o" })
     }
 }
 
@@ -348,6 +355,10 @@ impl Cell<'_> {
         self.batch.num_tokens() * self.wl.heads * NUM_BRANCHES
     }
 
+    fn dense_lse_rows(&self) -> usize {
+        self.batch.num_tokens() * self.wl.heads
+    }
+
     fn sparse_forward(
         &self,
         d_batch: &DeviceBatch,
@@ -360,7 +371,7 @@ impl Cell<'_> {
             o: &mut fwd.o,
             lse: &mut fwd.lse,
         };
-        let inputs = set.inputs(coeffs, true);
+        let inputs = set.inputs(coeffs);
         let (dims, config) = (self.wl.dims(), self.wl.config());
         self.gpu
             .forward_into(d_batch, chunks, dims, &config, &inputs, out)
@@ -388,11 +399,75 @@ impl Cell<'_> {
             dcoeffs: &mut grad.dcoeffs,
             dgates,
         };
-        let inputs = set.inputs(coeffs, true);
+        let inputs = set.inputs(coeffs);
         let (dims, config) = (self.wl.dims(), self.wl.config());
         self.gpu.backward_into(
-            d_batch, chunks, dims, &config, &inputs, &fwd.lse, &set.d_o, mode, grads,
+            d_batch,
+            chunks,
+            dims,
+            &config,
+            &inputs,
+            &fwd.lse,
+            set.d_o()?,
+            mode,
+            grads,
         )
+    }
+
+    /// The dense counterpart's forward (gates ignored: it has none), then optionally its
+    /// backward.
+    fn dense(
+        &self,
+        d_batch: &DeviceBatch,
+        set: &DeviceSet,
+        coeffs: &CudaSlice<f32>,
+        (fwd, grad): (&mut FwdBuffers, Option<&mut GradBuffers>),
+    ) -> Result<()> {
+        let (dims, config) = (self.wl.dims(), self.wl.config());
+        let inputs = set.inputs(coeffs);
+        let out = DenseOutputs {
+            o: &mut fwd.o,
+            lse: &mut fwd.lse,
+        };
+        self.gpu
+            .dense_forward_into(d_batch, dims, &config, &inputs, out)?;
+        let Some(grad) = grad else {
+            return Ok(());
+        };
+        let grads = DenseGrads {
+            dq: &mut grad.dq,
+            dk: &mut grad.dk,
+            dv: &mut grad.dv,
+            dcoeffs: &mut grad.dcoeffs,
+        };
+        let (o, lse) = (&fwd.o, &fwd.lse);
+        self.gpu.dense_backward_into(
+            d_batch,
+            dims,
+            &config,
+            &inputs,
+            o,
+            lse,
+            set.d_o()?,
+            Fast,
+            grads,
+        )
+    }
+
+    /// Everything dense reads, uploaded from the host: batch, Q, K, V, coeffs (no chunks, no
+    /// gates).
+    fn dense_peak(&self, host: &HostSet, backward: bool) -> Result<Option<u64>> {
+        self.peak_bytes(|| {
+            let gpu = self.gpu;
+            let d_batch = gpu.upload_batch(&self.batch, &self.wl.config().temporal)?;
+            let set = DeviceSet::upload(gpu, host, false, backward)?;
+            let coeffs = upload_f32(gpu, &self.coeffs_host)?;
+            let mut fwd = FwdBuffers::new(gpu, self.rows(), self.dense_lse_rows())?;
+            let mut grad = backward
+                .then(|| GradBuffers::new(gpu, self.rows(), self.wl.heads, None))
+                .transpose()?;
+            self.dense(&d_batch, &set, &coeffs, (&mut fwd, grad.as_mut()))
+        })
     }
 
     /// Peak pool bytes of `run`, which must upload what it reads and allocate what it writes.
@@ -417,7 +492,7 @@ impl Cell<'_> {
             let gpu = self.gpu;
             let d_batch = gpu.upload_batch(&self.batch, &self.wl.config().temporal)?;
             let chunks = gpu.chunk(&d_batch, self.wl.num_chunks)?;
-            let set = DeviceSet::upload(gpu, host)?;
+            let set = DeviceSet::upload(gpu, host, true, backward)?;
             let coeffs = upload_f32(gpu, &self.coeffs_host)?;
             let mut fwd = FwdBuffers::new(gpu, self.rows(), self.branch_rows())?;
             if backward {
@@ -484,22 +559,35 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
         peaks.push(("sparse-ours", "fwd", cell.sparse_peak(&hosts[0], false)?));
         peaks.push(("sparse-ours", "fwd_bwd", cell.sparse_peak(&hosts[0], true)?));
     }
+    if args.dense {
+        peaks.push(("dense-ours", "fwd", cell.dense_peak(&hosts[0], false)?));
+        peaks.push(("dense-ours", "fwd_bwd", cell.dense_peak(&hosts[0], true)?));
+    }
+    // The deterministic backward and the end-to-end pass allocate what the fast pass does (the
+    // memory pass chunks inside its run); chunking alone is not measured.
     let peak_of = |system: &str, pass: &str| {
+        let measured = match pass {
+            "fwd" => "fwd",
+            "fwd_bwd" | "fwd_bwd_det" | "e2e_fwd_bwd" => "fwd_bwd",
+            _ => return None,
+        };
         peaks
             .iter()
-            .find(|p| p.0 == system && pass.starts_with(p.1))
+            .find(|p| p.0 == system && p.1 == measured)
             .and_then(|p| p.2)
     };
 
     let d_batch = gpu.upload_batch(&cell.batch, &wl.config().temporal)?;
     let chunks = gpu.chunk(&d_batch, wl.num_chunks)?;
     let sets = [
-        DeviceSet::upload(gpu, &hosts[0])?,
-        DeviceSet::upload(gpu, &hosts[1])?,
+        DeviceSet::upload(gpu, &hosts[0], true, true)?,
+        DeviceSet::upload(gpu, &hosts[1], true, true)?,
     ];
     let coeffs = upload_f32(gpu, &cell.coeffs_host)?;
     let mut sparse_fwd = FwdBuffers::new(gpu, rows, branch_rows)?;
     let mut sparse_grad = GradBuffers::new(gpu, rows, wl.heads, Some(branch_rows))?;
+    let mut dense_fwd = FwdBuffers::new(gpu, rows, cell.dense_lse_rows())?;
+    let mut dense_grad = GradBuffers::new(gpu, rows, wl.heads, None)?;
 
     if let Some(dir) = &args.export {
         let dir = dir.join(format!("{}-n{len}", wl.name));
@@ -508,6 +596,7 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
     }
 
     let reps = args.reps;
+    let dense_reps = args.dense_reps.unwrap_or(reps);
     let mut rows_out: Vec<Row> = Vec::new();
     let mut copy = [0.0; 2];
     for (run, copy_bw) in copy.iter_mut().enumerate() {
@@ -518,6 +607,7 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
             timed.push((
                 "sparse-ours",
                 "chunking",
+                reps,
                 gpu.time_median_ms(WARMUP, reps, |_| {
                     gpu.chunk(&d_batch, wl.num_chunks).map(drop)
                 })?,
@@ -525,6 +615,7 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
             timed.push((
                 "sparse-ours",
                 "fwd",
+                reps,
                 gpu.time_median_ms(WARMUP, reps, |i| {
                     c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f)
                 })?,
@@ -537,11 +628,12 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                     let bufs = (&mut *f, &mut *g);
                     c.sparse_forward_backward(&d_batch, &chunks, &sets[i % 2], &coeffs, bufs, mode)
                 })?;
-                timed.push(("sparse-ours", pass, ms));
+                timed.push(("sparse-ours", pass, reps, ms));
             }
             timed.push((
                 "sparse-ours",
                 "e2e_fwd_bwd",
+                reps,
                 gpu.time_median_ms(WARMUP, reps, |i| {
                     let fresh = gpu.chunk(&d_batch, wl.num_chunks)?;
                     let bufs = (&mut *f, &mut *g);
@@ -549,8 +641,19 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                 })?,
             ));
         }
+        if args.dense {
+            let c = &cell;
+            let (f, g) = (&mut dense_fwd, &mut dense_grad);
+            for (pass, backward) in [("fwd", false), ("fwd_bwd", true)] {
+                let ms = gpu.time_median_ms(WARMUP, dense_reps, |i| {
+                    let grad = backward.then_some(&mut *g);
+                    c.dense(&d_batch, &sets[i % 2], &coeffs, (&mut *f, grad))
+                })?;
+                timed.push(("dense-ours", pass, dense_reps, ms));
+            }
+        }
         *copy_bw = gpu.copy_bandwidth(COPY_BYTES, reps)?;
-        for (system, pass, ms) in timed {
+        for (system, pass, reps, ms) in timed {
             match rows_out
                 .iter_mut()
                 .find(|r| r.system == system && r.pass == pass)
@@ -567,7 +670,6 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
         }
         println!("  run {} of 2 done", run + 1);
     }
-    let _ = &args.dense_reps; // used by the dense systems
 
     // The fewest bytes the sparse forward must move (BENCH.md): Q, K, V, gates and timestamps
     // read once, O and LSE written once.
@@ -653,7 +755,7 @@ fn export(
         chunks,
         wl.dims(),
         &wl.config(),
-        &set.inputs(coeffs, true),
+        &set.inputs(coeffs),
     )?;
     let o = gpu
         .stream()
