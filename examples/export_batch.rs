@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release --example export_batch -- --out DIR [--workload ctr-small] [--len 64]
-//!     [--tokens 2048] [--seed 0] [--dtype bf16|f16|f32] [--cpu] [--grads]
+//!     [--tokens 2048] [--seed 0] [--dtype bf16|f16|f32] [--cpu] [--grads] [--dense]
 //! ```
 //!
 //! Files (little-endian, row-major): `meta.json` (sizes and parameters); `seq_offsets`,
@@ -20,6 +20,10 @@
 //! With `--grads` it also writes a random upstream gradient `d_o` (`[T, H, D]`, drawn in
 //! `--dtype`) and the f64 reference backward for it: `dq`, `dk`, `dv` (`[T, H, D]`), `dcoeffs`
 //! (`[H, 3]`) and `dgates` (`[T, H, 3]`), as f32; `meta.json` gets `"grads":true`.
+//!
+//! With `--dense` it also writes the f64 reference of the dense counterpart (SPEC section 5):
+//! `dense_o` (`[T, H, D]`) and `dense_lse` (`[T, H]`), and with `--grads` `dense_dq`, `dense_dk`,
+//! `dense_dv` and `dense_dcoeffs`; `meta.json` gets `"dense":true`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,6 +45,7 @@ struct Args {
     dtype: DType,
     cpu: bool,
     grads: bool,
+    dense: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -53,6 +58,7 @@ fn parse() -> Result<Args, String> {
         dtype: DType::BF16,
         cpu: false,
         grads: false,
+        dense: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -76,6 +82,7 @@ fn parse() -> Result<Args, String> {
             }
             "--cpu" => a.cpu = true,
             "--grads" => a.grads = true,
+            "--dense" => a.dense = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -160,6 +167,7 @@ fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
         config: wl.config(),
         inputs,
         d_o: d_o.as_deref(),
+        dense: args.dense,
     };
     let source = write_folder(&args.out, &export, output)?;
     println!(
@@ -190,6 +198,8 @@ pub struct Export<'a, T> {
     pub inputs: Inputs<'a, T>,
     /// Upstream gradient: with it the folder also holds the reference backward.
     pub d_o: Option<&'a [T]>,
+    /// Also write the dense counterpart's reference (forward, and backward with `d_o`).
+    pub dense: bool,
 }
 
 /// A forward output computed elsewhere (the GPU), written instead of the reference's.
@@ -263,13 +273,26 @@ pub fn write_folder<T: Element>(
         write_raw(dir, "dcoeffs", &narrow(&g.dcoeffs))?;
         write_raw(dir, "dgates", &narrow(&g.dgates))?;
     }
+    if e.dense {
+        let f = reference::dense_forward(&attn, &e.inputs).map_err(|err| err.to_string())?;
+        write_raw(dir, "dense_o", &narrow(&f.o))?;
+        write_raw(dir, "dense_lse", &narrow(&f.lse))?;
+        if let Some(d_o) = e.d_o {
+            let g =
+                reference::dense_backward(&attn, &e.inputs, d_o).map_err(|err| err.to_string())?;
+            write_raw(dir, "dense_dq", &narrow(&g.dq))?;
+            write_raw(dir, "dense_dk", &narrow(&g.dk))?;
+            write_raw(dir, "dense_dv", &narrow(&g.dv))?;
+            write_raw(dir, "dense_dcoeffs", &narrow(&g.dcoeffs))?;
+        }
+    }
     let config = e.config;
     let meta = format!(
         "{{\"workload\":{:?},\"num_seqs\":{},\"num_tokens\":{t},\"num_chunks_total\":{},\
          \"heads\":{},\"head_dim\":{},\"num_chunks\":{},\"tail_tokens\":{},\"window\":{},\
          \"num_time_buckets\":{},\"utc_offset\":{},\"scale\":{},\"has_user_token\":{},\
          \"dtype\":{:?},\"output_source\":{:?},\"gates_mode\":{gates_mode:?},\
-         \"chunks\":{:?},\"grads\":{}}}\n",
+         \"chunks\":{:?},\"grads\":{},\"dense\":{}}}\n",
         e.name,
         batch.num_seqs(),
         chunks.num_chunks(),
@@ -290,6 +313,7 @@ pub fn write_folder<T: Element>(
             "supplied"
         },
         e.d_o.is_some(),
+        e.dense,
     );
     fs::write(dir.join("meta.json"), meta).map_err(|err| err.to_string())?;
     Ok(output.source)

@@ -638,6 +638,7 @@ fn write_case<T: Element>(
         config,
         inputs,
         d_o: Some(&d_o),
+        dense: true,
     };
     write_folder(dir, &export, None).map(|_| ())
 }

@@ -235,6 +235,7 @@ enum Op : int {
     kShflDown,
     kVote,
     kSyncThreads,
+    kMma,
     kExited,
 };
 
@@ -249,6 +250,7 @@ inline const char* op_name(int op) {
         case kShflDown: return "__shfl_down_sync";
         case kVote: return "__any_sync/__all_sync";
         case kSyncThreads: return "__syncthreads";
+        case kMma: return "mma.sync";
         case kExited: return "exited";
         default: return "?";
     }
@@ -493,6 +495,52 @@ inline unsigned __ballot_sync(unsigned mask, int predicate) {
         if (w.slots[parity][i] != 0) ballot |= 1u << i;
     return ballot;
 }
+
+// ---- Tensor-core MMA (kernels/common/mma.cuh) ---------------------------------------------------
+namespace emu {
+
+// One lane's operands of mma.sync.m16n8k16, widened to f32 (exact for f16 and bf16).
+struct MmaOperands {
+    float a[8];  // A[g + 8 (i & 1)][2t + 8 (i >> 1) + e] at [2i + e]
+    float b[4];  // B[2t + 8j + e][g] at [2j + e]
+};
+inline thread_local MmaOperands t_mma;
+
+// D = A B + C for the warp, as `mma.sync.aligned.m16n8k16.row.col.f32` with 16-bit inputs: every
+// lane publishes its fragments, then computes its four accumulators from everybody's. Products of
+// 16-bit values are exact in f32; the sum runs in k order. A second rendezvous keeps each lane's
+// operands alive until the whole warp has read them.
+inline void mma_m16n8k16(const float (&a)[8], const float (&b)[4], float (&c)[4]) {
+    std::memcpy(t_mma.a, a, sizeof a);
+    std::memcpy(t_mma.b, b, sizeof b);
+    Exchange& w = my_warp();
+    const int lane = tctx.lane;
+    const int parity = exchange(w, tctx.warp_gen, lane, kMma, kFull, 0,
+                                to_bits(static_cast<const MmaOperands*>(&t_mma)), my_where());
+    const MmaOperands* ops[32];
+    for (int i = 0; i < 32; ++i) ops[i] = from_bits<const MmaOperands*>(w.slots[parity][i]);
+    const int g = lane >> 2, t = lane & 3;
+    auto A = [&](int row, int k) {
+        const int holder = ((row & 7) << 2) | ((k & 7) >> 1);
+        const int reg = (row >> 3) + 2 * (k >> 3);
+        return ops[holder]->a[2 * reg + (k & 1)];
+    };
+    auto B = [&](int k, int n) {
+        const int holder = (n << 2) | ((k & 7) >> 1);
+        return ops[holder]->b[2 * (k >> 3) + (k & 1)];
+    };
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i >> 1), col = 2 * t + (i & 1);
+        float acc = 0.f;
+        for (int k = 0; k < 16; ++k) acc = std::fma(A(row, k), B(k, col), acc);
+        out[i] = acc + c[i];
+    }
+    exchange(w, tctx.warp_gen, lane, kMma, kFull, 1, 0, my_where());
+    for (int i = 0; i < 4; ++i) c[i] = out[i];
+}
+
+}  // namespace emu
 
 // ---- Launch -----------------------------------------------------------------------------------
 namespace emu {

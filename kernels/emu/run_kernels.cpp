@@ -66,6 +66,15 @@ namespace k_bwd_key {
 namespace k_coeffs {
 #include "coeffs_reduce.cu"
 }
+namespace k_dense_fwd {
+#include "dense_forward.cu"
+}
+namespace k_dense_bq {
+#include "dense_backward_query.cu"
+}
+namespace k_dense_bk {
+#include "dense_backward_key.cu"
+}
 
 // ---- A self-test of the emulated collectives (`--self-test`) ----------------------------------
 namespace selftest {
@@ -163,6 +172,9 @@ struct Elem {
     using bwd_query = Pick<D, float, k_bwd_query::half_t, k_bwd_query::bf16_t>;
     using bwd_summary = Pick<D, float, k_bwd_summary::half_t, k_bwd_summary::bf16_t>;
     using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
+    using dense_fwd = Pick<D, float, k_dense_fwd::half_t, k_dense_fwd::bf16_t>;
+    using dense_bq = Pick<D, float, k_dense_bq::half_t, k_dense_bq::bf16_t>;
+    using dense_bk = Pick<D, float, k_dense_bk::half_t, k_dense_bk::bf16_t>;
 };
 
 // The instantiations of build.rs (DTYPES x HEAD_DIMS), by (dtype, head dim).
@@ -183,6 +195,12 @@ struct Kernels;
         static constexpr const char* bwd_summary_name =                                 \
             "evo_backward_summary_" #dn "_d" #HD;                                       \
         static constexpr const char* bwd_key_name = "evo_backward_key_" #dn "_d" #HD;   \
+        static constexpr auto dense_fwd = k_dense_fwd::evo_dense_forward_##dn##_d##HD;  \
+        static constexpr auto dense_bq = k_dense_bq::evo_dense_backward_query_##dn##_d##HD; \
+        static constexpr auto dense_bk = k_dense_bk::evo_dense_backward_key_##dn##_d##HD; \
+        static constexpr const char* dense_fwd_name = "evo_dense_forward_" #dn "_d" #HD; \
+        static constexpr const char* dense_bq_name = "evo_dense_backward_query_" #dn "_d" #HD; \
+        static constexpr const char* dense_bk_name = "evo_dense_backward_key_" #dn "_d" #HD; \
     };
 EMU_KERNELS(F32, f32, 32)
 EMU_KERNELS(F32, f32, 64)
@@ -205,6 +223,9 @@ static_assert(kBwdWarps == k_bwd_query::kBwdQueryWarps && kBwdThreads == k_bwd_q
 static_assert(kBwdWarps == k_bwd_summary::kBwdSummaryWarps && kBwdThreads == k_bwd_summary::kBwdSummaryThreads);
 static_assert(kBwdWarps == k_bwd_key::kBwdKeyWarps && kBwdThreads == k_bwd_key::kBwdKeyThreads);
 static_assert(kReduceThreads == k_coeffs::kReduceThreads);
+// src/cuda/dense.rs: DENSE_THREADS, DENSE_ROWS.
+constexpr unsigned kDenseThreads = 128, kDenseRows = 64;
+static_assert(kDenseThreads == k_dense_fwd::kDenseThreads && kDenseRows == k_dense_fwd::kDenseRows);
 
 // All modules' EvoParams and SeqInfo are the same struct; the chunking module's serves the host.
 using EvoParams = k_chunking::EvoParams;
@@ -871,6 +892,91 @@ int run(const Folder& f, const Options& opt) {
                 std::printf("  backward again: %s\n", same ? "bitwise identical" : "DIFFERENT BITS");
             }
         }
+    }
+
+    // ---- The dense counterpart (GpuDevice::dense_forward_into, dense_backward_into) ----------
+    if (m.flag("dense") && T > 0 && !opt.chunking_only) {
+        using TDF = typename Elem<DT>::dense_fwd;
+        using TDQ = typename Elem<DT>::dense_bq;
+        using TDK = typename Elem<DT>::dense_bk;
+        EvoParams dp{};
+        dp.num_seqs = B;
+        dp.num_tokens = T;
+        dp.heads = H;
+        dp.num_time_buckets = NB;
+        dp.scale = scale;
+        dp.head_dim = HD;
+        int max_len = 0;
+        for (const SeqInfo& si : lay.seqs) max_len = std::max(max_len, si.end - si.start);
+        const unsigned tiles = (max_len + kDenseRows - 1) / kDenseRows;
+        // dense_grid uses min(B, 65535) rows of blocks; half of B makes every block row take two
+        // sequences in turn, so the kernels' sequence loop is exercised too.
+        const unsigned grid_y = static_cast<unsigned>(std::max(1, (B + 1) / 2));
+        const size_t dense_rows = static_cast<size_t>(T) * H;
+        auto ref = [&](const char* name, size_t n) {
+            const auto x = f.read<float>(name, n);
+            return std::vector<double>(x.begin(), x.end());
+        };
+        Buf o = poisoned<TDF>(rows), lse = poisoned<float>(dense_rows);
+        Timer t;
+        emu::launch_named(K::dense_fwd_name, K::dense_fwd, dim3(tiles * H, grid_y), dim3(kDenseThreads),
+                          cast_params<k_dense_fwd::EvoParams>(dp), q_d.as<const TDF>(),
+                          k_d.as<const TDF>(), v_d.as<const TDF>(), coeffs_d.as<const float>(),
+                          rel_d.as<const unsigned>(), seqs_d.as<const k_dense_fwd::SeqInfo>(),
+                          wd0_d.as<const int>(), o.as<TDF>(), lse.as<float>());
+        const size_t first = rep.errors.size();
+        compare(rep, "dense_o", widen<DT>(o, rows), ref("dense_o", rows), tol);
+        compare(rep, "dense_lse", widen_f32(lse, dense_rows), ref("dense_lse", dense_rows), tol);
+        if (grads) {
+            const auto d_o = f.read<float>("d_o", rows);
+            const Buf d_o_d = to_device<DT>(d_o, &inexact);
+            // f32 at D = 128 splits the backward's accumulators over four blocks (DenseParts).
+            const unsigned parts = (DT == DType::F32 && HD == 128) ? 4 : 1;
+            auto backward = [&]() {
+                Out out{poisoned<TDQ>(rows), poisoned<TDK>(rows), poisoned<TDK>(rows), Buf(),
+                        poisoned<float>(static_cast<size_t>(H) * 3)};
+                Buf delta = poisoned<float>(dense_rows), partial = poisoned<float>(branch_rows);
+                const dim3 grid(tiles * H * parts, grid_y), block(kDenseThreads);
+                emu::launch_named(K::dense_bq_name, K::dense_bq, grid, block,
+                                  cast_params<k_dense_bq::EvoParams>(dp), q_d.as<const TDQ>(),
+                                  k_d.as<const TDQ>(), v_d.as<const TDQ>(), o.as<const TDQ>(),
+                                  d_o_d.as<const TDQ>(), lse.as<const float>(),
+                                  coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                                  seqs_d.as<const k_dense_bq::SeqInfo>(), wd0_d.as<const int>(),
+                                  out.dq.as<TDQ>(), delta.as<float>(), partial.as<float>());
+                emu::launch_named(K::dense_bk_name, K::dense_bk, grid, block,
+                                  cast_params<k_dense_bk::EvoParams>(dp), q_d.as<const TDK>(),
+                                  k_d.as<const TDK>(), v_d.as<const TDK>(), d_o_d.as<const TDK>(),
+                                  lse.as<const float>(), delta.as<const float>(),
+                                  coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                                  seqs_d.as<const k_dense_bk::SeqInfo>(), wd0_d.as<const int>(),
+                                  out.dk.as<TDK>(), out.dv.as<TDK>());
+                EMU_LAUNCH(k_coeffs::evo_coeffs_reduce, dim3(H), dim3(kReduceThreads),
+                           cast_params<k_coeffs::EvoParams>(dp), partial.as<const float>(),
+                           out.dcoeffs.as<float>());
+                return out;
+            };
+            Out out = backward();
+            compare(rep, "dense_dq", widen<DT>(out.dq, rows), ref("dense_dq", rows), tol);
+            compare(rep, "dense_dk", widen<DT>(out.dk, rows), ref("dense_dk", rows), tol);
+            compare(rep, "dense_dv", widen<DT>(out.dv, rows), ref("dense_dv", rows), tol);
+            compare(rep, "dense_dcoeffs", widen_f32(out.dcoeffs, static_cast<size_t>(H) * 3),
+                    ref("dense_dcoeffs", static_cast<size_t>(H) * 3), tol);
+            if (opt.repeat_backward) {
+                Out again = backward();
+                bool same = true;
+                for (auto [a, b] : {std::pair{&out.dq, &again.dq}, std::pair{&out.dk, &again.dk},
+                                    std::pair{&out.dv, &again.dv},
+                                    std::pair{&out.dcoeffs, &again.dcoeffs}}) {
+                    if (std::memcmp(a->ptr, b->ptr, a->bytes) != 0) same = false;
+                }
+                if (!same) rep.fail("dense backward: a second run gave different bits");
+                std::printf("  dense backward again: %s\n", same ? "bitwise identical" : "DIFFERENT BITS");
+            }
+        }
+        std::string line;
+        for (size_t i = first; i < rep.errors.size(); ++i) line += rep.errors[i] + " ";
+        std::printf("  dense:    %s(%.2f s)\n", line.c_str(), t.seconds());
     }
     if (T == 0 && grads && !opt.chunking_only) {
         // backward_into memsets dcoeffs to zero: the reference must agree.

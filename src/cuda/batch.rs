@@ -49,6 +49,8 @@ pub struct DeviceBatch {
     pub(crate) num_tokens: usize,
     pub(crate) utc_offset: i64,
     pub(crate) max_behaviors: usize,
+    /// The most tokens of one sequence (the dense kernels' grid).
+    pub(crate) max_seq_len: usize,
     pub(crate) seqs: CudaSlice<SeqInfo>,
     pub(crate) rel_time: CudaSlice<u32>,
     pub(crate) weekday0: CudaSlice<i32>,
@@ -130,6 +132,7 @@ impl GpuDevice {
         let mut weekday0 = Vec::with_capacity(batch.num_seqs());
         let mut rel_time = vec![0u32; num_tokens];
         let mut max_behaviors = 0;
+        let mut max_seq_len = 0;
         for span in batch.seqs() {
             // Indices fit i32 because num_tokens does.
             seqs.push(SeqInfo {
@@ -139,6 +142,7 @@ impl GpuDevice {
                 end: span.candidates.end as i32,
             });
             max_behaviors = max_behaviors.max(span.num_behaviors());
+            max_seq_len = max_seq_len.max(span.tokens().len());
             let timed = span.behaviors.start..span.candidates.end;
             let Some(&t_min) = ts[timed.clone()].iter().min() else {
                 weekday0.push(0);
@@ -158,6 +162,7 @@ impl GpuDevice {
             num_tokens,
             utc_offset: temporal.utc_offset,
             max_behaviors,
+            max_seq_len,
             seqs: upload(&self.stream, &seqs)?,
             rel_time: upload(&self.stream, &rel_time)?,
             weekday0: upload(&self.stream, &weekday0)?,

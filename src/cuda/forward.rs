@@ -103,22 +103,14 @@ pub(crate) fn push_layout<'a>(
         .arg(&chunks.counts);
 }
 
-/// Scalars of a launch, validated against the batch, chunks and tensors.
-pub(crate) fn launch_params(
+/// The scalars every attention launch needs (no chunks): the config validated against the
+/// batch and dims, with `scale`, `heads`, `num_time_buckets` and the batch sizes filled in.
+pub(crate) fn batch_params(
     batch: &DeviceBatch,
-    chunks: &DeviceChunks,
     dims: Dims,
     config: &AttnConfig,
 ) -> Result<EvoParams> {
     let scale = config.validate(dims)?;
-    // Chunks of another batch would send kernels past this batch's tokens.
-    if !Arc::ptr_eq(&chunks.layout, &batch.layout) && *chunks.layout != *batch.layout {
-        return Err(Error::DeviceMismatch {
-            field: "chunks",
-            value: format!("chunks of a {}-sequence batch", chunks.num_seqs),
-            expected: "chunks built for this batch (same offsets and candidates)".into(),
-        });
-    }
     if config.temporal.utc_offset != batch.utc_offset {
         return Err(Error::DeviceMismatch {
             field: "utc_offset",
@@ -139,6 +131,34 @@ pub(crate) fn launch_params(
             value: config.temporal.num_time_buckets.to_string(),
             expected: "at most i32::MAX on the GPU path",
         })?;
+    Ok(EvoParams {
+        num_seqs: batch.num_seqs as i32,
+        num_tokens: batch.num_tokens as i32,
+        heads: dims.heads as i32,
+        num_time_buckets,
+        gates_mode: GatesMode::None as i32,
+        scale: scale as f32,
+        head_dim: dims.head_dim as i32,
+        ..EvoParams::default()
+    })
+}
+
+/// Scalars of a launch, validated against the batch, chunks and tensors.
+pub(crate) fn launch_params(
+    batch: &DeviceBatch,
+    chunks: &DeviceChunks,
+    dims: Dims,
+    config: &AttnConfig,
+) -> Result<EvoParams> {
+    // Chunks of another batch would send kernels past this batch's tokens.
+    if !Arc::ptr_eq(&chunks.layout, &batch.layout) && *chunks.layout != *batch.layout {
+        return Err(Error::DeviceMismatch {
+            field: "chunks",
+            value: format!("chunks of a {}-sequence batch", chunks.num_seqs),
+            expected: "chunks built for this batch (same offsets and candidates)".into(),
+        });
+    }
+    let base = batch_params(batch, dims, config)?;
     // Beyond these, larger values select the same keys; clamping keeps the kernel's int math safe.
     let tail_tokens = config.tail_tokens.min(batch.max_behaviors.max(1));
     if tail_tokens.saturating_mul(chunks.max_chunks) > i32::MAX as usize {
@@ -150,17 +170,10 @@ pub(crate) fn launch_params(
     }
     let window = config.window.min(batch.max_behaviors + 1);
     Ok(EvoParams {
-        num_seqs: batch.num_seqs as i32,
-        num_tokens: batch.num_tokens as i32,
-        heads: dims.heads as i32,
         max_chunks: chunks.max_chunks as i32,
         tail_tokens: tail_tokens as i32,
         window: window as i32,
-        num_time_buckets,
-        gates_mode: GatesMode::None as i32,
-        scale: scale as f32,
-        head_dim: dims.head_dim as i32,
-        reserved: [0; 2],
+        ..base
     })
 }
 

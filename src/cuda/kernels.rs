@@ -39,6 +39,9 @@ pub(crate) enum Entry {
     BackwardSummary,
     BackwardKey,
     CoeffsReduce,
+    DenseForward,
+    DenseBackwardQuery,
+    DenseBackwardKey,
 }
 
 impl Entry {
@@ -51,6 +54,9 @@ impl Entry {
             Entry::BackwardSummary => "backward_summary",
             Entry::BackwardKey => "backward_key",
             Entry::CoeffsReduce => "coeffs_reduce",
+            Entry::DenseForward => "dense_forward",
+            Entry::DenseBackwardQuery => "dense_backward_query",
+            Entry::DenseBackwardKey => "dense_backward_key",
         }
     }
 }

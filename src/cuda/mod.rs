@@ -1,5 +1,5 @@
 //! The GPU path: runtime probe, kernel table and NVRTC, device handle, batch upload, chunking,
-//! pooling, the fused forward and the backward.
+//! pooling, the fused forward and the backward, and the dense counterpart.
 //!
 //! ```no_run
 //! use sparsectr_attn::cuda::GpuDevice;
@@ -25,6 +25,7 @@
 
 mod backward;
 mod batch;
+mod dense;
 mod device;
 mod forward;
 mod kernels;
@@ -33,6 +34,7 @@ mod timing;
 
 pub use backward::{BackwardMode, DeviceGrads, HostGradients};
 pub use batch::{DeviceBatch, DeviceChunks};
+pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
 pub use device::GpuDevice;
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
 pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};

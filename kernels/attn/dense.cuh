@@ -1,0 +1,148 @@
+// What the dense kernels share (SPEC section 5): tile shapes, which (query, key) pairs are
+// visible, the bias of a pair, and the copies of key/query tiles into shared memory.
+//
+// Tiles never straddle sequences: the grid is (tile, head) x sequence and a block works on rows
+// [start + tile * rows, ...) of one sequence. Rows past the sequence's end are loaded clamped (or as
+// zeros) and never stored.
+#pragma once
+
+#include "../common/dtype.cuh"
+#include "../common/mma.cuh"
+#include "../common/params.cuh"
+#include "../common/warp.cuh"
+#include "temporal.cuh"
+
+constexpr int kDenseWarps = 4;
+constexpr int kDenseThreads = kDenseWarps * kWarpSize;
+constexpr int kDenseRows = 16 * kDenseWarps;  // rows of a block: 16 per warp, one MMA tile high
+
+// Elements of padding per shared-memory row: 16 bytes keep rows 16-byte aligned for vector
+// stores and put the 8 row-groups of a fragment load on different banks.
+template <typename T>
+struct SmemPad {
+    static constexpr int kValue = 16 / static_cast<int>(sizeof(T));
+};
+
+// Columns (keys, or queries for the key kernel) per inner tile, chosen so that every kernel's
+// static shared memory stays under 48 KB; the sizes are in the kernels' comments.
+template <typename T, int kHeadDim>
+struct DenseCols {
+    static constexpr int kForward = (sizeof(T) == 4 && kHeadDim == 128) ? 32 : 64;
+    static constexpr int kQuery = sizeof(T) == 2 ? (kHeadDim == 128 ? 32 : 64) : (kHeadDim == 32 ? 32 : 16);
+    static constexpr int kKey = kQuery;
+};
+
+// Whether a warp keeps its 16 rows of an A operand in registers for the whole block, or reloads
+// them from global memory (L1) at each use: the 16-bit D = 128 and the f32 backward kernels
+// spilled otherwise (255 registers, NVRTC 13.0).
+template <typename T, int kHeadDim>
+struct DenseResident {
+    static constexpr bool kValue = sizeof(T) == 2 && kHeadDim <= 64;
+};
+
+// Dense visibility inside one sequence: the user token and behaviors up to the query; a
+// candidate sees every behavior and itself, never another candidate; the user token sees itself.
+__device__ __forceinline__ bool dense_visible(const SeqInfo& s, int q, int k) {
+    return q < s.end && k <= q && (k < s.candidates || k == q);
+}
+
+// A token has a time unless it is the user token.
+__device__ __forceinline__ bool dense_timed(const SeqInfo& s, int x) { return x >= s.behaviors; }
+
+// Parts of the head dimension that the backward kernels split their gradient accumulators into
+// (one block per part, each recomputing the tile's P and dS): f32 D = 128 needs 4 to stay under
+// 255 registers without spilling. Mirrored by `dense_parts` in src/cuda/dense.rs.
+template <typename T, int kHeadDim>
+struct DenseParts {
+    static constexpr int kValue = (sizeof(T) == 4 && kHeadDim == 128) ? 4 : 1;
+};
+
+// The block's (sequence-relative tile, head, part): grid x is ((tile * H) + head) * parts + part,
+// heaviest tiles (last in their sequence) first.
+struct DenseBlock {
+    int tile, head, part;
+};
+
+__device__ __forceinline__ DenseBlock dense_block(const EvoParams& p, int parts) {
+    const int per_tile = p.heads * parts;
+    const int tiles = static_cast<int>(gridDim.x) / per_tile;
+    const int x = static_cast<int>(blockIdx.x);
+    DenseBlock b;
+    b.part = x % parts;
+    b.head = (x / parts) % p.heads;
+    b.tile = tiles - 1 - x / per_tile;
+    return b;
+}
+
+// Element offset of row `token`, `head` in a [T, H, D] tensor.
+template <int kHeadDim>
+__device__ __forceinline__ size_t dense_row(const EvoParams& p, int token, int head) {
+    return (static_cast<size_t>(token) * p.heads + head) * kHeadDim;
+}
+
+// Copies rows [first, first + kRows) of a [T, H, D] tensor into sRow[kRows][kHeadDim + pad], rows
+// at or past `end` as zeros (masked keys must not bring NaN into P V).
+template <typename T, int kHeadDim, int kRows>
+__device__ __forceinline__ void tile_rows(const EvoParams& p, const T* __restrict__ g, int first,
+                                          int end, int head, T* sRow) {
+    constexpr int kVec = VecWidth<T>::kValue;
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    constexpr int kPerRow = kHeadDim / kVec;
+    for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
+        const int r = i / kPerRow, c = i % kPerRow;
+        uint4 raw = {0u, 0u, 0u, 0u};
+        if (first + r < end)
+            raw = __ldg(reinterpret_cast<const uint4*>(g + dense_row<kHeadDim>(p, first + r, head)) + c);
+        *reinterpret_cast<uint4*>(sRow + r * kStride + c * kVec) = raw;
+    }
+}
+
+// The same rows transposed: sCol[kHeadDim][kRows + pad], so that an operand whose k runs over
+// rows is read as pairs.
+template <typename T, int kHeadDim, int kRows>
+__device__ __forceinline__ void tile_cols(const EvoParams& p, const T* __restrict__ g, int first,
+                                          int end, int head, T* sCol) {
+    constexpr int kVec = VecWidth<T>::kValue;
+    constexpr int kStride = kRows + SmemPad<T>::kValue;
+    constexpr int kPerRow = kHeadDim / kVec;
+    for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
+        const int r = i / kPerRow, c = i % kPerRow;
+        uint4 raw = {0u, 0u, 0u, 0u};
+        if (first + r < end)
+            raw = __ldg(reinterpret_cast<const uint4*>(g + dense_row<kHeadDim>(p, first + r, head)) + c);
+        const T* elems = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) sCol[(c * kVec + e) * kStride + r] = elems[e];
+    }
+}
+
+// A warp's 16 rows of a [T, H, D] tensor as MMA A operands over the head dimension: held in
+// registers when `kResident`, else reloaded from global memory at each use.
+template <typename T, int kHeadDim, bool kResident>
+struct RowOperand {
+    const T* top;     // row g (clamped into the sequence), element 0 of the head
+    const T* bottom;  // row g + 8
+    FragA<T> frag[kResident ? kHeadDim / 16 : 1];
+
+    __device__ __forceinline__ void init(const T* top_row, const T* bottom_row) {
+        top = top_row;
+        bottom = bottom_row;
+        if (kResident) {
+#pragma unroll
+            for (int kk = 0; kk < kHeadDim / 16; ++kk) frag[kk] = load_a(top + kk * 16, bottom + kk * 16);
+        }
+    }
+
+    __device__ __forceinline__ FragA<T> get(int kk) const {
+        if (kResident) return frag[kResident ? kk : 0];
+        return load_a(top + kk * 16, bottom + kk * 16);
+    }
+};
+
+// Per-sequence temporal context of a pair's bias.
+struct DenseTime {
+    const unsigned* __restrict__ rel_time;
+    int weekday0;
+    int num_time_buckets;
+    TemporalCoeffs coeffs;
+};

@@ -1,0 +1,184 @@
+// Dense counterpart backward, query side: for a block of 64 queries of one sequence and head,
+// Delta = <dO, O> per row (kept for the key kernel), then over the visible keys
+// P = exp(z - LSE), dP = dO V^T, dS = P (dP - Delta), dQ = scale dS K, and each row's share of
+// dcoeffs (sum of dS times the pair's three temporal features) as a per-(head, token) partial
+// that coeffs_reduce.cu adds in a fixed order. No atomics: every output element has one writer.
+//
+// Shared memory: K and V tiles [kCols][D + pad] and K^T [D][kCols + pad]: at most 27.6 KB.
+//
+// @instantiate SPARSECTR_DENSE_BACKWARD_QUERY dtype head_dim
+
+#include "common/dtype.cuh"
+#include "common/mma.cuh"
+#include "common/params.cuh"
+#include "common/warp.cuh"
+#include "attn/temporal.cuh"
+#include "attn/softmax.cuh"
+#include "attn/dense.cuh"
+
+constexpr int kDenseQueryMinBlocks = 2;
+
+// <dO, O> of row `row`: the four lanes of a group take a quarter of the head dimension each.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ float row_delta(const T* __restrict__ d_o, const T* __restrict__ o,
+                                           size_t at) {
+    constexpr int kQuarter = kHeadDim / 4;
+    const int t = threadIdx.x % 4;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int e = 0; e < kQuarter; ++e) {
+        const size_t i = at + t * kQuarter + e;
+        acc = fmaf(to_float(d_o[i]), to_float(o[i]), acc);
+    }
+    acc += __shfl_xor_sync(kFullMask, acc, 1);
+    acc += __shfl_xor_sync(kFullMask, acc, 2);
+    return acc;
+}
+
+template <typename T, int kHeadDim>
+__device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q,
+                                     const T* __restrict__ k, const T* __restrict__ v,
+                                     const T* __restrict__ o, const T* __restrict__ d_o,
+                                     const float* __restrict__ lse, const float* __restrict__ coeffs,
+                                     const unsigned* __restrict__ rel_time,
+                                     const SeqInfo* __restrict__ seqs,
+                                     const int* __restrict__ weekday0, T* __restrict__ dq,
+                                     float* __restrict__ delta, float* __restrict__ partial) {
+    constexpr int kCols = DenseCols<T, kHeadDim>::kQuery;
+    constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
+    constexpr int kPad = SmemPad<T>::kValue;
+    constexpr int kRowStride = kHeadDim + kPad;
+    constexpr int kColStride = kCols + kPad;
+    constexpr int kParts = DenseParts<T, kHeadDim>::kValue;
+    constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
+    constexpr int kKeyTiles = kCols / 8;
+    alignas(16) __shared__ T sK[kCols * kRowStride];
+    alignas(16) __shared__ T sV[kCols * kRowStride];
+    alignas(16) __shared__ T sKt[kHeadDim * kColStride];
+    __shared__ unsigned sKeyTime[kCols];
+
+    const DenseBlock blk = dense_block(p, kParts);
+    const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ
+    const int head = blk.head;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
+
+    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+        const SeqInfo si = seqs[s];
+        const int q0 = si.start + blk.tile * kDenseRows;
+        if (q0 >= si.end) continue;  // block-uniform
+        const int q_end = min(q0 + kDenseRows, si.end);
+        const int wq = q0 + warp * 16;
+        const int rows[2] = {wq + g, wq + g + 8};
+        const int clamped[2] = {min(rows[0], si.end - 1), min(rows[1], si.end - 1)};
+        const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head),
+                              dense_row<kHeadDim>(p, clamped[1], head)};
+        RowOperand<T, kHeadDim, kResident> qf, dof;
+        qf.init(q + at[0], q + at[1]);
+        dof.init(d_o + at[0], d_o + at[1]);
+        float row_d[2], row_lse[2];
+        unsigned row_time[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_d[r] = row_delta<T, kHeadDim>(d_o, o, at[r]);
+            row_lse[r] = lse[static_cast<size_t>(clamped[r]) * p.heads + head];
+            row_time[r] = rel_time[clamped[r]];
+            if (t == 0 && blk.part == 0 && rows[r] < si.end) delta[static_cast<size_t>(rows[r]) * p.heads + head] = row_d[r];
+        }
+        const int wd0 = weekday0[s];
+
+        FragC acc[kDimTiles];
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
+        float dcoef[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+
+        for (int kt = si.start; kt < q_end; kt += kCols) {
+            __syncthreads();
+            tile_rows<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK);
+            tile_rows<T, kHeadDim, kCols>(p, v, kt, q_end, head, sV);
+            tile_cols<T, kHeadDim, kCols>(p, k, kt, q_end, head, sKt);
+            const int tid = threadIdx.x;
+            if (tid < kCols) sKeyTime[tid] = kt + tid < q_end ? rel_time[kt + tid] : 0u;
+            __syncthreads();
+            if (kt > wq + 15 || wq >= si.end) continue;  // warp-uniform
+
+            FragC sc[kKeyTiles], dp[kKeyTiles];
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n) {
+                clear(sc[n]);
+                clear(dp[n]);
+#pragma unroll
+                for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+                    mma(sc[n], qf.get(kk), load_b(sK + (n * 8 + g) * kRowStride + kk * 16));
+                    mma(dp[n], dof.get(kk), load_b(sV + (n * 8 + g) * kRowStride + kk * 16));
+                }
+            }
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1), key = kt + col;
+                    float ds = 0.f;
+                    if (dense_visible(si, rows[r], key)) {
+                        float z = sc[n].c[i] * p.scale;
+                        const bool timed = dense_timed(si, rows[r]) && dense_timed(si, key);
+                        TemporalFeatures f{0.f, 0.f, 0.f};
+                        if (timed) {
+                            f = temporal_features(row_time[r], sKeyTime[col], wd0, p.num_time_buckets);
+                            z += tc.bias(f);
+                        }
+                        ds = expf(z - row_lse[r]) * (dp[n].c[i] - row_d[r]);
+                        dcoef[r][0] = fmaf(ds, f.bucket, dcoef[r][0]);
+                        dcoef[r][1] = fmaf(ds, f.hour, dcoef[r][1]);
+                        dcoef[r][2] = fmaf(ds, f.weekend, dcoef[r][2]);
+                    }
+                    sc[n].c[i] = ds;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < kCols / 16; ++kk) {
+                const FragA<T> da = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+                for (int dt = 0; dt < kDimTiles; ++dt)
+                    mma(acc[dt], da, load_b(sKt + (dim0 + dt * 8 + g) * kColStride + kk * 16));
+            }
+        }
+
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                if (rows[r] < si.end)
+                    dq[dense_row<kHeadDim>(p, rows[r], head) + dim0 + dt * 8 + 2 * t + (i & 1)] =
+                        from_float<T>(acc[dt].c[i] * p.scale);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int x = 0; x < 3; ++x) {
+                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 1);
+                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 2);
+            }
+            if (t == 0 && blk.part == 0 && rows[r] < si.end) {
+                float* out = partial + (static_cast<size_t>(head) * p.num_tokens + rows[r]) * 3;
+#pragma unroll
+                for (int x = 0; x < 3; ++x) out[x] = dcoef[r][x];
+            }
+        }
+    }
+}
+
+#define SPARSECTR_DENSE_BACKWARD_QUERY(NAME, T, D)                                               \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseQueryMinBlocks)           \
+        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
+             const T* __restrict__ v, const T* __restrict__ o, const T* __restrict__ d_o,        \
+             const float* __restrict__ lse, const float* __restrict__ coeffs,                    \
+             const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
+             const int* __restrict__ weekday0, T* __restrict__ dq, float* __restrict__ delta,    \
+             float* __restrict__ partial) {                                                      \
+        dense_backward_query<T, D>(p, q, k, v, o, d_o, lse, coeffs, rel_time, seqs, weekday0,    \
+                                   dq, delta, partial);                                          \
+    }

@@ -1,0 +1,167 @@
+// Dense counterpart forward (SPEC section 5), FlashAttention-2 style: a block takes 64 queries of
+// one sequence and one head (16 rows per warp, the rows of one MMA tile), walks the sequence's
+// keys up to its last query in tiles of kCols, and keeps one online softmax per row. S = Q K^T and
+// O += P V run on tensor cores for bf16/f16 (kernels/common/mma.cuh); the mask (causal, candidate
+// isolation) and the RelTemporal bias are applied per element in registers. Nothing T x T exists.
+//
+// Shared memory: K tile [kCols][D + pad] and V^T tile [D][kCols + pad]: at most 35.8 KB
+// (16-bit D = 128 with 64 keys; f32 D = 128 takes 32 keys).
+//
+// @instantiate SPARSECTR_DENSE_FORWARD dtype head_dim
+
+#include "common/dtype.cuh"
+#include "common/mma.cuh"
+#include "common/params.cuh"
+#include "common/warp.cuh"
+#include "attn/temporal.cuh"
+#include "attn/softmax.cuh"
+#include "attn/dense.cuh"
+
+constexpr int kDenseForwardMinBlocks = 2;
+
+template <typename T, int kHeadDim>
+__device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k,
+                              const T* __restrict__ v, const float* __restrict__ coeffs,
+                              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,
+                              const int* __restrict__ weekday0, T* __restrict__ o,
+                              float* __restrict__ lse) {
+    constexpr int kCols = DenseCols<T, kHeadDim>::kForward;
+    constexpr int kPad = SmemPad<T>::kValue;
+    constexpr int kKStride = kHeadDim + kPad;
+    constexpr int kVStride = kCols + kPad;
+    constexpr int kDimTiles = kHeadDim / 8;
+    constexpr int kKeyTiles = kCols / 8;
+    alignas(16) __shared__ T sK[kCols * kKStride];
+    alignas(16) __shared__ T sVt[kHeadDim * kVStride];
+    __shared__ unsigned sKeyTime[kCols];
+
+    const DenseBlock blk = dense_block(p, 1);
+    const int head = blk.head;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
+
+    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+        const SeqInfo si = seqs[s];
+        const int q0 = si.start + blk.tile * kDenseRows;
+        if (q0 >= si.end) continue;  // block-uniform
+        const int q_end = min(q0 + kDenseRows, si.end);
+        const int wq = q0 + warp * 16;
+        const int rows[2] = {wq + g, wq + g + 8};
+        const int ra = min(rows[0], si.end - 1), rb = min(rows[1], si.end - 1);
+        RowOperand<T, kHeadDim, true> qf;
+        qf.init(q + dense_row<kHeadDim>(p, ra, head), q + dense_row<kHeadDim>(p, rb, head));
+        const unsigned row_time[2] = {rel_time[ra], rel_time[rb]};
+        const int wd0 = weekday0[s];
+
+        FragC acc[kDimTiles];
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
+        float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+
+        for (int kt = si.start; kt < q_end; kt += kCols) {
+            __syncthreads();  // the previous tile's readers are done
+            tile_rows<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK);
+            tile_cols<T, kHeadDim, kCols>(p, v, kt, q_end, head, sVt);
+            const int tid = threadIdx.x;
+            if (tid < kCols) sKeyTime[tid] = kt + tid < q_end ? rel_time[kt + tid] : 0u;
+            __syncthreads();
+            // Warp-uniform: every key of the tile comes after every row of this warp.
+            if (kt > wq + 15 || wq >= si.end) continue;
+
+            FragC sc[kKeyTiles];
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n) {
+                clear(sc[n]);
+#pragma unroll
+                for (int kk = 0; kk < kHeadDim / 16; ++kk)
+                    mma(sc[n], qf.get(kk), load_b(sK + (n * 8 + g) * kKStride + kk * 16));
+            }
+            float mx[2] = {m[0], m[1]};
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1), key = kt + col;
+                    float z = neg_inf();
+                    if (dense_visible(si, rows[r], key)) {
+                        z = sc[n].c[i] * p.scale;
+                        if (dense_timed(si, rows[r]) && dense_timed(si, key))
+                            z += tc.bias(temporal_features(row_time[r], sKeyTime[col], wd0,
+                                                           p.num_time_buckets));
+                    }
+                    sc[n].c[i] = z;
+                    mx[r] = fmaxf(mx[r], z);
+                }
+            }
+            float corr[2], base[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // The four lanes of a group hold the same rows.
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+                corr[r] = m[r] == neg_inf() ? 0.f : expf(m[r] - mx[r]);
+                base[r] = mx[r] == neg_inf() ? 0.f : mx[r];  // an empty prefix stays empty
+                m[r] = mx[r];
+                l[r] *= corr[r];
+            }
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float pr = expf(sc[n].c[i] - base[i >> 1]);
+                    l[i >> 1] += pr;
+                    sc[n].c[i] = pr;
+                }
+            }
+#pragma unroll
+            for (int dt = 0; dt < kDimTiles; ++dt) {
+                acc[dt].c[0] *= corr[0];
+                acc[dt].c[1] *= corr[0];
+                acc[dt].c[2] *= corr[1];
+                acc[dt].c[3] *= corr[1];
+            }
+#pragma unroll
+            for (int kk = 0; kk < kCols / 16; ++kk) {
+                const FragA<T> pa = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+                for (int dt = 0; dt < kDimTiles; ++dt)
+                    mma(acc[dt], pa, load_b(sVt + (dt * 8 + g) * kVStride + kk * 16));
+            }
+        }
+
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+            l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+            inv[r] = l[r] > 0.f ? __frcp_rn(l[r]) : 0.f;
+        }
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1;
+                if (rows[r] < si.end)
+                    o[dense_row<kHeadDim>(p, rows[r], head) + dt * 8 + 2 * t + (i & 1)] =
+                        from_float<T>(acc[dt].c[i] * inv[r]);
+            }
+        }
+        if (t == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                if (rows[r] < si.end)
+                    lse[static_cast<size_t>(rows[r]) * p.heads + head] =
+                        l[r] > 0.f ? m[r] + logf(l[r]) : neg_inf();
+        }
+    }
+}
+
+#define SPARSECTR_DENSE_FORWARD(NAME, T, D)                                                      \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseForwardMinBlocks)         \
+        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
+             const T* __restrict__ v, const float* __restrict__ coeffs,                          \
+             const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
+             const int* __restrict__ weekday0, T* __restrict__ o, float* __restrict__ lse) {     \
+        dense_forward<T, D>(p, q, k, v, coeffs, rel_time, seqs, weekday0, o, lse);               \
+    }
