@@ -787,6 +787,7 @@ fn export(
             gates: Some(Gates::Native(&host.gates)),
         },
         d_o: None,
+        dense: false,
     };
     write_folder(dir, &e, Some(output)).map_err(|detail| Error::Cuda {
         call: "export",
