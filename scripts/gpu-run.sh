@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs on a GPU host over the binaries of scripts/build-device-bin.sh (carried as device-bin/):
 # the GPU tests with SPARSECTR_REQUIRE_GPU=1, compute-sanitizer (memcheck, racecheck, initcheck)
-# on the GPU test binaries, and the forward benchmark. Everything lands in one tarball,
+# on the GPU test binaries, and a smoke run of the benchmark. Everything lands in one tarball,
 # $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,10 +34,13 @@ for tool in $sanitize; do
     tail -2 "$out/sanitizer-$tool-$(basename "$bin").log"
   done
 done
-if [ -x device-bin/bench-gpu_forward ]; then
-  device-bin/bench-gpu_forward --out "$out/results" ${BENCH_ARGS:-} > "$out/bench-gpu_forward.log" 2>&1 || status=1
-  cat "$out/bench-gpu_forward.log"
+# A smoke run of the benchmark (sparse only, one cell, few repetitions); the full BENCH.md run is
+# scripts/bench-gpu.sh.
+if [ -x device-bin/bench-gpu_bench ]; then
+  device-bin/bench-gpu_bench --workload ctr-base --len 4096 --reps 5 --systems sparse \
+    --out "$out/results/gpu-bench-smoke.jsonl" ${BENCH_ARGS:-} > "$out/bench-gpu_bench.log" 2>&1 || status=1
+  cat "$out/bench-gpu_bench.log"
 fi
-grep -h -E "test result|ERROR SUMMARY|fraction of copy|forward incl" "$out"/*.log > "$dest/summary.txt" 2>/dev/null
+grep -h -E "test result|ERROR SUMMARY|sparse-ours" "$out"/*.log > "$dest/summary.txt" 2>/dev/null
 tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
 exit $status

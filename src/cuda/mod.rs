@@ -38,3 +38,4 @@ pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
 pub use device::GpuDevice;
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
 pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};
+pub use timing::PoolUsage;
