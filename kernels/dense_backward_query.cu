@@ -56,7 +56,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
     alignas(16) __shared__ T sK[kCols * kRowStride];
     alignas(16) __shared__ T sV[kCols * kRowStride];
     alignas(16) __shared__ T sKt[kHeadDim * kColStride];
-    __shared__ unsigned sKeyTime[kCols];
+    __shared__ TokenTime sKeyTime[kCols];
 
     const DenseBlock blk = dense_block(p, kParts);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ
@@ -78,16 +78,17 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         RowOperand<T, kHeadDim, kResident> qf, dof;
         qf.init(q + at[0], q + at[1]);
         dof.init(d_o + at[0], d_o + at[1]);
+        const int wd0 = weekday0[s];
+        const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
         float row_d[2], row_lse[2];
-        unsigned row_time[2];
+        TokenTime row_time[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             row_d[r] = row_delta<T, kHeadDim>(d_o, o, at[r]);
             row_lse[r] = lse[static_cast<size_t>(clamped[r]) * p.heads + head];
-            row_time[r] = rel_time[clamped[r]];
+            row_time[r] = token_time(rel_time[clamped[r]], wd0);
             if (t == 0 && blk.part == 0 && rows[r] < si.end) delta[static_cast<size_t>(rows[r]) * p.heads + head] = row_d[r];
         }
-        const int wd0 = weekday0[s];
 
         FragC acc[kDimTiles];
 #pragma unroll
@@ -105,7 +106,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
             tile_rows<T, kHeadDim, kCols>(p, v, kt, q_end, head, sV);
             tile_cols<T, kHeadDim, kCols>(p, k, kt, q_end, head, sKt);
             const int tid = threadIdx.x;
-            if (tid < kCols) sKeyTime[tid] = kt + tid < q_end ? rel_time[kt + tid] : 0u;
+            if (tid < kCols) sKeyTime[tid] = token_time(kt + tid < q_end ? rel_time[kt + tid] : 0u, wd0);
             __syncthreads();
             if (kt > wq + 15 || wq >= si.end) continue;  // warp-uniform
 
@@ -131,7 +132,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                         const bool timed = dense_timed(si, rows[r]) && dense_timed(si, key);
                         TemporalFeatures f{0.f, 0.f, 0.f};
                         if (timed) {
-                            f = temporal_features(row_time[r], sKeyTime[col], wd0, p.num_time_buckets);
+                            f = pair_features(row_time[r], sKeyTime[col], p.num_time_buckets, inv_buckets);
                             z += tc.bias(f);
                         }
                         const float pr = expf(z - row_lse[r]);

@@ -191,14 +191,14 @@ template <typename T, int kHeadDim, int kBranch>
 __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const SeqInfo& si,
                                           const TcTile& tt, int num_slots, int chunk_base,
                                           const RowOperand<T, kHeadDim, true>& qf,
-                                          const TcRow (&rw)[2], const unsigned (&row_time)[2],
+                                          const TcRow (&rw)[2], const TokenTime (&row_time)[2],
                                           int wd0, const TemporalCoeffs& tc, const T* __restrict__ k,
                                           const T* __restrict__ v, const float* __restrict__ kbar,
                                           const float* __restrict__ vbar,
                                           const int* __restrict__ chunk_ends,
                                           const unsigned* __restrict__ rel_time, bool warp_live,
                                           T* sK, T* sKlo, T* sVt, T* sVtlo, int* sRow, int* sAux,
-                                          unsigned* sTime, FragC (&acc)[kHeadDim / 8],
+                                          TokenTime* sTime, FragC (&acc)[kHeadDim / 8],
                                           RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     constexpr bool kSummary = kBranch == 0;
@@ -206,6 +206,7 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
     constexpr int kColStride = kCols + SmemPad<T>::kValue;
     constexpr int kKeyTiles = kCols / 8;
     const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
+    const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
 #pragma unroll
     for (int dt = 0; dt < kHeadDim / 8; ++dt) clear(acc[dt]);
     sm.init();
@@ -220,7 +221,7 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                                       &aux, &time);
             sRow[tid] = row;
             sAux[tid] = aux;
-            sTime[tid] = time;
+            sTime[tid] = token_time(time, wd0);
         }
         __syncthreads();
         gather_slots<T, kHeadDim, kCols, kSummary>(p, head, k, v, kbar, vbar, sRow, sK, sKlo, sVt,
@@ -249,8 +250,8 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                 if (slot_visible<kBranch>(rw[r], row, aux)) {
                     z = sc[n].c[i] * p.scale;
                     if (kBranch != 2 || aux != kLocalUser)
-                        z += tc.bias(temporal_features(row_time[r], sTime[col], wd0,
-                                                       p.num_time_buckets));
+                        z += tc.bias(pair_features(row_time[r], sTime[col], p.num_time_buckets,
+                                                   inv_buckets));
                 }
                 sc[n].c[i] = z;
             }
@@ -293,7 +294,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     alignas(16) __shared__ T sVtlo[kHeadDim * (kCols + kPad)];
     __shared__ int sRow[kCols];
     __shared__ int sAux[kCols];
-    __shared__ unsigned sTime[kCols];
+    __shared__ TokenTime sTime[kCols];
 
     const DenseBlock blk = dense_block(p, 1);
     const int head = blk.head;
@@ -320,7 +321,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
 
         const int wq = q0 + warp * 16;
         TcRow rw[2];
-        unsigned row_time[2];
+        TokenTime row_time[2];
         bool any_live = false;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -331,7 +332,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
             rw[r].visible_end = visible_end_of(si, qc);
             rw[r].completed = chunks_completed(ends, num_chunks, rw[r].visible_end);
             rw[r].first_local = window_start(si, qc, p.window);
-            row_time[r] = rel_time[qc];
+            row_time[r] = token_time(rel_time[qc], weekday0[s]);
             any_live = any_live || rw[r].live;
         }
         const bool warp_live = __any_sync(kFullMask, any_live) != 0;
