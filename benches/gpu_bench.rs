@@ -43,7 +43,7 @@ use half::bf16;
 use sparsectr_attn::cuda::BackwardMode::{self, Fast};
 use sparsectr_attn::cuda::{
     DenseGrads, DenseOutputs, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs,
-    DeviceOutputs, GpuDevice,
+    DeviceOutputs, ForwardKernel, GpuDevice,
 };
 use sparsectr_attn::workload::{Rng, Workload, WORKLOADS};
 use sparsectr_attn::{Chunks, Error, Gates, Inputs, JaggedBatch, Result, NUM_BRANCHES};
@@ -620,6 +620,14 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                     c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f)
                 })?,
             ));
+            // The warp-per-query kernel that bf16 ran before the tensor-core one, for the
+            // comparison of the two on the same GPU.
+            gpu.set_forward_kernel(ForwardKernel::Warp);
+            let warp_ms = gpu.time_median_ms(WARMUP, reps, |i| {
+                c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f)
+            });
+            gpu.set_forward_kernel(ForwardKernel::Auto);
+            timed.push(("sparse-ours", "fwd_warp", reps, warp_ms?));
             for (pass, mode) in [
                 ("fwd_bwd", BackwardMode::Fast),
                 ("fwd_bwd_det", BackwardMode::Deterministic),

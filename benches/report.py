@@ -23,7 +23,9 @@ SPARSE = "sparse-ours"
 BASELINES = [("dense-ours", "dense (ours)"), ("sdpa-flash", "SDPA flash, causal, no bias"),
              ("flex-evo", "FlexAttention EvoAttention")]
 SYSTEM_NAMES = dict(BASELINES, **{SPARSE: "sparse EvoAttention (ours)"})
-PASS_NAMES = {"chunking": "GPU chunking", "fwd": "forward", "fwd_bwd": "forward + backward",
+PASS_NAMES = {"chunking": "GPU chunking", "fwd": "forward",
+              "fwd_warp": "forward, warp-per-query kernel (bf16 default before tensor cores)",
+              "fwd_bwd": "forward + backward",
               "fwd_bwd_det": "forward + backward, deterministic",
               "e2e_fwd_bwd": "chunking + forward + backward"}
 # The targets: H100, ctr-base, bf16, forward + backward (fast backward).

@@ -10,7 +10,7 @@ use half::{bf16, f16};
 
 use super::batch::{upload, DeviceBatch, DeviceChunks};
 use super::dense::dense_grid;
-use super::device::{driver, GpuDevice};
+use super::device::{driver, ForwardKernel, GpuDevice};
 use super::kernels::Entry;
 use super::params::{EvoParams, GatesMode};
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs, NUM_BRANCHES};
@@ -326,10 +326,15 @@ impl GpuDevice {
         }
         let stream = &self.stream;
 
-        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
-        // 16-bit inputs take the tensor-core kernel (64 queries of a sequence per block); f32
-        // keeps the warp-per-query kernel, whose CUDA-core dot products need no MMA emulation.
-        let (forward, cfg) = if T::DTYPE == DType::F32 {
+        // 16-bit inputs take the tensor-core kernel (64 queries of a sequence per block) unless
+        // told otherwise; f32 keeps the warp-per-query kernel, whose CUDA-core dot products need
+        // no MMA emulation.
+        let warp = match self.forward_kernel() {
+            ForwardKernel::Auto => T::DTYPE == DType::F32,
+            ForwardKernel::Warp => true,
+            ForwardKernel::TensorCore => false,
+        };
+        let (forward, cfg) = if warp {
             let cfg = LaunchConfig {
                 grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),
                 block_dim: (FORWARD_THREADS, 1, 1),
@@ -346,6 +351,7 @@ impl GpuDevice {
                 cfg,
             )
         };
+        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
         let no_gates = 0u64; // a null pointer: the kernel reads no gates
         let mut launch = stream.launch_builder(&forward);
         launch
