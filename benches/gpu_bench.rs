@@ -43,7 +43,7 @@ use half::bf16;
 use sparsectr_attn::cuda::BackwardMode::{self, Fast};
 use sparsectr_attn::cuda::{
     DenseGrads, DenseOutputs, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs,
-    DeviceOutputs, ForwardKernel, GpuDevice,
+    DeviceOutputs, GpuDevice, SparseKernels,
 };
 use sparsectr_attn::workload::{Rng, Workload, WORKLOADS};
 use sparsectr_attn::{Chunks, Error, Gates, Inputs, JaggedBatch, Result, NUM_BRANCHES};
@@ -622,11 +622,11 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
             ));
             // The warp-per-query kernel that bf16 ran before the tensor-core one, for the
             // comparison of the two on the same GPU.
-            gpu.set_forward_kernel(ForwardKernel::Warp);
+            gpu.set_sparse_kernels(SparseKernels::Warp);
             let warp_ms = gpu.time_median_ms(WARMUP, reps, |i| {
                 c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f)
             });
-            gpu.set_forward_kernel(ForwardKernel::Auto);
+            gpu.set_sparse_kernels(SparseKernels::Auto);
             timed.push(("sparse-ours", "fwd_warp", reps, warp_ms?));
             for (pass, mode) in [
                 ("fwd_bwd", BackwardMode::Fast),

@@ -28,163 +28,10 @@
 #include "attn/softmax.cuh"
 #include "attn/query.cuh"
 #include "attn/dense.cuh"
+#include "attn/tc_slots.cuh"
 #include "attn/tile_softmax.cuh"
 
 constexpr int kForwardTcMinBlocks = 2;
-
-// Slots per tile: 64 keys at D = 32; 32 from D = 64 on, where 64 kept the rows' S tile, the
-// branch and the gated sums above 255 registers (NVRTC 13.0, sm_80 spilled 64 B).
-template <int kHeadDim>
-struct TcCols {
-    static constexpr int kValue = kHeadDim == 32 ? 64 : 32;
-};
-
-// Slot kinds of the local branch.
-enum : int { kLocalUser = 0, kLocalBehavior = 1, kLocalCandidate = 2 };
-
-// What a row (query) needs to test slots.
-struct TcRow {
-    int q;
-    bool live;        // a real query that is not the user token (which sees nothing)
-    int visible_end;  // behaviors below this are in its past
-    int completed;    // chunks whose last behavior is below visible_end
-    int first_local;  // first behavior of its window
-};
-
-// The tile-wide slot ranges of the three branches.
-struct TcTile {
-    int completed;  // of the tile's last query
-    int started;
-    int local_lo, local_hi;  // behaviors [lo, hi) of the local branch
-    int user;                // 1 if the sequence has a user token
-    int cand_lo;             // first candidate of the tile (tile end if none)
-};
-
-// Chunks of the sequence whose exclusive end is at most `end` (chunk ends increase).
-__device__ __forceinline__ int chunks_completed(const int* __restrict__ ends, int count, int end) {
-    int lo = 0, hi = count;
-    while (lo < hi) {
-        const int mid = (lo + hi) >> 1;
-        if (ends[mid] <= end) lo = mid + 1; else hi = mid;
-    }
-    return lo;
-}
-
-__device__ __forceinline__ int visible_end_of(const SeqInfo& si, int q) {
-    return q >= si.candidates ? si.candidates : q + 1;
-}
-
-__device__ __forceinline__ int window_start(const SeqInfo& si, int q, int window) {
-    return max(si.behaviors, min(q, si.candidates) + 1 - window);
-}
-
-// Row -1 (a slot past the branch's end, or before a chunk's first behavior) is never visible.
-template <int kBranch>
-__device__ __forceinline__ bool slot_visible(const TcRow& r, int row, int aux) {
-    if (row < 0) return false;
-    if (kBranch == 0) return r.live && aux < r.completed;
-    if (kBranch == 1) return r.live && row < r.visible_end;
-    if (aux == kLocalUser) return r.live;
-    if (aux == kLocalBehavior) return r.live && row >= r.first_local && row < r.visible_end;
-    return row == r.q;  // a candidate sees itself
-}
-
-template <int kBranch>
-__device__ __forceinline__ int branch_slots(const TcTile& tt, const EvoParams& p) {
-    if (kBranch == 0) return tt.completed;
-    if (kBranch == 1) return tt.started * p.tail_tokens;
-    return tt.user + (tt.local_hi - tt.local_lo);  // + the candidates, added by the caller
-}
-
-// Resolves slot s of a branch to (row, aux, time); row -1 is masked for every query. Rows are
-// tokens, or summary slots (seq * P + chunk) for the global branch.
-template <int kBranch>
-__device__ __forceinline__ void resolve_slot(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
-                                             int chunk_base, const int* __restrict__ chunk_ends,
-                                             const unsigned* __restrict__ rel_time, int s,
-                                             int* row, int* aux, unsigned* time) {
-    if (kBranch == 0) {
-        const int c = chunk_base + s;
-        *row = c;
-        *aux = s;
-        *time = rel_time[chunk_ends[c] - 1];
-    } else if (kBranch == 1) {
-        const int k = s / p.tail_tokens, o = s - k * p.tail_tokens;
-        const int end = chunk_ends[chunk_base + k];
-        const int start = k == 0 ? si.behaviors : chunk_ends[chunk_base + k - 1];
-        const int token = end - p.tail_tokens + o;
-        *aux = 0;
-        *row = token >= start ? token : -1;
-        *time = token >= start ? rel_time[token] : 0u;
-    } else {
-        const int behaviors = tt.local_hi - tt.local_lo;
-        if (s < tt.user) {
-            *row = si.start;
-            *aux = kLocalUser;
-            *time = 0u;
-        } else if (s < tt.user + behaviors) {
-            *row = tt.local_lo + s - tt.user;
-            *aux = kLocalBehavior;
-            *time = rel_time[*row];
-        } else {
-            *row = tt.cand_lo + s - tt.user - behaviors;
-            *aux = kLocalCandidate;
-            *time = rel_time[*row];
-        }
-    }
-}
-
-// Copies the K and V rows of a tile's slots into shared memory: K as rows, V transposed. Token
-// rows come in T; summary rows (f32) are split into a high and a low 16-bit part.
-template <typename T, int kHeadDim, int kCols, bool kSummary>
-__device__ __forceinline__ void gather_slots(const EvoParams& p, int head, const T* __restrict__ k,
-                                             const T* __restrict__ v, const float* __restrict__ kbar,
-                                             const float* __restrict__ vbar, const int* sRow,
-                                             T* sK, T* sKlo, T* sVt, T* sVtlo) {
-    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
-    constexpr int kColStride = kCols + SmemPad<T>::kValue;
-    if (kSummary) {
-        constexpr int kPerRow = kHeadDim / 4;  // float4 pieces
-        for (int i = threadIdx.x; i < kCols * kPerRow; i += kDenseThreads) {
-            const int r = i / kPerRow, c = i % kPerRow;
-            const int row = sRow[r];
-            uint4 rk = {0u, 0u, 0u, 0u}, rv = {0u, 0u, 0u, 0u};
-            if (row >= 0) {
-                const size_t at = (static_cast<size_t>(row) * p.heads + head) * kHeadDim;
-                rk = __ldg(reinterpret_cast<const uint4*>(kbar + at) + c);
-                rv = __ldg(reinterpret_cast<const uint4*>(vbar + at) + c);
-            }
-            const unsigned wk[4] = {rk.x, rk.y, rk.z, rk.w}, wv[4] = {rv.x, rv.y, rv.z, rv.w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int d = c * 4 + e;
-                const float xk = __uint_as_float(wk[e]), xv = __uint_as_float(wv[e]);
-                const T hk = from_float<T>(xk), hv = from_float<T>(xv);
-                sK[r * kRowStride + d] = hk;
-                sKlo[r * kRowStride + d] = from_float<T>(xk - to_float(hk));
-                sVt[d * kColStride + r] = hv;
-                sVtlo[d * kColStride + r] = from_float<T>(xv - to_float(hv));
-            }
-        }
-    } else {
-        constexpr int kVec = VecWidth<T>::kValue;
-        constexpr int kPerRow = kHeadDim / kVec;
-        for (int i = threadIdx.x; i < kCols * kPerRow; i += kDenseThreads) {
-            const int r = i / kPerRow, c = i % kPerRow;
-            const int row = sRow[r];
-            uint4 rk = {0u, 0u, 0u, 0u}, rv = {0u, 0u, 0u, 0u};
-            if (row >= 0) {
-                const size_t at = (static_cast<size_t>(row) * p.heads + head) * kHeadDim;
-                rk = __ldg(reinterpret_cast<const uint4*>(k + at) + c);
-                rv = __ldg(reinterpret_cast<const uint4*>(v + at) + c);
-            }
-            *reinterpret_cast<uint4*>(sK + r * kRowStride + c * kVec) = rk;
-            const T* ev = reinterpret_cast<const T*>(&rv);
-#pragma unroll
-            for (int e = 0; e < kVec; ++e) sVt[(c * kVec + e) * kColStride + r] = ev[e];
-        }
-    }
-}
 
 // One branch for the block's rows: O_b (normalized, into acc) and its softmax state.
 template <typename T, int kHeadDim, int kBranch>
@@ -212,20 +59,13 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
     sm.init();
     for (int base = 0; base < num_slots; base += kCols) {
         __syncthreads();  // the previous tile's readers are done
-        const int tid = threadIdx.x;
-        if (tid < kCols) {
-            int row = -1, aux = 0;
-            unsigned time = 0u;
-            if (base + tid < num_slots)
-                resolve_slot<kBranch>(tt, si, p, chunk_base, chunk_ends, rel_time, base + tid, &row,
-                                      &aux, &time);
-            sRow[tid] = row;
-            sAux[tid] = aux;
-            sTime[tid] = token_time(time, wd0);
-        }
+        resolve_tile<kBranch, kCols>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base,
+                                     num_slots, sRow, sAux, sTime);
         __syncthreads();
-        gather_slots<T, kHeadDim, kCols, kSummary>(p, head, k, v, kbar, vbar, sRow, sK, sKlo, sVt,
-                                                   sVtlo);
+        gather_tensor<T, kHeadDim, kCols, kSummary>(p, head, k, kbar, sRow, sK, sKlo, nullptr,
+                                                    nullptr);
+        gather_tensor<T, kHeadDim, kCols, kSummary>(p, head, v, vbar, sRow, nullptr, nullptr, sVt,
+                                                    sVtlo);
         __syncthreads();
         if (!warp_live) continue;  // warp-uniform: none of its rows attends
 
@@ -308,45 +148,22 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
         if (q0 >= si.end) continue;  // block-uniform
         const int q_end = min(q0 + kDenseRows, si.end);
         const int chunk_base = s * p.max_chunks;
-        const int num_chunks = chunk_counts[s];
-        const int* ends = chunk_ends + chunk_base;
-
-        TcTile tt;
-        tt.completed = chunks_completed(ends, num_chunks, visible_end_of(si, q_end - 1));
-        tt.started = min(tt.completed + 1, num_chunks);
-        tt.local_lo = window_start(si, q0, p.window);
-        tt.local_hi = max(tt.local_lo, min(visible_end_of(si, q_end - 1), si.candidates));
-        tt.user = si.behaviors > si.start ? 1 : 0;
-        tt.cand_lo = max(q0, si.candidates);
-
         const int wq = q0 + warp * 16;
+        const int wd0 = weekday0[s];
+        TcTile tt;
         TcRow rw[2];
         TokenTime row_time[2];
-        bool any_live = false;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int q = wq + g + 8 * r;
-            const int qc = min(q, si.end - 1);
-            rw[r].q = q;
-            rw[r].live = q < si.end && q >= si.behaviors;
-            rw[r].visible_end = visible_end_of(si, qc);
-            rw[r].completed = chunks_completed(ends, num_chunks, rw[r].visible_end);
-            rw[r].first_local = window_start(si, qc, p.window);
-            row_time[r] = token_time(rel_time[qc], weekday0[s]);
-            any_live = any_live || rw[r].live;
-        }
-        const bool warp_live = __any_sync(kFullMask, any_live) != 0;
+        tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
+        const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
         RowOperand<T, kHeadDim, true> qf;
         qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
                 q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
-        const int wd0 = weekday0[s];
 
         FragC out[kDimTiles], acc[kDimTiles];
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) clear(out[dt]);
         RowSoftmax sm;
         float branch_lse[3][2];
-        const int local_slots = branch_slots<2>(tt, p) + max(0, q_end - tt.cand_lo);
 
 #define SPARSECTR_TC_BRANCH(B, SLOTS)                                                            \
     {                                                                                            \
@@ -366,9 +183,9 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
             out[dt].c[3] = fmaf(gate[1], acc[dt].c[3], out[dt].c[3]);                            \
         }                                                                                        \
     }
-        SPARSECTR_TC_BRANCH(0, branch_slots<0>(tt, p))
-        SPARSECTR_TC_BRANCH(1, branch_slots<1>(tt, p))
-        SPARSECTR_TC_BRANCH(2, local_slots)
+        SPARSECTR_TC_BRANCH(0, tile_slots<0>(tt, p, q_end))
+        SPARSECTR_TC_BRANCH(1, tile_slots<1>(tt, p, q_end))
+        SPARSECTR_TC_BRANCH(2, tile_slots<2>(tt, p, q_end))
 #undef SPARSECTR_TC_BRANCH
 
 #pragma unroll

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use sparsectr_attn::cuda::{
-    DeviceGates, DeviceInputs, DeviceOutputs, ForwardKernel, GpuDevice, GpuElement,
+    DeviceGates, DeviceInputs, DeviceOutputs, GpuDevice, GpuElement, SparseKernels,
 };
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
@@ -248,7 +248,7 @@ fn gpu_forward_warp_kernel_matches_reference_16bit() {
         return;
     };
     let own = GpuDevice::from_stream(shared.stream().context().new_stream().unwrap()).unwrap();
-    own.set_forward_kernel(ForwardKernel::Warp);
+    own.set_sparse_kernels(SparseKernels::Warp);
     for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
         let mut runner = TestRunner::new(ProptestConfig::with_cases(common::gpu::cases(16)));
         runner
@@ -259,7 +259,7 @@ fn gpu_forward_warp_kernel_matches_reference_16bit() {
             .unwrap();
     }
     // The tensor-core kernel has no f32 variant: asking for it is an error, not a launch.
-    own.set_forward_kernel(ForwardKernel::TensorCore);
+    own.set_sparse_kernels(SparseKernels::TensorCore);
     let c = case()
         .new_tree(&mut TestRunner::deterministic())
         .unwrap()

@@ -57,6 +57,9 @@ namespace k_forward {
 namespace k_forward_tc {
 #include "forward_tc.cu"
 }
+namespace k_bwd_query_tc {
+#include "backward_query_tc.cu"
+}
 namespace k_bwd_query {
 #include "backward_query.cu"
 }
@@ -173,6 +176,7 @@ struct Elem {
     using pooling = Pick<D, float, k_pooling::half_t, k_pooling::bf16_t>;
     using forward = Pick<D, float, k_forward::half_t, k_forward::bf16_t>;
     using forward_tc = Pick<D, float, k_forward_tc::half_t, k_forward_tc::bf16_t>;
+    using bwd_query_tc = Pick<D, float, k_bwd_query_tc::half_t, k_bwd_query_tc::bf16_t>;
     using bwd_query = Pick<D, float, k_bwd_query::half_t, k_bwd_query::bf16_t>;
     using bwd_summary = Pick<D, float, k_bwd_summary::half_t, k_bwd_summary::bf16_t>;
     using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
@@ -225,6 +229,8 @@ struct TcKernels;
     struct TcKernels<DType::DT, HD> {                                                   \
         static constexpr auto forward = k_forward_tc::evo_forward_tc_##dn##_d##HD;      \
         static constexpr const char* forward_name = "evo_forward_tc_" #dn "_d" #HD;     \
+        static constexpr auto bwd_query = k_bwd_query_tc::evo_backward_query_tc_##dn##_d##HD; \
+        static constexpr const char* bwd_query_name = "evo_backward_query_tc_" #dn "_d" #HD; \
     };
 EMU_TC_KERNELS(F16, f16, 32)
 EMU_TC_KERNELS(F16, f16, 64)
@@ -878,15 +884,35 @@ int run(const Folder& f, const Options& opt) {
                 Buf dkbar = poisoned<float>(summary_rows), dvbar = poisoned<float>(summary_rows);
                 Buf partial = poisoned<float>(branch_rows);
                 const dim3 token_grid((T + kBwdWarps - 1) / kBwdWarps, H), block(kBwdThreads);
-                emu::launch_named(
-                    K::bwd_query_name, K::bwd_query, token_grid, block,
-                    cast_params<k_bwd_query::EvoParams>(p), q_d.as<const TQ>(), k_d.as<const TQ>(),
-                    v_d.as<const TQ>(), kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
-                    coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
-                    seqs_d.as<const k_bwd_query::SeqInfo>(), wd0_d.as<const int>(),
-                    ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TQ>(),
-                    lse.as<const float>(), out.dq.as<TQ>(), out.dgates.as<float>(),
-                    partial.as<float>());
+                if constexpr (DT == DType::F32) {
+                    emu::launch_named(
+                        K::bwd_query_name, K::bwd_query, token_grid, block,
+                        cast_params<k_bwd_query::EvoParams>(p), q_d.as<const TQ>(), k_d.as<const TQ>(),
+                        v_d.as<const TQ>(), kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
+                        coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                        seqs_d.as<const k_bwd_query::SeqInfo>(), wd0_d.as<const int>(),
+                        ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TQ>(),
+                        lse.as<const float>(), out.dq.as<TQ>(), out.dgates.as<float>(),
+                        partial.as<float>());
+                } else {
+                    // backward_into's default for 16-bit inputs: the tensor-core query side.
+                    using TB = typename Elem<DT>::bwd_query_tc;
+                    using KT = TcKernels<DT, HD>;
+                    int max_len = 0;
+                    for (const SeqInfo& si : lay.seqs) max_len = std::max(max_len, si.end - si.start);
+                    const unsigned tiles = (max_len + kDenseRows - 1) / kDenseRows;
+                    const unsigned grid_y = static_cast<unsigned>(std::max(1, (B + 1) / 2));
+                    emu::launch_named(
+                        KT::bwd_query_name, KT::bwd_query, dim3(tiles * H * (HD == 128 ? 2 : 1), grid_y),
+                        dim3(kDenseThreads),
+                        cast_params<k_bwd_query_tc::EvoParams>(p), q_d.as<const TB>(), k_d.as<const TB>(),
+                        v_d.as<const TB>(), kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
+                        coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                        seqs_d.as<const k_bwd_query_tc::SeqInfo>(), wd0_d.as<const int>(),
+                        ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TB>(),
+                        lse.as<const float>(), out.dq.as<TB>(), out.dgates.as<float>(),
+                        partial.as<float>());
+                }
                 const dim3 summary_grid(
                     (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
                 emu::launch_named(

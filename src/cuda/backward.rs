@@ -10,6 +10,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
+use super::dense::dense_grid;
 use super::device::{driver, GpuDevice};
 use super::forward::{
     launch_params, push_gates, push_layout, DeviceGates, DeviceInputs, GpuElement,
@@ -26,6 +27,16 @@ const BWD_WARPS: u32 = 4;
 const BWD_THREADS: u32 = BWD_WARPS * 32;
 /// Threads per block of the dcoeffs reduction (`kReduceThreads`).
 const REDUCE_THREADS: u32 = 256;
+
+/// Blocks per tile of the tensor-core query kernel, each taking part of dQ's dimensions
+/// (`BwdTcParts` in backward_query_tc.cu).
+fn backward_query_parts(head_dim: usize) -> usize {
+    if head_dim == 128 {
+        2
+    } else {
+        1
+    }
+}
 
 /// How the backward may order its floating-point sums.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,18 +136,31 @@ impl GpuDevice {
                 .map_err(driver("cuMemsetD8(dcoeffs)"))?;
             return Ok(());
         }
-        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
-        let summary_rows = chunks.num_seqs * chunks.max_chunks * dims.heads * dims.head_dim;
-        let mut dkbar = zeros::<f32>(stream, summary_rows)?;
-        let mut dvbar = zeros::<f32>(stream, summary_rows)?;
-        let mut partial = zeros::<f32>(stream, branch_rows)?;
         let null = 0u64;
         let dtype = Some(T::DTYPE);
         let dim = Some(dims.head_dim);
         let token_grid = ((t as u32).div_ceil(BWD_WARPS), dims.heads as u32, 1);
         let block = (BWD_THREADS, 1, 1);
+        // The query side on tensor cores for 16-bit inputs (see SparseKernels); both versions
+        // take the same arguments and write the same outputs.
+        // Resolved before any launch: a missing variant is an error, not half a backward.
+        let (func, query_cfg) = if self.sparse_uses_warp_kernels(T::DTYPE) {
+            let cfg = LaunchConfig {
+                grid_dim: token_grid,
+                block_dim: block,
+                shared_mem_bytes: 0,
+            };
+            (self.function(Entry::BackwardQuery, dtype, dim)?, cfg)
+        } else {
+            let cfg = dense_grid(batch, dims, backward_query_parts(dims.head_dim))?;
+            (self.function(Entry::BackwardQueryTc, dtype, dim)?, cfg)
+        };
+        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
+        let summary_rows = chunks.num_seqs * chunks.max_chunks * dims.heads * dims.head_dim;
+        let mut dkbar = zeros::<f32>(stream, summary_rows)?;
+        let mut dvbar = zeros::<f32>(stream, summary_rows)?;
+        let mut partial = zeros::<f32>(stream, branch_rows)?;
 
-        let func = self.function(Entry::BackwardQuery, dtype, dim)?;
         let mut launch = stream.launch_builder(&func);
         launch
             .arg(&params)
@@ -153,13 +177,10 @@ impl GpuDevice {
             .arg(&mut *grads.dq)
             .arg(&mut *grads.dgates)
             .arg(&mut partial);
-        let cfg = LaunchConfig {
-            grid_dim: token_grid,
-            block_dim: block,
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY; lengths checked above.
-        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY and
+        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters); lengths checked above.
+        unsafe { launch.launch(query_cfg) }
+            .map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
 
         let func = self.function(Entry::BackwardSummary, dtype, dim)?;
         let slots = (chunks.num_seqs * chunks.max_chunks) as u32;

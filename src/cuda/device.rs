@@ -39,14 +39,15 @@ pub struct GpuDevice {
     pub(crate) stream: Arc<CudaStream>,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    /// A [`ForwardKernel`] as u8: which sparse forward kernel this handle runs.
-    forward_kernel: AtomicU8,
+    /// A [`SparseKernels`] as u8: which sparse kernels this handle runs.
+    sparse_kernels: AtomicU8,
 }
 
-/// Which kernel the sparse forward runs.
+/// Which kernels the sparse forward and the query side of the sparse backward run (the summary
+/// and key sides of the backward have one version each).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ForwardKernel {
-    /// Tensor cores for bf16 and f16, the warp-per-query kernel for f32.
+pub enum SparseKernels {
+    /// Tensor cores for bf16 and f16, the warp-per-query kernels for f32.
     #[default]
     Auto,
     /// One warp per (query, head) on CUDA cores, every dtype.
@@ -92,22 +93,22 @@ impl GpuDevice {
             stream,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
-            forward_kernel: AtomicU8::new(ForwardKernel::Auto as u8),
+            sparse_kernels: AtomicU8::new(SparseKernels::Auto as u8),
         })
     }
 
-    /// Chooses the sparse forward kernel of later calls on this handle (default
-    /// [`ForwardKernel::Auto`]); for comparing the kernels on one GPU.
-    pub fn set_forward_kernel(&self, kernel: ForwardKernel) {
-        self.forward_kernel.store(kernel as u8, Ordering::Relaxed);
+    /// Chooses the sparse kernels of later calls on this handle (default
+    /// [`SparseKernels::Auto`]); for comparing the kernels on one GPU.
+    pub fn set_sparse_kernels(&self, kernel: SparseKernels) {
+        self.sparse_kernels.store(kernel as u8, Ordering::Relaxed);
     }
 
-    /// The sparse forward kernel this handle runs.
-    pub fn forward_kernel(&self) -> ForwardKernel {
-        match self.forward_kernel.load(Ordering::Relaxed) {
-            1 => ForwardKernel::Warp,
-            2 => ForwardKernel::TensorCore,
-            _ => ForwardKernel::Auto,
+    /// The sparse kernels this handle runs.
+    pub fn sparse_kernels(&self) -> SparseKernels {
+        match self.sparse_kernels.load(Ordering::Relaxed) {
+            1 => SparseKernels::Warp,
+            2 => SparseKernels::TensorCore,
+            _ => SparseKernels::Auto,
         }
     }
 
@@ -156,5 +157,16 @@ impl GpuDevice {
             .map_err(driver("cuModuleLoadData"))?;
         modules.insert(name, module.clone());
         Ok(module)
+    }
+}
+
+impl GpuDevice {
+    /// Whether a sparse call on dtype `dtype` runs the warp-per-query kernels (else tensor cores).
+    pub(crate) fn sparse_uses_warp_kernels(&self, dtype: DType) -> bool {
+        match self.sparse_kernels() {
+            SparseKernels::Auto => dtype == DType::F32,
+            SparseKernels::Warp => true,
+            SparseKernels::TensorCore => false,
+        }
     }
 }

@@ -10,13 +10,13 @@ use half::{bf16, f16};
 
 use super::batch::{upload, DeviceBatch, DeviceChunks};
 use super::dense::dense_grid;
-use super::device::{driver, ForwardKernel, GpuDevice};
+use super::device::{driver, GpuDevice};
 use super::kernels::Entry;
 use super::params::{EvoParams, GatesMode};
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs, NUM_BRANCHES};
 use crate::batch::JaggedBatch;
 use crate::chunking::Chunks;
-use crate::dtype::{DType, Element};
+use crate::dtype::Element;
 use crate::error::{Error, Result};
 
 /// Threads per block of the forward (`kForwardThreads`) and queries per block (`kForwardWarps`).
@@ -329,12 +329,7 @@ impl GpuDevice {
         // 16-bit inputs take the tensor-core kernel (64 queries of a sequence per block) unless
         // told otherwise; f32 keeps the warp-per-query kernel, whose CUDA-core dot products need
         // no MMA emulation.
-        let warp = match self.forward_kernel() {
-            ForwardKernel::Auto => T::DTYPE == DType::F32,
-            ForwardKernel::Warp => true,
-            ForwardKernel::TensorCore => false,
-        };
-        let (forward, cfg) = if warp {
+        let (forward, cfg) = if self.sparse_uses_warp_kernels(T::DTYPE) {
             let cfg = LaunchConfig {
                 grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),
                 block_dim: (FORWARD_THREADS, 1, 1),

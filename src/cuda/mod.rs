@@ -35,7 +35,7 @@ mod timing;
 pub use backward::{BackwardMode, DeviceGrads, HostGradients};
 pub use batch::{DeviceBatch, DeviceChunks};
 pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
-pub use device::{ForwardKernel, GpuDevice};
+pub use device::{GpuDevice, SparseKernels};
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
 pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};
 pub use timing::PoolUsage;

@@ -1,0 +1,338 @@
+// Backward, query side, on tensor cores (bf16, f16): the twin of backward_query.cu for a block of
+// 64 queries of one sequence and head, over the same slots as forward_tc.cu. For each branch b,
+// two passes over its slot tiles:
+//
+//   1. P = exp(z - LSE_b) and dP' = dO V^T give dgates_b = sum_j P_j dP'_j = <dO, O_b>;
+//   2. dz_j = gate_b P_j (dP'_j - dgates_b) (SPEC section 6 with dO_b = gate_b dO), then
+//      dQ += scale dz K on tensor cores, and the row's share of dcoeffs += dz (Bk, Hr, Wk).
+//
+// Outputs as the warp kernel's (dQ, dgates [T, H, 3], per-(head, token) dcoeff partials), so the
+// summary and key kernels and the reduction run unchanged. Chunk summaries enter the MMAs as a
+// 16-bit high part plus the 16-bit rest. Each output element has one writer: no atomics.
+//
+// Shared memory: K, V [kCols][D + pad] and K^T [D][kCols + pad], each with a low part for
+// summaries: at most 29.8 KB (16-bit D = 128 with 16 slots).
+//
+// @instantiate SPARSECTR_BACKWARD_QUERY_TC dtype16 head_dim
+
+#include "common/dtype.cuh"
+#include "common/mma.cuh"
+#include "common/params.cuh"
+#include "common/warp.cuh"
+#include "attn/temporal.cuh"
+#include "attn/branches.cuh"
+#include "attn/softmax.cuh"
+#include "attn/query.cuh"
+#include "attn/dense.cuh"
+#include "attn/tc_slots.cuh"
+
+constexpr int kBwdQueryTcMinBlocks = 2;
+
+// Slots per tile: K, V and K^T with their low parts must fit 48 KB at D = 128; wider tiles
+// spilled (NVRTC 13.0).
+template <int kHeadDim>
+struct BwdTcCols {
+    static constexpr int kValue = kHeadDim == 32 ? 32 : 16;
+};
+
+// dO rows stay in registers at D = 32 only, Q rows up to D = 64; beyond, they are reloaded from
+// L1 at each use (the 64 dQ accumulators of D = 128 left no room: 276 B spilled).
+template <int kHeadDim>
+struct BwdTcResidentDo {
+    static constexpr bool kValue = kHeadDim == 32;
+};
+template <int kHeadDim>
+struct BwdTcResidentQ {
+    static constexpr bool kValue = kHeadDim <= 64;
+};
+
+// Blocks that share a tile's rows, each accumulating its part of dQ's dimensions (and
+// recomputing the tile's P and dz): D = 128 spilled 272 B with all 128 in one block. Mirrored by
+// `backward_query_parts` in src/cuda/backward.rs.
+template <int kHeadDim>
+struct BwdTcParts {
+    static constexpr int kValue = kHeadDim == 128 ? 2 : 1;
+};
+
+// Everything one branch's passes read.
+template <typename T, int kHeadDim>
+struct BwdTcContext {
+    const EvoParams* p;
+    int head, chunk_base, wd0, q_end;
+    SeqInfo si;
+    TcTile tt;
+    TcRow rw[2];
+    TokenTime row_time[2];
+    TemporalCoeffs tc;
+    float inv_buckets;
+    bool warp_live;
+    const T* k;
+    const T* v;
+    const float* kbar;
+    const float* vbar;
+    const int* chunk_ends;
+    const unsigned* rel_time;
+};
+
+// Shared-memory tiles of the backward.
+template <typename T>
+struct BwdTcSmem {
+    T* k;
+    T* k_lo;
+    T* v;
+    T* v_lo;
+    T* kt;
+    T* kt_lo;
+    int* row;
+    int* aux;
+    TokenTime* time;
+};
+
+// Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots; returns
+// per element the features of the pair in `f` when asked.
+template <typename T, int kHeadDim, int kBranch, int kCols>
+__device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>& c,
+                                                const BwdTcSmem<T>& sm,
+                                                const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
+                                                const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
+                                                FragC (&sc)[kCols / 8], FragC (&dp)[kCols / 8]) {
+    constexpr bool kSummary = kBranch == 0;
+    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
+    const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int n = 0; n < kCols / 8; ++n) {
+        clear(sc[n]);
+        clear(dp[n]);
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+            const int at = (n * 8 + g) * kRowStride + kk * 16;
+            mma(sc[n], qf.get(kk), load_b(sm.k + at));
+            mma(dp[n], dof.get(kk), load_b(sm.v + at));
+            if (kSummary) {
+                mma(sc[n], qf.get(kk), load_b(sm.k_lo + at));
+                mma(dp[n], dof.get(kk), load_b(sm.v_lo + at));
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
+            float z = neg_inf();
+            if (slot_visible<kBranch>(c.rw[r], sm.row[col], sm.aux[col])) {
+                z = sc[n].c[i] * c.p->scale;
+                if (kBranch != 2 || sm.aux[col] != kLocalUser)
+                    z += c.tc.bias(pair_features(c.row_time[r], sm.time[col],
+                                                 c.p->num_time_buckets, c.inv_buckets));
+            }
+            sc[n].c[i] = z;
+        }
+    }
+}
+
+// One branch: returns this lane's rows' dgates_b; adds gate_b-weighted dz K into dq and dz times
+// the features into dcoef.
+template <typename T, int kHeadDim, int kBranch>
+__device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c,
+                                              const BwdTcSmem<T>& sm,
+                                              const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
+                                              const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
+                                              const float (&gate)[2], const float (&lse_b)[2],
+                                              int dim0,
+                                              FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
+                                              float (&dcoef)[2][3], float (&dgates)[2]) {
+    constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
+    constexpr bool kSummary = kBranch == 0;
+    constexpr int kColStride = kCols + SmemPad<T>::kValue;
+    const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
+    const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
+    float du[2] = {0.f, 0.f};  // this lane's share of sum_j P_j dP'_j per row
+    // Not unrolled: two copies of the tile loop pushed ptxas past 255 registers.
+#pragma unroll 1
+    for (int pass = 0; pass < 2; ++pass) {
+        for (int base = 0; base < num_slots; base += kCols) {
+            __syncthreads();  // the previous tile's readers are done
+            resolve_tile<kBranch, kCols>(c.tt, c.si, *c.p, c.chunk_base, c.chunk_ends, c.rel_time,
+                                         c.wd0, base, num_slots, sm.row, sm.aux, sm.time);
+            __syncthreads();
+            gather_tensor<T, kHeadDim, kCols, kSummary>(*c.p, c.head, c.k, c.kbar, sm.row, sm.k,
+                                                        sm.k_lo, pass == 1 ? sm.kt : nullptr,
+                                                        sm.kt_lo);
+            gather_tensor<T, kHeadDim, kCols, kSummary>(*c.p, c.head, c.v, c.vbar, sm.row, sm.v,
+                                                        sm.v_lo, nullptr, nullptr);
+            __syncthreads();
+            if (!c.warp_live) continue;  // warp-uniform: none of its rows attends
+
+            FragC sc[kCols / 8], dp[kCols / 8];
+            bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, sm, qf, dof, sc, dp);
+#pragma unroll
+            for (int n = 0; n < kCols / 8; ++n) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
+                    // A row with keys has a finite LSE; masked logits are -inf: P = 0.
+                    const float pr = sc[n].c[i] == neg_inf() ? 0.f : expf(sc[n].c[i] - lse_b[r]);
+                    if (pass == 0) {
+                        du[r] = fmaf(pr, dp[n].c[i], du[r]);
+                    } else {
+                        const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
+                        if (pr != 0.f && (kBranch != 2 || sm.aux[col] != kLocalUser)) {
+                            const TemporalFeatures f = pair_features(
+                                c.row_time[r], sm.time[col], c.p->num_time_buckets, c.inv_buckets);
+                            dcoef[r][0] = fmaf(dz, f.bucket, dcoef[r][0]);
+                            dcoef[r][1] = fmaf(dz, f.hour, dcoef[r][1]);
+                            dcoef[r][2] = fmaf(dz, f.weekend, dcoef[r][2]);
+                        }
+                        sc[n].c[i] = dz;
+                    }
+                }
+            }
+            if (pass == 1) {
+#pragma unroll
+                for (int kk = 0; kk < kCols / 16; ++kk) {
+                    const FragA<T> da = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
+#pragma unroll
+                    for (int dt = 0; dt < kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue; ++dt) {
+                        const int at = (dim0 + dt * 8 + g) * kColStride + kk * 16;
+                        mma(dq[dt], da, load_b(sm.kt + at));
+                        if (kSummary) mma(dq[dt], da, load_b(sm.kt_lo + at));
+                    }
+                }
+            }
+        }
+        if (pass == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                du[r] += __shfl_xor_sync(kFullMask, du[r], 1);
+                du[r] += __shfl_xor_sync(kFullMask, du[r], 2);
+                dgates[r] = du[r];
+            }
+        }
+    }
+}
+
+template <typename T, int kHeadDim>
+__device__ void evo_backward_query_tc(
+    const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const float* __restrict__ kbar, const float* __restrict__ vbar, const void* __restrict__ gates,
+    const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,
+    const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
+    const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
+    const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
+    float* __restrict__ dgates, float* __restrict__ coeff_partial) {
+    constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
+    constexpr int kPad = SmemPad<T>::kValue;
+    constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
+    constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
+    alignas(16) __shared__ T sK[kCols * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sKlo[kCols * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sV[kCols * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sVlo[kCols * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sKt[kHeadDim * (kCols + kPad)];
+    alignas(16) __shared__ T sKtlo[kHeadDim * (kCols + kPad)];
+    __shared__ int sRow[kCols];
+    __shared__ int sAux[kCols];
+    __shared__ TokenTime sTime[kCols];
+    const BwdTcSmem<T> sm{sK, sKlo, sV, sVlo, sKt, sKtlo, sRow, sAux, sTime};
+
+    const DenseBlock blk = dense_block(p, kParts);
+    const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+
+    BwdTcContext<T, kHeadDim> c;
+    c.p = &p;
+    c.head = blk.head;
+    c.tc = TemporalCoeffs{coeffs[c.head * 3], coeffs[c.head * 3 + 1], coeffs[c.head * 3 + 2]};
+    c.inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
+    c.k = k;
+    c.v = v;
+    c.kbar = kbar;
+    c.vbar = vbar;
+    c.chunk_ends = chunk_ends;
+    c.rel_time = rel_time;
+
+    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+        c.si = seqs[s];
+        const int q0 = c.si.start + blk.tile * kDenseRows;
+        if (q0 >= c.si.end) continue;  // block-uniform
+        c.q_end = min(q0 + kDenseRows, c.si.end);
+        c.chunk_base = s * p.max_chunks;
+        c.wd0 = weekday0[s];
+        const int wq = q0 + warp * 16;
+        tc_setup(p, c.si, s, q0, c.q_end, wq, chunk_ends, chunk_counts, rel_time, c.wd0, &c.tt,
+                 c.rw, c.row_time);
+        c.warp_live = __any_sync(kFullMask, c.rw[0].live || c.rw[1].live) != 0;
+        const int clamped[2] = {min(wq + g, c.si.end - 1), min(wq + g + 8, c.si.end - 1)};
+        const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], c.head),
+                              dense_row<kHeadDim>(p, clamped[1], c.head)};
+        RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue> qf;
+        RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue> dof;
+        qf.init(q + at[0], q + at[1]);
+        dof.init(d_o + at[0], d_o + at[1]);
+
+        FragC acc[kDimTiles];
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
+        float dcoef[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+        float dg[3][2];
+
+#define SPARSECTR_BWD_TC_BRANCH(B)                                                               \
+    {                                                                                            \
+        float gate[2], lse_b[2];                                                                 \
+        for (int r = 0; r < 2; ++r) {                                                            \
+            const size_t row = (static_cast<size_t>(clamped[r]) * p.heads + c.head) * 3 + B;    \
+            gate[r] = load_gate<T>(p, gates, row);                                               \
+            lse_b[r] = lse[row];                                                                 \
+        }                                                                                        \
+        bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, acc, dcoef, dg[B]);           \
+    }
+        SPARSECTR_BWD_TC_BRANCH(0)
+        SPARSECTR_BWD_TC_BRANCH(1)
+        SPARSECTR_BWD_TC_BRANCH(2)
+#undef SPARSECTR_BWD_TC_BRANCH
+
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1, row = wq + g + 8 * r;
+                if (row < c.si.end)
+                    dq[dense_row<kHeadDim>(p, row, c.head) + dim0 + dt * 8 + 2 * t + (i & 1)] =
+                        from_float<T>(acc[dt].c[i] * p.scale);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int x = 0; x < 3; ++x) {
+                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 1);
+                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 2);
+            }
+            const int row = wq + g + 8 * r;
+            if (t == 0 && blk.part == 0 && row < c.si.end) {
+                const size_t lse_row = (static_cast<size_t>(row) * p.heads + c.head) * 3;
+                // Head-major, as backward_query.cu: the reduction reads one run per head.
+                const size_t part = (static_cast<size_t>(c.head) * p.num_tokens + row) * 3;
+#pragma unroll
+                for (int x = 0; x < 3; ++x) {
+                    dgates[lse_row + x] = dg[x][r];
+                    coeff_partial[part + x] = dcoef[r][x];
+                }
+            }
+        }
+    }
+}
+
+#define SPARSECTR_BACKWARD_QUERY_TC(NAME, T, D)                                                  \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks)           \
+        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
+             const T* __restrict__ v, const float* __restrict__ kbar,                            \
+             const float* __restrict__ vbar, const void* __restrict__ gates,                     \
+             const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \
+             const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
+             const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
+             const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,       \
+             float* __restrict__ dgates, float* __restrict__ coeff_partial) {                    \
+        evo_backward_query_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs,       \
+                                    weekday0, chunk_ends, chunk_counts, d_o, lse, dq, dgates,    \
+                                    coeff_partial);                                              \
+    }
