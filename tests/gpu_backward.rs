@@ -7,7 +7,7 @@ mod common;
 use common::gpu::{for_each_head_dim, gpu};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, HostGradients};
+use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, HostGradients, SparseKernels};
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
     reference, rel_l2_error, AttnConfig, Chunks, Dims, EvoAttention, Gates, Inputs, JaggedBatch,
@@ -191,6 +191,27 @@ fn gpu_backward_matches_reference_bf16() {
 }
 
 /// Deterministic mode: 50 runs on the same inputs give the same bits in every gradient.
+/// bf16 and f16 run the tensor-core kernels by default; the warp-per-query kernels must stay
+/// right for them too (a handle of its own: the shared one is used by the other tests at once).
+#[test]
+fn gpu_backward_warp_kernels_match_reference_16bit() {
+    use proptest::test_runner::{TestCaseError, TestRunner};
+    let Some(shared) = gpu("gpu_backward_warp_kernels_match_reference_16bit") else {
+        return;
+    };
+    let own = GpuDevice::from_stream(shared.stream().context().new_stream().unwrap()).unwrap();
+    own.set_sparse_kernels(SparseKernels::Warp);
+    for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(common::gpu::cases(8)));
+        runner
+            .run(&case(), |c| {
+                check_case::<bf16>(&own, &c, head_dim).map_err(TestCaseError::fail)?;
+                check_case::<f16>(&own, &c, head_dim).map_err(TestCaseError::fail)
+            })
+            .unwrap();
+    }
+}
+
 #[test]
 fn gpu_backward_deterministic_mode_is_bitwise_repeatable() {
     let Some(gpu) = gpu("gpu_backward_deterministic_mode_is_bitwise_repeatable") else {
