@@ -274,7 +274,8 @@ fn dense_matches_cpu<T: Element + WithDType>(test: &str) {
         return;
     };
     let mut rng = Rng::new(11);
-    // 97 and 65 tokens: one past the dense kernels' 64-row tiles and well inside a second.
+    // Sequences of 26..33, 75..99 and 51..67 tokens: inside, across and just past the dense
+    // kernels' 64-row tiles.
     for (seqs, behaviors) in [(3, 30), (1, 96), (2, 64)] {
         let batch =
             sparsectr_attn::workload::generate_batch(&mut rng, seqs, behaviors, 2, true).unwrap();
