@@ -61,6 +61,7 @@ pub struct EvoLayout {
     dims: Dims,
     config: AttnConfig,
     /// The batch and chunks uploaded once per GPU stream (`candle-cuda`).
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
     gpu: GpuLayouts,
 }
 
