@@ -181,13 +181,20 @@ fn instantiations(source: &str, stem: &str) -> Vec<Instance> {
         let mut words = spec.split_whitespace();
         let mac = words.next().expect("@instantiate names a macro");
         let axes: Vec<&str> = words.collect();
+        // `dtype16`: the 16-bit dtypes only (tensor-core kernels with a CUDA-core f32 twin).
         let with_dtype = axes.contains(&"dtype");
+        let with_dtype16 = axes.contains(&"dtype16");
         let with_dim = axes.contains(&"head_dim");
-        if let Some(bad) = axes.iter().find(|a| **a != "dtype" && **a != "head_dim") {
+        if let Some(bad) = axes
+            .iter()
+            .find(|a| !["dtype", "dtype16", "head_dim"].contains(a))
+        {
             panic!("{stem}.cu: unknown instantiation axis `{bad}`");
         }
         let dtypes: Vec<Option<&(&str, &str, &str)>> = if with_dtype {
             DTYPES.iter().map(Some).collect()
+        } else if with_dtype16 {
+            DTYPES.iter().filter(|d| d.0 != "F32").map(Some).collect()
         } else {
             vec![None]
         };

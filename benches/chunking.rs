@@ -1,5 +1,5 @@
-//! CPU benches: personalized time-aware chunking at BENCH.md scale, and the f64 reference forward
-//! at a small size (what a reference check costs).
+//! CPU benches: personalized time-aware chunking at BENCH.md scale, and the f64 reference forward,
+//! sparse and dense, at a small size (what a reference check costs).
 //!
 //! ```text
 //! cargo bench --bench chunking
@@ -46,7 +46,8 @@ fn chunking(c: &mut Criterion) {
     group.finish();
 }
 
-/// The f64 reference forward, bf16 inputs, ctr-small at n = 256 and 4096 requested tokens.
+/// The f64 reference forwards, sparse and dense, bf16 inputs, ctr-small at n = 256 and 4096
+/// requested tokens.
 fn reference_forward(c: &mut Criterion) {
     let wl = CTR_SMALL;
     let n = 256;
@@ -72,12 +73,15 @@ fn reference_forward(c: &mut Criterion) {
     };
 
     let mut group = c.benchmark_group("reference");
-    // About 0.1 s an iteration: ten samples keep the group to a few seconds.
+    // About 0.1 s (sparse) to 1 s (dense) an iteration: ten samples keep the group short.
     group.sample_size(10);
     group.throughput(Throughput::Elements(batch.num_tokens() as u64));
-    let id = format!("forward/{}/bf16/n={n}/T={}", wl.name, batch.num_tokens());
-    group.bench_function(id, |b| {
+    let id = |kind: &str| format!("{kind}/{}/bf16/n={n}/T={}", wl.name, batch.num_tokens());
+    group.bench_function(id("forward"), |b| {
         b.iter(|| reference::forward(black_box(&attn), black_box(&inputs)))
+    });
+    group.bench_function(id("dense_forward"), |b| {
+        b.iter(|| reference::dense_forward(black_box(&attn), black_box(&inputs)))
     });
     group.finish();
 }

@@ -1,31 +1,56 @@
 #!/usr/bin/env python3
-"""PyTorch baselines of BENCH.md, on a batch exported by `examples/export_batch.rs`.
+"""PyTorch baselines of BENCH.md, on a batch exported by `benches/gpu_bench.rs --export` (or
+`examples/export_batch.rs`): the same users, timestamps and chunks as this crate's rows.
 
-- EvoAttention written the way a PyTorch user would: FlexAttention with block masks and a
-  score_mod for the RelTemporal bias, one call per branch, chunk pooling in PyTorch. It is
-  checked against this crate's output (the `o` the export wrote) before it is timed.
-- `scaled_dot_product_attention` with the flash backend, causal, no bias, on the same tokens
-  (each user's sequence padded to the longest): a lower bound on any dense attention.
+- `flex-evo`: EvoAttention written the way a PyTorch user would: FlexAttention (torch.compile'd),
+  one call per branch with a block mask and a score_mod for the RelTemporal bias, the chunk
+  pooling and the gather of the chunk tails in PyTorch. It is checked against this crate's output
+  (the `o` of the export) before it is timed; a mismatch exits 1 and times nothing.
+- `sdpa-flash`: `scaled_dot_product_attention` with the flash backend, causal, no bias, on the
+  same tokens: users sorted by length into `--buckets` groups, each padded to its longest user
+  (one call per group), a lower bound on any dense attention.
 
-    python3 benches/torch_baselines.py --data DIR [--check-only] [--reps 20] [--json OUT]
+Both are timed forward and forward + backward (gradients of q, k, v, and for flex-evo also of
+the gates and the coefficients, as this crate's backward computes), CUDA events, median of
+`--reps` after warm-up, two input sets alternated, everything twice (two identical runs). Peak
+memory: the bytes of the tensors the system reads (inputs, layout and block masks) plus the
+high-water mark of `torch.cuda.max_memory_allocated` over one call, above what was allocated
+before it (the same definition `gpu_bench.rs` measures with the CUDA memory pool).
 
-On a machine without a GPU it runs the check on the CPU with eager FlexAttention (slow, small
-batches only) and skips the timing.
+    python3 benches/torch_baselines.py --data DIR [--len N] [--reps 20] [--out FILE.jsonl]
+        [--systems flex,sdpa] [--buckets 4] [--check-only]
+
+Appends one JSON object to `--out` (default `benches/results/raw/<gpu>.jsonl`). Without a GPU it
+runs the check on the CPU with eager FlexAttention (small batches only), verifies the hand-built
+block masks against `create_block_mask`, and skips the timing.
+
+Block masks: the branches' masks are sparse but the packed batch is about 2^20 tokens long, so
+`create_block_mask` would evaluate 2^40 (query, key) pairs. The block lists come instead from the
+layout (which users a block of queries holds, the window before it), and the exact mask_mod
+still decides every element; on small batches they are checked to cover every block that
+`create_block_mask` finds.
 """
 
 import argparse
 import json
 import math
 import os
+import re
 import sys
+import time
 
 import numpy as np
 import torch
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 DAY = 86400
+BLOCK = 128
 TOLERANCE = {"f32": 1e-5, "f16": 3e-3, "bf16": 1e-2}
 TORCH_DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+WARMUP = 2
+# `--dry-run`: the GPU code path on the CPU (eager FlexAttention, math SDPA, wall-clock timing,
+# no memory statistics) to test this script without a GPU. Its numbers mean nothing.
+DRY = False
 
 
 def load(data_dir):
@@ -53,53 +78,73 @@ def load(data_dir):
 
 
 class Layout:
-    """Per-token and per-chunk index tensors that the masks and the bias read."""
+    """Per-token, per-chunk and per-tail index tensors that the masks, the bias and the block
+    lists read. Built once per batch, like this crate's chunks."""
 
     def __init__(self, meta, x, device):
         t = meta["num_tokens"]
         offsets = x["seq_offsets"]
+        num_seqs = len(offsets) - 1
         user = 1 if meta["has_user_token"] else 0
-        seq_id = np.zeros(t, np.int64)
-        kind = np.zeros(t, np.int64)  # 0 user, 1 behavior, 2 candidate
-        beh_end = np.zeros(t, np.int64)
-        for s in range(len(offsets) - 1):
-            start, end = offsets[s], offsets[s + 1]
-            cand = end - x["num_candidates"][s]
-            seq_id[start:end] = s
-            kind[start + user:cand] = 1
-            kind[cand:end] = 2
-            beh_end[start:end] = cand
-        # Chunks: member tokens, last member, sequence, tail tokens.
+        seq_id = np.repeat(np.arange(num_seqs), np.diff(offsets))
+        cand_start = offsets[1:] - x["num_candidates"]
+        beh_end = cand_start[seq_id]  # first candidate of each token's sequence
+        pos = np.arange(t)
+        kind = np.where(pos >= beh_end, 2, 1)  # 0 user, 1 behavior, 2 candidate
+        if user:
+            kind[offsets[:-1][np.diff(offsets) > 0]] = 0
+        # Chunks: members, last member, sequence; tails: the last m members of each chunk.
         lengths = x["chunk_lengths"]
-        c_total = len(lengths)
-        chunk_seq = np.zeros(c_total, np.int64)
-        chunk_last = np.zeros(c_total, np.int64)
-        chunk_of = np.full(t, -1, np.int64)
-        is_tail = np.zeros(t, bool)
         co = x["chunk_offsets"]
-        for s in range(len(co) - 1):
-            pos = offsets[s] + user
-            for c in range(co[s], co[s + 1]):
-                n = lengths[c]
-                chunk_seq[c] = s
-                chunk_last[c] = pos + n - 1
-                chunk_of[pos:pos + n] = c
-                tail_from = max(pos, pos + n - meta["tail_tokens"])
-                is_tail[tail_from:pos + n] = True
-                pos += n
+        chunk_seq = np.repeat(np.arange(num_seqs), np.diff(co))
+        first_beh = offsets[:-1] + user
+        starts = np.zeros(len(lengths), np.int64)
+        for s in range(num_seqs):
+            c0, c1 = co[s], co[s + 1]
+            starts[c0:c1] = first_beh[s] + np.concatenate([[0], np.cumsum(lengths[c0:c1])[:-1]])
+        chunk_last = starts + lengths - 1
+        chunk_of = np.full(t, -1, np.int64)
+        chunk_of[np.repeat(starts, lengths) + _ragged_arange(lengths)] = np.repeat(
+            np.arange(len(lengths)), lengths)
+        tails = np.minimum(lengths, meta["tail_tokens"])
+        tail_idx = np.repeat(chunk_last - tails + 1, tails) + _ragged_arange(tails)
+        tail_seq = seq_id[tail_idx]
+        tail_offsets = np.searchsorted(tail_seq, np.arange(num_seqs + 1))
+
         ts = x["timestamps"].copy()
         ts[kind == 0] = 0  # the user token has no time; its bias is masked below
-        weekend = ((np.floor_divide(ts + meta["utc_offset"], DAY) + 4) % 7)
+        weekend = (np.floor_divide(ts + meta["utc_offset"], DAY) + 4) % 7
         weekend = (weekend == 0) | (weekend == 6)
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
         self.seq_id, self.kind, self.beh_end = dev(seq_id), dev(kind), dev(beh_end)
-        self.chunk_seq, self.chunk_last, self.chunk_of = dev(chunk_seq), dev(chunk_last), dev(chunk_of)
-        self.is_tail, self.ts, self.weekend = dev(is_tail), dev(ts), dev(weekend)
-        self.chunk_ts = self.ts[self.chunk_last]
-        self.chunk_weekend = self.weekend[self.chunk_last]
-        self.num_chunks = c_total
+        self.chunk_seq, self.chunk_last = dev(chunk_seq), dev(chunk_last)
+        self.tail_idx, self.tail_seq = dev(tail_idx), dev(tail_seq)
+        self.ts, self.weekend = dev(ts), dev(weekend)
+        self.chunk_ts, self.chunk_weekend = self.ts[self.chunk_last], self.weekend[self.chunk_last]
+        self.tail_ts, self.tail_weekend = self.ts[self.tail_idx], self.weekend[self.tail_idx]
+        beh = chunk_of >= 0
+        self.beh_tokens = dev(np.nonzero(beh)[0])
+        self.beh_chunk = dev(chunk_of[beh])
+        self.chunk_counts = dev(np.maximum(lengths, 1).astype(np.float32))
+        self.num_chunks = len(lengths)
+        self.num_tails = len(tail_idx)
         self.window = meta["window"]
         self.nb = meta["num_time_buckets"]
+        self.num_tokens = t
+        # For the block lists (host side).
+        self.np = {"seq_id": seq_id, "offsets": offsets, "chunk_offsets": co,
+                   "tail_offsets": tail_offsets, "user": user,
+                   "max_candidates": int(x["num_candidates"].max(initial=0))}
+
+    def nbytes(self):
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, torch.Tensor))
+
+
+def _ragged_arange(lengths):
+    """[0..l0) ++ [0..l1) ++ ... for non-negative lengths."""
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    return np.arange(total) - np.repeat(ends - lengths, lengths)
 
 
 def rel_temporal(coeffs, h, tq, tk, wq, wk, nb):
@@ -116,59 +161,16 @@ def rel_temporal(coeffs, h, tq, tk, wq, wk, nb):
     return coeffs[h, 0] * bk + coeffs[h, 1] * hr + coeffs[h, 2] * wkf
 
 
-def evo_attention(lay, q, k, v, gates, coeffs, scale, compiled):
-    """EvoAttention with FlexAttention: q, k, v [T, H, D]; gates [T, H, 3]; returns [T, H, D]."""
-    t, h, d = q.shape
-    w, nb = lay.window, lay.nb
-    flex = compiled["flex"]
-    masks = compiled["masks"]
-    # Chunk pooling in PyTorch: means of each chunk's members.
-    beh = lay.chunk_of >= 0
-    counts = torch.bincount(lay.chunk_of[beh], minlength=lay.num_chunks).clamp(min=1)
-    kbar = torch.zeros(lay.num_chunks, h, d, dtype=torch.float32, device=q.device)
-    vbar = torch.zeros_like(kbar)
-    kbar.index_add_(0, lay.chunk_of[beh], k[beh].float())
-    vbar.index_add_(0, lay.chunk_of[beh], v[beh].float())
-    kbar = (kbar / counts[:, None, None]).to(q.dtype)
-    vbar = (vbar / counts[:, None, None]).to(q.dtype)
-
-    def token_bias(score, b, hh, qi, ki):
-        bias = rel_temporal(coeffs, hh, lay.ts[qi], lay.ts[ki], lay.weekend[qi], lay.weekend[ki], nb)
-        return score + torch.where(lay.kind[ki] == 0, 0.0, bias)
-
-    def summary_bias(score, b, hh, qi, ci):
-        return score + rel_temporal(coeffs, hh, lay.ts[qi], lay.chunk_ts[ci], lay.weekend[qi],
-                                    lay.chunk_weekend[ci], nb)
-
-    as_bhtd = lambda x: x.permute(1, 0, 2).unsqueeze(0)
-    qq = as_bhtd(q)
-    out = torch.zeros(t, h, d, dtype=torch.float32, device=q.device)
-    calls = [
-        (as_bhtd(kbar), as_bhtd(vbar), summary_bias, masks["global"]),
-        (as_bhtd(k), as_bhtd(v), token_bias, masks["transition"]),
-        (as_bhtd(k), as_bhtd(v), token_bias, masks["local"]),
-    ]
-    for b, (kk, vv, mod, mask) in enumerate(calls):
-        o_b = flex(qq, kk, vv, score_mod=mod, block_mask=mask, scale=scale)
-        o_b = o_b.squeeze(0).permute(1, 0, 2).float()
-        # Rows with no key at all come back as 0 from FlexAttention, as SPEC asks.
-        out += gates[:, :, b:b + 1].float() * o_b
-    return out
-
-
-def block_masks(lay, t, device, compile_masks):
+def mask_mods(lay):
     w = lay.window
-
-    def same(qi, ki):
-        return lay.seq_id[qi] == lay.seq_id[ki]
 
     def global_mask(b, h, qi, ci):
         visible = (lay.kind[qi] == 2) | ((lay.kind[qi] == 1) & (lay.chunk_last[ci] <= qi))
         return (lay.chunk_seq[ci] == lay.seq_id[qi]) & visible
 
-    def transition_mask(b, h, qi, ki):
-        visible = (lay.kind[qi] == 2) | ((lay.kind[qi] == 1) & (ki <= qi))
-        return same(qi, ki) & lay.is_tail[ki] & visible
+    def transition_mask(b, h, qi, ti):
+        visible = (lay.kind[qi] == 2) | ((lay.kind[qi] == 1) & (lay.tail_idx[ti] <= qi))
+        return (lay.tail_seq[ti] == lay.seq_id[qi]) & visible
 
     def local_mask(b, h, qi, ki):
         kq, kk = lay.kind[qi], lay.kind[ki]
@@ -176,41 +178,147 @@ def block_masks(lay, t, device, compile_masks):
         window = (kq == 1) & (kk == 1) & (ki <= qi) & (ki > qi - w)
         cand_window = (kq == 2) & (kk == 1) & (ki >= lay.beh_end[qi] + 1 - w)
         itself = (kq == 2) & (ki == qi)
-        return same(qi, ki) & (user | window | cand_window | itself)
+        return (lay.seq_id[qi] == lay.seq_id[ki]) & (user | window | cand_window | itself)
 
-    mk = lambda fn, kv_len: create_block_mask(fn, 1, None, t, kv_len, device=device, _compile=compile_masks)
-    return {
-        "global": mk(global_mask, lay.num_chunks),
-        "transition": mk(transition_mask, t),
-        "local": mk(local_mask, t),
+    return {"global": (global_mask, lay.num_chunks), "transition": (transition_mask, lay.num_tails),
+            "local": (local_mask, lay.num_tokens)}
+
+
+def block_lists(lay):
+    """Per block of queries, key index ranges `[lo, hi)` that hold every key of its users (and,
+    for the local branch, the user token of its first user), per branch."""
+    n = lay.np
+    t = lay.num_tokens
+    a = np.arange(0, t, BLOCK)
+    s_first = n["seq_id"][a]
+    s_last = n["seq_id"][np.minimum(a + BLOCK, t) - 1]
+    ranges = {
+        "global": (n["chunk_offsets"][s_first], n["chunk_offsets"][s_last + 1], None),
+        "transition": (n["tail_offsets"][s_first], n["tail_offsets"][s_last + 1], None),
     }
+    # A behavior sees w - 1 keys back, a candidate at most w - 1 behaviors and the other
+    # candidates before it; users starting inside the block have their user token inside it.
+    lo = np.maximum(n["offsets"][s_first], a - (lay.window + n["max_candidates"]))
+    hi = np.minimum(a + BLOCK, t)
+    user = n["offsets"][s_first] if n["user"] else None
+    ranges["local"] = (lo, hi, user)
+    return ranges
 
 
-def rel_l2(x, ref):
-    x, ref = x.double(), ref.double()
-    return ((x - ref).norm() / ref.norm()).item()
+def kv_block_mask(lo, hi, extra, mask_mod, q_len, kv_len, device):
+    """A BlockMask whose query block i visits the key blocks covering `[lo[i], hi[i])` and the
+    block of key `extra[i]`, every block partial (mask_mod decides each element)."""
+    sentinel = np.iinfo(np.int64).max
+    first, last = lo // BLOCK, (hi - 1) // BLOCK
+    empty = hi <= lo
+    width = int(np.max(np.where(empty, 0, last - first + 1), initial=0)) or 1
+    cols = first[:, None] + np.arange(width)[None, :]
+    cols = np.where((cols <= last[:, None]) & ~empty[:, None], cols, sentinel)
+    if extra is not None:
+        cols = np.concatenate([(extra // BLOCK)[:, None], cols], axis=1)
+    cols.sort(axis=1)
+    dup = np.zeros_like(cols, bool)
+    dup[:, 1:] = cols[:, 1:] == cols[:, :-1]
+    cols[dup] = sentinel
+    cols.sort(axis=1)
+    num = (cols != sentinel).sum(axis=1)
+    # BlockMask expects one column per key block (it densifies the lists to transpose them).
+    kv_blocks = -(-kv_len // BLOCK)
+    cols = cols[:, :kv_blocks]
+    cols = np.pad(cols, ((0, 0), (0, kv_blocks - cols.shape[1])), constant_values=0)
+    cols[cols == sentinel] = 0
+    as_dev = lambda arr: torch.from_numpy(arr.astype(np.int32))[None, None].to(device)
+    return BlockMask.from_kv_blocks(as_dev(num), as_dev(cols), BLOCK_SIZE=BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(q_len, kv_len))
 
 
-def sdpa_flash_ms(meta, x, device, dtype, reps):
-    """Median ms of causal flash SDPA, no bias, each user padded to the longest sequence."""
-    offsets = x["seq_offsets"]
-    lens = np.diff(offsets)
-    b, lmax, h, d = len(lens), int(lens.max()), meta["heads"], meta["head_dim"]
-    qkv = [torch.randn(b, h, lmax, d, device=device, dtype=dtype) for _ in range(3)]
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        fn = lambda: torch.nn.functional.scaled_dot_product_attention(*qkv, is_causal=True)
-        return time_ms(fn, reps)
+def block_masks(lay, device):
+    mods = mask_mods(lay)
+    masks = {}
+    for branch, (lo, hi, extra) in block_lists(lay).items():
+        fn, kv_len = mods[branch]
+        masks[branch] = kv_block_mask(lo, hi, extra, fn, lay.num_tokens, kv_len, device)
+    return masks
+
+
+def verify_block_masks(lay, masks, device):
+    """Every block that create_block_mask finds non-empty is in the hand-built lists."""
+    for branch, (fn, kv_len) in mask_mods(lay).items():
+        ref = create_block_mask(fn, 1, None, lay.num_tokens, kv_len, device=device,
+                                BLOCK_SIZE=BLOCK, _compile=False).to_dense().bool()
+        ours = masks[branch].to_dense().bool()
+        missing = int((ref & ~ours).sum())
+        print(f"block mask {branch}: {int(ours.sum())} blocks visited, "
+              f"{int(ref.sum())} needed, {missing} missing")
+        if missing:
+            sys.exit(f"hand-built block mask of the {branch} branch misses {missing} blocks")
+
+
+def evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale):
+    """EvoAttention with FlexAttention: q, k, v [T, H, D]; gates [T, H, 3]; returns [T, H, D]."""
+    t, h, d = q.shape
+    nb = lay.nb
+    # Chunk pooling in PyTorch: the means of each chunk's members, in f32.
+    kbar = torch.zeros(lay.num_chunks, h, d, dtype=torch.float32, device=q.device)
+    vbar = torch.zeros_like(kbar)
+    kbar = kbar.index_add(0, lay.beh_chunk, k[lay.beh_tokens].float())
+    vbar = vbar.index_add(0, lay.beh_chunk, v[lay.beh_tokens].float())
+    kbar = (kbar / lay.chunk_counts[:, None, None]).to(q.dtype)
+    vbar = (vbar / lay.chunk_counts[:, None, None]).to(q.dtype)
+    # Chunk tails gathered into their own keys.
+    ktail, vtail = k[lay.tail_idx], v[lay.tail_idx]
+
+    def summary_bias(score, b, hh, qi, ci):
+        return score + rel_temporal(coeffs, hh, lay.ts[qi], lay.chunk_ts[ci], lay.weekend[qi],
+                                    lay.chunk_weekend[ci], nb)
+
+    def tail_bias(score, b, hh, qi, ti):
+        return score + rel_temporal(coeffs, hh, lay.ts[qi], lay.tail_ts[ti], lay.weekend[qi],
+                                    lay.tail_weekend[ti], nb)
+
+    def token_bias(score, b, hh, qi, ki):
+        bias = rel_temporal(coeffs, hh, lay.ts[qi], lay.ts[ki], lay.weekend[qi], lay.weekend[ki], nb)
+        return score + torch.where(lay.kind[ki] == 0, 0.0, bias)
+
+    as_bhtd = lambda x: x.permute(1, 0, 2).unsqueeze(0)
+    qq = as_bhtd(q)
+    calls = [
+        (kbar, vbar, summary_bias, masks["global"]),
+        (ktail, vtail, tail_bias, masks["transition"]),
+        (k, v, token_bias, masks["local"]),
+    ]
+    out = None
+    for b, (kk, vv, mod, mask) in enumerate(calls):
+        o_b = flex(qq, as_bhtd(kk), as_bhtd(vv), score_mod=mod, block_mask=mask, scale=scale)
+        # Rows with no key at all come back as 0 from FlexAttention, as SPEC asks.
+        o_b = gates[:, :, b:b + 1].float() * o_b.squeeze(0).permute(1, 0, 2).float()
+        out = o_b if out is None else out + o_b
+    return out.to(q.dtype)  # O in the input dtype, as this crate returns it
+
+
+def rel_l2(x, ref, rows=1 << 16):
+    num = den = 0.0
+    for i in range(0, x.shape[0], rows):
+        xs, rs = x[i:i + rows].double(), ref[i:i + rows].double()
+        num += float((xs - rs).pow(2).sum())
+        den += float(rs.pow(2).sum())
+    return math.sqrt(num) / math.sqrt(den) if den > 0 else float("nan")
 
 
 def time_ms(fn, reps):
-    for _ in range(3):
-        fn()
+    """Median ms of `fn(i)` over `reps` calls after WARMUP, CUDA events around each call."""
+    for i in range(WARMUP):
+        fn(i)
     times = []
-    for _ in range(reps):
+    for i in range(reps):
+        if DRY:
+            started = time.perf_counter()
+            fn(WARMUP + i)
+            times.append(1e3 * (time.perf_counter() - started))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        fn(WARMUP + i)
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -218,51 +326,203 @@ def time_ms(fn, reps):
     return times[len(times) // 2]
 
 
+def peak_bytes(fn, read_tensors):
+    """Bytes of the tensors the call reads plus the most it allocates at once."""
+    if DRY:
+        fn(0)
+        return sum(t.nbytes for t in read_tensors)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before + sum(t.nbytes for t in read_tensors)
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def block_mask_nbytes(mask):
+    return sum(t.nbytes for t in mask.as_tuple() if isinstance(t, torch.Tensor))
+
+
+def flex_systems(lay, masks, meta, x, device, dtype):
+    """The flex-evo passes: name -> (fn(i), tensors read). Checks the output first."""
+    flex = flex_attention if DRY else torch.compile(flex_attention, dynamic=False)
+    to = lambda a: torch.from_numpy(a).to(device)
+    q, k, v = (to(x[n]).to(dtype) for n in ("q", "k", "v"))
+    gates, coeffs = to(x["gates"]).to(dtype), to(x["coeffs"])
+    scale = meta["scale"]
+    started = time.time()
+    with torch.no_grad():
+        out = evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale)
+    sync()
+    compile_s = time.time() - started
+    err = rel_l2(out, to(x["o"]))
+    del out
+    second = tuple((2 * torch.rand_like(a, dtype=torch.float32) - 1).to(dtype) for a in (q, k, v))
+    sets = [(q, k, v, gates), second + (gates.flip(0),)]
+    for s in sets:
+        for a in s:
+            a.requires_grad_(True)
+    d_o = [torch.randn(q.shape, device=device, dtype=dtype) for _ in range(2)]
+    coeffs_leaf = coeffs.clone().requires_grad_(True)
+    # Gradients of tensors captured by a score_mod need a recent PyTorch; without them the
+    # coefficients get no gradient and the results say so.
+    grad_coeffs = {"on": True}
+
+    def fwd(i):
+        with torch.no_grad():
+            evo_attention(lay, masks, flex, *(a.detach() for a in sets[i % 2]), coeffs, scale)
+
+    def fwd_bwd(i):
+        args = sets[i % 2]
+        c = coeffs_leaf if grad_coeffs["on"] else coeffs
+        for a in args + (c,):
+            a.grad = None
+        out = evo_attention(lay, masks, flex, *args, c, scale)
+        out.backward(d_o[i % 2])
+
+    read = [q, k, v, gates, coeffs]
+    read_layout = lay.nbytes() + sum(block_mask_nbytes(m) for m in masks.values())
+    passes = {"fwd": (fwd, read, read_layout)}
+    if not DRY:  # FlexAttention has no CPU backward
+        passes["fwd_bwd"] = (fwd_bwd, read + [d_o[0]], read_layout)
+    return err, compile_s, passes, grad_coeffs
+
+
+def sdpa_systems(meta, x, device, dtype, buckets):
+    """sdpa-flash passes: users sorted by length, `buckets` groups each padded to its longest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    lens = np.diff(x["seq_offsets"])
+    order = np.argsort(lens, kind="stable")
+    groups = [g for g in np.array_split(order, min(buckets, len(order))) if len(g)]
+    h, d = meta["heads"], meta["head_dim"]
+    shapes = [(len(g), h, int(lens[g].max()), d) for g in groups]
+    make = lambda: [[torch.randn(s, device=device, dtype=dtype) for _ in range(4)] for s in shapes]
+    sets = [make(), make()]  # q, k, v, d_o per group
+    leaves = [[[a.clone().requires_grad_(True) for a in g[:3]] + [g[3]] for g in s] for s in sets]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backend = SDPBackend.MATH if DRY else SDPBackend.FLASH_ATTENTION
+
+    def fwd(i):
+        with sdpa_kernel(backend), torch.no_grad():
+            for qq, kk, vv, _ in sets[i % 2]:
+                sdpa(qq, kk, vv, is_causal=True)
+
+    def fwd_bwd(i):
+        with sdpa_kernel(backend):
+            for qq, kk, vv, do in leaves[i % 2]:
+                for a in (qq, kk, vv):
+                    a.grad = None
+                sdpa(qq, kk, vv, is_causal=True).backward(do)
+
+    read = [a for g in sets[0] for a in g[:3]]
+    padded = sum(s[0] * s[2] for s in shapes)
+    return {"fwd": (fwd, read, 0), "fwd_bwd": (fwd_bwd, read + [g[3] for g in sets[0]], 0)}, padded
+
+
+def gpu_stem(name):
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]", "-", name.lower())).strip("-")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True)
+    ap.add_argument("--len", type=int, help="n of the cell (default: from the folder name)")
     ap.add_argument("--check-only", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--json")
+    ap.add_argument("--buckets", type=int, default=4)
+    ap.add_argument("--systems", default="flex,sdpa")
+    ap.add_argument("--out")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run the GPU code path on the CPU (tests this script; numbers mean nothing)")
     args = ap.parse_args()
+    global DRY
+    DRY = args.dry_run
+    systems = set(args.systems.split(","))
 
     meta, x = load(args.data)
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    n = args.len
+    if n is None:
+        m = re.search(r"-n(\d+)/?$", os.path.abspath(args.data))
+        n = int(m.group(1)) if m else None
+    cuda = torch.cuda.is_available() or DRY
+    device = "cuda" if cuda and not DRY else "cpu"
     dtype = TORCH_DTYPE[meta["dtype"]]
     lay = Layout(meta, x, device)
-    t = meta["num_tokens"]
-    to = lambda a: torch.from_numpy(a).to(device)
-    q, k, v = (to(x[n]).to(dtype) for n in ("q", "k", "v"))
-    gates = to(x["gates"]).to(dtype)
-    coeffs = to(x["coeffs"])
-    flex = torch.compile(flex_attention) if cuda else flex_attention
-    compiled = {"flex": flex, "masks": block_masks(lay, t, device, compile_masks=cuda)}
-
-    out = evo_attention(lay, q, k, v, gates, coeffs, meta["scale"], compiled)
-    err = rel_l2(out, to(x["o"]))
+    masks = block_masks(lay, device)
     tol = TOLERANCE[meta["dtype"]]
-    ok = math.isfinite(err) and err <= tol
-    print(f"FlexAttention EvoAttention vs this crate ({meta['output_source']}): "
-          f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}")
-    result = {"check_rel_l2": err, "check_ok": ok, "device": device,
-              "torch": torch.__version__, "output_source": meta["output_source"]}
-    if not ok:
-        sys.exit(1)
-    if cuda and not args.check_only:
-        fn = lambda: evo_attention(lay, q, k, v, gates, coeffs, meta["scale"], compiled)
-        result["flex_evo_ms"] = time_ms(fn, args.reps)
-        result["sdpa_flash_causal_ms"] = sdpa_flash_ms(meta, x, device, dtype, args.reps)
-        result["gpu"] = torch.cuda.get_device_name()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        result["flex_evo_peak_bytes"] = torch.cuda.max_memory_allocated()
-        print(json.dumps(result))
-    elif not cuda:
+    result = {"source": "torch_baselines", "workload": meta["workload"], "len": n,
+              "num_seqs": meta["num_seqs"], "num_tokens": meta["num_tokens"],
+              "dtype": meta["dtype"], "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+              "output_source": meta["output_source"], "tolerance": tol, "warmup": WARMUP}
+
+    if not cuda:
+        if meta["num_tokens"] <= 1 << 15:
+            verify_block_masks(lay, masks, device)
+        to = lambda a: torch.from_numpy(a)
+        q, k, v = (to(x[name]).to(dtype) for name in ("q", "k", "v"))
+        out = evo_attention(lay, masks, flex_attention, q, k, v, to(x["gates"]).to(dtype),
+                            to(x["coeffs"]), meta["scale"])
+        err = rel_l2(out, to(x["o"]))
+        ok = math.isfinite(err) and err <= tol
+        print(f"FlexAttention EvoAttention (eager, CPU) vs this crate ({meta['output_source']}): "
+              f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}")
         print("no GPU: timing skipped")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        sys.exit(0 if ok else 1)
+
+    result["gpu"] = "dry run (cpu)" if DRY else torch.cuda.get_device_name()
+    out_path = args.out or os.path.join("benches", "results", "raw", gpu_stem(result["gpu"]) + ".jsonl")
+    passes = {}
+    if "flex" in systems:
+        err, compile_s, flex_passes, grad_coeffs = flex_systems(lay, masks, meta, x, device, dtype)
+        ok = math.isfinite(err) and err <= tol
+        print(f"FlexAttention EvoAttention vs this crate ({meta['output_source']}): "
+              f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}; "
+              f"first call (compilation) {compile_s:.1f} s")
+        result.update(check_rel_l2=err, check_ok=ok, flex_first_call_s=compile_s)
+        if not ok:
+            sys.exit(1)
+        passes["flex-evo"] = flex_passes
+    del x["o"]
+    if args.check_only:
+        return
+    if "sdpa" in systems:
+        sdpa_passes, padded = sdpa_systems(meta, x, device, dtype, args.buckets)
+        result["sdpa_buckets"] = args.buckets
+        result["sdpa_padded_tokens"] = int(padded)
+        passes["sdpa-flash"] = sdpa_passes
+
+    rows = []
+    for system, ps in passes.items():
+        for pass_name, (fn, read, extra) in ps.items():
+            started = time.time()
+            try:
+                peak = peak_bytes(fn, read) + extra
+            except Exception as e:  # noqa: BLE001 - only the captured-gradient case is retried
+                if not (system == "flex-evo" and pass_name == "fwd_bwd" and grad_coeffs["on"]):
+                    raise
+                print(f"flex-evo backward with coefficient gradients failed ({e!r}); "
+                      "timing it without them")
+                grad_coeffs["on"] = False
+                peak = peak_bytes(fn, read) + extra
+            rows.append({"system": system, "pass": pass_name, "reps": args.reps, "ms": [],
+                         "peak_bytes": int(peak), "first_call_s": time.time() - started})
+    for run in range(2):
+        for row in rows:
+            fn = passes[row["system"]][row["pass"]][0]
+            row["ms"].append(time_ms(fn, args.reps))
+            print(f"run {run + 1}: {row['system']:<10} {row['pass']:<8} {row['ms'][-1]:10.3f} ms")
+    result["rows"] = rows
+    if "flex-evo" in passes:
+        result["flex_grad_coeffs"] = grad_coeffs["on"]
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"appended to {out_path}")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
     alignas(16) __shared__ T sdOt[kHeadDim * kColStride];
     __shared__ float sLse[kCols];
     __shared__ float sDelta[kCols];
-    __shared__ unsigned sTime[kCols];
+    __shared__ TokenTime sTime[kCols];
+    // The block's keys' times: in registers they pushed 16-bit D = 128 past 255 (spilled 12 B).
+    __shared__ TokenTime sKeyTime[kDenseRows];
 
     const DenseBlock blk = dense_block(p, kParts);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dK, dV
@@ -63,8 +65,12 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
         RowOperand<T, kHeadDim, kResident> kf, vf;
         kf.init(k + at[0], k + at[1]);
         vf.init(v + at[0], v + at[1]);
-        const unsigned key_time[2] = {rel_time[clamped[0]], rel_time[clamped[1]]};
         const int wd0 = weekday0[s];
+        __syncthreads();  // the previous sequence's readers of sKeyTime are done
+        if (threadIdx.x < kDenseRows)
+            sKeyTime[threadIdx.x] = token_time(rel_time[min(k0 + static_cast<int>(threadIdx.x), si.end - 1)], wd0);
+        const int key_slot[2] = {warp * 16 + g, warp * 16 + g + 8};  // into sKeyTime
+        const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
 
         FragC dk_acc[kDimTiles], dv_acc[kDimTiles];
 #pragma unroll
@@ -85,7 +91,7 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
                 const size_t row = static_cast<size_t>(qt + tid) * p.heads + head;
                 sLse[tid] = in ? lse[row] : 0.f;
                 sDelta[tid] = in ? delta[row] : 0.f;
-                sTime[tid] = in ? rel_time[qt + tid] : 0u;
+                sTime[tid] = token_time(in ? rel_time[qt + tid] : 0u, wd0);
             }
             __syncthreads();
             // Warp-uniform: every query of the tile comes before every key of this warp.
@@ -111,8 +117,8 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
                     if (dense_visible(si, query, keys[r])) {
                         float z = pt[n].c[i] * p.scale;
                         if (dense_timed(si, query) && dense_timed(si, keys[r]))
-                            z += tc.bias(temporal_features(sTime[col], key_time[r], wd0,
-                                                           p.num_time_buckets));
+                            z += tc.bias(pair_features(sTime[col], sKeyTime[key_slot[r]],
+                                                       p.num_time_buckets, inv_buckets));
                         pr = expf(z - sLse[col]);
                         ds = pr * (dst[n].c[i] - sDelta[col]);
                     }

@@ -1,8 +1,9 @@
 // Dense counterpart backward, query side: for a block of 64 queries of one sequence and head,
 // Delta = <dO, O> per row (kept for the key kernel), then over the visible keys
 // P = exp(z - LSE), dP = dO V^T, dS = P (dP - Delta), dQ = scale dS K, and each row's share of
-// dcoeffs (sum of dS times the pair's three temporal features) as a per-(head, token) partial
-// that coeffs_reduce.cu adds in a fixed order. No atomics: every output element has one writer.
+// dcoeffs (sum of dS times the pair's three temporal features, with the exact Delta) as a
+// per-(head, token) partial that coeffs_reduce.cu adds in a fixed order. No atomics: every output
+// element has one writer.
 //
 // Shared memory: K and V tiles [kCols][D + pad] and K^T [D][kCols + pad]: at most 27.6 KB.
 //
@@ -55,7 +56,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
     alignas(16) __shared__ T sK[kCols * kRowStride];
     alignas(16) __shared__ T sV[kCols * kRowStride];
     alignas(16) __shared__ T sKt[kHeadDim * kColStride];
-    __shared__ unsigned sKeyTime[kCols];
+    __shared__ TokenTime sKeyTime[kCols];
 
     const DenseBlock blk = dense_block(p, kParts);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ
@@ -77,21 +78,27 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         RowOperand<T, kHeadDim, kResident> qf, dof;
         qf.init(q + at[0], q + at[1]);
         dof.init(d_o + at[0], d_o + at[1]);
+        const int wd0 = weekday0[s];
+        const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
         float row_d[2], row_lse[2];
-        unsigned row_time[2];
+        TokenTime row_time[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             row_d[r] = row_delta<T, kHeadDim>(d_o, o, at[r]);
             row_lse[r] = lse[static_cast<size_t>(clamped[r]) * p.heads + head];
-            row_time[r] = rel_time[clamped[r]];
+            row_time[r] = token_time(rel_time[clamped[r]], wd0);
             if (t == 0 && blk.part == 0 && rows[r] < si.end) delta[static_cast<size_t>(rows[r]) * p.heads + head] = row_d[r];
         }
-        const int wd0 = weekday0[s];
 
         FragC acc[kDimTiles];
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
-        float dcoef[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+        // dcoeffs_row = sum_k P (dP - Delta) f = sum P dP f - Delta * sum P f, with the exact
+        // Delta = sum P dP of this pass: Delta from the stored (rounded) O would move a bf16 row's
+        // share by about 2^-9 |dO| |O|, which the cancelling sum turned into 1e-2 relative errors.
+        float pdpf[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};  // sum P dP f
+        float pf[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};    // sum P f
+        float pdp_sum[2] = {0.f, 0.f};                          // sum P dP
 
         for (int kt = si.start; kt < q_end; kt += kCols) {
             __syncthreads();
@@ -99,7 +106,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
             tile_rows<T, kHeadDim, kCols>(p, v, kt, q_end, head, sV);
             tile_cols<T, kHeadDim, kCols>(p, k, kt, q_end, head, sKt);
             const int tid = threadIdx.x;
-            if (tid < kCols) sKeyTime[tid] = kt + tid < q_end ? rel_time[kt + tid] : 0u;
+            if (tid < kCols) sKeyTime[tid] = token_time(kt + tid < q_end ? rel_time[kt + tid] : 0u, wd0);
             __syncthreads();
             if (kt > wq + 15 || wq >= si.end) continue;  // warp-uniform
 
@@ -125,13 +132,19 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                         const bool timed = dense_timed(si, rows[r]) && dense_timed(si, key);
                         TemporalFeatures f{0.f, 0.f, 0.f};
                         if (timed) {
-                            f = temporal_features(row_time[r], sKeyTime[col], wd0, p.num_time_buckets);
+                            f = pair_features(row_time[r], sKeyTime[col], p.num_time_buckets, inv_buckets);
                             z += tc.bias(f);
                         }
-                        ds = expf(z - row_lse[r]) * (dp[n].c[i] - row_d[r]);
-                        dcoef[r][0] = fmaf(ds, f.bucket, dcoef[r][0]);
-                        dcoef[r][1] = fmaf(ds, f.hour, dcoef[r][1]);
-                        dcoef[r][2] = fmaf(ds, f.weekend, dcoef[r][2]);
+                        const float pr = expf(z - row_lse[r]);
+                        const float pdp = pr * dp[n].c[i];
+                        ds = pr * (dp[n].c[i] - row_d[r]);
+                        pdp_sum[r] += pdp;
+                        const float fx[3] = {f.bucket, f.hour, f.weekend};
+#pragma unroll
+                        for (int x = 0; x < 3; ++x) {
+                            pdpf[r][x] = fmaf(pdp, fx[x], pdpf[r][x]);
+                            pf[r][x] = fmaf(pr, fx[x], pf[r][x]);
+                        }
                     }
                     sc[n].c[i] = ds;
                 }
@@ -157,15 +170,19 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+            pdp_sum[r] += __shfl_xor_sync(kFullMask, pdp_sum[r], 1);
+            pdp_sum[r] += __shfl_xor_sync(kFullMask, pdp_sum[r], 2);
 #pragma unroll
             for (int x = 0; x < 3; ++x) {
-                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 1);
-                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 2);
+                pdpf[r][x] += __shfl_xor_sync(kFullMask, pdpf[r][x], 1);
+                pdpf[r][x] += __shfl_xor_sync(kFullMask, pdpf[r][x], 2);
+                pf[r][x] += __shfl_xor_sync(kFullMask, pf[r][x], 1);
+                pf[r][x] += __shfl_xor_sync(kFullMask, pf[r][x], 2);
             }
             if (t == 0 && blk.part == 0 && rows[r] < si.end) {
                 float* out = partial + (static_cast<size_t>(head) * p.num_tokens + rows[r]) * 3;
 #pragma unroll
-                for (int x = 0; x < 3; ++x) out[x] = dcoef[r][x];
+                for (int x = 0; x < 3; ++x) out[x] = fmaf(-pdp_sum[r], pf[r][x], pdpf[r][x]);
             }
         }
     }

@@ -33,7 +33,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
     constexpr int kKeyTiles = kCols / 8;
     alignas(16) __shared__ T sK[kCols * kKStride];
     alignas(16) __shared__ T sVt[kHeadDim * kVStride];
-    __shared__ unsigned sKeyTime[kCols];
+    __shared__ TokenTime sKeyTime[kCols];
 
     const DenseBlock blk = dense_block(p, 1);
     const int head = blk.head;
@@ -51,8 +51,9 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
         const int ra = min(rows[0], si.end - 1), rb = min(rows[1], si.end - 1);
         RowOperand<T, kHeadDim, true> qf;
         qf.init(q + dense_row<kHeadDim>(p, ra, head), q + dense_row<kHeadDim>(p, rb, head));
-        const unsigned row_time[2] = {rel_time[ra], rel_time[rb]};
         const int wd0 = weekday0[s];
+        const TokenTime row_time[2] = {token_time(rel_time[ra], wd0), token_time(rel_time[rb], wd0)};
+        const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
 
         FragC acc[kDimTiles];
 #pragma unroll
@@ -64,7 +65,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
             tile_rows<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK);
             tile_cols<T, kHeadDim, kCols>(p, v, kt, q_end, head, sVt);
             const int tid = threadIdx.x;
-            if (tid < kCols) sKeyTime[tid] = kt + tid < q_end ? rel_time[kt + tid] : 0u;
+            if (tid < kCols) sKeyTime[tid] = token_time(kt + tid < q_end ? rel_time[kt + tid] : 0u, wd0);
             __syncthreads();
             // Warp-uniform: every key of the tile comes after every row of this warp.
             if (kt > wq + 15 || wq >= si.end) continue;
@@ -87,8 +88,8 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
                     if (dense_visible(si, rows[r], key)) {
                         z = sc[n].c[i] * p.scale;
                         if (dense_timed(si, rows[r]) && dense_timed(si, key))
-                            z += tc.bias(temporal_features(row_time[r], sKeyTime[col], wd0,
-                                                           p.num_time_buckets));
+                            z += tc.bias(pair_features(row_time[r], sKeyTime[col],
+                                                       p.num_time_buckets, inv_buckets));
                     }
                     sc[n].c[i] = z;
                     mx[r] = fmaxf(mx[r], z);

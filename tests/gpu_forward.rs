@@ -6,8 +6,11 @@ mod common;
 
 use half::{bf16, f16};
 use proptest::prelude::*;
-use proptest::test_runner::TestRunner;
-use sparsectr_attn::cuda::{DeviceGates, DeviceInputs, DeviceOutputs, GpuDevice, GpuElement};
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{TestCaseError, TestRunner};
+use sparsectr_attn::cuda::{
+    DeviceGates, DeviceInputs, DeviceOutputs, ForwardKernel, GpuDevice, GpuElement,
+};
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
     reference, rel_l2_error, AttnConfig, Chunks, Dims, Error, EvoAttention, Gates, Inputs,
@@ -234,6 +237,37 @@ fn gpu_forward_matches_reference_f16() {
 #[test]
 fn gpu_forward_matches_reference_bf16() {
     forward_matches_reference::<bf16>("gpu_forward_matches_reference_bf16", 48);
+}
+
+/// bf16 and f16 run the tensor-core kernel by default; the warp-per-query kernel must stay right
+/// for them too (a handle of its own: the shared one is used by the other tests at once).
+#[test]
+fn gpu_forward_warp_kernel_matches_reference_16bit() {
+    let test = "gpu_forward_warp_kernel_matches_reference_16bit";
+    let Some(shared) = gpu(test) else {
+        return;
+    };
+    let own = GpuDevice::from_stream(shared.stream().context().new_stream().unwrap()).unwrap();
+    own.set_forward_kernel(ForwardKernel::Warp);
+    for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
+        let mut runner = TestRunner::new(ProptestConfig::with_cases(common::gpu::cases(16)));
+        runner
+            .run(&case(), |c| {
+                check_case::<bf16>(&own, &c, head_dim).map_err(TestCaseError::fail)?;
+                check_case::<f16>(&own, &c, head_dim).map_err(TestCaseError::fail)
+            })
+            .unwrap();
+    }
+    // The tensor-core kernel has no f32 variant: asking for it is an error, not a launch.
+    own.set_forward_kernel(ForwardKernel::TensorCore);
+    let c = case()
+        .new_tree(&mut TestRunner::deterministic())
+        .unwrap()
+        .current();
+    if c.batch.num_tokens() > 0 {
+        let err = check_case::<f32>(&own, &c, 32).unwrap_err();
+        assert!(err.contains("kernel"), "{err}");
+    }
 }
 
 /// A BENCH.md-like batch (sessions, thousands of behaviors, 16 candidates, bf16) through the

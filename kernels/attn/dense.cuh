@@ -29,7 +29,8 @@ template <typename T, int kHeadDim>
 struct DenseCols {
     static constexpr int kForward = (sizeof(T) == 4 && kHeadDim == 128) ? 32 : 64;
     static constexpr int kQuery = sizeof(T) == 2 ? (kHeadDim == 128 ? 32 : 64) : (kHeadDim == 32 ? 32 : 16);
-    static constexpr int kKey = kQuery;
+    // The key kernel holds dK and dV: at 16-bit D = 128 a 32-query tile spilled (sm_80).
+    static constexpr int kKey = (sizeof(T) == 2 && kHeadDim == 128) ? 16 : kQuery;
 };
 
 // Whether a warp keeps its 16 rows of an A operand in registers for the whole block, or reloads

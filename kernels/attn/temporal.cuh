@@ -48,3 +48,33 @@ struct TemporalCoeffs {
         return s1 * f.bucket + s2 * f.hour + s3 * f.weekend;
     }
 };
+
+// A token's time as the tiled kernels keep it: the relative time, the phase of its day as
+// (cos, sin) and its weekend flag, computed once per token so that a pair's features cost a few
+// integer ops and two FMAs instead of a sine and two weekday divisions. SPEC section 4:
+// cos(a - b) = cos a cos b + sin a sin b with per-token phases is an exact rewrite of Hr.
+struct TokenTime {
+    unsigned t;
+    float c, s;
+    int weekend;
+};
+
+__device__ __forceinline__ TokenTime token_time(unsigned t, int weekday0) {
+    TokenTime x;
+    x.t = t;
+    // 2 (t mod day) / day in [0, 2): the phase over pi; t mod day < 2^24 is exact in f32.
+    sincospif(static_cast<float>(t % kSecondsPerDay) * (2.f / 86400.f), &x.s, &x.c);
+    x.weekend = is_weekend(t, weekday0) ? 1 : 0;
+    return x;
+}
+
+// The three features of a pair from per-token state; `inv_buckets` = 1 / NB.
+__device__ __forceinline__ TemporalFeatures pair_features(const TokenTime& q, const TokenTime& k,
+                                                          int num_time_buckets, float inv_buckets) {
+    const unsigned dt = q.t > k.t ? q.t - k.t : k.t - q.t;
+    TemporalFeatures f;
+    f.bucket = -static_cast<float>(min(time_bucket(dt), num_time_buckets)) * inv_buckets;
+    f.hour = 0.5f * (fmaf(q.c, k.c, q.s * k.s) - 1.f);  // (cos(2 pi dt / day) - 1) / 2
+    f.weekend = q.weekend != k.weekend ? -1.f : 0.f;
+    return f;
+}

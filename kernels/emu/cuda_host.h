@@ -185,6 +185,13 @@ inline float sinpif(float x) {
     if (r == 0.0 || std::fabs(r) == 1.0) return std::copysign(0.0f, x);
     return static_cast<float>(std::sin(M_PI * r));
 }
+// sin(pi x) and cos(pi x) together, correctly rounded via f64 for the arguments the kernels pass
+// (0 <= x < 2).
+inline void sincospif(float x, float* s, float* c) {
+    const double r = static_cast<double>(x) - 2.0 * std::nearbyint(0.5 * static_cast<double>(x));
+    *s = (r == 0.0 || std::fabs(r) == 1.0) ? std::copysign(0.0f, x) : static_cast<float>(std::sin(M_PI * r));
+    *c = std::fabs(r) == 0.5 ? 0.0f : static_cast<float>(std::cos(M_PI * r));
+}
 // expf, logf, fmaf, fmaxf: the C library's (math.h, global namespace).
 
 namespace emu {

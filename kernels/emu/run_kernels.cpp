@@ -54,6 +54,9 @@ namespace k_pooling {
 namespace k_forward {
 #include "forward.cu"
 }
+namespace k_forward_tc {
+#include "forward_tc.cu"
+}
 namespace k_bwd_query {
 #include "backward_query.cu"
 }
@@ -169,6 +172,7 @@ template <DType D>
 struct Elem {
     using pooling = Pick<D, float, k_pooling::half_t, k_pooling::bf16_t>;
     using forward = Pick<D, float, k_forward::half_t, k_forward::bf16_t>;
+    using forward_tc = Pick<D, float, k_forward_tc::half_t, k_forward_tc::bf16_t>;
     using bwd_query = Pick<D, float, k_bwd_query::half_t, k_bwd_query::bf16_t>;
     using bwd_summary = Pick<D, float, k_bwd_summary::half_t, k_bwd_summary::bf16_t>;
     using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
@@ -212,6 +216,23 @@ EMU_KERNELS(BF16, bf16, 32)
 EMU_KERNELS(BF16, bf16, 64)
 EMU_KERNELS(BF16, bf16, 128)
 #undef EMU_KERNELS
+
+// The tensor-core sparse forward: 16-bit dtypes only (build.rs axis dtype16).
+template <DType D, int HD>
+struct TcKernels;
+#define EMU_TC_KERNELS(DT, dn, HD)                                                      \
+    template <>                                                                         \
+    struct TcKernels<DType::DT, HD> {                                                   \
+        static constexpr auto forward = k_forward_tc::evo_forward_tc_##dn##_d##HD;      \
+        static constexpr const char* forward_name = "evo_forward_tc_" #dn "_d" #HD;     \
+    };
+EMU_TC_KERNELS(F16, f16, 32)
+EMU_TC_KERNELS(F16, f16, 64)
+EMU_TC_KERNELS(F16, f16, 128)
+EMU_TC_KERNELS(BF16, bf16, 32)
+EMU_TC_KERNELS(BF16, bf16, 64)
+EMU_TC_KERNELS(BF16, bf16, 128)
+#undef EMU_TC_KERNELS
 
 // Launch constants of src/cuda (CHUNK_THREADS, FORWARD_THREADS, ...), checked against the kernels'.
 constexpr unsigned kChunkThreads = 256, kPoolThreads = 256, kForwardThreads = 128,
@@ -814,6 +835,37 @@ int run(const Folder& f, const Options& opt) {
             compare_lse(rep, widen_f32(lse, branch_rows), lse_want, tol, H);
             std::printf("  forward:  %s %s (%.2f s)\n", rep.errors[rep.errors.size() - 2].c_str(),
                         rep.errors.back().c_str(), t.seconds());
+        }
+
+        // ---- the tensor-core forward (what forward_into runs for 16-bit inputs): its LSE then
+        // feeds the backward, as in backward_host ---------------------------------------------
+        if constexpr (DT != DType::F32) {
+            using TT = typename Elem<DT>::forward_tc;
+            using KT = TcKernels<DT, HD>;
+            Timer t;
+            int max_len = 0;
+            for (const SeqInfo& si : lay.seqs) max_len = std::max(max_len, si.end - si.start);
+            const unsigned tiles = (max_len + kDenseRows - 1) / kDenseRows;
+            // As for the dense kernels: half of B rows of blocks, so the sequence loop runs too.
+            const unsigned grid_y = static_cast<unsigned>(std::max(1, (B + 1) / 2));
+            Buf o_tc = poisoned<TT>(rows), lse_tc = poisoned<float>(branch_rows);
+            emu::launch_named(KT::forward_name, KT::forward, dim3(tiles * H, grid_y),
+                              dim3(kDenseThreads), cast_params<k_forward_tc::EvoParams>(p),
+                              q_d.as<const TT>(), k_d.as<const TT>(), v_d.as<const TT>(),
+                              kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
+                              coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                              seqs_d.as<const k_forward_tc::SeqInfo>(), wd0_d.as<const int>(),
+                              ends_d.as<const int>(), counts_d.as<const int>(), o_tc.as<TT>(),
+                              lse_tc.as<float>());
+            const std::vector<double> o_want(o_ref.begin(), o_ref.end());
+            const std::vector<double> lse_want(lse_ref.begin(), lse_ref.end());
+            compare(rep, "tc_o", widen<DT>(o_tc, rows), o_want, tol);
+            compare_lse(rep, widen_f32(lse_tc, branch_rows), lse_want, tol, H);
+            rep.errors.back() = "tc_" + rep.errors.back();
+            std::printf("  forward (tensor cores): %s %s (%.2f s)\n",
+                        rep.errors[rep.errors.size() - 2].c_str(), rep.errors.back().c_str(),
+                        t.seconds());
+            lse = std::move(lse_tc);
         }
 
         // ---- backward (GpuDevice::backward_into) -----------------------------------------

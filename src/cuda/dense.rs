@@ -84,8 +84,9 @@ fn dense_parts(dtype: DType, head_dim: usize) -> usize {
     }
 }
 
-/// The dense kernels' grid: (tile, head, part) in x, heaviest tiles first; sequences in y.
-fn dense_grid(batch: &DeviceBatch, dims: Dims, parts: usize) -> Result<LaunchConfig> {
+/// The grid of the tiled kernels (dense, and the tensor-core sparse forward): (tile, head, part)
+/// in x, heaviest tiles first; sequences in y.
+pub(crate) fn dense_grid(batch: &DeviceBatch, dims: Dims, parts: usize) -> Result<LaunchConfig> {
     let tiles = batch.max_seq_len.div_ceil(DENSE_ROWS);
     let x = tiles
         .checked_mul(dims.heads * parts)

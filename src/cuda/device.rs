@@ -1,6 +1,7 @@
 //! The device handle: probing for a driver and a GPU, the stream, and loaded kernel modules.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
@@ -46,6 +47,20 @@ pub struct GpuDevice {
     pub(crate) stream: Arc<CudaStream>,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// A [`ForwardKernel`] as u8: which sparse forward kernel this handle runs.
+    forward_kernel: AtomicU8,
+}
+
+/// Which kernel the sparse forward runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardKernel {
+    /// Tensor cores for bf16 and f16, the warp-per-query kernel for f32.
+    #[default]
+    Auto,
+    /// One warp per (query, head) on CUDA cores, every dtype.
+    Warp,
+    /// 64 queries per block on tensor cores; bf16 and f16 only (f32 is a `NoKernel` error).
+    TensorCore,
 }
 
 impl GpuDevice {
@@ -85,7 +100,23 @@ impl GpuDevice {
             stream,
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
+            forward_kernel: AtomicU8::new(ForwardKernel::Auto as u8),
         })
+    }
+
+    /// Chooses the sparse forward kernel of later calls on this handle (default
+    /// [`ForwardKernel::Auto`]); for comparing the kernels on one GPU.
+    pub fn set_forward_kernel(&self, kernel: ForwardKernel) {
+        self.forward_kernel.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    /// The sparse forward kernel this handle runs.
+    pub fn forward_kernel(&self) -> ForwardKernel {
+        match self.forward_kernel.load(Ordering::Relaxed) {
+            1 => ForwardKernel::Warp,
+            2 => ForwardKernel::TensorCore,
+            _ => ForwardKernel::Auto,
+        }
     }
 
     /// The stream every call of this handle is enqueued on.

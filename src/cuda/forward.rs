@@ -9,13 +9,14 @@ use cudarc::driver::{
 use half::{bf16, f16};
 
 use super::batch::{upload, DeviceBatch, DeviceChunks};
-use super::device::{driver, GpuDevice};
+use super::dense::dense_grid;
+use super::device::{driver, ForwardKernel, GpuDevice};
 use super::kernels::Entry;
 use super::params::{EvoParams, GatesMode};
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Gates, Inputs, NUM_BRANCHES};
 use crate::batch::JaggedBatch;
 use crate::chunking::Chunks;
-use crate::dtype::Element;
+use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 
 /// Threads per block of the forward (`kForwardThreads`) and queries per block (`kForwardWarps`).
@@ -325,13 +326,32 @@ impl GpuDevice {
         }
         let stream = &self.stream;
 
-        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
-        let forward = self.function(Entry::Forward, Some(T::DTYPE), Some(dims.head_dim))?;
-        let cfg = LaunchConfig {
-            grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),
-            block_dim: (FORWARD_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        // 16-bit inputs take the tensor-core kernel (64 queries of a sequence per block) unless
+        // told otherwise; f32 keeps the warp-per-query kernel, whose CUDA-core dot products need
+        // no MMA emulation.
+        let warp = match self.forward_kernel() {
+            ForwardKernel::Auto => T::DTYPE == DType::F32,
+            ForwardKernel::Warp => true,
+            ForwardKernel::TensorCore => false,
         };
+        let (forward, cfg) = if warp {
+            let cfg = LaunchConfig {
+                grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),
+                block_dim: (FORWARD_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (
+                self.function(Entry::Forward, Some(T::DTYPE), Some(dims.head_dim))?,
+                cfg,
+            )
+        } else {
+            let cfg = dense_grid(batch, dims, 1)?;
+            (
+                self.function(Entry::ForwardTc, Some(T::DTYPE), Some(dims.head_dim))?,
+                cfg,
+            )
+        };
+        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
         let no_gates = 0u64; // a null pointer: the kernel reads no gates
         let mut launch = stream.launch_builder(&forward);
         launch
@@ -344,7 +364,8 @@ impl GpuDevice {
         push_gates(&mut launch, &inputs.gates, &no_gates);
         push_layout(&mut launch, inputs.coeffs, batch, chunks);
         launch.arg(o).arg(lse);
-        // SAFETY: argument types and order match SPARSECTR_FORWARD; every tensor length was
+        // SAFETY: argument types and order match SPARSECTR_FORWARD and SPARSECTR_FORWARD_TC
+        // (the same parameters); every tensor length was
         // checked against T, H and D above; gates_mode says which gates pointer is valid.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_forward)"))?;
         Ok(())

@@ -35,6 +35,7 @@ mod timing;
 pub use backward::{BackwardMode, DeviceGrads, HostGradients};
 pub use batch::{DeviceBatch, DeviceChunks};
 pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
-pub use device::GpuDevice;
+pub use device::{ForwardKernel, GpuDevice};
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
 pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};
+pub use timing::PoolUsage;

@@ -75,3 +75,114 @@ impl GpuDevice {
         Ok(2.0 * bytes as f64 / (ms * 1e-3))
     }
 }
+
+/// Bytes in use in the device's stream-ordered memory pool, where every allocation of this crate
+/// and of cudarc comes from when the GPU supports memory pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// In use now.
+    pub current: u64,
+    /// The most in use at once since [`GpuDevice::reset_pool_peak`] (at least `current`).
+    pub peak: u64,
+}
+
+impl GpuDevice {
+    fn mem_pool(&self) -> Result<cudarc::driver::sys::CUmemoryPool> {
+        let ctx = self.stream.context();
+        if !ctx.has_async_alloc() {
+            // Allocations then bypass the pool and the pool's counters would read 0.
+            return Err(Error::Cuda {
+                call: "cuDeviceGetMemPool",
+                detail: "this GPU has no stream-ordered memory pools".into(),
+            });
+        }
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: the device handle is valid for the context's lifetime; `pool` is an
+        // out-pointer.
+        unsafe { cudarc::driver::sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+            .result()
+            .map_err(driver("cuDeviceGetMemPool"))?;
+        Ok(pool)
+    }
+
+    fn pool_attribute(
+        &self,
+        pool: cudarc::driver::sys::CUmemoryPool,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+    ) -> Result<u64> {
+        let mut value = 0u64;
+        // SAFETY: `pool` is the device's live pool; the used-memory attributes are cuuint64_t.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, (&mut value as *mut u64).cast())
+        }
+        .result()
+        .map_err(driver("cuMemPoolGetAttribute"))?;
+        Ok(value)
+    }
+
+    /// Bytes in use in the memory pool, now and at the most since the last
+    /// [`reset_pool_peak`](Self::reset_pool_peak), after the stream has drained (so that
+    /// stream-ordered frees have happened). An error where the GPU has no memory pools.
+    pub fn pool_usage(&self) -> Result<PoolUsage> {
+        use cudarc::driver::sys::CUmemPool_attribute::*;
+        self.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))?;
+        let pool = self.mem_pool()?;
+        let current = self.pool_attribute(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        let high = self.pool_attribute(pool, CU_MEMPOOL_ATTR_USED_MEM_HIGH)?;
+        // A reset sets the mark to 0, not to what is in use; it rises at the next allocation.
+        Ok(PoolUsage {
+            current,
+            peak: high.max(current),
+        })
+    }
+
+    /// Starts a new peak measurement of [`pool_usage`](Self::pool_usage).
+    pub fn reset_pool_peak(&self) -> Result<()> {
+        use cudarc::driver::sys::CUmemPool_attribute::*;
+        self.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))?;
+        let pool = self.mem_pool()?;
+        let mut zero = 0u64;
+        // SAFETY: `pool` is the device's live pool; the driver only accepts 0 for this
+        // attribute, passed as a cuuint64_t.
+        unsafe {
+            cudarc::driver::sys::cuMemPoolSetAttribute(
+                pool,
+                CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut zero as *mut u64).cast(),
+            )
+        }
+        .result()
+        .map_err(driver("cuMemPoolSetAttribute"))
+    }
+
+    /// Milliseconds of GPU time of `iters` back-to-back calls of `region`, between one pair of
+    /// events (what criterion's `iter_custom` wants: the total, not a median). `region` gets the
+    /// call index.
+    pub fn time_total_ms(
+        &self,
+        iters: usize,
+        mut region: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        let ctx = self.stream.context();
+        let event = || {
+            ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(driver("cuEventCreate"))
+        };
+        let (start, end) = (event()?, event()?);
+        start
+            .record(&self.stream)
+            .map_err(driver("cuEventRecord"))?;
+        for i in 0..iters {
+            region(i)?;
+        }
+        end.record(&self.stream).map_err(driver("cuEventRecord"))?;
+        end.synchronize().map_err(driver("cuEventSynchronize"))?;
+        Ok(start
+            .elapsed_ms(&end)
+            .map_err(driver("cuEventElapsedTime"))? as f64)
+    }
+}

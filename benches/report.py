@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Merges the raw benchmark lines of one GPU into its results table, JSON and plot.
+
+    python3 benches/report.py benches/results/raw/<gpu>.jsonl [--out-dir benches/results]
+
+Reads the JSON lines `benches/gpu_bench.rs` and `benches/torch_baselines.py` append (several
+device calls may have added to the file; for each workload, length and source the last line
+wins) and writes `<gpu>.json` (every number, merged per workload and length), `<gpu>.md` (the
+table, speed-ups, fraction of copy bandwidth, peak memory, spread of the two runs, the targets
+met or missed by how much) and `<gpu>-speedup.svg` (speed-up of sparse forward + backward over
+each baseline against n), `<gpu>` being the raw file's stem. Python standard library only.
+
+A figure is the mean of the two runs' medians; the spread is |run 1 - run 2| / mean.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+SPARSE = "sparse-ours"
+BASELINES = [("dense-ours", "dense (ours)"), ("sdpa-flash", "SDPA flash, causal, no bias"),
+             ("flex-evo", "FlexAttention EvoAttention")]
+SYSTEM_NAMES = dict(BASELINES, **{SPARSE: "sparse EvoAttention (ours)"})
+PASS_NAMES = {"chunking": "GPU chunking", "fwd": "forward",
+              "fwd_warp": "forward, warp-per-query kernel (bf16 default before tensor cores)",
+              "fwd_bwd": "forward + backward",
+              "fwd_bwd_det": "forward + backward, deterministic",
+              "e2e_fwd_bwd": "chunking + forward + backward"}
+# The issue's targets: H100, ctr-base, bf16, forward + backward (fast backward).
+TARGET_WORKLOAD = "ctr-base"
+DENSE_TARGETS = {4096: 8.0, 16384: 30.0}
+FLEX_TARGET = 3.0
+COPY_TARGET = 0.60
+ORDER = {"ctr-small": 0, "ctr-base": 1, "ctr-wide": 2}
+
+
+def load(path):
+    cells = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                sys.exit(f"{path}:{number}: not JSON ({e})")
+            key = (obj["workload"], obj["len"])
+            cells.setdefault(key, {})[obj["source"]] = obj
+    return cells
+
+
+def figure(row):
+    ms = [m for m in row["ms"] if m is not None and math.isfinite(m)]
+    if not ms:
+        return None, None
+    mean = sum(ms) / len(ms)
+    spread = abs(ms[0] - ms[1]) / mean if len(ms) == 2 and mean > 0 else None
+    return mean, spread
+
+
+def merge(cells):
+    merged = []
+    for (workload, n), sources in sorted(cells.items(), key=lambda kv: (ORDER.get(kv[0][0], 9), kv[0][0], kv[0][1] or 0)):
+        rust, torch = sources.get("gpu_bench"), sources.get("torch_baselines")
+        cell = {"workload": workload, "len": n, "systems": {}, "notes": []}
+        for src in (rust, torch):
+            if src is None:
+                continue
+            for k in ("num_seqs", "num_tokens", "heads", "head_dim", "num_chunks", "tail_tokens",
+                      "window", "candidates", "dtype"):
+                if k in src:
+                    cell.setdefault(k, src[k])
+            for row in src["rows"]:
+                ms, spread = figure(row)
+                cell["systems"].setdefault(row["system"], {})[row["pass"]] = {
+                    "ms": ms, "runs_ms": row["ms"], "spread": spread, "reps": row["reps"],
+                    "peak_bytes": row.get("peak_bytes")}
+        if rust and torch and rust["num_tokens"] != torch["num_tokens"]:
+            cell["notes"].append(f"token counts differ: crate {rust['num_tokens']}, "
+                                 f"PyTorch {torch['num_tokens']} (not the same batch)")
+        if rust:
+            copy = [c for c in rust["copy_bytes_per_s"] if c]
+            cell["copy_bytes_per_s"] = rust["copy_bytes_per_s"]
+            cell["min_bytes_sparse_fwd"] = rust["min_bytes_sparse_fwd"]
+            cell["min_bytes_dense_fwd"] = rust["min_bytes_dense_fwd"]
+            fwd = cell["systems"].get(SPARSE, {}).get("fwd")
+            if fwd and fwd["ms"] and copy:
+                bw = rust["min_bytes_sparse_fwd"] / (fwd["ms"] * 1e-3)
+                cell["sparse_fwd_bytes_per_s"] = bw
+                cell["sparse_fwd_fraction_of_copy"] = bw / (sum(copy) / len(copy))
+                cell["copy_spread"] = abs(copy[0] - copy[-1]) / (sum(copy) / len(copy))
+        if torch:
+            cell["flex_check_rel_l2"] = torch.get("check_rel_l2")
+            cell["flex_grad_coeffs"] = torch.get("flex_grad_coeffs")
+            cell["sdpa_padded_tokens"] = torch.get("sdpa_padded_tokens")
+        sparse = cell["systems"].get(SPARSE, {})
+        cell["speedups"] = {}
+        for base, _ in BASELINES:
+            for p in ("fwd", "fwd_bwd"):
+                ours = sparse.get(p, {}).get("ms")
+                theirs = cell["systems"].get(base, {}).get(p, {}).get("ms")
+                if ours and theirs:
+                    cell["speedups"].setdefault(base, {})[p] = theirs / ours
+        merged.append(cell)
+    return merged
+
+
+def header(cells_raw):
+    rust = [s["gpu_bench"] for s in cells_raw.values() if "gpu_bench" in s]
+    torch = [s["torch_baselines"] for s in cells_raw.values() if "torch_baselines" in s]
+    one = lambda objs, k: sorted({str(o.get(k)) for o in objs})
+    return {"gpu": one(rust + torch, "gpu"), "arch": one(rust, "arch"),
+            "nvidia_driver": one(rust, "nvidia_driver"), "driver_cuda": one(rust, "driver_cuda"),
+            "commit": one(rust, "commit"), "torch": one(torch, "torch"),
+            "torch_cuda": one(torch, "torch_cuda")}
+
+
+def fmt_ms(x):
+    return "-" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
+
+
+def fmt_x(x):
+    return "-" if x is None else f"{x:.2f}x" if x < 10 else f"{x:.1f}x"
+
+
+def fmt_pct(x):
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def fmt_gib(b):
+    return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def targets(merged, gpu_names):
+    lines = []
+    by = {(c["workload"], c["len"]): c for c in merged}
+    not_h100 = not any("H100" in g for g in gpu_names)
+    if not_h100:
+        lines.append(f"The targets are stated for an H100; these results come from {', '.join(gpu_names)}.")
+
+    def verdict(value, target, what):
+        if value is None:
+            return f"- {what}: not measured (target {target:g}x)"
+        if value >= target:
+            return f"- {what}: {value:.2f}x, target {target:g}x: **met**"
+        return (f"- {what}: {value:.2f}x, target {target:g}x: **missed** by "
+                f"{target - value:.2f}x ({100 * (1 - value / target):.0f}% short)")
+
+    lens = sorted({c["len"] for c in merged if c["workload"] == TARGET_WORKLOAD})
+    for n, target in sorted(DENSE_TARGETS.items()):
+        cell = by.get((TARGET_WORKLOAD, n), {})
+        value = cell.get("speedups", {}).get("dense-ours", {}).get("fwd_bwd")
+        lines.append(verdict(value, target, f"sparse vs dense-ours, {TARGET_WORKLOAD}, n = {n}, fwd + bwd"))
+    for n in lens or [1024, 4096, 16384]:
+        cell = by.get((TARGET_WORKLOAD, n), {})
+        value = cell.get("speedups", {}).get("flex-evo", {}).get("fwd_bwd")
+        lines.append(verdict(value, FLEX_TARGET, f"sparse vs FlexAttention EvoAttention, {TARGET_WORKLOAD}, n = {n}, fwd + bwd"))
+    for n in lens or [1024, 4096, 16384]:
+        frac = by.get((TARGET_WORKLOAD, n), {}).get("sparse_fwd_fraction_of_copy")
+        what = f"sparse forward bandwidth, {TARGET_WORKLOAD}, n = {n}"
+        if frac is None:
+            lines.append(f"- {what}: not measured (target {COPY_TARGET:.0%} of copy)")
+        elif frac >= COPY_TARGET:
+            lines.append(f"- {what}: {frac:.1%} of copy, target {COPY_TARGET:.0%}: **met**")
+        else:
+            lines.append(f"- {what}: {frac:.1%} of copy, target {COPY_TARGET:.0%}: **missed** by "
+                         f"{100 * (COPY_TARGET - frac):.1f} points")
+    return lines
+
+
+def markdown(stem, head, merged):
+    out = [f"# Benchmark results: {', '.join(head['gpu'])}", ""]
+    out.append(f"GPU {', '.join(head['gpu'])} ({', '.join(head['arch'])}), NVIDIA driver "
+               f"{', '.join(head['nvidia_driver'])}, driver CUDA version {', '.join(head['driver_cuda'])}; "
+               f"PyTorch {', '.join(head['torch'])} (CUDA {', '.join(head['torch_cuda'])}); "
+               f"crate commit {', '.join(head['commit'])}.")
+    if len(head["commit"]) > 1:
+        out.append("")
+        out.append("**These rows come from more than one commit** (see `commit` per cell in the JSON).")
+    out += ["", "Protocol: `BENCH.md` (bf16; `B = 2^20 / n` users of `[0.75 n, n]` behaviors, a user "
+            "token, candidates). Times are CUDA-event medians of the stated repetitions after warm-up, "
+            "two input sets alternated; each figure is the mean of two identical runs, the spread "
+            "`|run 1 - run 2| / mean` is shown beside it. Speed-ups are of sparse (fast backward) over "
+            "the baseline, same pass. Bandwidth: the fewest bytes the sparse forward must move (Q, K, V, "
+            "gates, timestamps read once; O, LSE written once) over its time, as a fraction of a "
+            "device-to-device copy measured in the same run. Peak memory: the bytes of what the system "
+            "reads plus the most it allocates at once during one call (the crate: CUDA memory-pool "
+            "high-water mark; PyTorch: `max_memory_allocated`), GiB. SDPA runs users sorted into "
+            "length buckets, each padded to its longest user; FlexAttention EvoAttention is checked "
+            "against this crate's output (relative L2, bf16 tolerance 1e-2) before it is timed.", ""]
+    out.append("## Targets")
+    out.append("")
+    out += targets(merged, head["gpu"])
+    out.append("")
+    out.append("## Speed-ups of sparse EvoAttention")
+    out.append("")
+    out.append("| workload | n | T | vs dense-ours fwd | fwd+bwd | vs SDPA flash fwd | fwd+bwd | "
+               "vs FlexAttention fwd | fwd+bwd | sparse fwd, % of copy |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for c in merged:
+        s = c["speedups"]
+        g = lambda b, p: fmt_x(s.get(b, {}).get(p))
+        out.append(f"| {c['workload']} | {c['len']} | {c.get('num_tokens', '-')} | {g('dense-ours', 'fwd')} | "
+                   f"{g('dense-ours', 'fwd_bwd')} | {g('sdpa-flash', 'fwd')} | {g('sdpa-flash', 'fwd_bwd')} | "
+                   f"{g('flex-evo', 'fwd')} | {g('flex-evo', 'fwd_bwd')} | "
+                   f"{fmt_pct(c.get('sparse_fwd_fraction_of_copy'))} |")
+    out += ["", f"![speed-up against n]({stem}-speedup.svg)", ""]
+    out.append("## Every measurement")
+    for c in merged:
+        out += ["", f"### {c['workload']}, n = {c['len']}", ""]
+        out.append(f"B = {c.get('num_seqs', '-')}, T = {c.get('num_tokens', '-')}, H = {c.get('heads', '-')}, "
+                   f"D = {c.get('head_dim', '-')}, P = {c.get('num_chunks', '-')}, m = {c.get('tail_tokens', '-')}, "
+                   f"w = {c.get('window', '-')}, {c.get('candidates', '-')} candidates per user.")
+        copy = c.get("copy_bytes_per_s")
+        if copy:
+            out.append(f"Device-to-device copy: {sum(copy) / len(copy) / 1e9:.0f} GB/s "
+                       f"(spread {fmt_pct(c.get('copy_spread'))}); sparse forward moves at least "
+                       f"{c['min_bytes_sparse_fwd'] / 1e9:.3f} GB: "
+                       f"{fmt_pct(c.get('sparse_fwd_fraction_of_copy'))} of copy.")
+        if c.get("flex_check_rel_l2") is not None:
+            out.append(f"FlexAttention EvoAttention vs this crate: relative L2 {c['flex_check_rel_l2']:.2e}"
+                       + ("" if c.get("flex_grad_coeffs", True) else
+                          "; its backward ran without coefficient gradients (unsupported by this PyTorch)")
+                       + ".")
+        if c.get("sdpa_padded_tokens"):
+            out.append(f"SDPA computes {c['sdpa_padded_tokens']} padded tokens for the "
+                       f"{c.get('num_tokens')} real ones.")
+        for note in c["notes"]:
+            out.append(f"**Note:** {note}.")
+        out += ["", "| system | pass | ms | spread | reps | peak GiB |", "|---|---|---|---|---|---|"]
+        for system in [SPARSE] + [b for b, _ in BASELINES]:
+            for p, r in c["systems"].get(system, {}).items():
+                out.append(f"| {SYSTEM_NAMES.get(system, system)} | {PASS_NAMES.get(p, p)} | {fmt_ms(r['ms'])} | "
+                           f"{fmt_pct(r['spread'])} | {r['reps']} | {fmt_gib(r['peak_bytes'])} |")
+    return "\n".join(out) + "\n"
+
+
+COLORS = {"dense-ours": "#1b6ca8", "sdpa-flash": "#c0392b", "flex-evo": "#27865a"}
+DASHES = {"ctr-small": "4 3", "ctr-base": "", "ctr-wide": "1 3"}
+
+
+def svg(merged, title):
+    """Speed-up of sparse fwd+bwd over each baseline against n; log-log, hand-written SVG."""
+    w, h, left, right, top, bottom = 760, 460, 70, 230, 40, 55
+    series = {}
+    for c in merged:
+        for base, _ in BASELINES:
+            v = c["speedups"].get(base, {}).get("fwd_bwd")
+            if v:
+                series.setdefault((base, c["workload"]), []).append((c["len"], v))
+    xs = sorted({n for pts in series.values() for n, _ in pts}) or [1024, 16384]
+    ys = [v for pts in series.values() for _, v in pts] + [1.0]
+    x0, x1 = math.log2(xs[0]) - 0.3, math.log2(xs[-1]) + 0.3
+    y0, y1 = math.floor(math.log10(min(ys)) * 3) / 3, math.ceil(math.log10(max(ys)) * 3) / 3
+    if y1 - y0 < 1:
+        y1 = y0 + 1
+    px = lambda n: left + (math.log2(n) - x0) / (x1 - x0) * (w - left - right)
+    py = lambda v: top + (y1 - math.log10(v)) / (y1 - y0) * (h - top - bottom)
+    e = []
+    e.append(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">')
+    e.append(f'<rect width="{w}" height="{h}" fill="white"/>')
+    e.append(f'<text x="{left}" y="22" font-size="14">{escape(title)}</text>')
+    # Grid and ticks: 1, 2, 5 per decade.
+    for d in range(math.floor(y0), math.ceil(y1) + 1):
+        for m in (1, 2, 5):
+            v = m * 10 ** d
+            if y0 <= math.log10(v) <= y1:
+                y = py(v)
+                e.append(f'<line x1="{left}" y1="{y:.1f}" x2="{w - right}" y2="{y:.1f}" '
+                         f'stroke="{"#999" if v == 1 else "#e4e4e4"}"/>')
+                e.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{v:g}x</text>')
+    for n in xs:
+        x = px(n)
+        e.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{h - bottom}" stroke="#e4e4e4"/>')
+        e.append(f'<text x="{x:.1f}" y="{h - bottom + 18}" text-anchor="middle">{n}</text>')
+    e.append(f'<rect x="{left}" y="{top}" width="{w - left - right}" height="{h - top - bottom}" '
+             f'fill="none" stroke="#333"/>')
+    e.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 14}" text-anchor="middle">'
+             f'behaviors per user n (log scale)</text>')
+    e.append(f'<text transform="translate(18 {(top + h - bottom) / 2:.0f}) rotate(-90)" '
+             f'text-anchor="middle">speed-up of sparse fwd + bwd (log scale)</text>')
+    legend_y = top + 8
+    for (base, wl), pts in sorted(series.items()):
+        pts.sort()
+        path = " ".join(f"{px(n):.1f},{py(v):.1f}" for n, v in pts)
+        dash = DASHES.get(wl, "")
+        dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        color = COLORS.get(base, "#555")
+        e.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"{dash_attr}/>')
+        for n, v in pts:
+            e.append(f'<circle cx="{px(n):.1f}" cy="{py(v):.1f}" r="3" fill="{color}">'
+                     f'<title>{escape(wl)} n={n}: {v:.2f}x over {escape(base)}</title></circle>')
+        lx = w - right + 15
+        e.append(f'<line x1="{lx}" y1="{legend_y}" x2="{lx + 28}" y2="{legend_y}" stroke="{color}" '
+                 f'stroke-width="2"{dash_attr}/>')
+        e.append(f'<text x="{lx + 34}" y="{legend_y + 4}">{escape(base)}, {escape(wl)}</text>')
+        legend_y += 18
+    if not series:
+        e.append(f'<text x="{left + 20}" y="{top + 30}">no speed-up measured yet</text>')
+    e.append("</svg>")
+    return "\n".join(e) + "\n"
+
+
+def escape(s):
+    return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("raw", help="benches/results/raw/<gpu>.jsonl")
+    ap.add_argument("--out-dir", default=os.path.join("benches", "results"))
+    args = ap.parse_args()
+    stem = os.path.splitext(os.path.basename(args.raw))[0]
+    cells_raw = load(args.raw)
+    if not cells_raw:
+        sys.exit(f"{args.raw}: no results")
+    merged = merge(cells_raw)
+    head = header(cells_raw)
+    os.makedirs(args.out_dir, exist_ok=True)
+    base = os.path.join(args.out_dir, stem)
+    with open(base + ".json", "w") as f:
+        json.dump({"header": head, "cells": merged,
+                   "raw": {f"{k[0]}-n{k[1]}": v for k, v in sorted(cells_raw.items(), key=str)}},
+                  f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(markdown(stem, head, merged))
+    with open(base + "-speedup.svg", "w") as f:
+        f.write(svg(merged, f"Sparse EvoAttention fwd + bwd speed-up, {', '.join(head['gpu'])}, bf16"))
+    print(f"wrote {base}.json, {base}.md, {base}-speedup.svg")
+
+
+if __name__ == "__main__":
+    main()

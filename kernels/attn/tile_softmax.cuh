@@ -1,0 +1,76 @@
+// The online softmax of a warp's 16 rows over one tile of keys held as MMA accumulators (rows g
+// and g + 8 of each lane, see common/mma.cuh), shared by the tiled kernels.
+#pragma once
+
+#include "../common/mma.cuh"
+#include "../common/warp.cuh"
+#include "softmax.cuh"
+
+// Per-row running state of a lane's two rows.
+struct RowSoftmax {
+    float m[2];  // running max (-inf before any visible key)
+    float l[2];  // this lane's share of the running sum (the group's four lanes add up at the end)
+
+    __device__ __forceinline__ void init() {
+        m[0] = m[1] = neg_inf();
+        l[0] = l[1] = 0.f;
+    }
+
+    // `sc` holds logits (-inf where masked); turns them into probabilities against the updated
+    // max, and returns per row the factor by which earlier accumulators must be scaled.
+    template <int kKeyTiles>
+    __device__ __forceinline__ void update(FragC (&sc)[kKeyTiles], float (&corr)[2]) {
+        float mx[2] = {m[0], m[1]};
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) mx[i >> 1] = fmaxf(mx[i >> 1], sc[n].c[i]);
+        }
+        float base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            // The four lanes of a group hold the same rows.
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+            corr[r] = m[r] == neg_inf() ? 0.f : expf(m[r] - mx[r]);
+            base[r] = mx[r] == neg_inf() ? 0.f : mx[r];  // an empty prefix stays empty
+            m[r] = mx[r];
+            l[r] *= corr[r];
+        }
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float pr = expf(sc[n].c[i] - base[i >> 1]);
+                l[i >> 1] += pr;
+                sc[n].c[i] = pr;
+            }
+        }
+    }
+
+    // Adds up the group's shares of the sums; returns 1 / sum per row (0 for an empty row).
+    __device__ __forceinline__ void finish(float (&inv)[2]) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+            l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+            inv[r] = l[r] > 0.f ? __frcp_rn(l[r]) : 0.f;
+        }
+    }
+
+    // LSE of row r after finish(): -inf for an empty key set.
+    __device__ __forceinline__ float lse(int r) const {
+        return l[r] > 0.f ? m[r] + logf(l[r]) : neg_inf();
+    }
+};
+
+template <int kDimTiles>
+__device__ __forceinline__ void scale_rows(FragC (&acc)[kDimTiles], const float (&f)[2]) {
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+        acc[dt].c[0] *= f[0];
+        acc[dt].c[1] *= f[0];
+        acc[dt].c[2] *= f[1];
+        acc[dt].c[3] *= f[1];
+    }
+}
