@@ -49,6 +49,10 @@ _sparsectr_cuda_setup() {
         cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/lib/stubs/libcuda.so" \
             "$link/lib/stubs/libcuda_stub.c" || return 1
     fi
+    # For starting such binaries where there is no driver (they then report no GPU):
+    # LD_LIBRARY_PATH=$SPARSECTR_CUDA_STUB_RUN:$cu13/lib. Never on a GPU host's loader path.
+    mkdir -p "$link/run-stub" && ln -sfn ../lib/stubs/libcuda.so "$link/run-stub/libcuda.so.1"
+    export SPARSECTR_CUDA_STUB_RUN=$link/run-stub SPARSECTR_CUDA_LIB=$cu13/lib
     export CUDA_HOME=$link
     export NVCC=$cu13/bin/nvcc
     export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
