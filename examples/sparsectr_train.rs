@@ -57,10 +57,13 @@ MODEL AND TRAINING:
     --window W         local window                                    [default: 16]
     --lr X             AdamW learning rate                             [default: 0.002]
     --seed S           seed of the data, the split, the weights and the batch order  [default: 0]
+    --cuda             run on GPU 0 (model and attention kernels; needs a build with
+                       --features candle-cuda, see scripts/candle-cuda-env.sh)
     -h, --help         print this help
 
-Runs on the CPU: candle computes the model and the crate's f64 reference computes the attention
-(single-threaded), so the time grows with --users x --len. Exit status: 0 success, 1 a data or
+Runs on the CPU unless --cuda: candle computes the model and the crate's f64 reference computes
+the attention (single-threaded), so the time grows with --users x --len. With --cuda, candle and
+the crate's kernels run on GPU 0. Exit status: 0 success, 1 a data or
 training error, 2 bad flags.
 
 DATA FILE FORMAT
@@ -82,6 +85,7 @@ struct Args {
     window: usize,
     lr: f64,
     seed: u64,
+    cuda: bool,
 }
 
 enum Command {
@@ -129,6 +133,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Command, String>
         window: 16,
         lr: 2e-3,
         seed: 0,
+        cuda: false,
     };
     let mut generator_flags: Vec<String> = Vec::new();
     while let Some(arg) = argv.next() {
@@ -141,6 +146,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Command, String>
         }
         if !flag.starts_with('-') {
             return Err(format!("unexpected argument {arg:?}"));
+        }
+        if flag == "--cuda" {
+            if inline.is_some() {
+                return Err("--cuda takes no value".to_string());
+            }
+            a.cuda = true;
+            continue;
         }
         if !FLAGS.contains(&flag.as_str()) {
             return Err(format!("unknown flag {flag}"));
@@ -403,11 +415,17 @@ fn load(args: &Args) -> Result<(CtrDataset, Option<Oracle>), String> {
 }
 
 fn run(args: &Args, threads: &str) -> Result<(), String> {
-    let device = Device::Cpu;
-    println!(
-        "device    CPU (candle on {threads} thread(s), CANDLE_NUM_THREADS; the attention runs \
-         through the crate's f64 reference, single-threaded)"
-    );
+    let device = if args.cuda {
+        let device = Device::new_cuda(0).map_err(|e| format!("--cuda: {e}"))?;
+        println!("device    GPU 0 (candle's CUDA backend; the attention runs through the crate's kernels)");
+        device
+    } else {
+        println!(
+            "device    CPU (candle on {threads} thread(s), CANDLE_NUM_THREADS; the attention runs \
+             through the crate's f64 reference, single-threaded)"
+        );
+        Device::Cpu
+    };
     let (data, oracle) = load(args)?;
     let split = data.split(0.2, args.seed);
     if split.0.is_empty() || split.1.is_empty() {

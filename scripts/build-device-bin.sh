@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the GPU test and bench binaries here (no GPU or CUDA needed) and copies them into the
 # git-ignored device-bin/, to be carried to a GPU host and run there by scripts/gpu-run.sh.
+# CANDLE_CUDA=1 adds the candle op's CUDA test and the training example built with
+# `--features candle-cuda` (see scripts/candle-cuda-env.sh; nvcc comes from the Python index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf device-bin && mkdir -p device-bin
@@ -19,5 +21,33 @@ for line in sys.stdin:
         if kind in ("test", "bench") or (kind == "lib" and m["profile"]["test"]):
             shutil.copy(m["executable"], "device-bin/%s-%s" % (kind, name))
 '
+if [ "${CANDLE_CUDA:-0}" = 1 ]; then
+    # The candle op's CUDA path: candle's `cuda` feature needs nvcc and CUDA's libraries to link
+    # (installed from the Python package index by the env script). These binaries load
+    # libcuda.so.1 and CUDA 13.0's libnvrtc, libcublas, libcublasLt, libcurand and libcudart at
+    # start-up, so they run only where those are on the loader path (scripts/gpu-run.sh sees to it).
+    source scripts/candle-cuda-env.sh
+    msg_cuda=$(cargo test --release --features candle-cuda --test candle_cuda --no-run --message-format=json 2>/dev/null)
+    msg_train=$(cargo build --release --features candle-cuda --example sparsectr_train --message-format=json 2>/dev/null)
+    printf '%s\n%s\n' "$msg_cuda" "$msg_train" | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        name = m["target"]["name"]
+        kind = m["target"]["kind"][0]
+        if (kind, name) in (("test", "candle_cuda"), ("example", "sparsectr_train")):
+            shutil.copy(m["executable"], "device-bin/%s-%s" % (kind, name))
+'
+    # ~60 MB each after strip, mostly candle's kernels (the same in both): one xz archive with a
+    # window that spans both is ~8 MB, inside what a GPU run can carry. gpu-run.sh unpacks it.
+    strip device-bin/test-candle_cuda device-bin/example-sparsectr_train
+    tar -C device-bin -cf - test-candle_cuda example-sparsectr_train \
+        | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
+    rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
+fi
 git rev-parse HEAD > device-bin/COMMIT
 ls -la device-bin

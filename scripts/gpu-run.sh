@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on a GPU host over the binaries of scripts/build-device-bin.sh (carried as device-bin/):
 # the GPU tests with SPARSECTR_REQUIRE_GPU=1, compute-sanitizer (memcheck, racecheck, initcheck)
-# on the GPU test binaries, and a smoke run of the benchmark. Everything lands in one tarball,
+# on the GPU test binaries, a smoke run of the benchmark, and (from a CANDLE_CUDA=1 build) the
+# candle op's CUDA test and the training example with --cuda. Everything lands in one tarball,
 # $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,11 @@ export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
   nvcc --version | tail -2
 } > "$out/env.txt" 2>&1
 status=0
-for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn; do
+if [ -f device-bin/candle-cuda.tar.xz ]; then
+  tar -C device-bin -xJf device-bin/candle-cuda.tar.xz 2>/dev/null || python3 -c '
+import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' device-bin/candle-cuda.tar.xz device-bin
+fi
+for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn device-bin/test-candle_cuda; do
   [ -x "$bin" ] || continue
   name=$(basename "$bin")
   "$bin" --test-threads 1 > "$out/$name.log" 2>&1 || status=1
@@ -41,6 +46,11 @@ if [ -x device-bin/bench-gpu_bench ]; then
     --out "$out/results/gpu-bench-smoke.jsonl" ${BENCH_ARGS:-} > "$out/bench-gpu_bench.log" 2>&1 || status=1
   cat "$out/bench-gpu_bench.log"
 fi
-grep -h -E "test result|ERROR SUMMARY|sparse-ours" "$out"/*.log > "$dest/summary.txt" 2>/dev/null
+# The training example on the GPU (a CANDLE_CUDA=1 build), with TRAIN_ARGS (default: its defaults).
+if [ -x device-bin/example-sparsectr_train ]; then
+  device-bin/example-sparsectr_train --cuda ${TRAIN_ARGS:-} > "$out/train-cuda.log" 2>&1 || status=1
+  tail -8 "$out/train-cuda.log"
+fi
+grep -h -E "test result|ERROR SUMMARY|sparse-ours|^(evo|dense) |error" "$out"/*.log > "$dest/summary.txt" 2>/dev/null
 tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
 exit $status

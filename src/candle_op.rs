@@ -23,8 +23,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! On CPU tensors both ops compute through the f64 reference ([`crate::reference`]). CUDA tensors
-//! are an error for now: the CUDA path needs candle's `cuda` feature, which builds with nvcc.
+//! On CPU tensors both ops compute through the f64 reference ([`crate::reference`]). With the
+//! feature `candle-cuda` (candle's `cuda`, which builds with nvcc: see
+//! `scripts/candle-cuda-env.sh`), CUDA tensors compute through this crate's kernels on candle's
+//! own stream, without host copies; without it, CUDA tensors cannot exist.
 
 use std::sync::Arc;
 
@@ -40,6 +42,16 @@ use crate::chunking::Chunks;
 use crate::dtype::Element;
 use crate::reference;
 
+#[cfg(feature = "candle-cuda")]
+mod gpu;
+#[cfg(feature = "candle-cuda")]
+use gpu::{GpuLayouts, LseStash};
+/// Without `candle-cuda` there are no device uploads or forward LSEs to keep.
+#[cfg(not(feature = "candle-cuda"))]
+type GpuLayouts = ();
+#[cfg(not(feature = "candle-cuda"))]
+type LseStash = ();
+
 /// A batch, its chunks and the attention parameters, validated together once per batch and
 /// shared by every layer that attends over it.
 #[derive(Debug, Clone)]
@@ -48,6 +60,9 @@ pub struct EvoLayout {
     chunks: Chunks,
     dims: Dims,
     config: AttnConfig,
+    /// The batch and chunks uploaded once per GPU stream (`candle-cuda`).
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    gpu: GpuLayouts,
 }
 
 impl EvoLayout {
@@ -64,6 +79,7 @@ impl EvoLayout {
             chunks,
             dims,
             config,
+            gpu: GpuLayouts::default(),
         })
     }
 
@@ -119,6 +135,7 @@ pub fn evo_attention(
         &gates.contiguous()?,
         EvoOp {
             layout: layout.clone(),
+            lse: LseStash::default(),
         },
     )
 }
@@ -137,6 +154,7 @@ pub fn dense_attention(
         &coeffs.contiguous()?,
         DenseOp {
             layout: layout.clone(),
+            lse: LseStash::default(),
         },
     )
 }
@@ -176,6 +194,9 @@ fn to_dtype<T: Element>(x: &[f64]) -> Vec<T> {
 
 struct EvoOp {
     layout: Arc<EvoLayout>,
+    /// The CUDA forward's LSE, for the backward.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    lse: LseStash,
 }
 
 impl EvoOp {
@@ -306,6 +327,21 @@ impl CustomOp3 for EvoOp {
         Ok((o, shape))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        with_dtype!(s1.dtype(), T => {
+            gpu::evo_forward::<T>(&self.layout, &self.lse, (s1, l1), (s2, l2), (s3, l3))
+        })
+    }
+
     fn bwd(
         &self,
         qkv: &Tensor,
@@ -315,6 +351,11 @@ impl CustomOp3 for EvoOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dqkv, dcoeffs, dgates) = with_dtype!(qkv.dtype(), T => {
+            #[cfg(feature = "candle-cuda")]
+            if qkv.device().is_cuda() {
+                let g = gpu::evo_backward::<T>(&self.layout, &self.lse, qkv, coeffs, gates, grad)?;
+                return Ok((Some(g.0), Some(g.1), Some(g.2)));
+            }
             self.backward::<T>(qkv, coeffs, gates, grad)?
         });
         Ok((Some(dqkv), Some(dcoeffs), Some(dgates)))
@@ -323,6 +364,9 @@ impl CustomOp3 for EvoOp {
 
 struct DenseOp {
     layout: Arc<EvoLayout>,
+    /// The CUDA forward's LSE, for the backward.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    lse: LseStash,
 }
 
 impl DenseOp {
@@ -361,13 +405,34 @@ impl CustomOp2 for DenseOp {
         Ok((o, shape))
     }
 
+    #[cfg(feature = "candle-cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        with_dtype!(s1.dtype(), T => {
+            gpu::dense_forward::<T>(&self.layout, &self.lse, (s1, l1), (s2, l2))
+        })
+    }
+
     fn bwd(
         &self,
         qkv: &Tensor,
         coeffs: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "candle-cuda")]
+        if qkv.device().is_cuda() {
+            let (dqkv, dcoeffs) = with_dtype!(qkv.dtype(), T => {
+                gpu::dense_backward::<T>(&self.layout, &self.lse, qkv, coeffs, res, grad)?
+            });
+            return Ok((Some(dqkv), Some(dcoeffs)));
+        }
+        let _ = res; // the CPU path recomputes what it needs
         let attn = self.layout.attention();
         let row = self.layout.dims.heads * self.layout.dims.head_dim;
         let coeffs_host: Vec<f32> = coeffs.flatten_all()?.to_vec1()?;

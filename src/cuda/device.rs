@@ -20,6 +20,7 @@ pub(crate) fn driver(call: &'static str) -> impl FnOnce(DriverError) -> Error {
 }
 
 /// Checks that the CUDA driver library can be loaded; cudarc panics on first use otherwise.
+#[cfg(not(feature = "candle-cuda"))]
 fn probe_driver() -> Result<()> {
     // SAFETY: only tries to dlopen the library by its candidate names.
     if unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -27,6 +28,13 @@ fn probe_driver() -> Result<()> {
     } else {
         Err(Error::NoCudaDriver)
     }
+}
+
+/// With `candle-cuda`, candle links cudarc to libcuda at build time (cudarc's `dynamic-linking`
+/// replaces our `fallback-dynamic-loading`): a process without the driver never starts.
+#[cfg(feature = "candle-cuda")]
+fn probe_driver() -> Result<()> {
+    Ok(())
 }
 
 /// One GPU, a stream on it, and the kernel modules loaded so far.

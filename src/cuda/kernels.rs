@@ -102,6 +102,7 @@ pub(crate) fn module_source(name: &str) -> &'static ModuleSource {
 }
 
 /// Checks that NVRTC can be loaded; cudarc panics on first use otherwise.
+#[cfg(not(feature = "candle-cuda"))]
 pub(crate) fn probe_nvrtc() -> Result<()> {
     // SAFETY: only tries to dlopen the library by its candidate names.
     if unsafe { nvrtc_sys::is_culib_present() } {
@@ -109,6 +110,12 @@ pub(crate) fn probe_nvrtc() -> Result<()> {
     } else {
         Err(Error::NoNvrtc)
     }
+}
+
+/// With `candle-cuda`, libnvrtc is linked at build time (see `probe_driver` in `device.rs`).
+#[cfg(feature = "candle-cuda")]
+pub(crate) fn probe_nvrtc() -> Result<()> {
+    Ok(())
 }
 
 /// A module compiled by NVRTC for one architecture.

@@ -1,0 +1,351 @@
+//! The candle ops' CUDA path against their CPU path (feature `candle-cuda`): forward outputs and
+//! the gradients candle's autograd produces, on awkward batches, every head dim, f32/f16/bf16.
+//! Without a GPU these print SKIPPED (and fail under `SPARSECTR_REQUIRE_GPU=1`).
+#![cfg(feature = "candle-cuda")]
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType as CDType, Device, Tensor, Var, WithDType};
+use half::{bf16, f16};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use sparsectr_attn::candle_op::{dense_attention, evo_attention, EvoLayout};
+use sparsectr_attn::workload::{random_tensor, uniform_tensor, Rng};
+use sparsectr_attn::{
+    rel_l2_error, AttnConfig, Chunks, DType, Dims, Element, JaggedBatch, SUPPORTED_HEAD_DIMS,
+};
+
+/// candle's CUDA device 0, or `None` after a SKIPPED line (a panic under
+/// `SPARSECTR_REQUIRE_GPU=1`).
+fn cuda(test: &str) -> Option<Device> {
+    static DEV: OnceLock<Result<Device, String>> = OnceLock::new();
+    match DEV.get_or_init(|| Device::new_cuda(0).map_err(|e| e.to_string())) {
+        Ok(dev) => Some(dev.clone()),
+        Err(e) => {
+            if std::env::var("SPARSECTR_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("SPARSECTR_REQUIRE_GPU=1 but no GPU: {e}");
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no GPU ({e})");
+            None
+        }
+    }
+}
+
+/// Unit roundoff of a dtype.
+fn roundoff(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => f32::EPSILON as f64 / 2.0,
+        DType::F16 => 2f64.powi(-11),
+        DType::BF16 => 2f64.powi(-8),
+        DType::F64 => f64::EPSILON / 2.0,
+    }
+}
+
+/// The CUDA path against the CPU path. The CPU path is the f64 reference rounded once to the
+/// output dtype, so the CUDA path, within SPEC section 8's `tol` of the reference, is within
+/// `tol + 2u` of it (its own rounding and the CPU path's, `u` the unit roundoff). A CPU tensor
+/// that is exactly zero (no pair reaches it) must be zero on the GPU too; NaN never passes.
+fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
+    if gpu.dims() != cpu.dims() || gpu.dtype() != cpu.dtype() {
+        return Err(format!(
+            "{name}: GPU {:?} {:?} vs CPU {:?} {:?}",
+            gpu.dims(),
+            gpu.dtype(),
+            cpu.dims(),
+            cpu.dtype()
+        ));
+    }
+    let got = to_f64(gpu);
+    let want = to_f64(cpu);
+    if want.iter().all(|&x| x == 0.0) {
+        return if got.iter().all(|&x| x == 0.0) {
+            Ok(())
+        } else {
+            Err(format!("{name}: CPU path is zero, GPU path is not"))
+        };
+    }
+    let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
+    let err = rel_l2_error(&got, &want);
+    if err.is_finite() && err <= tol {
+        Ok(())
+    } else {
+        Err(format!("{name}: relative L2 error {err:e} > {tol:e}"))
+    }
+}
+
+/// dcoeffs against an absolute floor as well (see `compare_dcoeffs` in tests/gpu_backward.rs:
+/// where a branch's keys share their features the exact gradient is 0 and both paths leave
+/// rounding residue).
+fn compare_dcoeffs(gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
+    let (got, want) = (to_f64(gpu), to_f64(cpu));
+    let diff = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
+    let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let floor = 1e-2 * (want.len() as f64).sqrt();
+    let err = diff / norm.max(floor);
+    let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
+    if err.is_finite() && err <= tol && got.len() == want.len() {
+        Ok(())
+    } else {
+        Err(format!(
+            "dcoeffs: error {err:e} > {tol:e} (relative to max(||cpu||, {floor:e}))"
+        ))
+    }
+}
+
+fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(CDType::F64))
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("tensor to host")
+}
+
+/// One case's host data: `[T, 3, H, D]` QKV, `[H, 3]` coeffs, `[T, H, 3]` gates of both dtypes,
+/// and `R` `[T, H, D]`, the gradient that `L = sum(O * R)` sends to O.
+struct Data<T> {
+    qkv: Vec<T>,
+    coeffs: Vec<f32>,
+    gates: Vec<T>,
+    gates_f32: Vec<f32>,
+    r: Vec<T>,
+}
+
+impl<T: Element> Data<T> {
+    fn new(seed: u64, t: usize, dims: Dims) -> Self {
+        let mut rng = Rng::new(seed);
+        let n = t * dims.heads * dims.head_dim;
+        Data {
+            qkv: random_tensor(&mut rng, 3 * n, 1.0),
+            coeffs: random_tensor(&mut rng, dims.heads * 3, 1.0),
+            gates: uniform_tensor(&mut rng, t * dims.heads * 3, -0.5, 1.5),
+            gates_f32: uniform_tensor(&mut rng, t * dims.heads * 3, -0.5, 1.5),
+            r: random_tensor(&mut rng, n, 1.0),
+        }
+    }
+}
+
+/// The sparse op's output and gradients (qkv, coeffs, gates) on `dev`.
+fn evo_run<T: Element + WithDType>(
+    data: &Data<T>,
+    layout: &Arc<EvoLayout>,
+    f32_gates: bool,
+    dev: &Device,
+) -> candle_core::Result<[Tensor; 4]> {
+    let (t, dims) = (layout.num_tokens(), layout.dims());
+    let qkv = Var::from_tensor(&Tensor::from_vec(
+        data.qkv.clone(),
+        (t, 3, dims.heads, dims.head_dim),
+        dev,
+    )?)?;
+    let coeffs = Var::from_tensor(&Tensor::from_vec(
+        data.coeffs.clone(),
+        (dims.heads, 3),
+        dev,
+    )?)?;
+    let gates = if f32_gates {
+        Var::from_tensor(&Tensor::from_vec(
+            data.gates_f32.clone(),
+            (t, dims.heads, 3),
+            dev,
+        )?)?
+    } else {
+        Var::from_tensor(&Tensor::from_vec(
+            data.gates.clone(),
+            (t, dims.heads, 3),
+            dev,
+        )?)?
+    };
+    let o = evo_attention(
+        qkv.as_tensor(),
+        coeffs.as_tensor(),
+        gates.as_tensor(),
+        layout,
+    )?;
+    let r = Tensor::from_vec(data.r.clone(), (t, dims.heads, dims.head_dim), dev)?;
+    let loss = (o.to_dtype(CDType::F64)? * r.to_dtype(CDType::F64)?)?.sum_all()?;
+    let grads = loss.backward()?;
+    let grad = |v: &Var| {
+        grads
+            .get(v)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+    };
+    Ok([o, grad(&qkv)?, grad(&coeffs)?, grad(&gates)?])
+}
+
+fn evo_case<T: Element + WithDType>(
+    dev: &Device,
+    batch: &JaggedBatch,
+    (p, m, w): (usize, usize, usize),
+    head_dim: usize,
+    seed: u64,
+    f32_gates: bool,
+) -> Result<(), String> {
+    let dims = Dims { heads: 2, head_dim };
+    let chunks = Chunks::personalized(batch, p).map_err(|e| e.to_string())?;
+    let layout = Arc::new(
+        EvoLayout::new(batch.clone(), chunks, dims, AttnConfig::new(m, w))
+            .map_err(|e| e.to_string())?,
+    );
+    let data = Data::<T>::new(seed, batch.num_tokens(), dims);
+    let cpu = evo_run(&data, &layout, f32_gates, &Device::Cpu).map_err(|e| e.to_string())?;
+    let gpu = evo_run(&data, &layout, f32_gates, dev).map_err(|e| format!("CUDA path: {e}"))?;
+    let dtype = <T as Element>::DTYPE;
+    compare("O", &gpu[0], &cpu[0], dtype)?;
+    compare("dqkv", &gpu[1], &cpu[1], dtype)?;
+    compare_dcoeffs(&gpu[2], &cpu[2], dtype)?;
+    compare("dgates", &gpu[3], &cpu[3], dtype)
+}
+
+fn evo_matches_cpu<T: Element + WithDType>(test: &str, default_cases: u32) {
+    let Some(dev) = cuda(test) else {
+        return;
+    };
+    for &head_dim in SUPPORTED_HEAD_DIMS {
+        TestRunner::new(Config::with_cases(common::gpu::cases(default_cases)))
+            .run(
+                &(
+                    common::batch(4, 40, 4),
+                    (1usize..6, 1usize..4, 1usize..9),
+                    any::<u64>(),
+                    any::<bool>(),
+                ),
+                |(batch, pmw, seed, f32_gates)| {
+                    evo_case::<T>(&dev, &batch, pmw, head_dim, seed, f32_gates)
+                        .map_err(TestCaseError::fail)
+                },
+            )
+            .unwrap();
+    }
+}
+
+#[test]
+fn cuda_evo_op_matches_cpu_f32() {
+    evo_matches_cpu::<f32>("cuda_evo_op_matches_cpu_f32", 12);
+}
+
+#[test]
+fn cuda_evo_op_matches_cpu_f16() {
+    evo_matches_cpu::<f16>("cuda_evo_op_matches_cpu_f16", 8);
+}
+
+#[test]
+fn cuda_evo_op_matches_cpu_bf16() {
+    evo_matches_cpu::<bf16>("cuda_evo_op_matches_cpu_bf16", 8);
+}
+
+/// The dense op's output and gradients (qkv, coeffs) on `dev`.
+fn dense_run<T: Element + WithDType>(
+    data: &Data<T>,
+    layout: &Arc<EvoLayout>,
+    dev: &Device,
+) -> candle_core::Result<[Tensor; 3]> {
+    let (t, dims) = (layout.num_tokens(), layout.dims());
+    let qkv = Var::from_tensor(&Tensor::from_vec(
+        data.qkv.clone(),
+        (t, 3, dims.heads, dims.head_dim),
+        dev,
+    )?)?;
+    let coeffs = Var::from_tensor(&Tensor::from_vec(
+        data.coeffs.clone(),
+        (dims.heads, 3),
+        dev,
+    )?)?;
+    let o = dense_attention(qkv.as_tensor(), coeffs.as_tensor(), layout)?;
+    let r = Tensor::from_vec(data.r.clone(), (t, dims.heads, dims.head_dim), dev)?;
+    let grads = (o.to_dtype(CDType::F64)? * r.to_dtype(CDType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let qkv_grad = grads.get(&qkv).cloned().expect("qkv gradient");
+    let coeffs_grad = grads.get(&coeffs).cloned().expect("coeffs gradient");
+    Ok([o, qkv_grad, coeffs_grad])
+}
+
+fn dense_matches_cpu<T: Element + WithDType>(test: &str) {
+    let Some(dev) = cuda(test) else {
+        return;
+    };
+    let mut rng = Rng::new(11);
+    // Sequences of 26..33, 75..99 and 51..67 tokens: inside, across and just past the dense
+    // kernels' 64-row tiles.
+    for (seqs, behaviors) in [(3, 30), (1, 96), (2, 64)] {
+        let batch =
+            sparsectr_attn::workload::generate_batch(&mut rng, seqs, behaviors, 2, true).unwrap();
+        for &head_dim in SUPPORTED_HEAD_DIMS {
+            let dims = Dims { heads: 3, head_dim };
+            let chunks = Chunks::personalized(&batch, 3).unwrap();
+            let layout = Arc::new(
+                EvoLayout::new(batch.clone(), chunks, dims, AttnConfig::new(1, 4)).unwrap(),
+            );
+            let data = Data::<T>::new(rng.next_u64(), batch.num_tokens(), dims);
+            let cpu = dense_run(&data, &layout, &Device::Cpu).unwrap();
+            let gpu = dense_run(&data, &layout, &dev).unwrap();
+            let check = || -> Result<(), String> {
+                compare("O", &gpu[0], &cpu[0], <T as Element>::DTYPE)?;
+                compare("dqkv", &gpu[1], &cpu[1], <T as Element>::DTYPE)?;
+                compare_dcoeffs(&gpu[2], &cpu[2], <T as Element>::DTYPE)
+            };
+            if let Err(e) = check() {
+                panic!("{test}: T={} D={head_dim}: {e}", batch.num_tokens());
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_dense_op_matches_cpu_f32() {
+    dense_matches_cpu::<f32>("cuda_dense_op_matches_cpu_f32");
+}
+
+#[test]
+fn cuda_dense_op_matches_cpu_bf16() {
+    dense_matches_cpu::<bf16>("cuda_dense_op_matches_cpu_bf16");
+}
+
+/// Inputs that are views with an offset (a `narrow` of a larger tensor) give the same bits as
+/// whole tensors, and one layout serves two calls (its upload is reused).
+#[test]
+fn cuda_views_with_offsets_give_the_same_bits() {
+    let test = "cuda_views_with_offsets_give_the_same_bits";
+    let Some(dev) = cuda(test) else {
+        return;
+    };
+    let mut rng = Rng::new(3);
+    let batch = sparsectr_attn::workload::generate_batch(&mut rng, 3, 25, 2, true).unwrap();
+    let dims = Dims {
+        heads: 2,
+        head_dim: 64,
+    };
+    let chunks = Chunks::personalized(&batch, 3).unwrap();
+    let layout =
+        Arc::new(EvoLayout::new(batch.clone(), chunks, dims, AttnConfig::new(1, 4)).unwrap());
+    let t = batch.num_tokens();
+    let data = Data::<f32>::new(7, t + 1, dims);
+    let big_qkv = Tensor::from_vec(data.qkv.clone(), (t + 1, 3, 2, 64), &dev).unwrap();
+    let big_gates = Tensor::from_vec(data.gates.clone(), (t + 1, 2, 3), &dev).unwrap();
+    let coeffs = Tensor::from_vec(data.coeffs.clone(), (2, 3), &dev).unwrap();
+    let (qkv_view, gates_view) = (
+        big_qkv.narrow(0, 1, t).unwrap(),
+        big_gates.narrow(0, 1, t).unwrap(),
+    );
+    let o_view = evo_attention(&qkv_view, &coeffs, &gates_view, &layout).unwrap();
+    let o_whole = evo_attention(
+        &qkv_view.copy().unwrap(),
+        &coeffs,
+        &gates_view.copy().unwrap(),
+        &layout,
+    )
+    .unwrap();
+    assert_eq!(to_f64(&o_view), to_f64(&o_whole), "sparse O, view vs whole");
+    let d_view = dense_attention(&qkv_view, &coeffs, &layout).unwrap();
+    let d_whole = dense_attention(&qkv_view.copy().unwrap(), &coeffs, &layout).unwrap();
+    assert_eq!(to_f64(&d_view), to_f64(&d_whole), "dense O, view vs whole");
+}
