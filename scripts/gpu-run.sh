@@ -3,7 +3,17 @@
 # the GPU tests with SPARSECTR_REQUIRE_GPU=1, compute-sanitizer (memcheck, racecheck, initcheck)
 # on the GPU test binaries, a smoke run of the benchmark, and (from a CANDLE_CUDA=1 build) the
 # candle op's CUDA test and the training example with --cuda. Everything lands in one tarball,
-# $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt.
+# $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt, both
+# rewritten after every step: a command the device tool stops at its time limit still returns
+# what finished.
+#
+#   STEPS="tests sanitize bench train"   the steps to run, in order (default: all four)
+#   BUDGET_S=540                          no step starts later than this, and each step is cut
+#                                         off (timeout) where it would run past it
+#   SANITIZE="memcheck racecheck initcheck", SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS
+#
+# A device command may run at most 10 minutes: split a first full run in two calls, e.g.
+# STEPS="tests" then STEPS="sanitize bench train".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dest=${OUT:-gpu-out}
@@ -13,44 +23,91 @@ export SPARSECTR_REQUIRE_GPU=1
 export SPARSECTR_COMMIT=$(cat device-bin/COMMIT 2>/dev/null || echo unknown)
 cuda_lib=$(dirname "$(dirname "$(command -v nvcc)")")/lib64
 export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
+steps=${STEPS:-tests sanitize bench train}
+budget=${BUDGET_S:-540}
+started=$(date +%s)
 {
   echo "commit $SPARSECTR_COMMIT"
+  echo "steps: $steps (budget ${budget} s)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   nvcc --version | tail -2
 } > "$out/env.txt" 2>&1
 status=0
+
+pack() {
+  grep -h -E "test result|ERROR SUMMARY|sparse-ours|^(evo|dense) |error|TIMED OUT|SKIPPED STEP" \
+    "$out"/*.log > "$dest/summary.txt" 2>/dev/null
+  tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
+}
+
+# Runs "$@" with stdout and stderr into $out/$1-log-name ($log), cut off at the budget.
+run_logged() {
+  local log=$1
+  shift
+  local left=$((budget - ($(date +%s) - started)))
+  if [ "$left" -le 5 ]; then
+    echo "SKIPPED STEP $log: budget of ${budget} s spent" | tee "$out/$log"
+    status=1
+    return
+  fi
+  timeout "$left" "$@" > "$out/$log" 2>&1
+  local rc=$?
+  if [ "$rc" -eq 124 ]; then
+    echo "TIMED OUT after the budget of ${budget} s" >> "$out/$log"
+  fi
+  [ "$rc" -eq 0 ] || status=1
+  tail -3 "$out/$log"
+}
+
 if [ -f device-bin/candle-cuda.tar.xz ]; then
   tar -C device-bin -xJf device-bin/candle-cuda.tar.xz 2>/dev/null || python3 -c '
 import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' device-bin/candle-cuda.tar.xz device-bin
 fi
-for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn device-bin/test-candle_cuda; do
-  [ -x "$bin" ] || continue
-  name=$(basename "$bin")
-  "$bin" --test-threads 1 > "$out/$name.log" 2>&1 || status=1
-  tail -3 "$out/$name.log"
+
+for step in $steps; do
+  case $step in
+    tests)
+      for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense \
+                 device-bin/test-nvrtc_compile device-bin/lib-sparsectr_attn device-bin/test-candle_cuda; do
+        [ -x "$bin" ] || continue
+        run_logged "$(basename "$bin").log" "$bin" --test-threads 1
+        pack
+      done
+      ;;
+    sanitize)
+      # Few cases under the sanitizer: it slows kernels down 10-100x.
+      export SPARSECTR_GPU_CASES=${SANITIZER_CASES:-3}
+      for tool in ${SANITIZE:-memcheck racecheck initcheck}; do
+        for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense; do
+          [ -x "$bin" ] || continue
+          run_logged "sanitizer-$tool-$(basename "$bin").log" \
+            compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" --test-threads 1
+          pack
+        done
+      done
+      unset SPARSECTR_GPU_CASES
+      ;;
+    bench)
+      # A smoke run of the benchmark (sparse only, one cell, few repetitions); the full BENCH.md
+      # run is scripts/bench-gpu.sh.
+      if [ -x device-bin/bench-gpu_bench ]; then
+        run_logged bench-gpu_bench.log device-bin/bench-gpu_bench --workload ctr-base --len 4096 \
+          --reps 5 --systems sparse --out "$out/results/gpu-bench-smoke.jsonl" ${BENCH_ARGS:-}
+        pack
+      fi
+      ;;
+    train)
+      # The training example on the GPU (a CANDLE_CUDA=1 build), with TRAIN_ARGS.
+      if [ -x device-bin/example-sparsectr_train ]; then
+        run_logged train-cuda.log device-bin/example-sparsectr_train --cuda ${TRAIN_ARGS:-}
+        pack
+      fi
+      ;;
+    *)
+      echo "unknown step $step (tests, sanitize, bench, train)" | tee -a "$out/env.txt"
+      status=2
+      ;;
+  esac
 done
-sanitize=${SANITIZE:-memcheck racecheck initcheck}
-# Few cases under the sanitizer: it slows kernels down 10-100x.
-for tool in $sanitize; do
-  for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense; do
-    [ -x "$bin" ] || continue
-    SPARSECTR_GPU_CASES=${SANITIZER_CASES:-3} compute-sanitizer --tool "$tool" --error-exitcode 9 \
-      "$bin" --test-threads 1 > "$out/sanitizer-$tool-$(basename "$bin").log" 2>&1 || status=1
-    tail -2 "$out/sanitizer-$tool-$(basename "$bin").log"
-  done
-done
-# A smoke run of the benchmark (sparse only, one cell, few repetitions); the full BENCH.md run is
-# scripts/bench-gpu.sh.
-if [ -x device-bin/bench-gpu_bench ]; then
-  device-bin/bench-gpu_bench --workload ctr-base --len 4096 --reps 5 --systems sparse \
-    --out "$out/results/gpu-bench-smoke.jsonl" ${BENCH_ARGS:-} > "$out/bench-gpu_bench.log" 2>&1 || status=1
-  cat "$out/bench-gpu_bench.log"
-fi
-# The training example on the GPU (a CANDLE_CUDA=1 build), with TRAIN_ARGS (default: its defaults).
-if [ -x device-bin/example-sparsectr_train ]; then
-  device-bin/example-sparsectr_train --cuda ${TRAIN_ARGS:-} > "$out/train-cuda.log" 2>&1 || status=1
-  tail -8 "$out/train-cuda.log"
-fi
-grep -h -E "test result|ERROR SUMMARY|sparse-ours|^(evo|dense) |error" "$out"/*.log > "$dest/summary.txt" 2>/dev/null
-tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
+pack
 exit $status
