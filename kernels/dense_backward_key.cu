@@ -81,10 +81,8 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
 
         for (int qt = k0; qt < si.end; qt += kCols) {
             __syncthreads();
-            tile_rows<T, kHeadDim, kCols>(p, q, qt, si.end, head, sQ);
-            tile_cols<T, kHeadDim, kCols>(p, q, qt, si.end, head, sQt);
-            tile_rows<T, kHeadDim, kCols>(p, d_o, qt, si.end, head, sdO);
-            tile_cols<T, kHeadDim, kCols>(p, d_o, qt, si.end, head, sdOt);
+            tile_tensor<T, kHeadDim, kCols>(p, q, qt, si.end, head, sQ, sQt);
+            tile_tensor<T, kHeadDim, kCols>(p, d_o, qt, si.end, head, sdO, sdOt);
             const int tid = threadIdx.x;
             if (tid < kCols) {
                 const bool in = qt + tid < si.end;

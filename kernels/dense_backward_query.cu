@@ -102,9 +102,8 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
 
         for (int kt = si.start; kt < q_end; kt += kCols) {
             __syncthreads();
-            tile_rows<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK);
-            tile_rows<T, kHeadDim, kCols>(p, v, kt, q_end, head, sV);
-            tile_cols<T, kHeadDim, kCols>(p, k, kt, q_end, head, sKt);
+            tile_tensor<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK, sKt);
+            tile_tensor<T, kHeadDim, kCols>(p, v, kt, q_end, head, sV, nullptr);
             const int tid = threadIdx.x;
             if (tid < kCols) sKeyTime[tid] = token_time(kt + tid < q_end ? rel_time[kt + tid] : 0u, wd0);
             __syncthreads();

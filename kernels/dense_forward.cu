@@ -16,6 +16,7 @@
 #include "attn/temporal.cuh"
 #include "attn/softmax.cuh"
 #include "attn/dense.cuh"
+#include "attn/tile_softmax.cuh"
 
 constexpr int kDenseForwardMinBlocks = 2;
 
@@ -58,12 +59,13 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
         FragC acc[kDimTiles];
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
-        float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.f, 0.f};
+        RowSoftmax sm;
+        sm.init();
 
         for (int kt = si.start; kt < q_end; kt += kCols) {
             __syncthreads();  // the previous tile's readers are done
-            tile_rows<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK);
-            tile_cols<T, kHeadDim, kCols>(p, v, kt, q_end, head, sVt);
+            tile_tensor<T, kHeadDim, kCols>(p, k, kt, q_end, head, sK, nullptr);
+            tile_tensor<T, kHeadDim, kCols>(p, v, kt, q_end, head, nullptr, sVt);
             const int tid = threadIdx.x;
             if (tid < kCols) sKeyTime[tid] = token_time(kt + tid < q_end ? rel_time[kt + tid] : 0u, wd0);
             __syncthreads();
@@ -78,7 +80,6 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
                 for (int kk = 0; kk < kHeadDim / 16; ++kk)
                     mma(sc[n], qf.get(kk), load_b(sK + (n * 8 + g) * kKStride + kk * 16));
             }
-            float mx[2] = {m[0], m[1]};
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -92,36 +93,11 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
                                                        p.num_time_buckets, inv_buckets));
                     }
                     sc[n].c[i] = z;
-                    mx[r] = fmaxf(mx[r], z);
                 }
             }
-            float corr[2], base[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                // The four lanes of a group hold the same rows.
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-                mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-                corr[r] = m[r] == neg_inf() ? 0.f : expf(m[r] - mx[r]);
-                base[r] = mx[r] == neg_inf() ? 0.f : mx[r];  // an empty prefix stays empty
-                m[r] = mx[r];
-                l[r] *= corr[r];
-            }
-#pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float pr = expf(sc[n].c[i] - base[i >> 1]);
-                    l[i >> 1] += pr;
-                    sc[n].c[i] = pr;
-                }
-            }
-#pragma unroll
-            for (int dt = 0; dt < kDimTiles; ++dt) {
-                acc[dt].c[0] *= corr[0];
-                acc[dt].c[1] *= corr[0];
-                acc[dt].c[2] *= corr[1];
-                acc[dt].c[3] *= corr[1];
-            }
+            float corr[2];
+            sm.update(sc, corr);
+            scale_rows(acc, corr);
 #pragma unroll
             for (int kk = 0; kk < kCols / 16; ++kk) {
                 const FragA<T> pa = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
@@ -132,12 +108,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
         }
 
         float inv[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-            l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
-            inv[r] = l[r] > 0.f ? __frcp_rn(l[r]) : 0.f;
-        }
+        sm.finish(inv);
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) {
 #pragma unroll
@@ -152,8 +123,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
 #pragma unroll
             for (int r = 0; r < 2; ++r)
                 if (rows[r] < si.end)
-                    lse[static_cast<size_t>(rows[r]) * p.heads + head] =
-                        l[r] > 0.f ? m[r] + logf(l[r]) : neg_inf();
+                    lse[static_cast<size_t>(rows[r]) * p.heads + head] = sm.lse(r);
         }
     }
 }

@@ -81,39 +81,32 @@ __device__ __forceinline__ size_t dense_row(const EvoParams& p, int token, int h
     return (static_cast<size_t>(token) * p.heads + head) * kHeadDim;
 }
 
-// Copies rows [first, first + kRows) of a [T, H, D] tensor into sRow[kRows][kHeadDim + pad], rows
-// at or past `end` as zeros (masked keys must not bring NaN into P V).
+// Copies rows [first, first + kRows) of a [T, H, D] tensor into shared memory as rows
+// (sRow[kRows][kHeadDim + pad], unless null) and transposed (sCol[kHeadDim][kRows + pad], unless
+// null: an operand whose k runs over rows is then read as pairs). Rows at or past `end` become
+// zeros: masked keys must not bring NaN into P V.
 template <typename T, int kHeadDim, int kRows>
-__device__ __forceinline__ void tile_rows(const EvoParams& p, const T* __restrict__ g, int first,
-                                          int end, int head, T* sRow) {
+__device__ __forceinline__ void tile_tensor(const EvoParams& p, const T* __restrict__ g, int first,
+                                            int end, int head, T* sRow, T* sCol) {
     constexpr int kVec = VecWidth<T>::kValue;
-    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
+    constexpr int kColStride = kRows + SmemPad<T>::kValue;
     constexpr int kPerRow = kHeadDim / kVec;
     for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
         const int r = i / kPerRow, c = i % kPerRow;
         uint4 raw = {0u, 0u, 0u, 0u};
         if (first + r < end)
             raw = __ldg(reinterpret_cast<const uint4*>(g + dense_row<kHeadDim>(p, first + r, head)) + c);
-        *reinterpret_cast<uint4*>(sRow + r * kStride + c * kVec) = raw;
-    }
-}
-
-// The same rows transposed: sCol[kHeadDim][kRows + pad], so that an operand whose k runs over
-// rows is read as pairs.
-template <typename T, int kHeadDim, int kRows>
-__device__ __forceinline__ void tile_cols(const EvoParams& p, const T* __restrict__ g, int first,
-                                          int end, int head, T* sCol) {
-    constexpr int kVec = VecWidth<T>::kValue;
-    constexpr int kStride = kRows + SmemPad<T>::kValue;
-    constexpr int kPerRow = kHeadDim / kVec;
-    for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
-        const int r = i / kPerRow, c = i % kPerRow;
-        uint4 raw = {0u, 0u, 0u, 0u};
-        if (first + r < end)
-            raw = __ldg(reinterpret_cast<const uint4*>(g + dense_row<kHeadDim>(p, first + r, head)) + c);
-        const T* elems = reinterpret_cast<const T*>(&raw);
+        if (sRow != nullptr) *reinterpret_cast<uint4*>(sRow + r * kRowStride + c * kVec) = raw;
+        if (sCol != nullptr) {
+            // Rotated by c, so that the lanes of a warp (consecutive c) write different rows of
+            // sCol at once: in element order they all hit one bank (4- to 16-way conflicts).
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) sCol[(c * kVec + e) * kStride + r] = elems[e];
+            for (int e0 = 0; e0 < kVec; ++e0) {
+                const int e = (e0 + c) % kVec;
+                sCol[(c * kVec + e) * kColStride + r] = vec_elem<T>(raw, e);
+            }
+        }
     }
 }
 

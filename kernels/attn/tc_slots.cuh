@@ -187,11 +187,12 @@ __device__ __forceinline__ void gather_tensor(const EvoParams& p, int head, cons
             if (row >= 0)
                 raw = __ldg(reinterpret_cast<const uint4*>(
                                 sum + (static_cast<size_t>(row) * p.heads + head) * kHeadDim) + c);
-            const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+            // Rotated by c: see tile_tensor (attn/dense.cuh), bank conflicts of the columns.
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
+            for (int e0 = 0; e0 < 4; ++e0) {
+                const int e = (e0 + c) % 4;
                 const int d = c * 4 + e;
-                const float x = __uint_as_float(w[e]);
+                const float x = vec_elem<float>(raw, e);
                 const T hi = from_float<T>(x), lo = from_float<T>(x - to_float(hi));
                 if (rows != nullptr) {
                     rows[r * kRowStride + d] = hi;
@@ -215,9 +216,12 @@ __device__ __forceinline__ void gather_tensor(const EvoParams& p, int head, cons
                                 tok + (static_cast<size_t>(row) * p.heads + head) * kHeadDim) + c);
             if (rows != nullptr) *reinterpret_cast<uint4*>(rows + r * kRowStride + c * kVec) = raw;
             if (cols != nullptr) {
-                const T* elems = reinterpret_cast<const T*>(&raw);
+                // Rotated by c: see tile_tensor (attn/dense.cuh).
 #pragma unroll
-                for (int e = 0; e < kVec; ++e) cols[(c * kVec + e) * kColStride + r] = elems[e];
+                for (int e0 = 0; e0 < kVec; ++e0) {
+                    const int e = (e0 + c) % kVec;
+                    cols[(c * kVec + e) * kColStride + r] = vec_elem<T>(raw, e);
+                }
             }
         }
     }

@@ -80,3 +80,19 @@ __device__ __forceinline__ float dot_row(const T* __restrict__ gRow, const float
     }
     return acc;
 }
+
+// Element e (0 <= e < 16 / sizeof(T), any e at run time) of a 16-byte vector, without indexing a
+// local array (which would put it in local memory).
+template <typename T>
+__device__ __forceinline__ T vec_elem(const uint4& v, int e) {
+    const int word = e >> 1;
+    const unsigned w = word == 0 ? v.x : (word == 1 ? v.y : (word == 2 ? v.z : v.w));
+    T x;
+    x.bits = static_cast<unsigned short>((w >> ((e & 1) * 16)) & 0xffffu);
+    return x;
+}
+template <>
+__device__ __forceinline__ float vec_elem<float>(const uint4& v, int e) {
+    const unsigned w = e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
+    return __uint_as_float(w);
+}

@@ -162,11 +162,12 @@ pub(crate) fn launch_params(
     let base = batch_params(batch, dims, config)?;
     // Beyond these, larger values select the same keys; clamping keeps the kernel's int math safe.
     let tail_tokens = config.tail_tokens.min(batch.max_behaviors.max(1));
-    if tail_tokens.saturating_mul(chunks.max_chunks) > i32::MAX as usize {
+    // The tensor-core kernels step through these slots 64 at a time in an int: keep headroom.
+    if tail_tokens.saturating_mul(chunks.max_chunks) > (i32::MAX - 64) as usize {
         return Err(Error::OutOfRange {
             field: "tail_tokens",
             value: config.tail_tokens.to_string(),
-            expected: "tail_tokens * P at most i32::MAX on the GPU path",
+            expected: "tail_tokens * P at most i32::MAX - 64 on the GPU path",
         });
     }
     let window = config.window.min(batch.max_behaviors + 1);
