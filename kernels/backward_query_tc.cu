@@ -217,7 +217,7 @@ __device__ void evo_backward_query_tc(
     const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
-    float* __restrict__ dgates, float* __restrict__ coeff_partial) {
+    float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
@@ -233,7 +233,7 @@ __device__ void evo_backward_query_tc(
     __shared__ TokenTime sTime[kCols];
     const BwdTcSmem<T> sm{sK, sKlo, sV, sVlo, sKt, sKtlo, sRow, sAux, sTime};
 
-    const DenseBlock blk = dense_block(p, kParts);
+    const DenseBlock blk = dense_block(p, kParts, tiles);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
@@ -250,10 +250,11 @@ __device__ void evo_backward_query_tc(
     c.chunk_ends = chunk_ends;
     c.rel_time = rel_time;
 
-    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+    {
+        const int s = blk.seq;
         c.si = seqs[s];
         const int q0 = c.si.start + blk.tile * kDenseRows;
-        if (q0 >= c.si.end) continue;  // block-uniform
+        if (q0 >= c.si.end) return;  // block-uniform; the tile list holds none
         c.q_end = min(q0 + kDenseRows, c.si.end);
         c.chunk_base = s * p.max_chunks;
         c.wd0 = weekday0[s];
@@ -331,8 +332,9 @@ __device__ void evo_backward_query_tc(
              const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
              const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
              const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,       \
-             float* __restrict__ dgates, float* __restrict__ coeff_partial) {                    \
+             float* __restrict__ dgates, float* __restrict__ coeff_partial,                      \
+             const int* __restrict__ tiles) {                                                    \
         evo_backward_query_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs,       \
                                     weekday0, chunk_ends, chunk_counts, d_o, lse, dq, dgates,    \
-                                    coeff_partial);                                              \
+                                    coeff_partial, tiles);                                              \
     }

@@ -27,7 +27,7 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
                                    const unsigned* __restrict__ rel_time,
                                    const SeqInfo* __restrict__ seqs,
                                    const int* __restrict__ weekday0, T* __restrict__ dk,
-                                   T* __restrict__ dv) {
+                                   T* __restrict__ dv, const int* __restrict__ tiles) {
     constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
     constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
@@ -46,17 +46,18 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
     // The block's keys' times: in registers they pushed 16-bit D = 128 past 255 (spilled 12 B).
     __shared__ TokenTime sKeyTime[kDenseRows];
 
-    const DenseBlock blk = dense_block(p, kParts);
+    const DenseBlock blk = dense_block(p, kParts, tiles);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dK, dV
     const int head = blk.head;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
     const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
 
-    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+    {
+        const int s = blk.seq;
         const SeqInfo si = seqs[s];
         const int k0 = si.start + blk.tile * kDenseRows;
-        if (k0 >= si.end) continue;  // block-uniform
+        if (k0 >= si.end) return;  // block-uniform; the tile list holds none
         const int wk = k0 + warp * 16;
         const int keys[2] = {wk + g, wk + g + 8};
         const int clamped[2] = {min(keys[0], si.end - 1), min(keys[1], si.end - 1)};
@@ -66,7 +67,6 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
         kf.init(k + at[0], k + at[1]);
         vf.init(v + at[0], v + at[1]);
         const int wd0 = weekday0[s];
-        __syncthreads();  // the previous sequence's readers of sKeyTime are done
         if (threadIdx.x < kDenseRows)
             sKeyTime[threadIdx.x] = token_time(rel_time[min(k0 + static_cast<int>(threadIdx.x), si.end - 1)], wd0);
         const int key_slot[2] = {warp * 16 + g, warp * 16 + g + 8};  // into sKeyTime
@@ -157,7 +157,8 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
              const T* __restrict__ v, const T* __restrict__ d_o, const float* __restrict__ lse,  \
              const float* __restrict__ delta, const float* __restrict__ coeffs,                  \
              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
-             const int* __restrict__ weekday0, T* __restrict__ dk, T* __restrict__ dv) {         \
+             const int* __restrict__ weekday0, T* __restrict__ dk, T* __restrict__ dv,           \
+             const int* __restrict__ tiles) {                                                    \
         dense_backward_key<T, D>(p, q, k, v, d_o, lse, delta, coeffs, rel_time, seqs, weekday0,  \
-                                 dk, dv);                                                        \
+                                 dk, dv, tiles);                                                        \
     }

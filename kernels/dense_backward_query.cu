@@ -44,7 +44,8 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                                      const unsigned* __restrict__ rel_time,
                                      const SeqInfo* __restrict__ seqs,
                                      const int* __restrict__ weekday0, T* __restrict__ dq,
-                                     float* __restrict__ delta, float* __restrict__ partial) {
+                                     float* __restrict__ delta, float* __restrict__ partial,
+                                     const int* __restrict__ tiles) {
     constexpr int kCols = DenseCols<T, kHeadDim>::kQuery;
     constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
@@ -58,17 +59,18 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
     alignas(16) __shared__ T sKt[kHeadDim * kColStride];
     __shared__ TokenTime sKeyTime[kCols];
 
-    const DenseBlock blk = dense_block(p, kParts);
+    const DenseBlock blk = dense_block(p, kParts, tiles);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ
     const int head = blk.head;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
     const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
 
-    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+    {
+        const int s = blk.seq;
         const SeqInfo si = seqs[s];
         const int q0 = si.start + blk.tile * kDenseRows;
-        if (q0 >= si.end) continue;  // block-uniform
+        if (q0 >= si.end) return;  // block-uniform; the tile list holds none
         const int q_end = min(q0 + kDenseRows, si.end);
         const int wq = q0 + warp * 16;
         const int rows[2] = {wq + g, wq + g + 8};
@@ -194,7 +196,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
              const float* __restrict__ lse, const float* __restrict__ coeffs,                    \
              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
              const int* __restrict__ weekday0, T* __restrict__ dq, float* __restrict__ delta,    \
-             float* __restrict__ partial) {                                                      \
+             float* __restrict__ partial, const int* __restrict__ tiles) {                       \
         dense_backward_query<T, D>(p, q, k, v, o, d_o, lse, coeffs, rel_time, seqs, weekday0,    \
-                                   dq, delta, partial);                                          \
+                                   dq, delta, partial, tiles);                                          \
     }

@@ -25,7 +25,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
                               const T* __restrict__ v, const float* __restrict__ coeffs,
                               const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,
                               const int* __restrict__ weekday0, T* __restrict__ o,
-                              float* __restrict__ lse) {
+                              float* __restrict__ lse, const int* __restrict__ tiles) {
     constexpr int kCols = DenseCols<T, kHeadDim>::kForward;
     constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kKStride = kHeadDim + kPad;
@@ -36,16 +36,17 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
     alignas(16) __shared__ T sVt[kHeadDim * kVStride];
     __shared__ TokenTime sKeyTime[kCols];
 
-    const DenseBlock blk = dense_block(p, 1);
+    const DenseBlock blk = dense_block(p, 1, tiles);
     const int head = blk.head;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
     const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
 
-    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+    {
+        const int s = blk.seq;
         const SeqInfo si = seqs[s];
         const int q0 = si.start + blk.tile * kDenseRows;
-        if (q0 >= si.end) continue;  // block-uniform
+        if (q0 >= si.end) return;  // block-uniform; the tile list holds none
         const int q_end = min(q0 + kDenseRows, si.end);
         const int wq = q0 + warp * 16;
         const int rows[2] = {wq + g, wq + g + 8};
@@ -133,6 +134,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ coeffs,                          \
              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
-             const int* __restrict__ weekday0, T* __restrict__ o, float* __restrict__ lse) {     \
-        dense_forward<T, D>(p, q, k, v, coeffs, rel_time, seqs, weekday0, o, lse);               \
+             const int* __restrict__ weekday0, T* __restrict__ o, float* __restrict__ lse,       \
+             const int* __restrict__ tiles) {                                                    \
+        dense_forward<T, D>(p, q, k, v, coeffs, rel_time, seqs, weekday0, o, lse, tiles);               \
     }

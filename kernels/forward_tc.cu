@@ -15,7 +15,7 @@
 // so summaries keep about 16 bits of mantissa (the backward recomputes their logits in f32 against
 // this forward's LSE).
 //
-// Shared memory: K, K_lo [kCols][D + pad] and V^T, V^T_lo [D][kCols + pad]: at most 37.9 KB.
+// Shared memory: K, K_lo [kCols][D + pad] and V^T, V^T_lo [D][kCols + pad]: at most 21 KB.
 //
 // @instantiate SPARSECTR_FORWARD_TC dtype16 head_dim
 
@@ -33,11 +33,18 @@
 
 constexpr int kForwardTcMinBlocks = 2;
 
+// Q rows stay in registers up to D = 64; at D = 128 the branch and output accumulators leave no
+// room (ptxas spilled 144 B), so they are reloaded from L1 at each use.
+template <int kHeadDim>
+struct TcResidentQ {
+    static constexpr bool kValue = kHeadDim <= 64;
+};
+
 // One branch for the block's rows: O_b (normalized, into acc) and its softmax state.
 template <typename T, int kHeadDim, int kBranch>
 __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const SeqInfo& si,
                                           const TcTile& tt, int num_slots, int chunk_base,
-                                          const RowOperand<T, kHeadDim, true>& qf,
+                                          const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
                                           const TcRow (&rw)[2], const TokenTime (&row_time)[2],
                                           int wd0, const TemporalCoeffs& tc, const T* __restrict__ k,
                                           const T* __restrict__ v, const float* __restrict__ kbar,
@@ -124,7 +131,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
                                const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
                                const int* __restrict__ chunk_ends,
                                const int* __restrict__ chunk_counts, T* __restrict__ o,
-                               float* __restrict__ lse) {
+                               float* __restrict__ lse, const int* __restrict__ tiles) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kDimTiles = kHeadDim / 8;
@@ -136,16 +143,17 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     __shared__ int sAux[kCols];
     __shared__ TokenTime sTime[kCols];
 
-    const DenseBlock blk = dense_block(p, 1);
+    const DenseBlock blk = dense_block(p, 1, tiles);
     const int head = blk.head;
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
     const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
 
-    for (int s = blockIdx.y; s < p.num_seqs; s += gridDim.y) {
+    {
+        const int s = blk.seq;
         const SeqInfo si = seqs[s];
         const int q0 = si.start + blk.tile * kDenseRows;
-        if (q0 >= si.end) continue;  // block-uniform
+        if (q0 >= si.end) return;  // block-uniform; the tile list holds none
         const int q_end = min(q0 + kDenseRows, si.end);
         const int chunk_base = s * p.max_chunks;
         const int wq = q0 + warp * 16;
@@ -155,7 +163,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
         TokenTime row_time[2];
         tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
         const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
-        RowOperand<T, kHeadDim, true> qf;
+        RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
         qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
                 q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
 
@@ -218,7 +226,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \
              const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
              const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
-             T* __restrict__ o, float* __restrict__ lse) {                                       \
+             T* __restrict__ o, float* __restrict__ lse, const int* __restrict__ tiles) {        \
         evo_forward_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs, weekday0,    \
-                             chunk_ends, chunk_counts, o, lse);                                  \
+                             chunk_ends, chunk_counts, o, lse, tiles);                                  \
     }

@@ -1,9 +1,8 @@
 // What the dense kernels share (SPEC section 5): tile shapes, which (query, key) pairs are
 // visible, the bias of a pair, and the copies of key/query tiles into shared memory.
 //
-// Tiles never straddle sequences: the grid is (tile, head) x sequence and a block works on rows
-// [start + tile * rows, ...) of one sequence. Rows past the sequence's end are loaded clamped (or as
-// zeros) and never stored.
+// Tiles never straddle sequences: a block works on rows [start + tile * 64, ...) of one sequence
+// (dense_block). Rows past the sequence's end are loaded clamped (or as zeros) and never stored.
 #pragma once
 
 #include "../common/dtype.cuh"
@@ -58,20 +57,22 @@ struct DenseParts {
     static constexpr int kValue = (sizeof(T) == 4 && kHeadDim == 128) ? 4 : 1;
 };
 
-// The block's (sequence-relative tile, head, part): grid x is ((tile * H) + head) * parts + part,
-// heaviest tiles (last in their sequence) first.
+// The block's work: grid x indexes the batch's tile list (pairs (sequence, tile), heaviest tiles
+// first, built by upload_batch), grid y is head * parts + part. Only real tiles are launched, so
+// skewed sequence lengths cost no idle blocks.
 struct DenseBlock {
-    int tile, head, part;
+    int seq, tile, head, part;
 };
 
-__device__ __forceinline__ DenseBlock dense_block(const EvoParams& p, int parts) {
-    const int per_tile = p.heads * parts;
-    const int tiles = static_cast<int>(gridDim.x) / per_tile;
-    const int x = static_cast<int>(blockIdx.x);
+__device__ __forceinline__ DenseBlock dense_block(const EvoParams& p, int parts,
+                                                  const int* __restrict__ tiles) {
+    (void)p;
+    const int item = static_cast<int>(blockIdx.x), y = static_cast<int>(blockIdx.y);
     DenseBlock b;
-    b.part = x % parts;
-    b.head = (x / parts) % p.heads;
-    b.tile = tiles - 1 - x / per_tile;
+    b.seq = tiles[2 * item];
+    b.tile = tiles[2 * item + 1];
+    b.head = y / parts;
+    b.part = y % parts;
     return b;
 }
 

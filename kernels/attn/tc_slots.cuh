@@ -10,11 +10,12 @@
 #include "temporal.cuh"
 #include "dense.cuh"
 
-// Slots per tile: 64 keys at D = 32; 32 from D = 64 on, where 64 kept the rows' S tile, the
-// branch and the gated sums above 255 registers (NVRTC 13.0, sm_80 spilled 64 B).
+// Slots per tile of the forward: 64 keys at D = 32, 32 at D = 64, 16 at D = 128, where wider
+// tiles kept the rows' S tile, the branch and the gated sums above 255 registers (NVRTC 13.0
+// spilled 64 B at D = 64 with 64 slots, 96 B at D = 128 with 32).
 template <int kHeadDim>
 struct TcCols {
-    static constexpr int kValue = kHeadDim == 32 ? 64 : 32;
+    static constexpr int kValue = kHeadDim == 32 ? 64 : (kHeadDim == 64 ? 32 : 16);
 };
 
 // Slot kinds of the local branch.

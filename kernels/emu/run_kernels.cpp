@@ -611,6 +611,25 @@ Layout prepare_layout(const std::vector<int64_t>& offsets, const std::vector<int
     return l;
 }
 
+// GpuDevice::upload_batch's tile list for the tiled kernels: (sequence, tile of 64 tokens)
+// pairs, later tiles first, then by sequence.
+std::vector<int> tile_list(const Layout& lay) {
+    std::vector<std::pair<int, int>> t;  // (tile, sequence)
+    for (int s = 0; s < lay.B; ++s) {
+        const int n = lay.seqs[s].end - lay.seqs[s].start;
+        for (int tile = 0; tile * static_cast<int>(kDenseRows) < n; ++tile) t.emplace_back(tile, s);
+    }
+    std::sort(t.begin(), t.end(), [](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first > b.first : a.second < b.second;
+    });
+    std::vector<int> out;
+    for (const auto& [tile, seq] : t) {
+        out.push_back(seq);
+        out.push_back(tile);
+    }
+    return out;
+}
+
 // Outputs of one backward run.
 struct Out {
     Buf dq, dk, dv, dgates, dcoeffs;
@@ -674,6 +693,9 @@ int run(const Folder& f, const Options& opt) {
 
     const Layout lay = prepare_layout(offsets, ncand, user, ts, utc_offset);
     const Buf seqs_d = upload(lay.seqs), rel_d = upload(lay.rel_time), wd0_d = upload(lay.weekday0);
+    const std::vector<int> tiles_h = tile_list(lay);
+    const Buf tiles_d = upload(tiles_h);
+    const unsigned num_tiles = static_cast<unsigned>(tiles_h.size() / 2);
 
     // The folder's chunks, as absolute exclusive ends per sequence.
     std::vector<std::vector<int>> ref_ends(B);
@@ -849,20 +871,15 @@ int run(const Folder& f, const Options& opt) {
             using TT = typename Elem<DT>::forward_tc;
             using KT = TcKernels<DT, HD>;
             Timer t;
-            int max_len = 0;
-            for (const SeqInfo& si : lay.seqs) max_len = std::max(max_len, si.end - si.start);
-            const unsigned tiles = (max_len + kDenseRows - 1) / kDenseRows;
-            // As for the dense kernels: half of B rows of blocks, so the sequence loop runs too.
-            const unsigned grid_y = static_cast<unsigned>(std::max(1, (B + 1) / 2));
             Buf o_tc = poisoned<TT>(rows), lse_tc = poisoned<float>(branch_rows);
-            emu::launch_named(KT::forward_name, KT::forward, dim3(tiles * H, grid_y),
+            emu::launch_named(KT::forward_name, KT::forward, dim3(num_tiles, H),
                               dim3(kDenseThreads), cast_params<k_forward_tc::EvoParams>(p),
                               q_d.as<const TT>(), k_d.as<const TT>(), v_d.as<const TT>(),
                               kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
                               coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
                               seqs_d.as<const k_forward_tc::SeqInfo>(), wd0_d.as<const int>(),
                               ends_d.as<const int>(), counts_d.as<const int>(), o_tc.as<TT>(),
-                              lse_tc.as<float>());
+                              lse_tc.as<float>(), tiles_d.as<const int>());
             const std::vector<double> o_want(o_ref.begin(), o_ref.end());
             const std::vector<double> lse_want(lse_ref.begin(), lse_ref.end());
             compare(rep, "tc_o", widen<DT>(o_tc, rows), o_want, tol);
@@ -898,12 +915,8 @@ int run(const Folder& f, const Options& opt) {
                     // backward_into's default for 16-bit inputs: the tensor-core query side.
                     using TB = typename Elem<DT>::bwd_query_tc;
                     using KT = TcKernels<DT, HD>;
-                    int max_len = 0;
-                    for (const SeqInfo& si : lay.seqs) max_len = std::max(max_len, si.end - si.start);
-                    const unsigned tiles = (max_len + kDenseRows - 1) / kDenseRows;
-                    const unsigned grid_y = static_cast<unsigned>(std::max(1, (B + 1) / 2));
                     emu::launch_named(
-                        KT::bwd_query_name, KT::bwd_query, dim3(tiles * H * (HD == 128 ? 2 : 1), grid_y),
+                        KT::bwd_query_name, KT::bwd_query, dim3(num_tiles, H * (HD == 128 ? 2 : 1)),
                         dim3(kDenseThreads),
                         cast_params<k_bwd_query_tc::EvoParams>(p), q_d.as<const TB>(), k_d.as<const TB>(),
                         v_d.as<const TB>(), kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
@@ -911,7 +924,7 @@ int run(const Folder& f, const Options& opt) {
                         seqs_d.as<const k_bwd_query_tc::SeqInfo>(), wd0_d.as<const int>(),
                         ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TB>(),
                         lse.as<const float>(), out.dq.as<TB>(), out.dgates.as<float>(),
-                        partial.as<float>());
+                        partial.as<float>(), tiles_d.as<const int>());
                 }
                 const dim3 summary_grid(
                     (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
@@ -984,12 +997,6 @@ int run(const Folder& f, const Options& opt) {
         dp.num_time_buckets = NB;
         dp.scale = scale;
         dp.head_dim = HD;
-        int max_len = 0;
-        for (const SeqInfo& si : lay.seqs) max_len = std::max(max_len, si.end - si.start);
-        const unsigned tiles = (max_len + kDenseRows - 1) / kDenseRows;
-        // dense_grid uses min(B, 65535) rows of blocks; half of B makes every block row take two
-        // sequences in turn, so the kernels' sequence loop is exercised too.
-        const unsigned grid_y = static_cast<unsigned>(std::max(1, (B + 1) / 2));
         const size_t dense_rows = static_cast<size_t>(T) * H;
         auto ref = [&](const char* name, size_t n) {
             const auto x = f.read<float>(name, n);
@@ -997,11 +1004,12 @@ int run(const Folder& f, const Options& opt) {
         };
         Buf o = poisoned<TDF>(rows), lse = poisoned<float>(dense_rows);
         Timer t;
-        emu::launch_named(K::dense_fwd_name, K::dense_fwd, dim3(tiles * H, grid_y), dim3(kDenseThreads),
+        emu::launch_named(K::dense_fwd_name, K::dense_fwd, dim3(num_tiles, H), dim3(kDenseThreads),
                           cast_params<k_dense_fwd::EvoParams>(dp), q_d.as<const TDF>(),
                           k_d.as<const TDF>(), v_d.as<const TDF>(), coeffs_d.as<const float>(),
                           rel_d.as<const unsigned>(), seqs_d.as<const k_dense_fwd::SeqInfo>(),
-                          wd0_d.as<const int>(), o.as<TDF>(), lse.as<float>());
+                          wd0_d.as<const int>(), o.as<TDF>(), lse.as<float>(),
+                          tiles_d.as<const int>());
         const size_t first = rep.errors.size();
         compare(rep, "dense_o", widen<DT>(o, rows), ref("dense_o", rows), tol);
         compare(rep, "dense_lse", widen_f32(lse, dense_rows), ref("dense_lse", dense_rows), tol);
@@ -1014,21 +1022,22 @@ int run(const Folder& f, const Options& opt) {
                 Out out{poisoned<TDQ>(rows), poisoned<TDK>(rows), poisoned<TDK>(rows), Buf(),
                         poisoned<float>(static_cast<size_t>(H) * 3)};
                 Buf delta = poisoned<float>(dense_rows), partial = poisoned<float>(branch_rows);
-                const dim3 grid(tiles * H * parts, grid_y), block(kDenseThreads);
+                const dim3 grid(num_tiles, H * parts), block(kDenseThreads);
                 emu::launch_named(K::dense_bq_name, K::dense_bq, grid, block,
                                   cast_params<k_dense_bq::EvoParams>(dp), q_d.as<const TDQ>(),
                                   k_d.as<const TDQ>(), v_d.as<const TDQ>(), o.as<const TDQ>(),
                                   d_o_d.as<const TDQ>(), lse.as<const float>(),
                                   coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
                                   seqs_d.as<const k_dense_bq::SeqInfo>(), wd0_d.as<const int>(),
-                                  out.dq.as<TDQ>(), delta.as<float>(), partial.as<float>());
+                                  out.dq.as<TDQ>(), delta.as<float>(), partial.as<float>(),
+                                  tiles_d.as<const int>());
                 emu::launch_named(K::dense_bk_name, K::dense_bk, grid, block,
                                   cast_params<k_dense_bk::EvoParams>(dp), q_d.as<const TDK>(),
                                   k_d.as<const TDK>(), v_d.as<const TDK>(), d_o_d.as<const TDK>(),
                                   lse.as<const float>(), delta.as<const float>(),
                                   coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
                                   seqs_d.as<const k_dense_bk::SeqInfo>(), wd0_d.as<const int>(),
-                                  out.dk.as<TDK>(), out.dv.as<TDK>());
+                                  out.dk.as<TDK>(), out.dv.as<TDK>(), tiles_d.as<const int>());
                 EMU_LAUNCH(k_coeffs::evo_coeffs_reduce, dim3(H), dim3(kReduceThreads),
                            cast_params<k_coeffs::EvoParams>(dp), partial.as<const float>(),
                            out.dcoeffs.as<float>());

@@ -144,7 +144,8 @@ impl GpuDevice {
         // The query side on tensor cores for 16-bit inputs (see SparseKernels); both versions
         // take the same arguments and write the same outputs.
         // Resolved before any launch: a missing variant is an error, not half a backward.
-        let (func, query_cfg) = if self.sparse_uses_warp_kernels(T::DTYPE) {
+        let tiled = !self.sparse_uses_warp_kernels(T::DTYPE);
+        let (func, query_cfg) = if !tiled {
             let cfg = LaunchConfig {
                 grid_dim: token_grid,
                 block_dim: block,
@@ -177,8 +178,12 @@ impl GpuDevice {
             .arg(&mut *grads.dq)
             .arg(&mut *grads.dgates)
             .arg(&mut partial);
-        // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY and
-        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters); lengths checked above.
+        if tiled {
+            launch.arg(&batch.tiles);
+        }
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY, or
+        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters and the tile list); lengths checked
+        // above.
         unsafe { launch.launch(query_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
 

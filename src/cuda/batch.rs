@@ -19,6 +19,17 @@ use crate::chunking::Chunks;
 use crate::error::{Error, Result};
 use crate::temporal::{RelTemporal, DAY};
 
+/// Rows (tokens) of a tile of the tiled kernels (`kDenseRows` in kernels/attn/dense.cuh).
+pub(crate) const TILE_ROWS: usize = 64;
+
+/// Flattens (tile, sequence) pairs into the kernels' list of (sequence, tile), heaviest first:
+/// a later tile of a sequence sees more keys (all of them, in the dense kernels), so long
+/// sequences' last tiles start first and short ones fill in behind them.
+fn tile_list(mut tiles: Vec<(i32, i32)>) -> Vec<i32> {
+    tiles.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    tiles.iter().flat_map(|&(tile, seq)| [seq, tile]).collect()
+}
+
 /// Threads per block of the chunking kernel (`kChunkThreads` in chunking.cu).
 const CHUNK_THREADS: u32 = 256;
 
@@ -49,8 +60,10 @@ pub struct DeviceBatch {
     pub(crate) num_tokens: usize,
     pub(crate) utc_offset: i64,
     pub(crate) max_behaviors: usize,
-    /// The most tokens of one sequence (the dense kernels' grid).
-    pub(crate) max_seq_len: usize,
+    /// The tiled kernels' work list: pairs (sequence, tile of 64 tokens), heaviest tiles (last
+    /// in their sequence) first; `num_tiles` pairs.
+    pub(crate) tiles: CudaSlice<i32>,
+    pub(crate) num_tiles: usize,
     pub(crate) seqs: CudaSlice<SeqInfo>,
     pub(crate) rel_time: CudaSlice<u32>,
     pub(crate) weekday0: CudaSlice<i32>,
@@ -132,7 +145,7 @@ impl GpuDevice {
         let mut weekday0 = Vec::with_capacity(batch.num_seqs());
         let mut rel_time = vec![0u32; num_tokens];
         let mut max_behaviors = 0;
-        let mut max_seq_len = 0;
+        let mut tiles = Vec::new();
         for span in batch.seqs() {
             // Indices fit i32 because num_tokens does.
             seqs.push(SeqInfo {
@@ -142,7 +155,9 @@ impl GpuDevice {
                 end: span.candidates.end as i32,
             });
             max_behaviors = max_behaviors.max(span.num_behaviors());
-            max_seq_len = max_seq_len.max(span.tokens().len());
+            for tile in 0..span.tokens().len().div_ceil(TILE_ROWS) {
+                tiles.push((tile as i32, seqs.len() as i32 - 1));
+            }
             let timed = span.behaviors.start..span.candidates.end;
             let Some(&t_min) = ts[timed.clone()].iter().min() else {
                 weekday0.push(0);
@@ -162,7 +177,8 @@ impl GpuDevice {
             num_tokens,
             utc_offset: temporal.utc_offset,
             max_behaviors,
-            max_seq_len,
+            num_tiles: tiles.len(),
+            tiles: upload(&self.stream, &tile_list(tiles))?,
             seqs: upload(&self.stream, &seqs)?,
             rel_time: upload(&self.stream, &rel_time)?,
             weekday0: upload(&self.stream, &weekday0)?,
@@ -284,5 +300,45 @@ impl GpuDevice {
             offsets.push(lengths.len());
         }
         Chunks::from_lengths(batch, &offsets, &lengths)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{tile_list, TILE_ROWS};
+
+    /// Every (sequence, tile) once, later tiles first, then by sequence.
+    #[test]
+    fn tile_list_covers_every_tile_heaviest_first() {
+        let lens = [0usize, 1, 64, 65, 300, 128];
+        let mut pairs = Vec::new();
+        for (s, &n) in lens.iter().enumerate() {
+            for t in 0..n.div_ceil(TILE_ROWS) {
+                pairs.push((t as i32, s as i32));
+            }
+        }
+        let want: usize = lens.iter().map(|n| n.div_ceil(TILE_ROWS)).sum();
+        let list = tile_list(pairs);
+        assert_eq!(list.len(), 2 * want);
+        let items: Vec<(i32, i32)> = list.chunks(2).map(|p| (p[0], p[1])).collect();
+        for w in items.windows(2) {
+            let ((s0, t0), (s1, t1)) = (w[0], w[1]);
+            assert!(
+                t0 > t1 || (t0 == t1 && s0 < s1),
+                "{:?} before {:?}",
+                w[0],
+                w[1]
+            );
+        }
+        for (s, &n) in lens.iter().enumerate() {
+            let mut tiles: Vec<i32> = items
+                .iter()
+                .filter(|p| p.0 == s as i32)
+                .map(|p| p.1)
+                .collect();
+            tiles.sort();
+            let expect: Vec<i32> = (0..n.div_ceil(TILE_ROWS) as i32).collect();
+            assert_eq!(tiles, expect, "sequence {s}");
+        }
     }
 }

@@ -35,12 +35,11 @@ use crate::chunking::Chunks;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
-/// Threads per block of the dense kernels (`kDenseThreads`) and rows per block (`kDenseRows`).
+/// Threads per block of the tiled kernels (`kDenseThreads`).
 const DENSE_THREADS: u32 = 128;
-const DENSE_ROWS: usize = 64;
 /// Threads per block of the dcoeffs reduction (`kReduceThreads`).
 const REDUCE_THREADS: u32 = 256;
-/// Grid y: sequences beyond it are taken by the same blocks in turn.
+/// The largest grid y.
 const MAX_GRID_Y: usize = 65535;
 
 /// Caller buffers of the dense forward, every element of which is written.
@@ -84,20 +83,28 @@ fn dense_parts(dtype: DType, head_dim: usize) -> usize {
     }
 }
 
-/// The grid of the tiled kernels (dense, and the tensor-core sparse forward): (tile, head, part)
-/// in x, heaviest tiles first; sequences in y.
+/// The grid of the tiled kernels (dense, and the tensor-core sparse kernels): the batch's tile
+/// list in x, (head, part) in y.
 pub(crate) fn dense_grid(batch: &DeviceBatch, dims: Dims, parts: usize) -> Result<LaunchConfig> {
-    let tiles = batch.max_seq_len.div_ceil(DENSE_ROWS);
-    let x = tiles
-        .checked_mul(dims.heads * parts)
-        .filter(|&x| x <= i32::MAX as usize)
+    let y = dims
+        .heads
+        .checked_mul(parts)
+        .filter(|&y| y <= MAX_GRID_Y)
         .ok_or(Error::OutOfRange {
             field: "heads",
             value: dims.heads.to_string(),
-            expected: "ceil(longest sequence / 64) * H at most i32::MAX (dense grid)",
+            expected: "H * (blocks per tile) at most 65535 (grid y of the tiled kernels)",
+        })?;
+    let x = u32::try_from(batch.num_tiles)
+        .ok()
+        .filter(|&x| x <= i32::MAX as u32)
+        .ok_or(Error::OutOfRange {
+            field: "num_tokens",
+            value: batch.num_tokens.to_string(),
+            expected: "at most i32::MAX tiles of 64 tokens",
         })?;
     Ok(LaunchConfig {
-        grid_dim: (x as u32, batch.num_seqs.min(MAX_GRID_Y) as u32, 1),
+        grid_dim: (x, y as u32, 1),
         block_dim: (DENSE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     })
@@ -145,7 +152,8 @@ impl GpuDevice {
             .arg(&batch.seqs)
             .arg(&batch.weekday0)
             .arg(o)
-            .arg(lse);
+            .arg(lse)
+            .arg(&batch.tiles);
         // SAFETY: argument types and order match SPARSECTR_DENSE_FORWARD; q, k, v, o hold
         // T * H * D elements, lse T * H, coeffs H * 3; the batch buffers are this batch's.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_dense_forward)"))?;
@@ -241,7 +249,8 @@ impl GpuDevice {
             .arg(&batch.weekday0)
             .arg(&mut *grads.dq)
             .arg(&mut delta)
-            .arg(&mut partial);
+            .arg(&mut partial)
+            .arg(&batch.tiles);
         // SAFETY: argument types and order match SPARSECTR_DENSE_BACKWARD_QUERY; tensors hold
         // T * H * D, lse and delta T * H, partial H * T * 3 f32 (lengths checked above).
         unsafe { launch.launch(cfg) }
@@ -262,7 +271,8 @@ impl GpuDevice {
             .arg(&batch.seqs)
             .arg(&batch.weekday0)
             .arg(&mut *grads.dk)
-            .arg(&mut *grads.dv);
+            .arg(&mut *grads.dv)
+            .arg(&batch.tiles);
         // SAFETY: argument types and order match SPARSECTR_DENSE_BACKWARD_KEY; lengths as above.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_dense_backward_key)"))?;
 

@@ -330,7 +330,8 @@ impl GpuDevice {
         // 16-bit inputs take the tensor-core kernel (64 queries of a sequence per block) unless
         // told otherwise; f32 keeps the warp-per-query kernel, whose CUDA-core dot products need
         // no MMA emulation.
-        let (forward, cfg) = if self.sparse_uses_warp_kernels(T::DTYPE) {
+        let tiled = !self.sparse_uses_warp_kernels(T::DTYPE);
+        let (forward, cfg) = if !tiled {
             let cfg = LaunchConfig {
                 grid_dim: ((t as u32).div_ceil(FORWARD_WARPS), dims.heads as u32, 1),
                 block_dim: (FORWARD_THREADS, 1, 1),
@@ -360,8 +361,11 @@ impl GpuDevice {
         push_gates(&mut launch, &inputs.gates, &no_gates);
         push_layout(&mut launch, inputs.coeffs, batch, chunks);
         launch.arg(o).arg(lse);
-        // SAFETY: argument types and order match SPARSECTR_FORWARD and SPARSECTR_FORWARD_TC
-        // (the same parameters); every tensor length was
+        if tiled {
+            launch.arg(&batch.tiles);
+        }
+        // SAFETY: argument types and order match SPARSECTR_FORWARD, or SPARSECTR_FORWARD_TC
+        // (the same parameters and the tile list); every tensor length was
         // checked against T, H and D above; gates_mode says which gates pointer is valid.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_forward)"))?;
         Ok(())
