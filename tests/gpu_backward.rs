@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gpu::{for_each_head_dim, gpu};
+use common::gpu::{for_each_head_dim, gpu, own_handle, run_head_dims};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, HostGradients, SparseKernels};
@@ -195,21 +195,16 @@ fn gpu_backward_matches_reference_bf16() {
 /// right for them too (a handle of its own: the shared one is used by the other tests at once).
 #[test]
 fn gpu_backward_warp_kernels_match_reference_16bit() {
-    use proptest::test_runner::{TestCaseError, TestRunner};
-    let Some(shared) = gpu("gpu_backward_warp_kernels_match_reference_16bit") else {
+    let Some(own) = own_handle(
+        "gpu_backward_warp_kernels_match_reference_16bit",
+        SparseKernels::Warp,
+    ) else {
         return;
     };
-    let own = GpuDevice::from_stream(shared.stream().context().new_stream().unwrap()).unwrap();
-    own.set_sparse_kernels(SparseKernels::Warp);
-    for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
-        let mut runner = TestRunner::new(ProptestConfig::with_cases(common::gpu::cases(8)));
-        runner
-            .run(&case(), |c| {
-                check_case::<bf16>(&own, &c, head_dim).map_err(TestCaseError::fail)?;
-                check_case::<f16>(&own, &c, head_dim).map_err(TestCaseError::fail)
-            })
-            .unwrap();
-    }
+    run_head_dims(&own, 8, case, |g, c, d| {
+        check_case::<bf16>(g, c, d)?;
+        check_case::<f16>(g, c, d)
+    });
 }
 
 #[test]

@@ -7,7 +7,7 @@ mod common;
 use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::{TestCaseError, TestRunner};
+use proptest::test_runner::TestRunner;
 use sparsectr_attn::cuda::{
     DeviceGates, DeviceInputs, DeviceOutputs, GpuDevice, GpuElement, SparseKernels,
 };
@@ -17,7 +17,7 @@ use sparsectr_attn::{
     JaggedBatch, RelTemporal, NUM_BRANCHES,
 };
 
-use common::gpu::{cases, for_each_head_dim, gpu};
+use common::gpu::{cases, for_each_head_dim, gpu, own_handle, run_head_dims};
 
 #[test]
 fn no_driver_or_gpu_is_an_error_value() {
@@ -243,21 +243,16 @@ fn gpu_forward_matches_reference_bf16() {
 /// for them too (a handle of its own: the shared one is used by the other tests at once).
 #[test]
 fn gpu_forward_warp_kernel_matches_reference_16bit() {
-    let test = "gpu_forward_warp_kernel_matches_reference_16bit";
-    let Some(shared) = gpu(test) else {
+    let Some(own) = own_handle(
+        "gpu_forward_warp_kernel_matches_reference_16bit",
+        SparseKernels::Warp,
+    ) else {
         return;
     };
-    let own = GpuDevice::from_stream(shared.stream().context().new_stream().unwrap()).unwrap();
-    own.set_sparse_kernels(SparseKernels::Warp);
-    for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
-        let mut runner = TestRunner::new(ProptestConfig::with_cases(common::gpu::cases(16)));
-        runner
-            .run(&case(), |c| {
-                check_case::<bf16>(&own, &c, head_dim).map_err(TestCaseError::fail)?;
-                check_case::<f16>(&own, &c, head_dim).map_err(TestCaseError::fail)
-            })
-            .unwrap();
-    }
+    run_head_dims(&own, 16, case, |g, c, d| {
+        check_case::<bf16>(g, c, d)?;
+        check_case::<f16>(g, c, d)
+    });
     // The tensor-core kernel has no f32 variant: asking for it is an error, not a launch.
     own.set_sparse_kernels(SparseKernels::TensorCore);
     let c = case()

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-use sparsectr_attn::cuda::GpuDevice;
+use sparsectr_attn::cuda::{GpuDevice, SparseKernels};
 use sparsectr_attn::Error;
 
 /// The GPU, or `None` after a SKIPPED line on the terminal (written past libtest's capture).
@@ -39,10 +39,21 @@ pub fn for_each_head_dim<S: proptest::strategy::Strategy>(
     strategy: impl Fn() -> S,
     check: impl Fn(&GpuDevice, &S::Value, usize) -> Result<(), String>,
 ) {
-    use proptest::test_runner::{Config, TestCaseError, TestRunner};
     let Some(gpu) = gpu(test) else {
         return;
     };
+    run_head_dims(gpu, default_cases, strategy, check);
+}
+
+/// Runs `check` on `gpu` over `cases(default_cases)` values of `strategy` for every supported
+/// head dimension.
+pub fn run_head_dims<S: proptest::strategy::Strategy>(
+    gpu: &GpuDevice,
+    default_cases: u32,
+    strategy: impl Fn() -> S,
+    check: impl Fn(&GpuDevice, &S::Value, usize) -> Result<(), String>,
+) {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
     for &head_dim in sparsectr_attn::SUPPORTED_HEAD_DIMS {
         TestRunner::new(Config::with_cases(cases(default_cases)))
             .run(&strategy(), |c| {
@@ -50,4 +61,19 @@ pub fn for_each_head_dim<S: proptest::strategy::Strategy>(
             })
             .unwrap();
     }
+}
+
+/// A handle of its own on the test GPU, running `kernels`: tests that change the kernel choice
+/// must not share a handle with the tests running beside them. `None` (after a SKIPPED line)
+/// without a GPU.
+pub fn own_handle(test: &str, kernels: SparseKernels) -> Option<GpuDevice> {
+    let shared = gpu(test)?;
+    let stream = shared
+        .stream()
+        .context()
+        .new_stream()
+        .expect("a second stream");
+    let own = GpuDevice::from_stream(stream).expect("a handle on the same GPU");
+    own.set_sparse_kernels(kernels);
+    Some(own)
 }
