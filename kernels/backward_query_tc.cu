@@ -97,22 +97,20 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
                                                 const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                                 FragC (&sc)[kCols / 8], FragC (&dp)[kCols / 8]) {
     constexpr bool kSummary = kBranch == 0;
-    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
-    const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
+    const int t = threadIdx.x % 4;
 #pragma unroll
     for (int n = 0; n < kCols / 8; ++n) {
         clear(sc[n]);
         clear(dp[n]);
+    }
+    rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k);
+    rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v);
+    if (kSummary) {
+        rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k_lo);
+        rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v_lo);
+    }
 #pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-            const int at = (n * 8 + g) * kRowStride + kk * 16;
-            mma(sc[n], qf.get(kk), load_b(sm.k + at));
-            mma(dp[n], dof.get(kk), load_b(sm.v + at));
-            if (kSummary) {
-                mma(sc[n], qf.get(kk), load_b(sm.k_lo + at));
-                mma(dp[n], dof.get(kk), load_b(sm.v_lo + at));
-            }
-        }
+    for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
@@ -141,8 +139,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               float (&dcoef)[2][3], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
     constexpr bool kSummary = kBranch == 0;
-    constexpr int kColStride = kCols + SmemPad<T>::kValue;
-    const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
+    const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
     float du[2] = {0.f, 0.f};  // this lane's share of sum_j P_j dP'_j per row
     // Not unrolled: two copies of the tile loop pushed ptxas past 255 registers.
@@ -186,16 +183,8 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                 }
             }
             if (pass == 1) {
-#pragma unroll
-                for (int kk = 0; kk < kCols / 16; ++kk) {
-                    const FragA<T> da = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-                    for (int dt = 0; dt < kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue; ++dt) {
-                        const int at = (dim0 + dt * 8 + g) * kColStride + kk * 16;
-                        mma(dq[dt], da, load_b(sm.kt + at));
-                        if (kSummary) mma(dq[dt], da, load_b(sm.kt_lo + at));
-                    }
-                }
+                probs_times_tile<T, kCols>(dq, sc, sm.kt, dim0);
+                if (kSummary) probs_times_tile<T, kCols>(dq, sc, sm.kt_lo, dim0);
             }
         }
         if (pass == 0) {

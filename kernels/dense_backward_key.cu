@@ -100,12 +100,9 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
             for (int n = 0; n < kQueryTiles; ++n) {
                 clear(pt[n]);
                 clear(dst[n]);
-#pragma unroll
-                for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-                    mma(pt[n], kf.get(kk), load_b(sQ + (n * 8 + g) * kRowStride + kk * 16));
-                    mma(dst[n], vf.get(kk), load_b(sdO + (n * 8 + g) * kRowStride + kk * 16));
-                }
             }
+            rows_times_tile<T, kHeadDim, kCols>(pt, kf, sQ);
+            rows_times_tile<T, kHeadDim, kCols>(dst, vf, sdO);
 #pragma unroll
             for (int n = 0; n < kQueryTiles; ++n) {
 #pragma unroll
@@ -124,16 +121,8 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
                     dst[n].c[i] = ds;
                 }
             }
-#pragma unroll
-            for (int kk = 0; kk < kCols / 16; ++kk) {
-                const FragA<T> pa = a_from_c<T>(pt[2 * kk], pt[2 * kk + 1]);
-                const FragA<T> da = a_from_c<T>(dst[2 * kk], dst[2 * kk + 1]);
-#pragma unroll
-                for (int dt = 0; dt < kDimTiles; ++dt) {
-                    mma(dv_acc[dt], pa, load_b(sdOt + (dim0 + dt * 8 + g) * kColStride + kk * 16));
-                    mma(dk_acc[dt], da, load_b(sQt + (dim0 + dt * 8 + g) * kColStride + kk * 16));
-                }
-            }
+            probs_times_tile<T, kCols>(dv_acc, pt, sdOt, dim0);
+            probs_times_tile<T, kCols>(dk_acc, dst, sQt, dim0);
         }
 
 #pragma unroll

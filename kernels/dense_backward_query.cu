@@ -116,12 +116,9 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
             for (int n = 0; n < kKeyTiles; ++n) {
                 clear(sc[n]);
                 clear(dp[n]);
-#pragma unroll
-                for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-                    mma(sc[n], qf.get(kk), load_b(sK + (n * 8 + g) * kRowStride + kk * 16));
-                    mma(dp[n], dof.get(kk), load_b(sV + (n * 8 + g) * kRowStride + kk * 16));
-                }
             }
+            rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK);
+            rows_times_tile<T, kHeadDim, kCols>(dp, dof, sV);
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -150,13 +147,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                     sc[n].c[i] = ds;
                 }
             }
-#pragma unroll
-            for (int kk = 0; kk < kCols / 16; ++kk) {
-                const FragA<T> da = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-                for (int dt = 0; dt < kDimTiles; ++dt)
-                    mma(acc[dt], da, load_b(sKt + (dim0 + dt * 8 + g) * kColStride + kk * 16));
-            }
+            probs_times_tile<T, kCols>(acc, sc, sKt, dim0);
         }
 
 #pragma unroll

@@ -75,12 +75,8 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
 
             FragC sc[kKeyTiles];
 #pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n) {
-                clear(sc[n]);
-#pragma unroll
-                for (int kk = 0; kk < kHeadDim / 16; ++kk)
-                    mma(sc[n], qf.get(kk), load_b(sK + (n * 8 + g) * kKStride + kk * 16));
-            }
+            for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
+            rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK);
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -99,13 +95,7 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
             float corr[2];
             sm.update(sc, corr);
             scale_rows(acc, corr);
-#pragma unroll
-            for (int kk = 0; kk < kCols / 16; ++kk) {
-                const FragA<T> pa = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-                for (int dt = 0; dt < kDimTiles; ++dt)
-                    mma(acc[dt], pa, load_b(sVt + (dt * 8 + g) * kVStride + kk * 16));
-            }
+            probs_times_tile<T, kCols>(acc, sc, sVt, 0);
         }
 
         float inv[2];

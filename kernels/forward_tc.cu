@@ -56,10 +56,8 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                                           RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     constexpr bool kSummary = kBranch == 0;
-    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
-    constexpr int kColStride = kCols + SmemPad<T>::kValue;
     constexpr int kKeyTiles = kCols / 8;
-    const int lane = threadIdx.x % kWarpSize, g = lane >> 2, t = lane & 3;
+    const int t = threadIdx.x % 4;
     const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
 #pragma unroll
     for (int dt = 0; dt < kHeadDim / 8; ++dt) clear(acc[dt]);
@@ -78,15 +76,9 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
 
         FragC sc[kKeyTiles];
 #pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
-            clear(sc[n]);
-#pragma unroll
-            for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-                const int at = (n * 8 + g) * kRowStride + kk * 16;
-                mma(sc[n], qf.get(kk), load_b(sK + at));
-                if (kSummary) mma(sc[n], qf.get(kk), load_b(sKlo + at));
-            }
-        }
+        for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
+        rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK);
+        if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, sKlo);
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -106,16 +98,8 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
         float corr[2];
         sm.update(sc, corr);
         scale_rows(acc, corr);
-#pragma unroll
-        for (int kk = 0; kk < kCols / 16; ++kk) {
-            const FragA<T> pa = a_from_c<T>(sc[2 * kk], sc[2 * kk + 1]);
-#pragma unroll
-            for (int dt = 0; dt < kHeadDim / 8; ++dt) {
-                const int at = (dt * 8 + g) * kColStride + kk * 16;
-                mma(acc[dt], pa, load_b(sVt + at));
-                if (kSummary) mma(acc[dt], pa, load_b(sVtlo + at));
-            }
-        }
+        probs_times_tile<T, kCols>(acc, sc, sVt, 0);
+        if (kSummary) probs_times_tile<T, kCols>(acc, sc, sVtlo, 0);
     }
     float inv[2];
     sm.finish(inv);

@@ -134,6 +134,39 @@ struct RowOperand {
     }
 };
 
+// acc[n] += A B for a warp's 16 rows `a` (k over the head dimension) against the kCols rows of a
+// row-major shared tile sRows[kCols][kHeadDim + pad]: B[k][n] = sRows[n][k], as Q K^T.
+template <typename T, int kHeadDim, int kCols, bool kResident>
+__device__ __forceinline__ void rows_times_tile(FragC (&acc)[kCols / 8],
+                                                const RowOperand<T, kHeadDim, kResident>& a,
+                                                const T* sRows) {
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    const int g = (threadIdx.x % kWarpSize) >> 2;
+#pragma unroll
+    for (int n = 0; n < kCols / 8; ++n) {
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk)
+            mma(acc[n], a.get(kk), load_b(sRows + (n * 8 + g) * kStride + kk * 16));
+    }
+}
+
+// acc[dt] += P C for P a warp's 16 rows over kCols columns, held as MMA accumulators, and C
+// rows dim0 + 8 dt .. of a transposed shared tile sCols[..][kCols + pad]: C[k][n] =
+// sCols[dim0 + n][k], as P V.
+template <typename T, int kCols, int kDimTiles>
+__device__ __forceinline__ void probs_times_tile(FragC (&acc)[kDimTiles], const FragC (&p)[kCols / 8],
+                                                 const T* sCols, int dim0) {
+    constexpr int kStride = kCols + SmemPad<T>::kValue;
+    const int g = (threadIdx.x % kWarpSize) >> 2;
+#pragma unroll
+    for (int kk = 0; kk < kCols / 16; ++kk) {
+        const FragA<T> pa = a_from_c<T>(p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt)
+            mma(acc[dt], pa, load_b(sCols + (dim0 + dt * 8 + g) * kStride + kk * 16));
+    }
+}
+
 // Per-sequence temporal context of a pair's bias.
 struct DenseTime {
     const unsigned* __restrict__ rel_time;
