@@ -230,7 +230,11 @@ impl InputLayer {
             .profile
             .iter()
             .enumerate()
-            .map(|(f, emb)| emb.forward(&b.profile.narrow(1, f, 1)?.squeeze(1)?))
+            .map(|(f, emb)| {
+                // candle's CUDA index_select reads its ids as contiguous whatever their strides
+                // (candle-kernels 0.11.1, indexing.cu), so a column of `profile` is copied first.
+                emb.forward(&b.profile.narrow(1, f, 1)?.squeeze(1)?.contiguous()?)
+            })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&fields, 1)
     }

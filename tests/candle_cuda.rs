@@ -213,7 +213,10 @@ fn evo_matches_cpu<T: Element + WithDType>(test: &str, default_cases: u32) {
         TestRunner::new(Config::with_cases(common::gpu::cases(default_cases)))
             .run(
                 &(
-                    common::batch(4, 40, 4),
+                    // candle cannot hold a CUDA tensor of no elements (every op allocates, and a
+                    // zero-byte cuMemAlloc is an error), so empty batches are covered by
+                    // `cuda_op_takes_a_zero_token_view` instead.
+                    common::batch(4, 40, 4).prop_filter("a token", |b| b.num_tokens() > 0),
                     (1usize..6, 1usize..4, 1usize..9),
                     any::<u64>(),
                     any::<bool>(),
@@ -308,6 +311,33 @@ fn cuda_dense_op_matches_cpu_f32() {
 #[test]
 fn cuda_dense_op_matches_cpu_bf16() {
     dense_matches_cpu::<bf16>("cuda_dense_op_matches_cpu_bf16");
+}
+
+/// A batch of no tokens reaches the op on CUDA only as an empty view of a larger tensor; the op
+/// returns `[0, H, D]` for it instead of asking CUDA for zero bytes.
+#[test]
+fn cuda_op_takes_a_zero_token_view() {
+    let test = "cuda_op_takes_a_zero_token_view";
+    let Some(dev) = cuda(test) else {
+        return;
+    };
+    let dims = Dims {
+        heads: 2,
+        head_dim: 32,
+    };
+    let batch = JaggedBatch::new(vec![0, 0], vec![0], false, vec![]).unwrap();
+    let chunks = Chunks::personalized(&batch, 2).unwrap();
+    let layout = Arc::new(EvoLayout::new(batch, chunks, dims, AttnConfig::new(1, 4)).unwrap());
+    let run = || -> candle_core::Result<Vec<usize>> {
+        let qkv = Tensor::ones((1, 3, 2, 32), CDType::BF16, &dev)?.narrow(0, 0, 0)?;
+        let gates = Tensor::ones((1, 2, 3), CDType::BF16, &dev)?.narrow(0, 0, 0)?;
+        let coeffs = Tensor::ones((2, 3), CDType::F32, &dev)?;
+        let o = evo_attention(&qkv, &coeffs, &gates, &layout)?;
+        let d = dense_attention(&qkv, &coeffs, &layout)?;
+        assert_eq!(d.dims(), o.dims());
+        Ok(o.dims().to_vec())
+    };
+    assert_eq!(run().unwrap(), vec![0, 2, 32]);
 }
 
 /// Inputs that are views with an offset (a `narrow` of a larger tensor) give the same bits as

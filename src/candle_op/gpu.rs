@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{DType as CDType, Layout, Shape, Storage, Tensor};
@@ -99,6 +99,20 @@ fn zeros<T: CudaElement>(dev: &CudaDevice, len: usize) -> CResult<CudaStorage> {
         dev.alloc_zeros::<T>(len)?,
         dev.clone(),
     ))
+}
+
+/// Storage for a tensor of no elements. A CUDA allocation of zero bytes is an error
+/// (`cuMemAlloc(0)` is `CUDA_ERROR_INVALID_VALUE`), so it holds one element the shape never
+/// reaches; a zero-token batch reaches the op only as a view (`narrow`) of a larger tensor.
+fn empty_storage<T: CudaElement>(dev: &CudaDevice) -> CResult<CudaStorage> {
+    zeros::<T>(dev, 1)
+}
+
+/// Zeros shaped like `t`, which has no elements (see `empty_storage`).
+fn empty_like(t: &Tensor) -> CResult<Tensor> {
+    Tensor::zeros(1, t.dtype(), t.device())?
+        .narrow(0, 0, 0)?
+        .reshape(t.shape())
 }
 
 /// The elements of `s` under the contiguous layout `l` as one whole buffer, as the kernels take
@@ -231,7 +245,7 @@ pub(super) fn evo_forward<T: CudaElement>(
     let (dims, t, shape) = (layout.dims, layout.num_tokens(), out_shape(layout));
     let dev = &qkv.0.device;
     if t == 0 {
-        return Ok((dev.zeros_impl(&shape, T::DTYPE_CANDLE)?, shape));
+        return Ok((empty_storage::<T>(dev)?, shape));
     }
     let gpu = gpu_for(dev)?;
     let up = layout.on(&gpu)?;
@@ -261,7 +275,7 @@ pub(super) fn evo_backward<T: CudaElement>(
 ) -> CResult<(Tensor, Tensor, Tensor)> {
     let (dims, t) = (layout.dims, layout.num_tokens());
     if t == 0 {
-        return Ok((qkv.zeros_like()?, coeffs.zeros_like()?, gates.zeros_like()?));
+        return Ok((empty_like(qkv)?, coeffs.zeros_like()?, empty_like(gates)?));
     }
     let d_o = grad.to_dtype(T::DTYPE_CANDLE)?.contiguous()?;
     let (qkv_s, qkv_l) = qkv.storage_and_layout();
@@ -359,7 +373,7 @@ pub(super) fn dense_forward<T: CudaElement>(
     let (dims, t, shape) = (layout.dims, layout.num_tokens(), out_shape(layout));
     let dev = &qkv.0.device;
     if t == 0 {
-        return Ok((dev.zeros_impl(&shape, T::DTYPE_CANDLE)?, shape));
+        return Ok((empty_storage::<T>(dev)?, shape));
     }
     let gpu = gpu_for(dev)?;
     let up = layout.on(&gpu)?;
@@ -388,7 +402,7 @@ pub(super) fn dense_backward<T: CudaElement>(
 ) -> CResult<(Tensor, Tensor)> {
     let (dims, t) = (layout.dims, layout.num_tokens());
     if t == 0 {
-        return Ok((qkv.zeros_like()?, coeffs.zeros_like()?));
+        return Ok((empty_like(qkv)?, coeffs.zeros_like()?));
     }
     let d_o = grad.to_dtype(T::DTYPE_CANDLE)?.contiguous()?;
     let o = o.to_dtype(T::DTYPE_CANDLE)?.contiguous()?;
