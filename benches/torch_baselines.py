@@ -41,6 +41,7 @@ import time
 
 import numpy as np
 import torch
+import torch._dynamo
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 DAY = 86400
@@ -148,7 +149,9 @@ def _ragged_arange(lengths):
 
 
 def rel_temporal(coeffs, h, tq, tk, wq, wk, nb):
-    """SPEC section 4's bias for query/key times `tq`, `tk` and weekend flags `wq`, `wk`."""
+    """SPEC section 4's bias for query/key times `tq`, `tk` and weekend flags `wq`, `wk`;
+    `coeffs` = (s1, s2, s3), one [H] tensor each: FlexAttention's backward takes the gradient of
+    a captured tensor only if the score_mod indexes it once."""
     dt = (tq - tk).abs()
     x = dt + 1
     # floor(log2 x) in f64 is exact for x < 2^53; then the bit below the top one.
@@ -158,7 +161,8 @@ def rel_temporal(coeffs, h, tq, tk, wq, wk, nb):
     bk = -bucket.to(torch.float32) / nb
     hr = -torch.sin(math.pi * (dt % DAY).to(torch.float32) / DAY) ** 2
     wkf = -(wq != wk).to(torch.float32)
-    return coeffs[h, 0] * bk + coeffs[h, 1] * hr + coeffs[h, 2] * wkf
+    s1, s2, s3 = coeffs
+    return s1[h] * bk + s2[h] * hr + s3[h] * wkf
 
 
 def mask_mods(lay):
@@ -267,6 +271,8 @@ def evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale):
     vbar = (vbar / lay.chunk_counts[:, None, None]).to(q.dtype)
     # Chunk tails gathered into their own keys.
     ktail, vtail = k[lay.tail_idx], v[lay.tail_idx]
+    # Separate copies of the coefficient columns (see rel_temporal); gradients still reach coeffs.
+    coeffs = tuple(coeffs[:, j].clone() for j in range(3))
 
     def summary_bias(score, b, hh, qi, ci):
         return score + rel_temporal(coeffs, hh, lay.ts[qi], lay.chunk_ts[ci], lay.weekend[qi],
@@ -440,6 +446,13 @@ def main():
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU code path on the CPU (tests this script; numbers mean nothing)")
     args = ap.parse_args()
+    # Every branch's key length, with and without gradients, and two input sets are separate
+    # compilations: past dynamo's default limit of 8 FlexAttention falls back to its eager path,
+    # which materializes the T x T scores (and runs out of memory).
+    for name, value in (("recompile_limit", 256), ("cache_size_limit", 256),
+                        ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, value)
     global DRY
     DRY = args.dry_run
     systems = set(args.systems.split(","))
