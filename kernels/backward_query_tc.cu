@@ -26,7 +26,8 @@
 #include "attn/dense.cuh"
 #include "attn/tc_slots.cuh"
 
-constexpr int kBwdQueryTcMinBlocks = 2;
+template <int kHeadDim>
+constexpr int kBwdQueryTcMinBlocks = kHeadDim <= 64 ? 3 : 2;
 
 // Slots per tile: K, V and K^T with their low parts must fit 48 KB at D = 128; wider tiles
 // spilled (NVRTC 13.0).
@@ -313,7 +314,7 @@ __device__ void evo_backward_query_tc(
 }
 
 #define SPARSECTR_BACKWARD_QUERY_TC(NAME, T, D)                                                  \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks)           \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks<D>)           \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ kbar,                            \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \

@@ -17,7 +17,8 @@
 #include "attn/softmax.cuh"
 #include "attn/dense.cuh"
 
-constexpr int kDenseKeyMinBlocks = 2;
+template <int kHeadDim>
+constexpr int kDenseKeyMinBlocks = kHeadDim <= 32 ? 3 : 2;
 
 template <typename T, int kHeadDim>
 __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
@@ -141,7 +142,7 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
 }
 
 #define SPARSECTR_DENSE_BACKWARD_KEY(NAME, T, D)                                                 \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseKeyMinBlocks)             \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseKeyMinBlocks<D>)             \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const T* __restrict__ d_o, const float* __restrict__ lse,  \
              const float* __restrict__ delta, const float* __restrict__ coeffs,                  \

@@ -17,7 +17,8 @@
 #include "attn/softmax.cuh"
 #include "attn/dense.cuh"
 
-constexpr int kDenseQueryMinBlocks = 2;
+template <int kHeadDim>
+constexpr int kDenseQueryMinBlocks = kHeadDim <= 32 ? 3 : 2;
 
 // <dO, O> of row `row`: the four lanes of a group take a quarter of the head dimension each.
 template <typename T, int kHeadDim>
@@ -181,7 +182,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
 }
 
 #define SPARSECTR_DENSE_BACKWARD_QUERY(NAME, T, D)                                               \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseQueryMinBlocks)           \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseQueryMinBlocks<D>)           \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const T* __restrict__ o, const T* __restrict__ d_o,        \
              const float* __restrict__ lse, const float* __restrict__ coeffs,                    \

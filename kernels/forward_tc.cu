@@ -31,7 +31,8 @@
 #include "attn/tc_slots.cuh"
 #include "attn/tile_softmax.cuh"
 
-constexpr int kForwardTcMinBlocks = 2;
+template <int kHeadDim>
+constexpr int kForwardTcMinBlocks = kHeadDim <= 64 ? 3 : 2;
 
 // Q rows stay in registers up to D = 64; at D = 128 the branch and output accumulators leave no
 // room (ptxas spilled 144 B), so they are reloaded from L1 at each use.
@@ -203,7 +204,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
 }
 
 #define SPARSECTR_FORWARD_TC(NAME, T, D)                                                         \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kForwardTcMinBlocks)            \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kForwardTcMinBlocks<D>)            \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ kbar,                            \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \
