@@ -46,8 +46,8 @@ fn roundoff(dtype: DType) -> f64 {
 
 /// The CUDA path against the CPU path. The CPU path is the f64 reference rounded once to the
 /// output dtype, so the CUDA path, within SPEC section 8's `tol` of the reference, is within
-/// `tol + 2u` of it (its own rounding and the CPU path's, `u` the unit roundoff). A CPU tensor
-/// that is exactly zero (no pair reaches it) must be zero on the GPU too; NaN never passes.
+/// `tol + 2u` of it (its own rounding and the CPU path's, `u` the unit roundoff). NaN never
+/// passes.
 fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
     if gpu.dims() != cpu.dims() || gpu.dtype() != cpu.dtype() {
         return Err(format!(
@@ -60,14 +60,22 @@ fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), S
     }
     let got = to_f64(gpu);
     let want = to_f64(cpu);
+    let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
+    // Zero on the CPU path: no pair reaches the tensor, or its pairs cancel exactly (a softmax
+    // over one key), where the GPU's f32 sums leave ~1e-7 residue. Compared on the unit scale of
+    // the O(1) random inputs, as in tests/gpu_backward.rs.
     if want.iter().all(|&x| x == 0.0) {
-        return if got.iter().all(|&x| x == 0.0) {
+        let unit = (want.len() as f64).sqrt();
+        let got_norm = got.iter().map(|x| x * x).sum::<f64>().sqrt();
+        return if got_norm.is_finite() && got_norm <= tol * unit {
             Ok(())
         } else {
-            Err(format!("{name}: CPU path is zero, GPU path is not"))
+            Err(format!(
+                "{name}: CPU path is zero, GPU norm {got_norm:e} > {:e}",
+                tol * unit
+            ))
         };
     }
-    let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
     let err = rel_l2_error(&got, &want);
     if err.is_finite() && err <= tol {
         Ok(())
