@@ -37,21 +37,33 @@ __device__ __forceinline__ float branch_backward(const QueryContext<T>& ctx, con
     const int lane = threadIdx.x % kWarpSize;
     const int num_slots = Branch::num_slots(qi, p);
 
-    // Pass 1: dgates_b = sum_j p_j <dO, V_j>.
+    // Pass 1: dgates_b = sum_j p_j <dO, V_j>, and the softmax mean of the features,
+    // fbar = sum_j p_j f_j.
     float dgates_lane = 0.f;
+    TemporalFeatures fbar{0.f, 0.f, 0.f};
     for (int base = 0; base < num_slots; base += kWarpSize) {
         const int s = base + lane;
         const KeySlot key = s < num_slots ? Branch::slot(qi, p, s, kt.chunk_ends, kt.rel_time) : masked_slot();
         if (key.row >= 0) {
             const size_t at = (static_cast<size_t>(key.row) * p.heads + ctx.head) * kHeadDim;
             float z = dot_key<T, kHeadDim>(kt, key.summary, at, ctx.sQ);
-            if (key.timed)
-                z += ctx.coeffs.bias(temporal_features(ctx.tq, key.time, ctx.weekday0, p.num_time_buckets));
+            TemporalFeatures f{0.f, 0.f, 0.f};
+            if (key.timed) {
+                f = temporal_features(ctx.tq, key.time, ctx.weekday0, p.num_time_buckets);
+                z += ctx.coeffs.bias(f);
+            }
             const float u = dot_value<T, kHeadDim>(kt, key.summary, at, sDO);
-            dgates_lane = fmaf(expf(z - lse_b), u, dgates_lane);
+            const float pj = expf(z - lse_b);
+            dgates_lane = fmaf(pj, u, dgates_lane);
+            fbar.bucket = fmaf(pj, f.bucket, fbar.bucket);
+            fbar.hour = fmaf(pj, f.hour, fbar.hour);
+            fbar.weekend = fmaf(pj, f.weekend, fbar.weekend);
         }
     }
     const float dgates_b = warp_sum(dgates_lane);
+    fbar.bucket = warp_sum(fbar.bucket);
+    fbar.hour = warp_sum(fbar.hour);
+    fbar.weekend = warp_sum(fbar.weekend);
 
     // Pass 2: dz per key, then dQ += scale dz K_j (lanes over dims) and dz * features.
     for (int base = 0; base < num_slots; base += kWarpSize) {
@@ -68,9 +80,12 @@ __device__ __forceinline__ float branch_backward(const QueryContext<T>& ctx, con
             }
             const float u = dot_value<T, kHeadDim>(kt, key.summary, at, sDO);
             dz = pair_grad(z, lse_b, gate, u, dgates_b).dz;
-            partial.bucket = fmaf(dz, f.bucket, partial.bucket);
-            partial.hour = fmaf(dz, f.hour, partial.hour);
-            partial.weekend = fmaf(dz, f.weekend, partial.weekend);
+            // The dz of one softmax sum to zero, so sum_j dz_j f_j = sum_j dz_j (f_j - fbar)
+            // exactly. Centred, keys that share their features (ties, a day apart) add nothing
+            // instead of large terms whose f32 rounding outlives their cancellation.
+            partial.bucket = fmaf(dz, f.bucket - fbar.bucket, partial.bucket);
+            partial.hour = fmaf(dz, f.hour - fbar.hour, partial.hour);
+            partial.weekend = fmaf(dz, f.weekend - fbar.weekend, partial.weekend);
         }
         unsigned valid = __ballot_sync(kFullMask, key.row >= 0);
         while (valid != 0u) {
