@@ -171,12 +171,13 @@ def targets(merged, gpu_names):
     return lines
 
 
-def markdown(stem, head, merged):
+def markdown(stem, head, merged, notes=None):
     out = [f"# Benchmark results: {', '.join(head['gpu'])}", ""]
     out.append(f"GPU {', '.join(head['gpu'])} ({', '.join(head['arch'])}), NVIDIA driver "
                f"{', '.join(head['nvidia_driver'])}, driver CUDA version {', '.join(head['driver_cuda'])}; "
-               f"PyTorch {', '.join(head['torch'])} (CUDA {', '.join(head['torch_cuda'])}); "
-               f"crate commit {', '.join(head['commit'])}.")
+               + (f"PyTorch {', '.join(head['torch'])} (CUDA {', '.join(head['torch_cuda'])}); "
+                  if any(head["torch"]) else "PyTorch baselines not run; ")
+               + f"crate commit {', '.join(head['commit'])}.")
     if len(head["commit"]) > 1:
         out.append("")
         out.append("**These rows come from more than one commit** (see `commit` per cell in the JSON).")
@@ -235,6 +236,10 @@ def markdown(stem, head, merged):
             for p, r in c["systems"].get(system, {}).items():
                 out.append(f"| {SYSTEM_NAMES.get(system, system)} | {PASS_NAMES.get(p, p)} | {fmt_ms(r['ms'])} | "
                            f"{fmt_pct(r['spread'])} | {r['reps']} | {fmt_gib(r['peak_bytes'])} |")
+    if notes:
+        # Written by hand beside the raw lines (what the profile shows where a target is missed),
+        # carried into every regeneration.
+        out += ["", notes.strip()]
     return "\n".join(out) + "\n"
 
 
@@ -326,8 +331,10 @@ def main():
         json.dump({"header": head, "cells": merged,
                    "raw": {f"{k[0]}-n{k[1]}": v for k, v in sorted(cells_raw.items(), key=str)}},
                   f, indent=1)
+    notes_path = base + "-notes.md"
+    notes = open(notes_path).read() if os.path.exists(notes_path) else None
     with open(base + ".md", "w") as f:
-        f.write(markdown(stem, head, merged))
+        f.write(markdown(stem, head, merged, notes))
     with open(base + "-speedup.svg", "w") as f:
         f.write(svg(merged, f"Sparse EvoAttention fwd + bwd speed-up, {', '.join(head['gpu'])}, bf16"))
     print(f"wrote {base}.json, {base}.md, {base}-speedup.svg")
