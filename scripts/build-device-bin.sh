@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the GPU test and bench binaries here (no GPU or CUDA needed) and copies them into the
+# Builds the GPU test and bench binaries and the main job (examples/evoattention) here (no GPU or CUDA needed) and copies them into the
 # git-ignored device-bin/, to be carried to a GPU host and run there by scripts/gpu-run.sh.
 # CANDLE_CUDA=1 adds the candle op's CUDA test and the training example built with
 # `--features candle-cuda` (see scripts/candle-cuda-env.sh; nvcc comes from the Python index).
@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 rm -rf device-bin && mkdir -p device-bin
 msg_tests=$(cargo test --release --no-run --message-format=json 2>/dev/null)
 msg_bench=$(cargo bench --no-run --message-format=json 2>/dev/null)
-printf '%s\n%s\n' "$msg_tests" "$msg_bench" | python3 -c '
+msg_main=$(cargo build --release --example evoattention --message-format=json 2>/dev/null)
+printf '%s\n%s\n%s\n' "$msg_tests" "$msg_bench" "$msg_main" | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     try:
@@ -18,7 +19,8 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
         name = m["target"]["name"]
         kind = m["target"]["kind"][0]
-        if kind in ("test", "bench") or (kind == "lib" and m["profile"]["test"]):
+        if kind in ("test", "bench") or (kind == "lib" and m["profile"]["test"]) \
+                or (kind, name) == ("example", "evoattention"):
             shutil.copy(m["executable"], "device-bin/%s-%s" % (kind, name))
 '
 if [ "${CANDLE_CUDA:-0}" = 1 ]; then

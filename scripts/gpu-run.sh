@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs on a GPU host over the binaries of scripts/build-device-bin.sh (carried as device-bin/):
-# the GPU tests with SPARSECTR_REQUIRE_GPU=1, compute-sanitizer (memcheck, racecheck, initcheck)
+# the GPU tests with SPARSECTR_REQUIRE_GPU=1, the main job (examples/evoattention), compute-sanitizer (memcheck, racecheck, initcheck)
 # on the GPU test binaries, a smoke run of the benchmark, and (from a CANDLE_CUDA=1 build) the
 # candle op's CUDA test and the training example with --cuda. Everything lands in one tarball,
 # $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt, both
 # rewritten after every step: a command the device tool stops at its time limit still returns
 # what finished.
 #
-#   STEPS="tests sanitize bench train"   the steps to run, in order (default: all four)
+#   STEPS="tests example sanitize bench train"   the steps to run, in order (default: all five)
 #   BUDGET_S=540                          no step starts later than this, and each step is cut
 #                                         off (timeout) where it would run past it
 #   SANITIZE="memcheck racecheck initcheck", SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS
@@ -23,7 +23,7 @@ export SPARSECTR_REQUIRE_GPU=1
 export SPARSECTR_COMMIT=$(cat device-bin/COMMIT 2>/dev/null || echo unknown)
 cuda_lib=$(dirname "$(dirname "$(command -v nvcc)")")/lib64
 export LD_LIBRARY_PATH="$cuda_lib:${LD_LIBRARY_PATH:-}"
-steps=${STEPS:-tests sanitize bench train}
+steps=${STEPS:-tests example sanitize bench train}
 budget=${BUDGET_S:-540}
 started=$(date +%s)
 {
@@ -96,6 +96,13 @@ for step in $steps; do
         pack
       fi
       ;;
+    example)
+      # The main job (README's first command) on the GPU, forward and backward checked.
+      if [ -x device-bin/example-evoattention ]; then
+        run_logged example-evoattention.log device-bin/example-evoattention ${EXAMPLE_ARGS:-}
+        pack
+      fi
+      ;;
     train)
       # The training example on the GPU (a CANDLE_CUDA=1 build), with TRAIN_ARGS.
       if [ -x device-bin/example-sparsectr_train ]; then
@@ -104,7 +111,7 @@ for step in $steps; do
       fi
       ;;
     *)
-      echo "unknown step $step (tests, sanitize, bench, train)" | tee -a "$out/env.txt"
+      echo "unknown step $step (tests, example, sanitize, bench, train)" | tee -a "$out/env.txt"
       status=2
       ;;
   esac
