@@ -12,7 +12,7 @@
 
 Both are timed forward and forward + backward (gradients of q, k, v, and for flex-evo also of
 the gates and the coefficients, as this crate's backward computes), CUDA events, median of
-`--reps` after warm-up, two input sets alternated, everything twice (two identical runs). Peak
+`--reps` after warm-up, two input sets alternated, each pass twice (two identical runs). Peak
 memory: the bytes of the tensors the system reads (inputs, layout and block masks) plus the
 high-water mark of `torch.cuda.max_memory_allocated` over one call, above what was allocated
 before it (the same definition `gpu_bench.rs` measures with the CUDA memory pool).
@@ -20,7 +20,10 @@ before it (the same definition `gpu_bench.rs` measures with the CUDA memory pool
     python3 benches/torch_baselines.py --data DIR [--len N] [--reps 20] [--out FILE.jsonl]
         [--systems flex,sdpa] [--buckets 4] [--check-only]
 
-Appends one JSON object to `--out` (default `benches/results/raw/<gpu>.jsonl`). Without a GPU it
+SDPA is timed first (it needs no compilation), then FlexAttention is compiled, checked and timed.
+After every pass it appends a JSON object holding every row so far to `--out` (default
+`benches/results/raw/<gpu>.jsonl`; `report.py` keeps the last one per cell), so a run cut off by
+a time limit keeps what it finished. Without a GPU it
 runs the check on the CPU with eager FlexAttention (small batches only), verifies the hand-built
 block masks against `create_block_mask`, and skips the timing.
 
@@ -489,53 +492,77 @@ def main():
 
     result["gpu"] = "dry run (cpu)" if DRY else torch.cuda.get_device_name()
     out_path = args.out or os.path.join("benches", "results", "raw", gpu_stem(result["gpu"]) + ".jsonl")
-    passes = {}
-    if "flex" in systems:
-        err, compile_s, flex_passes, grad_coeffs = flex_systems(lay, masks, meta, x, device, dtype)
-        ok = math.isfinite(err) and err <= tol
-        print(f"FlexAttention EvoAttention vs this crate ({meta['output_source']}): "
-              f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}; "
-              f"first call (compilation) {compile_s:.1f} s")
-        result.update(check_rel_l2=err, check_ok=ok, flex_first_call_s=compile_s)
-        if not ok:
-            sys.exit(1)
-        passes["flex-evo"] = flex_passes
-    del x["o"]
-    if args.check_only:
-        return
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    started_all = time.time()
+    rows = []
+
+    def say(msg):
+        print(f"[{time.time() - started_all:7.1f} s] {msg}", flush=True)
+
+    def emit():
+        # A line after every pass, each holding every row so far (report.py keeps the last line
+        # per cell and source): a run cut short by its time limit keeps what it finished.
+        result["rows"] = rows
+        with open(out_path, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+    def time_pass(system, pass_name, fn, read, extra, retry=None):
+        started = time.time()
+        try:
+            peak = peak_bytes(fn, read) + extra
+        except Exception as e:  # noqa: BLE001 - only a pass with a fallback is retried
+            if retry is None:
+                raise
+            retry(e)
+            peak = peak_bytes(fn, read) + extra
+        row = {"system": system, "pass": pass_name, "reps": args.reps, "ms": [],
+               "peak_bytes": int(peak), "first_call_s": time.time() - started}
+        for run in range(2):  # two identical runs: their spread is reported
+            row["ms"].append(time_ms(fn, args.reps))
+            say(f"run {run + 1}: {system:<10} {pass_name:<8} {row['ms'][-1]:10.3f} ms")
+        rows.append(row)
+        emit()
+
+    # SDPA first: it needs no compilation, so a short run still records it.
     if "sdpa" in systems:
         sdpa_passes, padded = sdpa_systems(meta, x, device, dtype, args.buckets)
         result["sdpa_buckets"] = args.buckets
         result["sdpa_padded_tokens"] = int(padded)
-        passes["sdpa-flash"] = sdpa_passes
+        if not args.check_only:
+            for pass_name, (fn, read, extra) in sdpa_passes.items():
+                time_pass("sdpa-flash", pass_name, fn, read, extra)
+        del sdpa_passes
+        if not DRY:
+            torch.cuda.empty_cache()
+    if "flex" in systems:
+        say("FlexAttention EvoAttention: compiling and checking")
+        err, compile_s, flex_passes, grad_coeffs = flex_systems(lay, masks, meta, x, device, dtype)
+        ok = math.isfinite(err) and err <= tol
+        say(f"FlexAttention EvoAttention vs this crate ({meta['output_source']}): "
+            f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}; "
+            f"first call (compilation) {compile_s:.1f} s")
+        result.update(check_rel_l2=err, check_ok=ok, flex_first_call_s=compile_s)
+        if not ok:
+            emit()
+            sys.exit(1)
+        del x["o"]
+        if args.check_only:
+            emit()
+            return
 
-    rows = []
-    for system, ps in passes.items():
-        for pass_name, (fn, read, extra) in ps.items():
-            started = time.time()
-            try:
-                peak = peak_bytes(fn, read) + extra
-            except Exception as e:  # noqa: BLE001 - only the captured-gradient case is retried
-                if not (system == "flex-evo" and pass_name == "fwd_bwd" and grad_coeffs["on"]):
-                    raise
-                print(f"flex-evo backward with coefficient gradients failed ({e!r}); "
-                      "timing it without them")
-                grad_coeffs["on"] = False
-                peak = peak_bytes(fn, read) + extra
-            rows.append({"system": system, "pass": pass_name, "reps": args.reps, "ms": [],
-                         "peak_bytes": int(peak), "first_call_s": time.time() - started})
-    for run in range(2):
-        for row in rows:
-            fn = passes[row["system"]][row["pass"]][0]
-            row["ms"].append(time_ms(fn, args.reps))
-            print(f"run {run + 1}: {row['system']:<10} {row['pass']:<8} {row['ms'][-1]:10.3f} ms")
-    result["rows"] = rows
-    if "flex-evo" in passes:
+        def without_coeff_grads(e):
+            if not grad_coeffs["on"]:
+                raise e
+            say(f"flex-evo backward with coefficient gradients failed ({e!r}); "
+                "timing it without them")
+            grad_coeffs["on"] = False
+            result["flex_grad_coeffs"] = False
+
         result["flex_grad_coeffs"] = grad_coeffs["on"]
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(f"appended to {out_path}")
+        for pass_name, (fn, read, extra) in flex_passes.items():
+            time_pass("flex-evo", pass_name, fn, read, extra,
+                      retry=without_coeff_grads if pass_name == "fwd_bwd" else None)
+    say(f"appended to {out_path}")
 
 
 if __name__ == "__main__":

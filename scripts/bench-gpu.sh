@@ -18,13 +18,16 @@
 # Between calls, unpack the results over the working tree here (`tar -xzf bench.tar.gz -C benches
 # results`), so that the next call carries the raw lines so far and appends to them;
 # benches/report.py can also be rerun here (standard library only).
-# Expected cost per cell, measured nowhere yet (no GPU was available when this was written):
-# dominated by the dense kernels at n = 16384 (about 1e13 flops per forward) and by
-# FlexAttention's torch.compile (six kernels per shape, each shape a new cell).
+# Cost per cell: dominated by the dense kernels at n = 16384 (134 s for ctr-base on an H100) and
+# by FlexAttention's torch.compile (six kernels per shape, each shape a new cell).
 #
 # Environment: REPS (default 20, BENCH.md's minimum), DENSE_REPS (default REPS; fewer only when
 # time forces it: the results record the repetitions of every row), SYSTEMS (sparse,dense),
-# TORCH=0 (skip the PyTorch baselines), BUDGET_S, OUT (default bench-out).
+# TORCH=0 (skip the PyTorch baselines), TORCH_TIMEOUT_S (default 400: the PyTorch step of a cell
+# is stopped there, keeping the passes it finished), BUDGET_S, OUT (default bench-out).
+# Seen on an H100 (2026-11-22): a ctr-base n = 4096 cell took 100 s for this crate's rows;
+# FlexAttention's forward compiled in 73 s, and the whole PyTorch step with the backward
+# compilation ran past 300 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -99,8 +102,15 @@ for cell in "${cells[@]}"; do
     status=3
     break
   elif [ "${TORCH:-1}" != 0 ]; then
-    if ! python3 benches/torch_baselines.py --data "$export_dir/$w-n$n" --len "$n" --reps "$reps" \
-        > "$logs/$w-n$n-torch.log" 2>&1; then
+    pack  # the crate's rows are safe before PyTorch starts compiling
+    PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT_S:-400}" python3 benches/torch_baselines.py \
+        --data "$export_dir/$w-n$n" --len "$n" --reps "$reps" > "$logs/$w-n$n-torch.log" 2>&1
+    rc=$?
+    if [ "$rc" -eq 124 ]; then
+      echo "TIMED OUT PyTorch baselines $w n=$n after ${TORCH_TIMEOUT_S:-400} s (passes finished before are kept)" \
+        | tee -a "$logs/status.txt"
+      status=1
+    elif [ "$rc" -ne 0 ]; then
       echo "FAILED PyTorch baselines $w n=$n (log $w-n$n-torch.log)" | tee -a "$logs/status.txt"
       status=1
     fi
