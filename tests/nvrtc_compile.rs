@@ -1,7 +1,7 @@
 //! Every kernel variant compiles under NVRTC for sm_80 and sm_90 with no register spills. Needs
 //! NVRTC (`source scripts/nvrtc-env.sh` installs the CUDA 13.0 wheel), not a GPU.
 
-use sparsectr_attn::cuda::{compile_report, kernel_names};
+use sparsectr_attn::cuda::{compile_modules, compile_report, kernel_names};
 
 fn check_arch(arch: &str) {
     let reports = compile_report(arch).unwrap_or_else(|e| {
@@ -18,7 +18,12 @@ fn check_arch(arch: &str) {
         let r = reports
             .iter()
             .find(|r| r.function == *name)
-            .unwrap_or_else(|| panic!("{name} missing from the ptxas report for {arch}"));
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} missing from the ptxas report for {arch}\n{}",
+                    logs(arch)
+                )
+            });
         assert!(
             r.registers > 0,
             "{name} on {arch}: no register count parsed"
@@ -34,6 +39,28 @@ fn check_arch(arch: &str) {
         names.len(),
         "a kernel outside the instantiation list"
     );
+}
+
+/// Every module's NVRTC log, cut short: on one GPU host (NVRTC 13.0.88 from the CUDA toolkit,
+/// 2026-11-22) the sm_90 report held one module's kernels only, while the same NVRTC version
+/// from the Python package index reports them all; the logs are what tells why.
+fn logs(arch: &str) -> String {
+    match compile_modules(arch) {
+        Err(e) => format!("(recompiling for the logs failed: {e})"),
+        Ok(modules) => modules
+            .iter()
+            .map(|m| {
+                let head: String = m.log.chars().take(600).collect();
+                format!(
+                    "--- {} for {arch}: {} bytes of log, {} of cubin\n{head}",
+                    m.name,
+                    m.log.len(),
+                    m.cubin.len()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    }
 }
 
 #[test]

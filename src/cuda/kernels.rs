@@ -241,12 +241,16 @@ pub struct KernelReport {
 /// kernel. Needs NVRTC, not a GPU: CI uses it to check that every variant compiles without
 /// register spills.
 pub fn compile_report(arch: &str) -> Result<Vec<KernelReport>> {
-    let mut reports = Vec::new();
-    for module in MODULES {
-        let compiled = compile_module(module, arch)?;
-        reports.extend(parse_ptxas_log(&compiled.log, arch));
-    }
-    Ok(reports)
+    Ok(compile_modules(arch)?
+        .iter()
+        .flat_map(|m| parse_ptxas_log(&m.log, arch))
+        .collect())
+}
+
+/// Compiles every kernel module with NVRTC for `arch`, logs included (what `compile_report`
+/// parses; the compile test prints a module's log when its report lacks a kernel).
+pub fn compile_modules(arch: &str) -> Result<Vec<CompiledModule>> {
+    MODULES.iter().map(|m| compile_module(m, arch)).collect()
 }
 
 /// The number just before `suffix` in `line` (`"... 12 bytes spill stores"` -> 12).

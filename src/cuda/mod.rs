@@ -37,5 +37,5 @@ pub use batch::{DeviceBatch, DeviceChunks};
 pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
 pub use device::{GpuDevice, SparseKernels};
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
-pub use kernels::{compile_report, kernel_names, CompiledModule, KernelReport};
+pub use kernels::{compile_modules, compile_report, kernel_names, CompiledModule, KernelReport};
 pub use timing::PoolUsage;
