@@ -17,6 +17,7 @@
 #include "attn/softmax.cuh"
 #include "attn/dense.cuh"
 
+// Three blocks per SM only at D = 32: the 168-register cap spilled 16-bit D = 64 (NVRTC 13.0).
 template <int kHeadDim>
 constexpr int kDenseQueryMinBlocks = kHeadDim <= 32 ? 3 : 2;
 
@@ -182,7 +183,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
 }
 
 #define SPARSECTR_DENSE_BACKWARD_QUERY(NAME, T, D)                                               \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseQueryMinBlocks<D>)           \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kDenseQueryMinBlocks<D>)         \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const T* __restrict__ o, const T* __restrict__ d_o,        \
              const float* __restrict__ lse, const float* __restrict__ coeffs,                    \
