@@ -72,28 +72,11 @@ fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), S
     }
 }
 
-/// dcoeffs against an absolute floor as well (see `compare_dcoeffs` in tests/gpu_backward.rs:
-/// where a branch's keys share their features the exact gradient is 0 and both paths leave
-/// rounding residue).
+/// dcoeffs on the CUDA path against the CPU path, with `common::gpu::compare_dcoeffs`'s floor
+/// and the two-roundings tolerance of `compare`.
 fn compare_dcoeffs(gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
-    let (got, want) = (to_f64(gpu), to_f64(cpu));
-    let diff = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let floor = 1e-2 * (want.len() as f64).sqrt();
-    let err = diff / norm.max(floor);
     let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
-    if err.is_finite() && err <= tol && got.len() == want.len() {
-        Ok(())
-    } else {
-        Err(format!(
-            "dcoeffs: error {err:e} > {tol:e} (relative to max(||cpu||, {floor:e}))"
-        ))
-    }
+    common::gpu::compare_dcoeffs(&to_f64(gpu), &to_f64(cpu), tol)
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {

@@ -105,29 +105,6 @@ fn compare(name: &str, got: &[f64], want: &[f64], tol: f64) -> Result<(), String
     }
 }
 
-/// dcoeffs sums dz * features over every pair; where a branch's keys all share their features
-/// the terms cancel exactly (the dz of one softmax sum to zero) and the reference is rounding
-/// residue (~1e-16) while a correct f32 kernel leaves ~1e-8. So the error is relative to the
-/// reference or to an absolute floor of 1e-2 per element, whichever is larger.
-fn compare_dcoeffs(got: &[f64], want: &[f64], tol: f64) -> Result<(), String> {
-    let diff = got
-        .iter()
-        .zip(want)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum::<f64>()
-        .sqrt();
-    let norm = want.iter().map(|x| x * x).sum::<f64>().sqrt();
-    let floor = 1e-2 * (want.len() as f64).sqrt();
-    let err = diff / norm.max(floor);
-    if err.is_finite() && err <= tol && got.len() == want.len() {
-        Ok(())
-    } else {
-        Err(format!(
-            "dcoeffs: error {err:e} > {tol:e} (relative to max(||ref||, {floor:e}))"
-        ))
-    }
-}
-
 fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Result<(), String> {
     let dims = Dims {
         heads: c.heads,
@@ -161,7 +138,7 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     compare("dv", &widen(&got.dv), &want.dv, tol)?;
     let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     compare("dgates", &f(&got.dgates), &want.dgates, tol)?;
-    compare_dcoeffs(&f(&got.dcoeffs), &want.dcoeffs, tol)?;
+    common::gpu::compare_dcoeffs(&f(&got.dcoeffs), &want.dcoeffs, tol)?;
     Ok(())
 }
 
