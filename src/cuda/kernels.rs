@@ -240,11 +240,28 @@ pub struct KernelReport {
 /// Compiles every kernel module with NVRTC for `arch` and returns ptxas's report of each
 /// kernel. Needs NVRTC, not a GPU: CI uses it to check that every variant compiles without
 /// register spills.
+///
+/// NVRTC 12.9+ keeps a compile cache where a CUDA driver is installed, and a module it serves
+/// from there comes with an empty log: such a module is an error here rather than a report that
+/// silently lacks its kernels. Run with `CUDA_CACHE_DISABLE=1` for a full report.
 pub fn compile_report(arch: &str) -> Result<Vec<KernelReport>> {
-    Ok(compile_modules(arch)?
-        .iter()
-        .flat_map(|m| parse_ptxas_log(&m.log, arch))
-        .collect())
+    let mut reports = Vec::new();
+    for m in compile_modules(arch)? {
+        let parsed = parse_ptxas_log(&m.log, arch);
+        if parsed.is_empty() {
+            return Err(Error::Compile {
+                kernel: format!("{} for {arch}", m.name),
+                log: format!(
+                    "NVRTC returned {} bytes of log and no ptxas report for a {}-byte cubin: \
+                     most likely served from NVRTC's compile cache; set CUDA_CACHE_DISABLE=1",
+                    m.log.len(),
+                    m.cubin.len()
+                ),
+            });
+        }
+        reports.extend(parsed);
+    }
+    Ok(reports)
 }
 
 /// Compiles every kernel module with NVRTC for `arch`, logs included (what `compile_report`
