@@ -559,6 +559,33 @@ fn scenarios() -> Vec<Scenario> {
     s.runs = vec![(DType::F32, 32), (DType::F32, 64), (DType::F32, 128)];
     v.push(s);
 
+    // Sequences over several 64-token tiles, for the tensor-core key side: keys whose windows
+    // cross tiles, more than 64 tail slots per sequence (two and three blocks of the tails
+    // kernel), chunks shorter than m, and a window that reaches the candidates from earlier tiles.
+    let gaps = |n: usize, k: usize| -> Vec<i64> {
+        (0..n)
+            .map(|i| [0, 5, 60, 3600, 7, 90_000, 1, 20][(i * k + i / 7) % 8])
+            .collect()
+    };
+    let long = pack(
+        true,
+        &[
+            seq(times(t0, &gaps(180, 3)), 4),
+            seq(times(t0 + 1000, &gaps(130, 5)), 0),
+            seq(vec![t0 + 3], 2),
+            seq(times(t0 - 86_400, &gaps(70, 1)), 3),
+        ],
+    );
+    let mut s = scenario("long-tiles", long.clone(), 40, 3, 70);
+    s.heads = 1;
+    s.flags = vec!["--repeat-backward"];
+    s.runs = vec![(DType::BF16, 32), (DType::F16, 64), (DType::BF16, 128)];
+    v.push(s);
+    let mut s = scenario("long-tails", long, 8, 20, 5);
+    s.heads = 1;
+    s.runs = vec![(DType::F16, 32), (DType::BF16, 64)];
+    v.push(s);
+
     // Every other scenario runs all three dtypes, head dims rotating.
     for (i, s) in v.iter_mut().enumerate() {
         if s.runs.is_empty() {

@@ -69,6 +69,15 @@ namespace k_bwd_summary {
 namespace k_bwd_key {
 #include "backward_key.cu"
 }
+namespace k_bwd_tails_tc {
+#include "backward_tails_tc.cu"
+}
+namespace k_bwd_key_tc {
+#include "backward_key_tc.cu"
+}
+namespace k_bwd_user_key {
+#include "backward_user_key.cu"
+}
 namespace k_coeffs {
 #include "coeffs_reduce.cu"
 }
@@ -180,6 +189,9 @@ struct Elem {
     using bwd_query = Pick<D, float, k_bwd_query::half_t, k_bwd_query::bf16_t>;
     using bwd_summary = Pick<D, float, k_bwd_summary::half_t, k_bwd_summary::bf16_t>;
     using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
+    using bwd_tails_tc = Pick<D, float, k_bwd_tails_tc::half_t, k_bwd_tails_tc::bf16_t>;
+    using bwd_key_tc = Pick<D, float, k_bwd_key_tc::half_t, k_bwd_key_tc::bf16_t>;
+    using bwd_user_key = Pick<D, float, k_bwd_user_key::half_t, k_bwd_user_key::bf16_t>;
     using dense_fwd = Pick<D, float, k_dense_fwd::half_t, k_dense_fwd::bf16_t>;
     using dense_bq = Pick<D, float, k_dense_bq::half_t, k_dense_bq::bf16_t>;
     using dense_bk = Pick<D, float, k_dense_bk::half_t, k_dense_bk::bf16_t>;
@@ -231,6 +243,12 @@ struct TcKernels;
         static constexpr const char* forward_name = "evo_forward_tc_" #dn "_d" #HD;     \
         static constexpr auto bwd_query = k_bwd_query_tc::evo_backward_query_tc_##dn##_d##HD; \
         static constexpr const char* bwd_query_name = "evo_backward_query_tc_" #dn "_d" #HD; \
+        static constexpr auto bwd_tails = k_bwd_tails_tc::evo_backward_tails_tc_##dn##_d##HD; \
+        static constexpr const char* bwd_tails_name = "evo_backward_tails_tc_" #dn "_d" #HD; \
+        static constexpr auto bwd_key = k_bwd_key_tc::evo_backward_key_tc_##dn##_d##HD; \
+        static constexpr const char* bwd_key_name = "evo_backward_key_tc_" #dn "_d" #HD; \
+        static constexpr auto bwd_user = k_bwd_user_key::evo_backward_user_key_##dn##_d##HD; \
+        static constexpr const char* bwd_user_name = "evo_backward_user_key_" #dn "_d" #HD; \
     };
 EMU_TC_KERNELS(F16, f16, 32)
 EMU_TC_KERNELS(F16, f16, 64)
@@ -250,6 +268,7 @@ static_assert(kBwdWarps == k_bwd_query::kBwdQueryWarps && kBwdThreads == k_bwd_q
 static_assert(kBwdWarps == k_bwd_summary::kBwdSummaryWarps && kBwdThreads == k_bwd_summary::kBwdSummaryThreads);
 static_assert(kBwdWarps == k_bwd_key::kBwdKeyWarps && kBwdThreads == k_bwd_key::kBwdKeyThreads);
 static_assert(kReduceThreads == k_coeffs::kReduceThreads);
+static_assert(kBwdWarps == k_bwd_user_key::kUserKeyWarps && kBwdThreads == k_bwd_user_key::kUserKeyThreads);
 // src/cuda/dense.rs: DENSE_THREADS, DENSE_ROWS.
 constexpr unsigned kDenseThreads = 128, kDenseRows = 64;
 static_assert(kDenseThreads == k_dense_fwd::kDenseThreads && kDenseRows == k_dense_fwd::kDenseRows);
@@ -936,15 +955,55 @@ int run(const Folder& f, const Options& opt) {
                     wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
                     d_o_d.as<const TS>(), lse.as<const float>(), out.dgates.as<const float>(),
                     dkbar.as<float>(), dvbar.as<float>());
-                emu::launch_named(
-                    K::bwd_key_name, K::bwd_key, token_grid, block,
-                    cast_params<k_bwd_key::EvoParams>(p), q_d.as<const TK>(), k_d.as<const TK>(),
-                    v_d.as<const TK>(), gates_ptr, coeffs_d.as<const float>(),
-                    rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_key::SeqInfo>(),
-                    wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
-                    d_o_d.as<const TK>(), lse.as<const float>(), out.dgates.as<const float>(),
-                    dkbar.as<const float>(), dvbar.as<const float>(), out.dk.as<TK>(),
-                    out.dv.as<TK>());
+                if constexpr (DT == DType::F32) {
+                    emu::launch_named(
+                        K::bwd_key_name, K::bwd_key, token_grid, block,
+                        cast_params<k_bwd_key::EvoParams>(p), q_d.as<const TK>(), k_d.as<const TK>(),
+                        v_d.as<const TK>(), gates_ptr, coeffs_d.as<const float>(),
+                        rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_key::SeqInfo>(),
+                        wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
+                        d_o_d.as<const TK>(), lse.as<const float>(), out.dgates.as<const float>(),
+                        dkbar.as<const float>(), dvbar.as<const float>(), out.dk.as<TK>(),
+                        out.dv.as<TK>());
+                } else {
+                    // backward_into's default for 16-bit inputs: the tensor-core key side
+                    // (GpuDevice::backward_key_tc). Tail slots nobody writes stay NaN.
+                    using KT = TcKernels<DT, HD>;
+                    using TT = typename Elem<DT>::bwd_tails_tc;
+                    using TKC = typename Elem<DT>::bwd_key_tc;
+                    using TU = typename Elem<DT>::bwd_user_key;
+                    const size_t tail_slots = static_cast<size_t>(p.max_chunks) * p.tail_tokens;
+                    const size_t tail_rows = static_cast<size_t>(B) * tail_slots * H * HD;
+                    Buf tail_dk = poisoned<float>(tail_rows), tail_dv = poisoned<float>(tail_rows);
+                    const unsigned groups = static_cast<unsigned>((tail_slots + kDenseRows - 1) / kDenseRows);
+                    if (groups > 0 && B > 0)
+                        emu::launch_named(
+                            KT::bwd_tails_name, KT::bwd_tails, dim3(B * groups, H), dim3(kDenseThreads),
+                            cast_params<k_bwd_tails_tc::EvoParams>(p), q_d.as<const TT>(),
+                            k_d.as<const TT>(), v_d.as<const TT>(), gates_ptr, coeffs_d.as<const float>(),
+                            rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_tails_tc::SeqInfo>(),
+                            wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
+                            d_o_d.as<const TT>(), lse.as<const float>(), out.dgates.as<const float>(),
+                            tail_dk.as<float>(), tail_dv.as<float>());
+                    emu::launch_named(
+                        KT::bwd_key_name, KT::bwd_key, dim3(num_tiles, H), dim3(kDenseThreads),
+                        cast_params<k_bwd_key_tc::EvoParams>(p), q_d.as<const TKC>(),
+                        k_d.as<const TKC>(), v_d.as<const TKC>(), gates_ptr, coeffs_d.as<const float>(),
+                        rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_key_tc::SeqInfo>(),
+                        wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
+                        d_o_d.as<const TKC>(), lse.as<const float>(), out.dgates.as<const float>(),
+                        dkbar.as<const float>(), dvbar.as<const float>(), tail_dk.as<const float>(),
+                        tail_dv.as<const float>(), out.dk.as<TKC>(), out.dv.as<TKC>(),
+                        tiles_d.as<const int>());
+                    emu::launch_named(
+                        KT::bwd_user_name, KT::bwd_user,
+                        dim3((static_cast<unsigned>(B) + kBwdWarps - 1) / kBwdWarps, H), block,
+                        cast_params<k_bwd_user_key::EvoParams>(p), q_d.as<const TU>(),
+                        k_d.as<const TU>(), v_d.as<const TU>(), gates_ptr, coeffs_d.as<const float>(),
+                        rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_user_key::SeqInfo>(),
+                        wd0_d.as<const int>(), d_o_d.as<const TU>(), lse.as<const float>(),
+                        out.dgates.as<const float>(), out.dk.as<TU>(), out.dv.as<TU>());
+                }
                 EMU_LAUNCH(k_coeffs::evo_coeffs_reduce, dim3(H), dim3(kReduceThreads),
                            cast_params<k_coeffs::EvoParams>(p), partial.as<const float>(),
                            out.dcoeffs.as<float>());

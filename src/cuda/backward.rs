@@ -1,11 +1,13 @@
 //! The backward on the GPU (SPEC section 6): dQ, dK, dV through summaries, tails and window,
 //! dcoeffs and dgates, from `dO` and the forward's per-branch LSE.
 //!
-//! Four launches after pooling: the query kernel (dQ, dgates, per-query dcoeff partials), the
-//! summary kernel (dKbar, dVbar), the key kernel (dK, dV: local and transition uses gathered
-//! over the queries that see the key, plus the chunk's summary gradient / |C|), and a fixed-order
-//! reduction of the dcoeff partials. No kernel scatters with atomics, so every mode gives the
-//! same bits from run to run.
+//! After pooling: the query kernel (dQ, dgates, per-query dcoeff partials), the summary kernel
+//! (dKbar, dVbar), the key side (dK, dV), and a fixed-order reduction of the dcoeff partials.
+//! The key side for 16-bit inputs runs on tensor cores in three kernels: the tail tokens'
+//! transition-branch gradients into an f32 buffer, then each 64-token tile's local-window
+//! gradients plus that buffer and the chunk's summary gradient / |C|, and a warp kernel for the
+//! user tokens; for f32 one warp kernel gathers each token's uses. No kernel scatters with
+//! atomics, so every mode gives the same bits from run to run.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -16,15 +18,19 @@ use super::forward::{
     launch_params, push_gates, push_layout, DeviceGates, DeviceInputs, GpuElement,
 };
 use super::kernels::Entry;
-use super::params::GatesMode;
+use super::params::{EvoParams, GatesMode};
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Inputs};
 use crate::batch::JaggedBatch;
 use crate::chunking::Chunks;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Warps (one (token, head) or (chunk, head) each) per block of the backward kernels.
 const BWD_WARPS: u32 = 4;
 const BWD_THREADS: u32 = BWD_WARPS * 32;
+/// Threads per block of the tensor-core key kernels (`kDenseThreads`), and tail slots per block
+/// of the tails kernel (`kDenseRows`).
+const TILE_THREADS: u32 = 128;
+const TAIL_ROWS: usize = 64;
 /// Threads per block of the dcoeffs reduction (`kReduceThreads`).
 const REDUCE_THREADS: u32 = 256;
 
@@ -81,8 +87,10 @@ pub struct HostGradients<T> {
 impl GpuDevice {
     /// Sparse EvoAttention backward into caller buffers, from `d_o` (`[T, H, D]`) and the
     /// forward's `lse` (`[T, H, 3]`). Scratch beyond the outputs, allocated per call:
-    /// summaries `2 * B * P * H * D` elements of T, their gradients `2 * B * P * H * D` f32, and
-    /// `3 * T * H` f32 dcoeff partials. Nothing is `T x T`.
+    /// summaries `2 * B * P * H * D` elements of T, their gradients `2 * B * P * H * D` f32,
+    /// `3 * T * H` f32 dcoeff partials and, for 16-bit inputs, the tail tokens' gradients
+    /// `2 * B * P * m * H * D` f32 (m clamped to the longest sequence's behaviors). Nothing is
+    /// `T x T`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: GpuElement>(
         &self,
@@ -208,30 +216,48 @@ impl GpuDevice {
         // hold B * P * H * D f32.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
 
-        let func = self.function(Entry::BackwardKey, dtype, dim)?;
-        let mut launch = stream.launch_builder(&func);
-        launch
-            .arg(&params)
-            .arg(inputs.q)
-            .arg(inputs.k)
-            .arg(inputs.v);
-        push_gates(&mut launch, &inputs.gates, &null);
-        push_layout(&mut launch, inputs.coeffs, batch, chunks);
-        launch
-            .arg(d_o)
-            .arg(lse)
-            .arg(&*grads.dgates)
-            .arg(&dkbar)
-            .arg(&dvbar)
-            .arg(&mut *grads.dk)
-            .arg(&mut *grads.dv);
-        let cfg = LaunchConfig {
-            grid_dim: token_grid,
-            block_dim: block,
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument types and order match SPARSECTR_BACKWARD_KEY; lengths checked above.
-        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key)"))?;
+        if tiled {
+            self.backward_key_tc(
+                batch,
+                chunks,
+                dims,
+                &params,
+                inputs,
+                lse,
+                d_o,
+                &*grads.dgates,
+                &dkbar,
+                &dvbar,
+                grads.dk,
+                grads.dv,
+            )?;
+        } else {
+            let func = self.function(Entry::BackwardKey, dtype, dim)?;
+            let mut launch = stream.launch_builder(&func);
+            launch
+                .arg(&params)
+                .arg(inputs.q)
+                .arg(inputs.k)
+                .arg(inputs.v);
+            push_gates(&mut launch, &inputs.gates, &null);
+            push_layout(&mut launch, inputs.coeffs, batch, chunks);
+            launch
+                .arg(d_o)
+                .arg(lse)
+                .arg(&*grads.dgates)
+                .arg(&dkbar)
+                .arg(&dvbar)
+                .arg(&mut *grads.dk)
+                .arg(&mut *grads.dv);
+            let cfg = LaunchConfig {
+                grid_dim: token_grid,
+                block_dim: block,
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument types and order match SPARSECTR_BACKWARD_KEY; lengths checked
+            // above.
+            unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key)"))?;
+        }
 
         let func = self.function(Entry::CoeffsReduce, None, None)?;
         let mut launch = stream.launch_builder(&func);
@@ -243,6 +269,116 @@ impl GpuDevice {
         };
         // SAFETY: matches SPARSECTR_COEFFS_REDUCE; partial holds H * T * 3 f32, dcoeffs H * 3.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_coeffs_reduce)"))?;
+        Ok(())
+    }
+
+    /// The key side on tensor cores (16-bit inputs): the tails kernel writes each tail token's
+    /// transition-branch dK and dV in f32 to a compact buffer (`2 * B * P * m * H * D` f32 of
+    /// scratch), the local-window kernel adds them and the summary share to the token's local
+    /// gradient, and a warp kernel takes each sequence's user token.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_key_tc<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        params: &EvoParams,
+        inputs: &DeviceInputs<'_, T>,
+        lse: &CudaSlice<f32>,
+        d_o: &CudaSlice<T>,
+        dgates: &CudaSlice<f32>,
+        dkbar: &CudaSlice<f32>,
+        dvbar: &CudaSlice<f32>,
+        dk: &mut CudaSlice<T>,
+        dv: &mut CudaSlice<T>,
+    ) -> Result<()> {
+        let stream = &self.stream;
+        let null = 0u64;
+        let dtype = Some(T::DTYPE);
+        let dim = Some(dims.head_dim);
+        // Resolved before any launch: a missing variant is an error, not half a gradient.
+        let tails_fn = self.function(Entry::BackwardTailsTc, dtype, dim)?;
+        let key_fn = self.function(Entry::BackwardKeyTc, dtype, dim)?;
+        let user_fn = self.function(Entry::BackwardUserKey, dtype, dim)?;
+        let slots = chunks.max_chunks * params.tail_tokens as usize;
+        let tail_rows = chunks.num_seqs * slots * dims.heads * dims.head_dim;
+        let mut tail_dk = zeros::<f32>(stream, tail_rows)?;
+        let mut tail_dv = zeros::<f32>(stream, tail_rows)?;
+
+        let groups = slots.div_ceil(TAIL_ROWS);
+        if groups > 0 && chunks.num_seqs > 0 {
+            let blocks =
+                u32::try_from(chunks.num_seqs * groups).map_err(|_| Error::OutOfRange {
+                    field: "tail_tokens",
+                    value: params.tail_tokens.to_string(),
+                    expected: "B * ceil(P * m / 64) below 2^32 tail blocks",
+                })?;
+            let mut launch = stream.launch_builder(&tails_fn);
+            launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
+            push_gates(&mut launch, &inputs.gates, &null);
+            push_layout(&mut launch, inputs.coeffs, batch, chunks);
+            launch
+                .arg(d_o)
+                .arg(lse)
+                .arg(dgates)
+                .arg(&mut tail_dk)
+                .arg(&mut tail_dv);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, dims.heads as u32, 1),
+                block_dim: (TILE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument types and order match SPARSECTR_BACKWARD_TAILS_TC; tail_dk and
+            // tail_dv hold B * P * m * H * D f32, the slots the kernel indexes.
+            unsafe { launch.launch(cfg) }
+                .map_err(driver("cuLaunchKernel(evo_backward_tails_tc)"))?;
+        }
+
+        let mut launch = stream.launch_builder(&key_fn);
+        launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
+        push_gates(&mut launch, &inputs.gates, &null);
+        push_layout(&mut launch, inputs.coeffs, batch, chunks);
+        launch
+            .arg(d_o)
+            .arg(lse)
+            .arg(dgates)
+            .arg(dkbar)
+            .arg(dvbar)
+            .arg(&tail_dk)
+            .arg(&tail_dv)
+            .arg(&mut *dk)
+            .arg(&mut *dv)
+            .arg(&batch.tiles);
+        let cfg = dense_grid(batch, dims, 1)?;
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_KEY_TC; the tile list is
+        // the batch's own; lengths checked by backward_into.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key_tc)"))?;
+
+        let mut launch = stream.launch_builder(&user_fn);
+        launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
+        push_gates(&mut launch, &inputs.gates, &null);
+        launch
+            .arg(inputs.coeffs)
+            .arg(&batch.rel_time)
+            .arg(&batch.seqs)
+            .arg(&batch.weekday0)
+            .arg(d_o)
+            .arg(lse)
+            .arg(dgates)
+            .arg(&mut *dk)
+            .arg(&mut *dv);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (batch.num_seqs as u32).div_ceil(BWD_WARPS),
+                dims.heads as u32,
+                1,
+            ),
+            block_dim: (BWD_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_USER_KEY; it writes the
+        // user token rows only, which backward_key_tc leaves.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_user_key)"))?;
         Ok(())
     }
 

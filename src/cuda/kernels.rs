@@ -40,6 +40,9 @@ pub(crate) enum Entry {
     BackwardQueryTc,
     BackwardSummary,
     BackwardKey,
+    BackwardKeyTc,
+    BackwardTailsTc,
+    BackwardUserKey,
     CoeffsReduce,
     DenseForward,
     DenseBackwardQuery,
@@ -57,6 +60,9 @@ impl Entry {
             Entry::BackwardQueryTc => "backward_query_tc",
             Entry::BackwardSummary => "backward_summary",
             Entry::BackwardKey => "backward_key",
+            Entry::BackwardKeyTc => "backward_key_tc",
+            Entry::BackwardTailsTc => "backward_tails_tc",
+            Entry::BackwardUserKey => "backward_user_key",
             Entry::CoeffsReduce => "coeffs_reduce",
             Entry::DenseForward => "dense_forward",
             Entry::DenseBackwardQuery => "dense_backward_query",
@@ -355,6 +361,27 @@ mod tests {
                 for d in crate::SUPPORTED_HEAD_DIMS {
                     assert!(kernel(entry, Some(dtype), Some(*d)).is_ok(), "{entry:?}");
                 }
+            }
+        }
+        // Tensor-core entries: 16-bit inputs only (f32 takes the warp kernels).
+        for entry in [
+            Entry::ForwardTc,
+            Entry::BackwardQueryTc,
+            Entry::BackwardKeyTc,
+            Entry::BackwardTailsTc,
+            Entry::BackwardUserKey,
+        ] {
+            for d in crate::SUPPORTED_HEAD_DIMS {
+                for dtype in [DType::F16, DType::BF16] {
+                    assert!(kernel(entry, Some(dtype), Some(*d)).is_ok(), "{entry:?}");
+                }
+                assert!(
+                    matches!(
+                        kernel(entry, Some(DType::F32), Some(*d)),
+                        Err(Error::NoKernel { dtype: "f32", .. })
+                    ),
+                    "{entry:?}"
+                );
             }
         }
         assert!(kernel(Entry::Chunking, None, None).is_ok());

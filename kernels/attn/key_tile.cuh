@@ -1,0 +1,150 @@
+// Backward, key side on tensor cores: what the tails and the local-window kernels share. A block
+// holds 64 key rows of one sequence and head (16 per warp, as MMA rows: row g and g + 8 of a
+// warp's tile belong to lane (g, t)) and walks ranges of queries in tiles of kCols, as
+// dense_backward_key.cu does, but with one branch's softmax (SPEC section 6, dO_b = gate_b dO):
+//
+//   P^T = exp(z - LSE_b),  dP'^T = V dO^T,  dz^T = gate_b P^T (dP'^T - dgates_b)
+//   dV += (gate_b P)^T dO,  dK += dz^T Q    (times scale at the end)
+//
+// Which (query, key) pairs count is the caller's `Rows::visible(query, r)` for the lane's rows r =
+// 0 (g) and 1 (g + 8). Every key and query here has a time: the user token never enters a tile.
+//
+// Shared memory: Q and dO tiles [kCols][D + pad], their transposes [D][kCols + pad], per query
+// LSE_b, dgates_b, gate_b and time, and the 64 keys' times: at most 39 KB (16-bit D = 64).
+#pragma once
+
+#include "../common/dtype.cuh"
+#include "../common/mma.cuh"
+#include "../common/params.cuh"
+#include "../common/warp.cuh"
+#include "temporal.cuh"
+#include "query.cuh"
+#include "dense.cuh"
+
+// Larger than any token index: "no bound" for a walk's warp limits.
+constexpr int kNoKey = 0x7fffffff;
+
+template <typename T, int kHeadDim>
+struct KeyTile {
+    static constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
+    static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
+    static constexpr int kPad = SmemPad<T>::kValue;
+    static constexpr int kQueryTiles = kCols / 8;
+    static constexpr int kDimTiles = kHeadDim / 8;
+
+    // What a walk reads.
+    struct Inputs {
+        const T* __restrict__ q;
+        const T* __restrict__ d_o;
+        const float* __restrict__ lse;
+        const float* __restrict__ dgates;
+        const void* __restrict__ gates;
+        const unsigned* __restrict__ rel_time;
+    };
+
+    T* sQ;
+    T* sQt;
+    T* sdO;
+    T* sdOt;
+    float* sLse;
+    float* sDg;
+    float* sGate;
+    TokenTime* sTime;
+    const TokenTime* sKeyTime;  // [kDenseRows]: the block's keys' times, filled by the caller
+    const EvoParams* p;
+    Inputs in;
+    int head, weekday0, branch;
+    TemporalCoeffs coeffs;
+    float inv_buckets;
+    RowOperand<T, kHeadDim, kResident> kf, vf;
+    FragC dk[kDimTiles], dv[kDimTiles];
+
+    __device__ __forceinline__ void clear_acc() {
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; ++dt) {
+            clear(dk[dt]);
+            clear(dv[dt]);
+        }
+    }
+
+    // Queries [lo, hi). A warp skips the tiles entirely before `warp_first` (its smallest key: no
+    // query there sees any of its rows) or after `warp_last` (its last visible query).
+    template <typename Rows>
+    __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last) {
+        const EvoParams& pp = *p;
+        const int lane = threadIdx.x % kWarpSize;
+        const int g = lane >> 2, t = lane & 3;
+        const int warp = threadIdx.x / kWarpSize;
+        const int key_slot[2] = {warp * 16 + g, warp * 16 + g + 8};
+        for (int qt = lo; qt < hi; qt += kCols) {
+            __syncthreads();
+            tile_tensor<T, kHeadDim, kCols>(pp, in.q, qt, hi, head, sQ, sQt);
+            tile_tensor<T, kHeadDim, kCols>(pp, in.d_o, qt, hi, head, sdO, sdOt);
+            const int tid = threadIdx.x;
+            if (tid < kCols) {
+                const int query = qt + tid;
+                const bool inside = query < hi;
+                const size_t b_at = (static_cast<size_t>(inside ? query : lo) * pp.heads + head) * kNumBranches + branch;
+                sLse[tid] = inside ? in.lse[b_at] : 0.f;
+                sDg[tid] = inside ? in.dgates[b_at] : 0.f;
+                sGate[tid] = inside ? load_gate<T>(pp, in.gates, b_at) : 0.f;
+                sTime[tid] = token_time(inside ? in.rel_time[query] : 0u, weekday0);
+            }
+            __syncthreads();
+            // Warp-uniform.
+            if (qt + kCols - 1 < warp_first || qt > warp_last) continue;
+
+            FragC pt[kQueryTiles], dst[kQueryTiles];  // P^T, then dP'^T and dz^T
+#pragma unroll
+            for (int n = 0; n < kQueryTiles; ++n) {
+                clear(pt[n]);
+                clear(dst[n]);
+            }
+            rows_times_tile<T, kHeadDim, kCols>(pt, kf, sQ);
+            rows_times_tile<T, kHeadDim, kCols>(dst, vf, sdO);
+#pragma unroll
+            for (int n = 0; n < kQueryTiles; ++n) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1), query = qt + col;
+                    float gp = 0.f, dz = 0.f;
+                    if (query < hi && rows.visible(query, r)) {
+                        const float z = pt[n].c[i] * pp.scale +
+                                        coeffs.bias(pair_features(sTime[col], sKeyTime[key_slot[r]],
+                                                                  pp.num_time_buckets, inv_buckets));
+                        gp = sGate[col] * expf(z - sLse[col]);
+                        dz = gp * (dst[n].c[i] - sDg[col]);
+                    }
+                    pt[n].c[i] = gp;
+                    dst[n].c[i] = dz;
+                }
+            }
+            probs_times_tile<T, kCols>(dv, pt, sdOt, 0);
+            probs_times_tile<T, kCols>(dk, dst, sQt, 0);
+        }
+    }
+};
+
+// Declares the shared tiles of a KeyTile walk and points `kt` at them (a macro: `__shared__`
+// arrays must be declared in the kernel's own scope).
+#define SPARSECTR_KEY_TILE_SMEM(kt, T, D)                                                         \
+    constexpr int kKtCols_ = KeyTile<T, D>::kCols;                                              \
+    constexpr int kKtPad_ = KeyTile<T, D>::kPad;                                                \
+    alignas(16) __shared__ T sQ_[kKtCols_ * (D + kKtPad_)];                                     \
+    alignas(16) __shared__ T sQt_[D * (kKtCols_ + kKtPad_)];                                    \
+    alignas(16) __shared__ T sdO_[kKtCols_ * (D + kKtPad_)];                                    \
+    alignas(16) __shared__ T sdOt_[D * (kKtCols_ + kKtPad_)];                                   \
+    __shared__ float sLse_[kKtCols_];                                                           \
+    __shared__ float sDg_[kKtCols_];                                                            \
+    __shared__ float sGate_[kKtCols_];                                                          \
+    __shared__ TokenTime sTime_[kKtCols_];                                                      \
+    __shared__ TokenTime sKeyTime_[kDenseRows];                                                 \
+    kt.sQ = sQ_;                                                                                \
+    kt.sQt = sQt_;                                                                              \
+    kt.sdO = sdO_;                                                                              \
+    kt.sdOt = sdOt_;                                                                            \
+    kt.sLse = sLse_;                                                                            \
+    kt.sDg = sDg_;                                                                              \
+    kt.sGate = sGate_;                                                                          \
+    kt.sTime = sTime_;                                                                          \
+    kt.sKeyTime = sKeyTime_

@@ -1,0 +1,178 @@
+// Backward, key side on tensor cores (bf16, f16): dK and dV of behavior and candidate tokens. A
+// block takes 64 consecutive tokens of one sequence and head (the dense tile list) and walks only
+// the queries of their local windows (SPEC section 4: a behavior j is seen by the behaviors
+// [j, j + w) and, when j + w > the first candidate, by every candidate; a candidate by itself):
+//
+//   1. the behaviors [k0, k0 + 64 + w - 1), cut at the first candidate;
+//   2. the candidates, where a row is seen by them.
+//
+// Then each row adds its other uses, all computed before: the transition branch from the tails
+// kernel's f32 buffer (backward_tails_tc.cu) when the token is a tail, and its chunk's summary
+// gradient / |C| (backward_summary.cu). Each dK, dV element is rounded once, by its one writer.
+// The user token is left to backward_user_key.cu: one row seen by every query is no MMA tile.
+//
+// Grid: (tiles, H), block kDenseThreads.
+//
+// @instantiate SPARSECTR_BACKWARD_KEY_TC dtype16 head_dim
+
+#include "common/dtype.cuh"
+#include "common/mma.cuh"
+#include "common/params.cuh"
+#include "common/warp.cuh"
+#include "attn/temporal.cuh"
+#include "attn/query.cuh"
+#include "attn/dense.cuh"
+#include "attn/key_tile.cuh"
+
+// Two blocks per SM: at three, D = 32 spilled on sm_90 (NVRTC 13.0), and D >= 64 needs over
+// 200 registers anyway (the dK and dV accumulators of 16 rows).
+template <int kHeadDim>
+constexpr int kKeyTcMinBlocks = 2;
+
+struct LocalRows {
+    int key[2];  // the lane's rows g and g + 8; -1 for the user token and past the sequence
+    int candidates, window;
+    __device__ __forceinline__ bool visible(int query, int r) const {
+        const int j = key[r];
+        if (j < 0) return false;
+        if (j >= candidates) return query == j;
+        return query < candidates ? (query >= j && query - j < window) : j + window > candidates;
+    }
+};
+
+template <typename T, int kHeadDim>
+__device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k,
+                                const T* __restrict__ v, const void* __restrict__ gates,
+                                const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,
+                                const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
+                                const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
+                                const T* __restrict__ d_o, const float* __restrict__ lse,
+                                const float* __restrict__ dgates, const float* __restrict__ dkbar,
+                                const float* __restrict__ dvbar, const float* __restrict__ tail_dk,
+                                const float* __restrict__ tail_dv, T* __restrict__ dk,
+                                T* __restrict__ dv, const int* __restrict__ tiles) {
+    using KT = KeyTile<T, kHeadDim>;
+    KT kt;
+    SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
+    const DenseBlock blk = dense_block(p, 1, tiles);
+    const int s = blk.seq, head = blk.head;
+    const SeqInfo si = seqs[s];
+    const int k0 = si.start + blk.tile * kDenseRows;
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    const int w = p.window;
+
+    LocalRows rows;
+    rows.candidates = si.candidates;
+    rows.window = w;
+    const int wk = k0 + warp * 16;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = wk + g + 8 * r;
+        rows.key[r] = j >= si.behaviors && j < si.end ? j : -1;
+    }
+    const int wd0 = weekday0[s];
+    if (threadIdx.x < kDenseRows)
+        sKeyTime_[threadIdx.x] = token_time(rel_time[min(k0 + static_cast<int>(threadIdx.x), si.end - 1)], wd0);
+    const int clamped[2] = {min(max(wk + g, si.behaviors), si.end - 1), min(max(wk + g + 8, si.behaviors), si.end - 1)};
+    const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
+    kt.kf.init(k + at[0], k + at[1]);
+    kt.vf.init(v + at[0], v + at[1]);
+    kt.p = &p;
+    kt.in = typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time};
+    kt.head = head;
+    kt.weekday0 = wd0;
+    kt.branch = 2;
+    kt.coeffs = TemporalCoeffs{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
+    kt.inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
+    kt.clear_acc();
+
+    // Block-uniform ranges. The block's behaviors are [b_lo, b_hi]; the warp's [wb_lo, wb_hi].
+    const int b_lo = max(k0, si.behaviors), b_hi = min(k0 + kDenseRows, si.candidates) - 1;
+    const int wb_lo = max(wk, si.behaviors), wb_hi = min(wk + 16, si.candidates) - 1;
+    const bool warp_behaviors = wb_lo <= wb_hi;
+    // 1. Behaviors.
+    if (b_lo <= b_hi)
+        kt.walk(rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1);
+    // 2. Candidates: all of them when a behavior of the block is within w of the first, else
+    // only the block's own.
+    const bool block_seen_by_all = b_lo <= b_hi && b_hi + w > si.candidates;
+    const int c_lo = block_seen_by_all ? si.candidates : max(k0, si.candidates);
+    const int c_hi = block_seen_by_all ? si.end : min(k0 + kDenseRows, si.end);
+    if (c_lo < c_hi && si.candidates < si.end) {
+        const bool warp_seen_by_all = warp_behaviors && wb_hi + w > si.candidates;
+        const int wc_lo = max(wk, si.candidates), wc_hi = min(wk + 16, si.end) - 1;
+        const int first = warp_seen_by_all ? 0 : (wc_lo <= wc_hi ? wc_lo : kNoKey);
+        const int last = warp_seen_by_all ? kNoKey : wc_hi;
+        kt.walk(rows, c_lo, c_hi, first, last);
+    }
+
+    // Each row's other uses: its chunk (the chunks ending at or before it), tail slot, summary.
+    const int base = s * p.max_chunks;
+    const int num_chunks = chunk_counts[s];
+    const int slots = p.max_chunks * p.tail_tokens;
+    size_t summary_at[2], tail_at[2];
+    float inv[2];
+    bool tail[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int j = rows.key[r];
+        tail[r] = false;
+        inv[r] = 0.f;
+        summary_at[r] = tail_at[r] = 0;
+        if (j < 0 || j >= si.candidates || num_chunks == 0) continue;
+        int lo = 0, hi = num_chunks;  // first chunk whose end is past j
+        while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if (chunk_ends[base + mid] <= j) lo = mid + 1;
+            else hi = mid;
+        }
+        const int c = min(lo, num_chunks - 1);
+        const int start = c == 0 ? si.behaviors : chunk_ends[base + c - 1];
+        const int end = chunk_ends[base + c];
+        inv[r] = 1.f / static_cast<float>(end - start);
+        summary_at[r] = (static_cast<size_t>(base + c) * p.heads + head) * kHeadDim;
+        const int first_tail = max(start, end - p.tail_tokens);
+        tail[r] = j >= first_tail;
+        const int slot = c * p.tail_tokens + (j - first_tail);
+        tail_at[r] = (static_cast<size_t>(s) * slots + slot) * p.heads * kHeadDim + static_cast<size_t>(head) * kHeadDim;
+    }
+#pragma unroll
+    for (int dt = 0; dt < KT::kDimTiles; ++dt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1, j = rows.key[r];
+            if (j < 0) continue;
+            const int d = dt * 8 + 2 * t + (i & 1);
+            float gk = kt.dk[dt].c[i] * p.scale, gv = kt.dv[dt].c[i];
+            if (tail[r]) {
+                gk += tail_dk[tail_at[r] + d];
+                gv += tail_dv[tail_at[r] + d];
+            }
+            if (j < si.candidates && num_chunks > 0) {
+                gk = fmaf(dkbar[summary_at[r] + d], inv[r], gk);
+                gv = fmaf(dvbar[summary_at[r] + d], inv[r], gv);
+            }
+            const size_t idx = dense_row<kHeadDim>(p, j, head) + d;
+            dk[idx] = from_float<T>(gk);
+            dv[idx] = from_float<T>(gv);
+        }
+    }
+}
+
+#define SPARSECTR_BACKWARD_KEY_TC(NAME, T, D)                                                    \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kKeyTcMinBlocks<D>)              \
+        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
+             const T* __restrict__ v, const void* __restrict__ gates,                            \
+             const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \
+             const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
+             const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
+             const T* __restrict__ d_o, const float* __restrict__ lse,                           \
+             const float* __restrict__ dgates, const float* __restrict__ dkbar,                  \
+             const float* __restrict__ dvbar, const float* __restrict__ tail_dk,                 \
+             const float* __restrict__ tail_dv, T* __restrict__ dk, T* __restrict__ dv,          \
+             const int* __restrict__ tiles) {                                                    \
+        backward_key_tc<T, D>(p, q, k, v, gates, coeffs, rel_time, seqs, weekday0, chunk_ends,   \
+                              chunk_counts, d_o, lse, dgates, dkbar, dvbar, tail_dk, tail_dv,    \
+                              dk, dv, tiles);                                                    \
+    }

@@ -1,0 +1,125 @@
+// Backward, key side, transition branch on tensor cores (bf16, f16): a block gathers 64 tail slots
+// of one sequence (slot c * m + i: the i-th of the last m behaviors of chunk c) as MMA rows and
+// walks every query from its first tail to the end of the sequence. A tail token is seen by
+// itself, every later behavior and every candidate: by every query at or after it. Writes
+// scale * dK and dV of each slot in f32 to tail_dk, tail_dv ([B * P * m, H, D], slot-major); the
+// local kernel (backward_key_tc.cu) adds them to the token's other uses and rounds once. Slots past
+// a chunk's length or a sequence's chunk count are never written nor read.
+//
+// Grid: (B * ceil(P * m / 64), H), block kDenseThreads. One writer per element: no atomics.
+//
+// @instantiate SPARSECTR_BACKWARD_TAILS_TC dtype16 head_dim
+
+#include "common/dtype.cuh"
+#include "common/mma.cuh"
+#include "common/params.cuh"
+#include "common/warp.cuh"
+#include "attn/temporal.cuh"
+#include "attn/query.cuh"
+#include "attn/dense.cuh"
+#include "attn/key_tile.cuh"
+
+// Two blocks per SM: at three, D = 32 spilled on sm_90 (NVRTC 13.0), and D >= 64 needs over
+// 200 registers anyway (the dK and dV accumulators of 16 rows).
+template <int kHeadDim>
+constexpr int kTailsMinBlocks = 2;
+
+// The token of tail slot `slot` of sequence `s`, or -1 where the slot holds none.
+__device__ __forceinline__ int tail_token(const EvoParams& p, const SeqInfo& si, int s, int slot,
+                                          const int* __restrict__ chunk_ends, int num_chunks) {
+    const int c = slot / p.tail_tokens, i = slot % p.tail_tokens;
+    if (c >= num_chunks) return -1;
+    const int base = s * p.max_chunks;
+    const int start = c == 0 ? si.behaviors : chunk_ends[base + c - 1];
+    const int end = chunk_ends[base + c];
+    const int token = max(start, end - p.tail_tokens) + i;
+    return token < end ? token : -1;
+}
+
+struct TailRows {
+    int key[2];  // the lane's rows g and g + 8; -1 where none
+    __device__ __forceinline__ bool visible(int query, int r) const { return key[r] >= 0 && query >= key[r]; }
+};
+
+template <typename T, int kHeadDim>
+__device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k,
+                                  const T* __restrict__ v, const void* __restrict__ gates,
+                                  const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,
+                                  const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
+                                  const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
+                                  const T* __restrict__ d_o, const float* __restrict__ lse,
+                                  const float* __restrict__ dgates, float* __restrict__ tail_dk,
+                                  float* __restrict__ tail_dv) {
+    using KT = KeyTile<T, kHeadDim>;
+    KT kt;
+    SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
+    const int slots = p.max_chunks * p.tail_tokens;
+    const int groups = (slots + kDenseRows - 1) / kDenseRows;
+    const int s = static_cast<int>(blockIdx.x) / groups;
+    const int slot0 = (static_cast<int>(blockIdx.x) % groups) * kDenseRows;
+    const int head = static_cast<int>(blockIdx.y);
+    const SeqInfo si = seqs[s];
+    const int num_chunks = chunk_counts[s];
+    // Slots run in token order, and a chunk's first slot always holds a token: the block's first
+    // query is its first slot's token, or the next chunk's. Block-uniform.
+    int first = tail_token(p, si, s, slot0, chunk_ends, num_chunks);
+    if (first < 0) first = tail_token(p, si, s, (slot0 / p.tail_tokens + 1) * p.tail_tokens, chunk_ends, num_chunks);
+    if (first < 0 || slot0 / p.tail_tokens >= num_chunks) return;
+
+    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    TailRows rows;
+    rows.key[0] = slot0 + warp * 16 + g < slots ? tail_token(p, si, s, slot0 + warp * 16 + g, chunk_ends, num_chunks) : -1;
+    rows.key[1] = slot0 + warp * 16 + g + 8 < slots ? tail_token(p, si, s, slot0 + warp * 16 + g + 8, chunk_ends, num_chunks) : -1;
+    const int wd0 = weekday0[s];
+    if (threadIdx.x < kDenseRows) {
+        const int slot = slot0 + static_cast<int>(threadIdx.x);
+        const int key = slot < slots ? tail_token(p, si, s, slot, chunk_ends, num_chunks) : -1;
+        sKeyTime_[threadIdx.x] = token_time(rel_time[key >= 0 ? key : first], wd0);
+    }
+    // The warp's smallest key (its rows are in token order, but the first may be empty).
+    int warp_first = min(rows.key[0] >= 0 ? rows.key[0] : kNoKey, rows.key[1] >= 0 ? rows.key[1] : kNoKey);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) warp_first = min(warp_first, __shfl_xor_sync(kFullMask, warp_first, off));
+
+    const int clamped[2] = {rows.key[0] >= 0 ? rows.key[0] : first, rows.key[1] >= 0 ? rows.key[1] : first};
+    const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
+    kt.kf.init(k + at[0], k + at[1]);
+    kt.vf.init(v + at[0], v + at[1]);
+    kt.p = &p;
+    kt.in = typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time};
+    kt.head = head;
+    kt.weekday0 = wd0;
+    kt.branch = 1;
+    kt.coeffs = TemporalCoeffs{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
+    kt.inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
+    kt.clear_acc();
+    kt.walk(rows, first, si.end, warp_first, kNoKey);
+
+#pragma unroll
+    for (int dt = 0; dt < KT::kDimTiles; ++dt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1;
+            if (rows.key[r] < 0) continue;
+            const int slot = slot0 + warp * 16 + g + 8 * r;
+            const size_t idx = (static_cast<size_t>(s * slots + slot) * p.heads + head) * kHeadDim + dt * 8 + 2 * t + (i & 1);
+            tail_dk[idx] = kt.dk[dt].c[i] * p.scale;
+            tail_dv[idx] = kt.dv[dt].c[i];
+        }
+    }
+}
+
+#define SPARSECTR_BACKWARD_TAILS_TC(NAME, T, D)                                                  \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kTailsMinBlocks<D>)              \
+        NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
+             const T* __restrict__ v, const void* __restrict__ gates,                            \
+             const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \
+             const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
+             const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
+             const T* __restrict__ d_o, const float* __restrict__ lse,                           \
+             const float* __restrict__ dgates, float* __restrict__ tail_dk,                      \
+             float* __restrict__ tail_dv) {                                                      \
+        backward_tails_tc<T, D>(p, q, k, v, gates, coeffs, rel_time, seqs, weekday0, chunk_ends, \
+                                chunk_counts, d_o, lse, dgates, tail_dk, tail_dv);               \
+    }
