@@ -9,7 +9,7 @@
 //! user tokens; for f32 one warp kernel gathers each token's uses. No kernel scatters with
 //! atomics, so every mode gives the same bits from run to run.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
 use super::dense::dense_grid;
@@ -42,6 +42,18 @@ fn backward_query_parts(head_dim: usize) -> usize {
     } else {
         1
     }
+}
+
+/// The key side's kernels (dK, dV), looked up before the backward launches anything.
+enum KeySide {
+    /// f32, or `SparseKernels::Warp`: one warp per (token, head).
+    Warp(CudaFunction),
+    /// bf16 and f16: tails, local windows and user tokens (`GpuDevice::backward_key_tc`).
+    TensorCore {
+        tails: CudaFunction,
+        local: CudaFunction,
+        user: CudaFunction,
+    },
 }
 
 /// How the backward may order its floating-point sums.
@@ -153,6 +165,16 @@ impl GpuDevice {
         // take the same arguments and write the same outputs.
         // Resolved before any launch: a missing variant is an error, not half a backward.
         let tiled = !self.sparse_uses_warp_kernels(T::DTYPE);
+        // The key side's kernels, resolved here with the query side's for the same reason.
+        let key_side = if tiled {
+            KeySide::TensorCore {
+                tails: self.function(Entry::BackwardTailsTc, dtype, dim)?,
+                local: self.function(Entry::BackwardKeyTc, dtype, dim)?,
+                user: self.function(Entry::BackwardUserKey, dtype, dim)?,
+            }
+        } else {
+            KeySide::Warp(self.function(Entry::BackwardKey, dtype, dim)?)
+        };
         let (func, query_cfg) = if !tiled {
             let cfg = LaunchConfig {
                 grid_dim: token_grid,
@@ -216,8 +238,9 @@ impl GpuDevice {
         // hold B * P * H * D f32.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
 
-        if tiled {
+        if let KeySide::TensorCore { tails, local, user } = &key_side {
             self.backward_key_tc(
+                [tails, local, user],
                 batch,
                 chunks,
                 dims,
@@ -231,9 +254,8 @@ impl GpuDevice {
                 grads.dk,
                 grads.dv,
             )?;
-        } else {
-            let func = self.function(Entry::BackwardKey, dtype, dim)?;
-            let mut launch = stream.launch_builder(&func);
+        } else if let KeySide::Warp(func) = &key_side {
+            let mut launch = stream.launch_builder(func);
             launch
                 .arg(&params)
                 .arg(inputs.q)
@@ -279,6 +301,7 @@ impl GpuDevice {
     #[allow(clippy::too_many_arguments)]
     fn backward_key_tc<T: GpuElement>(
         &self,
+        [tails_fn, key_fn, user_fn]: [&CudaFunction; 3],
         batch: &DeviceBatch,
         chunks: &DeviceChunks,
         dims: Dims,
@@ -294,12 +317,6 @@ impl GpuDevice {
     ) -> Result<()> {
         let stream = &self.stream;
         let null = 0u64;
-        let dtype = Some(T::DTYPE);
-        let dim = Some(dims.head_dim);
-        // Resolved before any launch: a missing variant is an error, not half a gradient.
-        let tails_fn = self.function(Entry::BackwardTailsTc, dtype, dim)?;
-        let key_fn = self.function(Entry::BackwardKeyTc, dtype, dim)?;
-        let user_fn = self.function(Entry::BackwardUserKey, dtype, dim)?;
         let slots = chunks.max_chunks * params.tail_tokens as usize;
         let tail_rows = chunks.num_seqs * slots * dims.heads * dims.head_dim;
         let mut tail_dk = zeros::<f32>(stream, tail_rows)?;
@@ -313,7 +330,7 @@ impl GpuDevice {
                     value: params.tail_tokens.to_string(),
                     expected: "B * ceil(P * m / 64) below 2^32 tail blocks",
                 })?;
-            let mut launch = stream.launch_builder(&tails_fn);
+            let mut launch = stream.launch_builder(tails_fn);
             launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
             push_gates(&mut launch, &inputs.gates, &null);
             push_layout(&mut launch, inputs.coeffs, batch, chunks);
@@ -334,7 +351,7 @@ impl GpuDevice {
                 .map_err(driver("cuLaunchKernel(evo_backward_tails_tc)"))?;
         }
 
-        let mut launch = stream.launch_builder(&key_fn);
+        let mut launch = stream.launch_builder(key_fn);
         launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
         push_gates(&mut launch, &inputs.gates, &null);
         push_layout(&mut launch, inputs.coeffs, batch, chunks);
@@ -354,7 +371,7 @@ impl GpuDevice {
         // the batch's own; lengths checked by backward_into.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key_tc)"))?;
 
-        let mut launch = stream.launch_builder(&user_fn);
+        let mut launch = stream.launch_builder(user_fn);
         launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
         push_gates(&mut launch, &inputs.gates, &null);
         launch
