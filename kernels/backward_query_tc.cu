@@ -1,6 +1,6 @@
 // Backward, query side, on tensor cores (bf16, f16): the twin of backward_query.cu for a block of
 // 64 queries of one sequence and head, over the same slots as forward_tc.cu. For each branch b,
-// two passes over its slot tiles:
+// two passes over its slots:
 //
 //   1. P = exp(z - LSE_b) and dP' = dO V^T give dgates_b = sum_j P_j dP'_j = <dO, O_b>;
 //   2. dz_j = gate_b P_j (dP'_j - dgates_b) (SPEC section 6 with dO_b = gate_b dO), then
@@ -10,11 +10,19 @@
 // summary and key kernels and the reduction run unchanged. Chunk summaries enter the MMAs as a
 // 16-bit high part plus the 16-bit rest. Each output element has one writer: no atomics.
 //
-// Shared memory: K, V [kCols][D + pad] and K^T [D][kCols + pad], each with a low part for
-// summaries: at most 29.8 KB (16-bit D = 128 with 16 slots).
+// The kernel is latency bound (ncu on an H100 at bbd2154: 18.6% occupancy, SM 33%, memory 36%),
+// and each gather of slots costs two dependent rounds of global loads (slot resolution, then the
+// rows) between barriers. So slots are gathered kLoad at a time, token rows by cp.async with one
+// wait, and the MMAs walk them in sub-tiles of kCols; a branch whose slots fit one gather (the
+// summaries and tails of ctr-base) keeps them for its second pass. dQ's MMA reads K from the row
+// tile (probs_times_rows), so no transposed copy is made.
+//
+// Shared memory: K, V [kLoad][D + pad], each with a low part for summaries: at most 41 KB
+// (16-bit D = 32 with 128 slots).
 //
 // @instantiate SPARSECTR_BACKWARD_QUERY_TC dtype16 head_dim
 
+#include "common/async_copy.cuh"
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
 #include "common/params.cuh"
@@ -26,16 +34,28 @@
 #include "attn/dense.cuh"
 #include "attn/tc_slots.cuh"
 
-// Three blocks per SM where ptxas fits them without spills (D <= 64; NVRTC 13.0): as latency bound
-// as the forward (ncu on an H100: 76% of cycles with no eligible warp at two blocks).
+// Three blocks per SM where ptxas fits them without spills (NVRTC 13.0): D = 32, and D = 64 on
+// sm_90 (16 B spilled on sm_80). As latency bound as the forward (ncu on an H100: 76% of cycles
+// with no eligible warp at two blocks).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool kBwdQueryTcSm90 = true;
+#else
+constexpr bool kBwdQueryTcSm90 = false;
+#endif
 template <int kHeadDim>
-constexpr int kBwdQueryTcMinBlocks = kHeadDim <= 64 ? 3 : 2;
+constexpr int kBwdQueryTcMinBlocks = kHeadDim == 32 || (kHeadDim == 64 && kBwdQueryTcSm90) ? 3 : 2;
 
-// Slots per tile: K, V and K^T with their low parts must fit 48 KB at D = 128; wider tiles
-// spilled (NVRTC 13.0).
+// Slots per MMA sub-tile: wider tiles spilled (NVRTC 13.0) at D >= 64.
 template <int kHeadDim>
 struct BwdTcCols {
     static constexpr int kValue = kHeadDim == 32 ? 32 : 16;
+};
+
+// Slots per gather (at most kDenseThreads: one thread resolves each): K, V and their low parts
+// must fit 48 KB of static shared memory.
+template <int kHeadDim>
+struct BwdTcLoad {
+    static constexpr int kValue = kHeadDim == 32 ? 128 : (kHeadDim == 64 ? 64 : 32);
 };
 
 // dO rows stay in registers at D = 32 only, Q rows up to D = 64; beyond, they are reloaded from
@@ -84,11 +104,16 @@ struct BwdTcSmem {
     T* k_lo;
     T* v;
     T* v_lo;
-    T* kt;
-    T* kt_lo;
     int* row;
     int* aux;
     TokenTime* time;
+
+    // The same tiles from slot `first` of the gather on.
+    template <int kHeadDim>
+    __device__ __forceinline__ BwdTcSmem from(int first) const {
+        const int at = first * (kHeadDim + SmemPad<T>::kValue);
+        return BwdTcSmem{k + at, k_lo + at, v + at, v_lo + at, row + first, aux + first, time + first};
+    }
 };
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots; returns
@@ -141,6 +166,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
                                               float (&dcoef)[2][3], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
+    constexpr int kLoad = BwdTcLoad<kHeadDim>::kValue;
     constexpr bool kSummary = kBranch == 0;
     const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
@@ -148,46 +174,54 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
     // Not unrolled: two copies of the tile loop pushed ptxas past 255 registers.
 #pragma unroll 1
     for (int pass = 0; pass < 2; ++pass) {
-        for (int base = 0; base < num_slots; base += kCols) {
-            __syncthreads();  // the previous tile's readers are done
-            resolve_tile<kBranch, kCols>(c.tt, c.si, *c.p, c.chunk_base, c.chunk_ends, c.rel_time,
-                                         c.wd0, base, num_slots, sm.row, sm.aux, sm.time);
-            __syncthreads();
-            gather_tensor<T, kHeadDim, kCols, kSummary>(*c.p, c.head, c.k, c.kbar, sm.row, sm.k,
-                                                        sm.k_lo, pass == 1 ? sm.kt : nullptr,
-                                                        sm.kt_lo);
-            gather_tensor<T, kHeadDim, kCols, kSummary>(*c.p, c.head, c.v, c.vbar, sm.row, sm.v,
-                                                        sm.v_lo, nullptr, nullptr);
-            __syncthreads();
+        for (int base = 0; base < num_slots; base += kLoad) {
+            // Block-uniform. When one gather holds every slot, the second pass reuses it.
+            if (pass == 0 || num_slots > kLoad) {
+                __syncthreads();  // the previous gather's readers are done
+                resolve_tile<kBranch, kLoad>(c.tt, c.si, *c.p, c.chunk_base, c.chunk_ends,
+                                             c.rel_time, c.wd0, base, num_slots, sm.row, sm.aux,
+                                             sm.time);
+                __syncthreads();
+                gather_rows_async<T, kHeadDim, kLoad, kSummary>(*c.p, c.head, c.k, c.kbar, sm.row,
+                                                                sm.k, sm.k_lo);
+                gather_rows_async<T, kHeadDim, kLoad, kSummary>(*c.p, c.head, c.v, c.vbar, sm.row,
+                                                                sm.v, sm.v_lo);
+                cp_async_wait_all();
+                __syncthreads();
+            }
             if (!c.warp_live) continue;  // warp-uniform: none of its rows attends
 
-            FragC sc[kCols / 8], dp[kCols / 8];
-            bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, sm, qf, dof, sc, dp);
+#pragma unroll 1
+            for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
+                const BwdTcSmem<T> st = sm.template from<kHeadDim>(sub);
+                FragC sc[kCols / 8], dp[kCols / 8];
+                bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, qf, dof, sc, dp);
 #pragma unroll
-            for (int n = 0; n < kCols / 8; ++n) {
+                for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-                    // A row with keys has a finite LSE; masked logits are -inf: P = 0.
-                    const float pr = sc[n].c[i] == neg_inf() ? 0.f : expf(sc[n].c[i] - lse_b[r]);
-                    if (pass == 0) {
-                        du[r] = fmaf(pr, dp[n].c[i], du[r]);
-                    } else {
-                        const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
-                        if (pr != 0.f && (kBranch != 2 || sm.aux[col] != kLocalUser)) {
-                            const TemporalFeatures f = pair_features(
-                                c.row_time[r], sm.time[col], c.p->num_time_buckets, c.inv_buckets);
-                            dcoef[r][0] = fmaf(dz, f.bucket, dcoef[r][0]);
-                            dcoef[r][1] = fmaf(dz, f.hour, dcoef[r][1]);
-                            dcoef[r][2] = fmaf(dz, f.weekend, dcoef[r][2]);
+                    for (int i = 0; i < 4; ++i) {
+                        const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
+                        // A row with keys has a finite LSE; masked logits are -inf: P = 0.
+                        const float pr = sc[n].c[i] == neg_inf() ? 0.f : expf(sc[n].c[i] - lse_b[r]);
+                        if (pass == 0) {
+                            du[r] = fmaf(pr, dp[n].c[i], du[r]);
+                        } else {
+                            const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
+                            if (pr != 0.f && (kBranch != 2 || st.aux[col] != kLocalUser)) {
+                                const TemporalFeatures f = pair_features(
+                                    c.row_time[r], st.time[col], c.p->num_time_buckets, c.inv_buckets);
+                                dcoef[r][0] = fmaf(dz, f.bucket, dcoef[r][0]);
+                                dcoef[r][1] = fmaf(dz, f.hour, dcoef[r][1]);
+                                dcoef[r][2] = fmaf(dz, f.weekend, dcoef[r][2]);
+                            }
+                            sc[n].c[i] = dz;
                         }
-                        sc[n].c[i] = dz;
                     }
                 }
-            }
-            if (pass == 1) {
-                probs_times_tile<T, kCols>(dq, sc, sm.kt, dim0);
-                if (kSummary) probs_times_tile<T, kCols>(dq, sc, sm.kt_lo, dim0);
+                if (pass == 1) {
+                    probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k, dim0);
+                    if (kSummary) probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k_lo, dim0);
+                }
             }
         }
         if (pass == 0) {
@@ -210,20 +244,18 @@ __device__ void evo_backward_query_tc(
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
     float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles) {
-    constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
+    constexpr int kLoad = BwdTcLoad<kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
     constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
-    alignas(16) __shared__ T sK[kCols * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sKlo[kCols * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sV[kCols * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sVlo[kCols * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sKt[kHeadDim * (kCols + kPad)];
-    alignas(16) __shared__ T sKtlo[kHeadDim * (kCols + kPad)];
-    __shared__ int sRow[kCols];
-    __shared__ int sAux[kCols];
-    __shared__ TokenTime sTime[kCols];
-    const BwdTcSmem<T> sm{sK, sKlo, sV, sVlo, sKt, sKtlo, sRow, sAux, sTime};
+    alignas(16) __shared__ T sK[kLoad * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sKlo[kLoad * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sV[kLoad * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sVlo[kLoad * (kHeadDim + kPad)];
+    __shared__ int sRow[kLoad];
+    __shared__ int sAux[kLoad];
+    __shared__ TokenTime sTime[kLoad];
+    const BwdTcSmem<T> sm{sK, sKlo, sV, sVlo, sRow, sAux, sTime};
 
     const DenseBlock blk = dense_block(p, kParts, tiles);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ

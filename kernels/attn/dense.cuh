@@ -150,6 +150,39 @@ __device__ __forceinline__ void rows_times_tile(FragC (&acc)[kCols / 8],
     }
 }
 
+// As rows_times_tile, for a warp's 16 rows held in f32 in global memory (rows[0]: row g,
+// rows[1]: row g + 8, element 0 of the head; chunk summaries): each A piece is split into a
+// 16-bit high part and the 16-bit rest and both are multiplied, which keeps A to about 2^-16
+// relative (bf16) where rounding it once would leave 2^-9, and needs no register-resident copy.
+template <typename T, int kHeadDim, int kCols>
+__device__ __forceinline__ void rows_times_tile_f32(FragC (&acc)[kCols / 8], const float* const (&rows)[2],
+                                                    const T* sRows) {
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    const int lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    // Not unrolled: ptxas hoisted every piece's loads and split (64 registers at D = 64) and
+    // spilled the accumulators (NVRTC 13.0).
+#pragma unroll 1
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        FragA<T> hi, lo;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            // The FragA layout: r[i] holds row g + 8 (i & 1), columns 2t + 8 (i >> 1) and the next.
+            const float* at = rows[i & 1] + kk * 16 + 2 * t + 8 * (i >> 1);
+            const float x0 = __ldg(at), x1 = __ldg(at + 1);
+            const T h0 = from_float<T>(x0), h1 = from_float<T>(x1);
+            hi.r[i] = pair_of<T>(h0, h1);
+            lo.r[i] = make_pair<T>(x0 - to_float(h0), x1 - to_float(h1));
+        }
+#pragma unroll
+        for (int n = 0; n < kCols / 8; ++n) {
+            const FragB<T> b = load_b(sRows + (n * 8 + g) * kStride + kk * 16);
+            mma(acc[n], hi, b);
+            mma(acc[n], lo, b);
+        }
+    }
+}
+
 // acc[dt] += P C for P a warp's 16 rows over kCols columns, held as MMA accumulators, and C
 // rows dim0 + 8 dt .. of a transposed shared tile sCols[..][kCols + pad]: C[k][n] =
 // sCols[dim0 + n][k], as P V.
@@ -164,6 +197,32 @@ __device__ __forceinline__ void probs_times_tile(FragC (&acc)[kDimTiles], const 
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt)
             mma(acc[dt], pa, load_b(sCols + (dim0 + dt * 8 + g) * kStride + kk * 16));
+    }
+}
+
+// As probs_times_tile, but C comes from a row-major shared tile sRows[kCols][kHeadDim + pad]
+// (C[k][n] = sRows[k][dim0 + n], as K in dQ = dS K), so the gather needs no transposed copy:
+// ldmatrix .trans reads two dimension tiles' B fragments at once. 16-bit types only.
+template <typename T, int kHeadDim, int kCols, int kDimTiles>
+__device__ __forceinline__ void probs_times_rows(FragC (&acc)[kDimTiles], const FragC (&p)[kCols / 8],
+                                                 const T* sRows, int dim0) {
+    static_assert(kDimTiles % 2 == 0, "dimension tiles are read in pairs");
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    const int lane = threadIdx.x % kWarpSize;
+    // Matrix lane / 8: slots 8 * (its bit 0) on, dimension tile (its bit 1) of the pair.
+    const T* mine = sRows + (((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + dim0 + (lane >> 4) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kCols / 16; ++kk) {
+        const FragA<T> pa = a_from_c<T>(p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int dt = 0; dt < kDimTiles; dt += 2) {
+            unsigned r[4];
+            ldmatrix_x4_trans<T>(r, mine, kk * 16 * kStride + dt * 8);
+            const FragB<T> b0{{MmaPair<T>{r[0]}, MmaPair<T>{r[1]}}};
+            const FragB<T> b1{{MmaPair<T>{r[2]}, MmaPair<T>{r[3]}}};
+            mma(acc[dt], pa, b0);
+            mma(acc[dt + 1], pa, b1);
+        }
     }
 }
 

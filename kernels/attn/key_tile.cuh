@@ -6,6 +6,9 @@
 //   P^T = exp(z - LSE_b),  dP'^T = V dO^T,  dz^T = gate_b P^T (dP'^T - dgates_b)
 //   dV += (gate_b P)^T dO,  dK += dz^T Q    (times scale at the end)
 //
+// The key rows are the 16-bit K and V of tokens, or (kF32Rows) the f32 chunk summaries Kbar and
+// Vbar, multiplied as a high and a low 16-bit part (rows_times_tile_f32).
+//
 // Which (query, key) pairs count is the caller's `Rows::visible(query, r)` for the lane's rows r =
 // 0 (g) and 1 (g + 8). Every key and query here has a time: the user token never enters a tile.
 //
@@ -24,7 +27,7 @@
 // Larger than any token index: "no bound" for a walk's warp limits.
 constexpr int kNoKey = 0x7fffffff;
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kF32Rows = false>
 struct KeyTile {
     static constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
     static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
@@ -56,7 +59,9 @@ struct KeyTile {
     int head, weekday0, branch;
     TemporalCoeffs coeffs;
     float inv_buckets;
-    RowOperand<T, kHeadDim, kResident> kf, vf;
+    RowOperand<T, kHeadDim, kResident> kf, vf;  // token rows (!kF32Rows)
+    const float* fk[2];                          // summary rows g and g + 8 (kF32Rows)
+    const float* fv[2];
     FragC dk[kDimTiles], dv[kDimTiles];
 
     __device__ __forceinline__ void clear_acc() {
@@ -100,8 +105,13 @@ struct KeyTile {
                 clear(pt[n]);
                 clear(dst[n]);
             }
-            rows_times_tile<T, kHeadDim, kCols>(pt, kf, sQ);
-            rows_times_tile<T, kHeadDim, kCols>(dst, vf, sdO);
+            if (kF32Rows) {
+                rows_times_tile_f32<T, kHeadDim, kCols>(pt, fk, sQ);
+                rows_times_tile_f32<T, kHeadDim, kCols>(dst, fv, sdO);
+            } else {
+                rows_times_tile<T, kHeadDim, kCols>(pt, kf, sQ);
+                rows_times_tile<T, kHeadDim, kCols>(dst, vf, sdO);
+            }
 #pragma unroll
             for (int n = 0; n < kQueryTiles; ++n) {
 #pragma unroll
@@ -128,8 +138,8 @@ struct KeyTile {
 // Declares the shared tiles of a KeyTile walk and points `kt` at them (a macro: `__shared__`
 // arrays must be declared in the kernel's own scope).
 #define SPARSECTR_KEY_TILE_SMEM(kt, T, D)                                                         \
-    constexpr int kKtCols_ = KeyTile<T, D>::kCols;                                              \
-    constexpr int kKtPad_ = KeyTile<T, D>::kPad;                                                \
+    constexpr int kKtCols_ = decltype(kt)::kCols;                                               \
+    constexpr int kKtPad_ = decltype(kt)::kPad;                                                 \
     alignas(16) __shared__ T sQ_[kKtCols_ * (D + kKtPad_)];                                     \
     alignas(16) __shared__ T sQt_[D * (kKtCols_ + kKtPad_)];                                    \
     alignas(16) __shared__ T sdO_[kKtCols_ * (D + kKtPad_)];                                    \

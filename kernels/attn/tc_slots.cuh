@@ -4,6 +4,7 @@
 // each row then masks the slots it does not see.
 #pragma once
 
+#include "../common/async_copy.cuh"
 #include "../common/dtype.cuh"
 #include "../common/params.cuh"
 #include "../common/warp.cuh"
@@ -224,6 +225,43 @@ __device__ __forceinline__ void gather_tensor(const EvoParams& p, int head, cons
                     cols[(c * kVec + e) * kColStride + r] = vec_elem<T>(raw, e);
                 }
             }
+        }
+    }
+}
+
+// Copies one tensor's rows for kRows slots into shared memory as rows [kRows][D + pad], masked
+// slots as zeros. Token rows go by cp.async (the caller waits: cp_async_wait_all, then a
+// barrier); summary rows (f32) are split into a 16-bit high part and the 16-bit rest (`rows_lo`).
+template <typename T, int kHeadDim, int kRows, bool kSummary>
+__device__ __forceinline__ void gather_rows_async(const EvoParams& p, int head, const T* __restrict__ tok,
+                                                  const float* __restrict__ sum, const int* sRow,
+                                                  T* rows, T* rows_lo) {
+    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
+    if (kSummary) {
+        constexpr int kPerRow = kHeadDim / 4;  // float4 pieces
+        for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
+            const int r = i / kPerRow, c = i % kPerRow;
+            const int row = sRow[r];
+            uint4 raw = {0u, 0u, 0u, 0u};
+            if (row >= 0)
+                raw = __ldg(reinterpret_cast<const uint4*>(
+                                sum + (static_cast<size_t>(row) * p.heads + head) * kHeadDim) + c);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float x = vec_elem<float>(raw, e);
+                const T hi = from_float<T>(x), lo = from_float<T>(x - to_float(hi));
+                rows[r * kRowStride + c * 4 + e] = hi;
+                rows_lo[r * kRowStride + c * 4 + e] = lo;
+            }
+        }
+    } else {
+        constexpr int kVec = VecWidth<T>::kValue;
+        constexpr int kPerRow = kHeadDim / kVec;
+        for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
+            const int r = i / kPerRow, c = i % kPerRow;
+            const int row = sRow[r];
+            const T* src = tok + (static_cast<size_t>(row >= 0 ? row : 0) * p.heads + head) * kHeadDim + c * kVec;
+            cp_async16(rows + r * kRowStride + c * kVec, src, row >= 0);
         }
     }
 }

@@ -87,6 +87,43 @@ __device__ __forceinline__ float pair_hi<float>(MmaPair<float> x) {
     return x.hi;
 }
 
+// Two stored elements as a pair (16-bit types only: the f32 path never gathers pairs this way).
+template <typename T>
+__device__ __forceinline__ MmaPair<T> pair_of(T lo, T hi) {
+    return MmaPair<T>{static_cast<unsigned>(lo.bits) | (static_cast<unsigned>(hi.bits) << 16)};
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory, transposed (PTX `ldmatrix .x4
+// .trans`): lane l gives the address of row l % 8 of matrix l / 8 (8 consecutive elements,
+// 16-byte aligned) and receives r[i] = (M_i[2t][g], M_i[2t + 1][g]), the B fragment half of an
+// operand whose k runs down M's rows. Host compiles gather the same elements through shuffles of
+// the row addresses, so the emulation checks the callers' addressing.
+// The row address is `row + offset`, split so that `row` converts to a shared-space address
+// once for every offset (a 32-bit register instead of a 64-bit pointer per call).
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const T* row, int offset) {
+#ifdef __CUDA_ARCH__
+    unsigned smem;  // not volatile: converted once per `row`
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem + offset * static_cast<unsigned>(sizeof(T))));
+#else
+    row += offset;
+    if (reinterpret_cast<unsigned long long>(row) % 16 != 0)
+        emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
+    const int lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const T* top = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + 2 * t));
+        const T* next = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + 2 * t + 1));
+        r[i] = static_cast<unsigned>(top[g].bits) | (static_cast<unsigned>(next[g].bits) << 16);
+    }
+#endif
+}
+
 // A fragment from row-major storage: `top` points at element [g][k0] of the tile's row g,
 // `bottom` at [g + 8][k0] (callers clamp rows past the end), k0 a multiple of 16.
 template <typename T>

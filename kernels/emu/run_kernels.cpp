@@ -66,6 +66,9 @@ namespace k_bwd_query {
 namespace k_bwd_summary {
 #include "backward_summary.cu"
 }
+namespace k_bwd_summary_tc {
+#include "backward_summary_tc.cu"
+}
 namespace k_bwd_key {
 #include "backward_key.cu"
 }
@@ -188,6 +191,7 @@ struct Elem {
     using bwd_query_tc = Pick<D, float, k_bwd_query_tc::half_t, k_bwd_query_tc::bf16_t>;
     using bwd_query = Pick<D, float, k_bwd_query::half_t, k_bwd_query::bf16_t>;
     using bwd_summary = Pick<D, float, k_bwd_summary::half_t, k_bwd_summary::bf16_t>;
+    using bwd_summary_tc = Pick<D, float, k_bwd_summary_tc::half_t, k_bwd_summary_tc::bf16_t>;
     using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
     using bwd_tails_tc = Pick<D, float, k_bwd_tails_tc::half_t, k_bwd_tails_tc::bf16_t>;
     using bwd_key_tc = Pick<D, float, k_bwd_key_tc::half_t, k_bwd_key_tc::bf16_t>;
@@ -243,6 +247,8 @@ struct TcKernels;
         static constexpr const char* forward_name = "evo_forward_tc_" #dn "_d" #HD;     \
         static constexpr auto bwd_query = k_bwd_query_tc::evo_backward_query_tc_##dn##_d##HD; \
         static constexpr const char* bwd_query_name = "evo_backward_query_tc_" #dn "_d" #HD; \
+        static constexpr auto bwd_summary = k_bwd_summary_tc::evo_backward_summary_tc_##dn##_d##HD; \
+        static constexpr const char* bwd_summary_name = "evo_backward_summary_tc_" #dn "_d" #HD; \
         static constexpr auto bwd_tails = k_bwd_tails_tc::evo_backward_tails_tc_##dn##_d##HD; \
         static constexpr const char* bwd_tails_name = "evo_backward_tails_tc_" #dn "_d" #HD; \
         static constexpr auto bwd_key = k_bwd_key_tc::evo_backward_key_tc_##dn##_d##HD; \
@@ -945,16 +951,33 @@ int run(const Folder& f, const Options& opt) {
                         lse.as<const float>(), out.dq.as<TB>(), out.dgates.as<float>(),
                         partial.as<float>(), tiles_d.as<const int>());
                 }
-                const dim3 summary_grid(
-                    (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
-                emu::launch_named(
-                    K::bwd_summary_name, K::bwd_summary, summary_grid, block,
-                    cast_params<k_bwd_summary::EvoParams>(p), q_d.as<const TS>(),
-                    kbar.as<const float>(), vbar.as<const float>(), gates_ptr, coeffs_d.as<const float>(),
-                    rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_summary::SeqInfo>(),
-                    wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
-                    d_o_d.as<const TS>(), lse.as<const float>(), out.dgates.as<const float>(),
-                    dkbar.as<float>(), dvbar.as<float>());
+                if constexpr (DT == DType::F32) {
+                    const dim3 summary_grid(
+                        (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
+                    emu::launch_named(
+                        K::bwd_summary_name, K::bwd_summary, summary_grid, block,
+                        cast_params<k_bwd_summary::EvoParams>(p), q_d.as<const TS>(),
+                        kbar.as<const float>(), vbar.as<const float>(), gates_ptr, coeffs_d.as<const float>(),
+                        rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_summary::SeqInfo>(),
+                        wd0_d.as<const int>(), ends_d.as<const int>(), counts_d.as<const int>(),
+                        d_o_d.as<const TS>(), lse.as<const float>(), out.dgates.as<const float>(),
+                        dkbar.as<float>(), dvbar.as<float>());
+                } else {
+                    // backward_into's default for 16-bit inputs: chunk summaries as MMA rows.
+                    using KT = TcKernels<DT, HD>;
+                    using TSC = typename Elem<DT>::bwd_summary_tc;
+                    const unsigned groups = static_cast<unsigned>((p.max_chunks + kDenseRows - 1) / kDenseRows);
+                    if (groups > 0 && B > 0)
+                        emu::launch_named(
+                            KT::bwd_summary_name, KT::bwd_summary, dim3(B * groups, H), dim3(kDenseThreads),
+                            cast_params<k_bwd_summary_tc::EvoParams>(p), q_d.as<const TSC>(),
+                            kbar.as<const float>(), vbar.as<const float>(), gates_ptr,
+                            coeffs_d.as<const float>(), rel_d.as<const unsigned>(),
+                            seqs_d.as<const k_bwd_summary_tc::SeqInfo>(), wd0_d.as<const int>(),
+                            ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TSC>(),
+                            lse.as<const float>(), out.dgates.as<const float>(), dkbar.as<float>(),
+                            dvbar.as<float>());
+                }
                 if constexpr (DT == DType::F32) {
                     emu::launch_named(
                         K::bwd_key_name, K::bwd_key, token_grid, block,

@@ -27,8 +27,8 @@ use crate::error::{Error, Result};
 /// Warps (one (token, head) or (chunk, head) each) per block of the backward kernels.
 const BWD_WARPS: u32 = 4;
 const BWD_THREADS: u32 = BWD_WARPS * 32;
-/// Threads per block of the tensor-core key kernels (`kDenseThreads`), and tail slots per block
-/// of the tails kernel (`kDenseRows`).
+/// Threads per block of the tensor-core key kernels (`kDenseThreads`), and tail slots or chunk
+/// slots per block of the tails and summary kernels (`kDenseRows`).
 const TILE_THREADS: u32 = 128;
 const TAIL_ROWS: usize = 64;
 /// Threads per block of the dcoeffs reduction (`kReduceThreads`).
@@ -186,6 +186,30 @@ impl GpuDevice {
             let cfg = dense_grid(batch, dims, backward_query_parts(dims.head_dim))?;
             (self.function(Entry::BackwardQueryTc, dtype, dim)?, cfg)
         };
+        // The chunk summaries' gradients: one warp per (slot, head), or for 16-bit inputs 64
+        // slots of a sequence per block as MMA rows (backward_summary_tc.cu).
+        let slots = chunks.num_seqs * chunks.max_chunks;
+        let (summary_fn, summary_cfg) = if tiled {
+            let groups = chunks.num_seqs * chunks.max_chunks.div_ceil(TAIL_ROWS);
+            let blocks = u32::try_from(groups).map_err(|_| Error::OutOfRange {
+                field: "max_chunks",
+                value: chunks.max_chunks.to_string(),
+                expected: "B * ceil(P / 64) below 2^32 summary blocks",
+            })?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, dims.heads as u32, 1),
+                block_dim: (TILE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (self.function(Entry::BackwardSummaryTc, dtype, dim)?, cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: ((slots as u32).div_ceil(BWD_WARPS), dims.heads as u32, 1),
+                block_dim: block,
+                shared_mem_bytes: 0,
+            };
+            (self.function(Entry::BackwardSummary, dtype, dim)?, cfg)
+        };
         let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
         let summary_rows = chunks.num_seqs * chunks.max_chunks * dims.heads * dims.head_dim;
         let mut dkbar = zeros::<f32>(stream, summary_rows)?;
@@ -217,9 +241,7 @@ impl GpuDevice {
         unsafe { launch.launch(query_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
 
-        let func = self.function(Entry::BackwardSummary, dtype, dim)?;
-        let slots = (chunks.num_seqs * chunks.max_chunks) as u32;
-        let mut launch = stream.launch_builder(&func);
+        let mut launch = stream.launch_builder(&summary_fn);
         launch.arg(&params).arg(inputs.q).arg(&kbar).arg(&vbar);
         push_gates(&mut launch, &inputs.gates, &null);
         push_layout(&mut launch, inputs.coeffs, batch, chunks);
@@ -229,14 +251,11 @@ impl GpuDevice {
             .arg(&*grads.dgates)
             .arg(&mut dkbar)
             .arg(&mut dvbar);
-        let cfg = LaunchConfig {
-            grid_dim: (slots.div_ceil(BWD_WARPS), dims.heads as u32, 1),
-            block_dim: block,
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument types and order match SPARSECTR_BACKWARD_SUMMARY; dkbar and dvbar
-        // hold B * P * H * D f32.
-        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_SUMMARY and
+        // SPARSECTR_BACKWARD_SUMMARY_TC (the same parameters); dkbar and dvbar hold B * P * H * D
+        // f32, the slots either grid indexes.
+        unsafe { launch.launch(summary_cfg) }
+            .map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
 
         if let KeySide::TensorCore { tails, local, user } = &key_side {
             self.backward_key_tc(

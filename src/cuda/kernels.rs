@@ -39,6 +39,7 @@ pub(crate) enum Entry {
     BackwardQuery,
     BackwardQueryTc,
     BackwardSummary,
+    BackwardSummaryTc,
     BackwardKey,
     BackwardKeyTc,
     BackwardTailsTc,
@@ -59,6 +60,7 @@ impl Entry {
             Entry::BackwardQuery => "backward_query",
             Entry::BackwardQueryTc => "backward_query_tc",
             Entry::BackwardSummary => "backward_summary",
+            Entry::BackwardSummaryTc => "backward_summary_tc",
             Entry::BackwardKey => "backward_key",
             Entry::BackwardKeyTc => "backward_key_tc",
             Entry::BackwardTailsTc => "backward_tails_tc",
@@ -367,6 +369,7 @@ mod tests {
         for entry in [
             Entry::ForwardTc,
             Entry::BackwardQueryTc,
+            Entry::BackwardSummaryTc,
             Entry::BackwardKeyTc,
             Entry::BackwardTailsTc,
             Entry::BackwardUserKey,

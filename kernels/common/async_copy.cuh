@@ -1,0 +1,34 @@
+// Global-to-shared copies that bypass registers (PTX `cp.async`, sm_80+): a thread issues all of
+// its pieces of a tile at once and waits once, so a gather costs one memory latency instead of
+// one per dependent load, and holds no registers while in flight. Host compiles (the CPU
+// emulation) copy at once, with the hardware's alignment rule checked.
+#pragma once
+
+// Copies 16 bytes from `src` to `dst` (both 16-byte aligned), or writes 16 zero bytes where
+// `valid` is false (then `src` is not read, but must still be a mapped address). Visible to the
+// block after cp_async_wait_all() and a barrier.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef __CUDA_ARCH__
+    unsigned smem;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(src),
+                 "r"(valid ? 16 : 0)
+                 : "memory");
+#else
+    if (reinterpret_cast<unsigned long long>(dst) % 16 != 0 ||
+        reinterpret_cast<unsigned long long>(src) % 16 != 0)
+        emu::fail("cp.async of 16 bytes from %p to %p: not 16-byte aligned", src, dst);
+    if (valid) {
+        memcpy(dst, src, 16);
+    } else {
+        memset(dst, 0, 16);
+    }
+#endif
+}
+
+// Waits for every cp_async16 this thread issued.
+__device__ __forceinline__ void cp_async_wait_all() {
+#ifdef __CUDA_ARCH__
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
