@@ -75,14 +75,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
         kt.fk[r] = kbar + at;
         kt.fv[r] = vbar + at;
     }
-    kt.p = &p;
-    kt.in = typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time};
-    kt.head = head;
-    kt.weekday0 = wd0;
-    kt.branch = 0;
-    kt.coeffs = TemporalCoeffs{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
-    kt.inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
-    kt.clear_acc();
+    kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 0);
     kt.walk(rows, first, si.end, warp_first, kNoKey);
 
 #pragma unroll

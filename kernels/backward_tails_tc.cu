@@ -86,14 +86,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
     const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
     kt.kf.init(k + at[0], k + at[1]);
     kt.vf.init(v + at[0], v + at[1]);
-    kt.p = &p;
-    kt.in = typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time};
-    kt.head = head;
-    kt.weekday0 = wd0;
-    kt.branch = 1;
-    kt.coeffs = TemporalCoeffs{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
-    kt.inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
-    kt.clear_acc();
+    kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 1);
     kt.walk(rows, first, si.end, warp_first, kNoKey);
 
 #pragma unroll

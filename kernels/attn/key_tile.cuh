@@ -64,6 +64,19 @@ struct KeyTile {
     const float* fv[2];
     FragC dk[kDimTiles], dv[kDimTiles];
 
+    // Everything but the rows: the walk's inputs, head, sequence and branch; clears dK and dV.
+    __device__ __forceinline__ void begin(const EvoParams& params, const Inputs& inputs,
+                                          const float* __restrict__ all_coeffs, int h, int wd0, int b) {
+        p = &params;
+        in = inputs;
+        head = h;
+        weekday0 = wd0;
+        branch = b;
+        coeffs = TemporalCoeffs{all_coeffs[h * 3], all_coeffs[h * 3 + 1], all_coeffs[h * 3 + 2]};
+        inv_buckets = __frcp_rn(static_cast<float>(params.num_time_buckets));
+        clear_acc();
+    }
+
     __device__ __forceinline__ void clear_acc() {
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) {
