@@ -25,6 +25,11 @@
 # time forces it: the results record the repetitions of every row), SYSTEMS (sparse,dense),
 # TORCH=0 (skip the PyTorch baselines), TORCH_TIMEOUT_S (default 400: the PyTorch step of a cell
 # is stopped there, keeping the passes it finished), BUDGET_S, OUT (default bench-out).
+# TORCH_CACHE=FILE: PyTorch's compile caches (Inductor's, with Triton's inside) as a tarball to
+# start from where FILE exists. After each cell's PyTorch step the caches are packed into
+# $OUT/torch-cache.tar.gz (when under 15 MiB, the device tool's file limit), so a FlexAttention
+# compilation that one 10-minute call cuts short resumes in the next: carry the file back and
+# name it here. The caches live at one fixed path, as compiled artifacts record where they were.
 # Seen on an H100 (2026-11-22): a ctr-base n = 4096 cell took 100 s for this crate's rows;
 # FlexAttention's forward compiled in 73 s, and the whole PyTorch step with the backward
 # compilation ran past 300 s.
@@ -58,6 +63,26 @@ for part in "${@:-all}"; do
     *) for n in $lens; do cells+=("$part:$n"); done ;;
   esac
 done
+
+if [ "${TORCH:-1}" != 0 ]; then
+  export TORCHINDUCTOR_CACHE_DIR=/tmp/sparsectr-torch-cache
+  export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton
+  mkdir -p "$TRITON_CACHE_DIR"
+  if [ -n "${TORCH_CACHE:-}" ] && [ -f "$TORCH_CACHE" ]; then
+    tar -xzf "$TORCH_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR" && echo "torch caches from $TORCH_CACHE" >&2
+  fi
+fi
+
+pack_torch_cache() {
+  local tmp="$dest/torch-cache.tar.gz.part"
+  tar -czf "$tmp" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null || { rm -f "$tmp"; return; }
+  if [ "$(stat -c %s "$tmp")" -lt $((15 * 1024 * 1024)) ]; then
+    mv "$tmp" "$dest/torch-cache.tar.gz"
+  else
+    echo "torch caches over 15 MiB: not packed" >> "$logs/status.txt"
+    rm -f "$tmp"
+  fi
+}
 
 pack() {
   local raw
@@ -106,6 +131,7 @@ for cell in "${cells[@]}"; do
     PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT_S:-400}" python3 benches/torch_baselines.py \
         --data "$export_dir/$w-n$n" --len "$n" --reps "$reps" > "$logs/$w-n$n-torch.log" 2>&1
     rc=$?
+    pack_torch_cache
     if [ "$rc" -eq 124 ]; then
       echo "TIMED OUT PyTorch baselines $w n=$n after ${TORCH_TIMEOUT_S:-400} s (passes finished before are kept)" \
         | tee -a "$logs/status.txt"
