@@ -51,13 +51,6 @@ struct BwdTcCols {
     static constexpr int kValue = kHeadDim == 32 ? 32 : 16;
 };
 
-// Slots per gather (at most kDenseThreads: one thread resolves each): K, V and their low parts
-// must fit 48 KB of static shared memory.
-template <int kHeadDim>
-struct BwdTcLoad {
-    static constexpr int kValue = kHeadDim == 32 ? 128 : (kHeadDim == 64 ? 64 : 32);
-};
-
 // dO rows stay in registers at D = 32 only, Q rows up to D = 64; beyond, they are reloaded from
 // L1 at each use (the 64 dQ accumulators of D = 128 left no room: 276 B spilled).
 template <int kHeadDim>
@@ -166,7 +159,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
                                               float (&dcoef)[2][3], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
-    constexpr int kLoad = BwdTcLoad<kHeadDim>::kValue;
+    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
     constexpr bool kSummary = kBranch == 0;
     const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
@@ -244,7 +237,7 @@ __device__ void evo_backward_query_tc(
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
     float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles) {
-    constexpr int kLoad = BwdTcLoad<kHeadDim>::kValue;
+    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
     constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ

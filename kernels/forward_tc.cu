@@ -15,10 +15,17 @@
 // so summaries keep about 16 bits of mantissa (the backward recomputes their logits in f32 against
 // this forward's LSE).
 //
-// Shared memory: K, K_lo [kCols][D + pad] and V^T, V^T_lo [D][kCols + pad]: at most 21 KB.
+// The kernel is latency bound (ncu on an H100 at 17bc4ac: 71% of cycles with no eligible warp),
+// and each gather costs two dependent rounds of global loads between barriers. So slots are
+// gathered TcLoad at a time, token rows by cp.async with one wait, and the MMAs walk them in
+// sub-tiles of kCols; P V reads V through ldmatrix.trans from the row tile (probs_times_rows), so
+// no transposed copy is made.
+//
+// Shared memory: K, K_lo, V, V_lo [kLoad][D + pad]: at most 41 KB (D = 32 with 128 slots).
 //
 // @instantiate SPARSECTR_FORWARD_TC dtype16 head_dim
 
+#include "common/async_copy.cuh"
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
 #include "common/params.cuh"
@@ -55,10 +62,12 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                                           const float* __restrict__ vbar,
                                           const int* __restrict__ chunk_ends,
                                           const unsigned* __restrict__ rel_time, bool warp_live,
-                                          T* sK, T* sKlo, T* sVt, T* sVtlo, int* sRow, int* sAux,
+                                          T* sK, T* sKlo, T* sV, T* sVlo, int* sRow, int* sAux,
                                           TokenTime* sTime, FragC (&acc)[kHeadDim / 8],
                                           RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
+    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
@@ -66,44 +75,47 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
 #pragma unroll
     for (int dt = 0; dt < kHeadDim / 8; ++dt) clear(acc[dt]);
     sm.init();
-    for (int base = 0; base < num_slots; base += kCols) {
-        __syncthreads();  // the previous tile's readers are done
-        resolve_tile<kBranch, kCols>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base,
+    for (int base = 0; base < num_slots; base += kLoad) {
+        __syncthreads();  // the previous gather's readers are done
+        resolve_tile<kBranch, kLoad>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base,
                                      num_slots, sRow, sAux, sTime);
         __syncthreads();
-        gather_tensor<T, kHeadDim, kCols, kSummary>(p, head, k, kbar, sRow, sK, sKlo, nullptr,
-                                                    nullptr);
-        gather_tensor<T, kHeadDim, kCols, kSummary>(p, head, v, vbar, sRow, nullptr, nullptr, sVt,
-                                                    sVtlo);
+        gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, k, kbar, sRow, sK, sKlo);
+        gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, v, vbar, sRow, sV, sVlo);
+        cp_async_wait_all();
         __syncthreads();
         if (!warp_live) continue;  // warp-uniform: none of its rows attends
 
-        FragC sc[kKeyTiles];
+        // Block-uniform bounds.
+#pragma unroll 1
+        for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
+            FragC sc[kKeyTiles];
 #pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
-        rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK);
-        if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, sKlo);
+            for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
+            rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK + sub * kStride);
+            if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, sKlo + sub * kStride);
 #pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
+            for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-                const int row = sRow[col], aux = sAux[col];
-                float z = neg_inf();
-                if (slot_visible<kBranch>(rw[r], row, aux)) {
-                    z = sc[n].c[i] * p.scale;
-                    if (kBranch != 2 || aux != kLocalUser)
-                        z += tc.bias(pair_features(row_time[r], sTime[col], p.num_time_buckets,
-                                                   inv_buckets));
+                for (int i = 0; i < 4; ++i) {
+                    const int r = i >> 1, col = sub + n * 8 + 2 * t + (i & 1);
+                    const int row = sRow[col], aux = sAux[col];
+                    float z = neg_inf();
+                    if (slot_visible<kBranch>(rw[r], row, aux)) {
+                        z = sc[n].c[i] * p.scale;
+                        if (kBranch != 2 || aux != kLocalUser)
+                            z += tc.bias(pair_features(row_time[r], sTime[col], p.num_time_buckets,
+                                                       inv_buckets));
+                    }
+                    sc[n].c[i] = z;
                 }
-                sc[n].c[i] = z;
             }
+            float corr[2];
+            sm.update(sc, corr);
+            scale_rows(acc, corr);
+            probs_times_rows<T, kHeadDim, kCols>(acc, sc, sV + sub * kStride, 0);
+            if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, sVlo + sub * kStride, 0);
         }
-        float corr[2];
-        sm.update(sc, corr);
-        scale_rows(acc, corr);
-        probs_times_tile<T, kCols>(acc, sc, sVt, 0);
-        if (kSummary) probs_times_tile<T, kCols>(acc, sc, sVtlo, 0);
     }
     float inv[2];
     sm.finish(inv);
@@ -120,16 +132,16 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
                                const int* __restrict__ chunk_ends,
                                const int* __restrict__ chunk_counts, T* __restrict__ o,
                                float* __restrict__ lse, const int* __restrict__ tiles) {
-    constexpr int kCols = TcCols<kHeadDim>::kValue;
+    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
     constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kDimTiles = kHeadDim / 8;
-    alignas(16) __shared__ T sK[kCols * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sKlo[kCols * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sVt[kHeadDim * (kCols + kPad)];
-    alignas(16) __shared__ T sVtlo[kHeadDim * (kCols + kPad)];
-    __shared__ int sRow[kCols];
-    __shared__ int sAux[kCols];
-    __shared__ TokenTime sTime[kCols];
+    alignas(16) __shared__ T sK[kLoad * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sKlo[kLoad * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sV[kLoad * (kHeadDim + kPad)];
+    alignas(16) __shared__ T sVlo[kLoad * (kHeadDim + kPad)];
+    __shared__ int sRow[kLoad];
+    __shared__ int sAux[kLoad];
+    __shared__ TokenTime sTime[kLoad];
 
     const DenseBlock blk = dense_block(p, 1, tiles);
     const int head = blk.head;
@@ -165,7 +177,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     {                                                                                            \
         tc_branch<T, kHeadDim, B>(p, head, si, tt, SLOTS, chunk_base, qf, rw, row_time, wd0, tc, \
                                   k, v, kbar, vbar, chunk_ends, rel_time, warp_live, sK, sKlo,  \
-                                  sVt, sVtlo, sRow, sAux, sTime, acc, sm);                       \
+                                  sV, sVlo, sRow, sAux, sTime, acc, sm);                         \
         float gate[2];                                                                           \
         for (int r = 0; r < 2; ++r) {                                                            \
             const int qc = min(rw[r].q, si.end - 1);                                             \

@@ -11,12 +11,21 @@
 #include "temporal.cuh"
 #include "dense.cuh"
 
-// Slots per tile of the forward: 64 keys at D = 32, 32 at D = 64, 16 at D = 128, where wider
-// tiles kept the rows' S tile, the branch and the gated sums above 255 registers (NVRTC 13.0
-// spilled 64 B at D = 64 with 64 slots, 96 B at D = 128 with 32).
+// Slots per MMA sub-tile of the forward: 64 keys at D = 32, 16 at D >= 64, where wider tiles
+// kept the rows' S tile, the branch and the gated sums above the register cap (NVRTC 13.0
+// spilled 56 B at D = 64 with 32 slots under 64-slot gathers, 96 B at D = 128 with 32).
 template <int kHeadDim>
 struct TcCols {
-    static constexpr int kValue = kHeadDim == 32 ? 64 : (kHeadDim == 64 ? 32 : 16);
+    static constexpr int kValue = kHeadDim == 32 ? 64 : 16;
+};
+
+// Slots per gather of the tensor-core kernels (at most kDenseThreads: one thread resolves each):
+// K, V and their low parts must fit 48 KB of static shared memory. A gather costs two dependent
+// rounds of global loads between barriers (slot resolution, then the rows), so it takes as many
+// slots as fit, and the MMAs walk them in sub-tiles (TcCols, BwdTcCols).
+template <int kHeadDim>
+struct TcLoad {
+    static constexpr int kValue = kHeadDim == 32 ? 128 : (kHeadDim == 64 ? 64 : 32);
 };
 
 // Slot kinds of the local branch.
@@ -167,65 +176,6 @@ __device__ __forceinline__ void resolve_tile(const TcTile& tt, const SeqInfo& si
         sRow[tid] = row;
         sAux[tid] = aux;
         sTime[tid] = token_time(time, wd0);
-    }
-}
-
-// Copies one tensor's rows for a tile's slots into shared memory, as rows ([kCols][D + pad],
-// when `rows` is not null) and transposed ([D][kCols + pad], when `cols` is not null); masked
-// slots as zeros. Token rows come in T (`tok`); summary rows (`sum`, f32) are split into a
-// 16-bit high part and the 16-bit rest (`rows_lo`, `cols_lo`).
-template <typename T, int kHeadDim, int kCols, bool kSummary>
-__device__ __forceinline__ void gather_tensor(const EvoParams& p, int head, const T* __restrict__ tok,
-                                              const float* __restrict__ sum, const int* sRow,
-                                              T* rows, T* rows_lo, T* cols, T* cols_lo) {
-    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
-    constexpr int kColStride = kCols + SmemPad<T>::kValue;
-    if (kSummary) {
-        constexpr int kPerRow = kHeadDim / 4;  // float4 pieces
-        for (int i = threadIdx.x; i < kCols * kPerRow; i += kDenseThreads) {
-            const int r = i / kPerRow, c = i % kPerRow;
-            const int row = sRow[r];
-            uint4 raw = {0u, 0u, 0u, 0u};
-            if (row >= 0)
-                raw = __ldg(reinterpret_cast<const uint4*>(
-                                sum + (static_cast<size_t>(row) * p.heads + head) * kHeadDim) + c);
-            // Rotated by c: see tile_tensor (attn/dense.cuh), bank conflicts of the columns.
-#pragma unroll
-            for (int e0 = 0; e0 < 4; ++e0) {
-                const int e = (e0 + c) % 4;
-                const int d = c * 4 + e;
-                const float x = vec_elem<float>(raw, e);
-                const T hi = from_float<T>(x), lo = from_float<T>(x - to_float(hi));
-                if (rows != nullptr) {
-                    rows[r * kRowStride + d] = hi;
-                    rows_lo[r * kRowStride + d] = lo;
-                }
-                if (cols != nullptr) {
-                    cols[d * kColStride + r] = hi;
-                    cols_lo[d * kColStride + r] = lo;
-                }
-            }
-        }
-    } else {
-        constexpr int kVec = VecWidth<T>::kValue;
-        constexpr int kPerRow = kHeadDim / kVec;
-        for (int i = threadIdx.x; i < kCols * kPerRow; i += kDenseThreads) {
-            const int r = i / kPerRow, c = i % kPerRow;
-            const int row = sRow[r];
-            uint4 raw = {0u, 0u, 0u, 0u};
-            if (row >= 0)
-                raw = __ldg(reinterpret_cast<const uint4*>(
-                                tok + (static_cast<size_t>(row) * p.heads + head) * kHeadDim) + c);
-            if (rows != nullptr) *reinterpret_cast<uint4*>(rows + r * kRowStride + c * kVec) = raw;
-            if (cols != nullptr) {
-                // Rotated by c: see tile_tensor (attn/dense.cuh).
-#pragma unroll
-                for (int e0 = 0; e0 < kVec; ++e0) {
-                    const int e = (e0 + c) % kVec;
-                    cols[(c * kVec + e) * kColStride + r] = vec_elem<T>(raw, e);
-                }
-            }
-        }
     }
 }
 
