@@ -5,6 +5,7 @@
 // (dense_block). Rows past the sequence's end are loaded clamped (or as zeros) and never stored.
 #pragma once
 
+#include "../common/async_copy.cuh"
 #include "../common/dtype.cuh"
 #include "../common/mma.cuh"
 #include "../common/params.cuh"
@@ -108,6 +109,21 @@ __device__ __forceinline__ void tile_tensor(const EvoParams& p, const T* __restr
                 sCol[(c * kVec + e) * kColStride + r] = vec_elem<T>(raw, e);
             }
         }
+    }
+}
+
+// As tile_tensor, rows only, by cp.async (the caller waits: cp_async_wait_all, then a barrier).
+template <typename T, int kHeadDim, int kRows>
+__device__ __forceinline__ void tile_rows_async(const EvoParams& p, const T* __restrict__ g, int first,
+                                                int end, int head, T* sRow) {
+    constexpr int kVec = VecWidth<T>::kValue;
+    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
+    constexpr int kPerRow = kHeadDim / kVec;
+    for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
+        const int r = i / kPerRow, c = i % kPerRow;
+        const bool inside = first + r < end;
+        cp_async16(sRow + r * kRowStride + c * kVec,
+                   g + dense_row<kHeadDim>(p, inside ? first + r : first, head) + c * kVec, inside);
     }
 }
 

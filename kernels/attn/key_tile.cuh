@@ -12,8 +12,10 @@
 // Which (query, key) pairs count is the caller's `Rows::visible(query, r)` for the lane's rows r =
 // 0 (g) and 1 (g + 8). Every key and query here has a time: the user token never enters a tile.
 //
-// Shared memory: Q and dO tiles [kCols][D + pad], their transposes [D][kCols + pad], per query
-// LSE_b, dgates_b, gate_b and time, and the 64 keys' times: at most 39 KB (16-bit D = 64).
+// Q and dO tiles come by cp.async, and dV += P^T dO, dK += dz^T Q read them through
+// ldmatrix.trans (probs_times_rows), so no transposed copy is made. Shared memory: Q and dO tiles
+// [kCols][D + pad], per query LSE_b, dgates_b, gate_b and time, and the 64 keys' times: at most
+// 20 KB (16-bit D = 64).
 #pragma once
 
 #include "../common/dtype.cuh"
@@ -46,9 +48,7 @@ struct KeyTile {
     };
 
     T* sQ;
-    T* sQt;
     T* sdO;
-    T* sdOt;
     float* sLse;
     float* sDg;
     float* sGate;
@@ -96,8 +96,8 @@ struct KeyTile {
         const int key_slot[2] = {warp * 16 + g, warp * 16 + g + 8};
         for (int qt = lo; qt < hi; qt += kCols) {
             __syncthreads();
-            tile_tensor<T, kHeadDim, kCols>(pp, in.q, qt, hi, head, sQ, sQt);
-            tile_tensor<T, kHeadDim, kCols>(pp, in.d_o, qt, hi, head, sdO, sdOt);
+            tile_rows_async<T, kHeadDim, kCols>(pp, in.q, qt, hi, head, sQ);
+            tile_rows_async<T, kHeadDim, kCols>(pp, in.d_o, qt, hi, head, sdO);
             const int tid = threadIdx.x;
             if (tid < kCols) {
                 const int query = qt + tid;
@@ -108,6 +108,7 @@ struct KeyTile {
                 sGate[tid] = inside ? load_gate<T>(pp, in.gates, b_at) : 0.f;
                 sTime[tid] = token_time(inside ? in.rel_time[query] : 0u, weekday0);
             }
+            cp_async_wait_all();
             __syncthreads();
             // Warp-uniform.
             if (qt + kCols - 1 < warp_first || qt > warp_last) continue;
@@ -142,8 +143,8 @@ struct KeyTile {
                     dst[n].c[i] = dz;
                 }
             }
-            probs_times_tile<T, kCols>(dv, pt, sdOt, 0);
-            probs_times_tile<T, kCols>(dk, dst, sQt, 0);
+            probs_times_rows<T, kHeadDim, kCols>(dv, pt, sdO, 0);
+            probs_times_rows<T, kHeadDim, kCols>(dk, dst, sQ, 0);
         }
     }
 };
@@ -154,18 +155,14 @@ struct KeyTile {
     constexpr int kKtCols_ = decltype(kt)::kCols;                                               \
     constexpr int kKtPad_ = decltype(kt)::kPad;                                                 \
     alignas(16) __shared__ T sQ_[kKtCols_ * (D + kKtPad_)];                                     \
-    alignas(16) __shared__ T sQt_[D * (kKtCols_ + kKtPad_)];                                    \
     alignas(16) __shared__ T sdO_[kKtCols_ * (D + kKtPad_)];                                    \
-    alignas(16) __shared__ T sdOt_[D * (kKtCols_ + kKtPad_)];                                   \
     __shared__ float sLse_[kKtCols_];                                                           \
     __shared__ float sDg_[kKtCols_];                                                            \
     __shared__ float sGate_[kKtCols_];                                                          \
     __shared__ TokenTime sTime_[kKtCols_];                                                      \
     __shared__ TokenTime sKeyTime_[kDenseRows];                                                 \
     kt.sQ = sQ_;                                                                                \
-    kt.sQt = sQt_;                                                                              \
     kt.sdO = sdO_;                                                                              \
-    kt.sdOt = sdOt_;                                                                            \
     kt.sLse = sLse_;                                                                            \
     kt.sDg = sDg_;                                                                              \
     kt.sGate = sGate_;                                                                          \
