@@ -22,7 +22,6 @@
 //
 // @instantiate SPARSECTR_BACKWARD_QUERY_TC dtype16 head_dim
 
-#include "common/async_copy.cuh"
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
 #include "common/params.cuh"
@@ -90,30 +89,11 @@ struct BwdTcContext {
     const unsigned* rel_time;
 };
 
-// Shared-memory tiles of the backward.
-template <typename T>
-struct BwdTcSmem {
-    T* k;
-    T* k_lo;
-    T* v;
-    T* v_lo;
-    int* row;
-    int* aux;
-    TokenTime* time;
-
-    // The same tiles from slot `first` of the gather on.
-    template <int kHeadDim>
-    __device__ __forceinline__ BwdTcSmem from(int first) const {
-        const int at = first * (kHeadDim + SmemPad<T>::kValue);
-        return BwdTcSmem{k + at, k_lo + at, v + at, v_lo + at, row + first, aux + first, time + first};
-    }
-};
-
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots; returns
 // per element the features of the pair in `f` when asked.
 template <typename T, int kHeadDim, int kBranch, int kCols>
 __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>& c,
-                                                const BwdTcSmem<T>& sm,
+                                                const SlotTiles<T>& sm,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                                 FragC (&sc)[kCols / 8], FragC (&dp)[kCols / 8]) {
@@ -151,7 +131,7 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
 // the features into dcoef.
 template <typename T, int kHeadDim, int kBranch>
 __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c,
-                                              const BwdTcSmem<T>& sm,
+                                              const SlotTiles<T>& sm,
                                               const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                               const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                               const float (&gate)[2], const float (&lse_b)[2],
@@ -169,24 +149,15 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
     for (int pass = 0; pass < 2; ++pass) {
         for (int base = 0; base < num_slots; base += kLoad) {
             // Block-uniform. When one gather holds every slot, the second pass reuses it.
-            if (pass == 0 || num_slots > kLoad) {
-                __syncthreads();  // the previous gather's readers are done
-                resolve_tile<kBranch, kLoad>(c.tt, c.si, *c.p, c.chunk_base, c.chunk_ends,
-                                             c.rel_time, c.wd0, base, num_slots, sm.row, sm.aux,
-                                             sm.time);
-                __syncthreads();
-                gather_rows_async<T, kHeadDim, kLoad, kSummary>(*c.p, c.head, c.k, c.kbar, sm.row,
-                                                                sm.k, sm.k_lo);
-                gather_rows_async<T, kHeadDim, kLoad, kSummary>(*c.p, c.head, c.v, c.vbar, sm.row,
-                                                                sm.v, sm.v_lo);
-                cp_async_wait_all();
-                __syncthreads();
-            }
+            if (pass == 0 || num_slots > kLoad)
+                gather_slots<kBranch, T, kHeadDim>(c.tt, c.si, *c.p, c.head, c.chunk_base, c.chunk_ends,
+                                                   c.rel_time, c.wd0, c.k, c.v, c.kbar, c.vbar, base,
+                                                   num_slots, sm);
             if (!c.warp_live) continue;  // warp-uniform: none of its rows attends
 
 #pragma unroll 1
             for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
-                const BwdTcSmem<T> st = sm.template from<kHeadDim>(sub);
+                const SlotTiles<T> st = sm.template from<kHeadDim>(sub);
                 FragC sc[kCols / 8], dp[kCols / 8];
                 bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, qf, dof, sc, dp);
 #pragma unroll
@@ -237,18 +208,9 @@ __device__ void evo_backward_query_tc(
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
     float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles) {
-    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
-    constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
     constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
-    alignas(16) __shared__ T sK[kLoad * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sKlo[kLoad * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sV[kLoad * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sVlo[kLoad * (kHeadDim + kPad)];
-    __shared__ int sRow[kLoad];
-    __shared__ int sAux[kLoad];
-    __shared__ TokenTime sTime[kLoad];
-    const BwdTcSmem<T> sm{sK, sKlo, sV, sVlo, sRow, sAux, sTime};
+    SPARSECTR_SLOT_TILES(sm, T, kHeadDim);
 
     const DenseBlock blk = dense_block(p, kParts, tiles);
     const int dim0 = blk.part * (kHeadDim / kParts);  // first dimension of this block's dQ

@@ -25,7 +25,6 @@
 //
 // @instantiate SPARSECTR_FORWARD_TC dtype16 head_dim
 
-#include "common/async_copy.cuh"
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
 #include "common/params.cuh"
@@ -62,12 +61,10 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                                           const float* __restrict__ vbar,
                                           const int* __restrict__ chunk_ends,
                                           const unsigned* __restrict__ rel_time, bool warp_live,
-                                          T* sK, T* sKlo, T* sV, T* sVlo, int* sRow, int* sAux,
-                                          TokenTime* sTime, FragC (&acc)[kHeadDim / 8],
+                                          const SlotTiles<T>& gathered, FragC (&acc)[kHeadDim / 8],
                                           RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     constexpr int kLoad = TcLoad<kHeadDim>::kValue;
-    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
@@ -76,14 +73,8 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
     for (int dt = 0; dt < kHeadDim / 8; ++dt) clear(acc[dt]);
     sm.init();
     for (int base = 0; base < num_slots; base += kLoad) {
-        __syncthreads();  // the previous gather's readers are done
-        resolve_tile<kBranch, kLoad>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base,
-                                     num_slots, sRow, sAux, sTime);
-        __syncthreads();
-        gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, k, kbar, sRow, sK, sKlo);
-        gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, v, vbar, sRow, sV, sVlo);
-        cp_async_wait_all();
-        __syncthreads();
+        gather_slots<kBranch, T, kHeadDim>(tt, si, p, head, chunk_base, chunk_ends, rel_time, wd0, k, v,
+                                           kbar, vbar, base, num_slots, gathered);
         if (!warp_live) continue;  // warp-uniform: none of its rows attends
 
         // Block-uniform bounds.
@@ -92,19 +83,20 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
             FragC sc[kKeyTiles];
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
-            rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK + sub * kStride);
-            if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, sKlo + sub * kStride);
+            const SlotTiles<T> st = gathered.template from<kHeadDim>(sub);
+            rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
+            if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo);
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1, col = sub + n * 8 + 2 * t + (i & 1);
-                    const int row = sRow[col], aux = sAux[col];
+                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
+                    const int row = st.row[col], aux = st.aux[col];
                     float z = neg_inf();
                     if (slot_visible<kBranch>(rw[r], row, aux)) {
                         z = sc[n].c[i] * p.scale;
                         if (kBranch != 2 || aux != kLocalUser)
-                            z += tc.bias(pair_features(row_time[r], sTime[col], p.num_time_buckets,
+                            z += tc.bias(pair_features(row_time[r], st.time[col], p.num_time_buckets,
                                                        inv_buckets));
                     }
                     sc[n].c[i] = z;
@@ -113,8 +105,8 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
             float corr[2];
             sm.update(sc, corr);
             scale_rows(acc, corr);
-            probs_times_rows<T, kHeadDim, kCols>(acc, sc, sV + sub * kStride, 0);
-            if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, sVlo + sub * kStride, 0);
+            probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
+            if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v_lo, 0);
         }
     }
     float inv[2];
@@ -132,16 +124,8 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
                                const int* __restrict__ chunk_ends,
                                const int* __restrict__ chunk_counts, T* __restrict__ o,
                                float* __restrict__ lse, const int* __restrict__ tiles) {
-    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
-    constexpr int kPad = SmemPad<T>::kValue;
     constexpr int kDimTiles = kHeadDim / 8;
-    alignas(16) __shared__ T sK[kLoad * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sKlo[kLoad * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sV[kLoad * (kHeadDim + kPad)];
-    alignas(16) __shared__ T sVlo[kLoad * (kHeadDim + kPad)];
-    __shared__ int sRow[kLoad];
-    __shared__ int sAux[kLoad];
-    __shared__ TokenTime sTime[kLoad];
+    SPARSECTR_SLOT_TILES(gathered, T, kHeadDim);
 
     const DenseBlock blk = dense_block(p, 1, tiles);
     const int head = blk.head;
@@ -176,8 +160,8 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
 #define SPARSECTR_TC_BRANCH(B, SLOTS)                                                            \
     {                                                                                            \
         tc_branch<T, kHeadDim, B>(p, head, si, tt, SLOTS, chunk_base, qf, rw, row_time, wd0, tc, \
-                                  k, v, kbar, vbar, chunk_ends, rel_time, warp_live, sK, sKlo,  \
-                                  sV, sVlo, sRow, sAux, sTime, acc, sm);                         \
+                                  k, v, kbar, vbar, chunk_ends, rel_time, warp_live, gathered,   \
+                                  acc, sm);                                                      \
         float gate[2];                                                                           \
         for (int r = 0; r < 2; ++r) {                                                            \
             const int qc = min(rw[r].q, si.end - 1);                                             \

@@ -215,3 +215,58 @@ __device__ __forceinline__ void gather_rows_async(const EvoParams& p, int head, 
         }
     }
 }
+
+// Shared-memory tiles of one gather of slots: K, V [kLoad][D + pad], each with a low part for
+// summaries, and per slot its row, aux and time.
+template <typename T>
+struct SlotTiles {
+    T* k;
+    T* k_lo;
+    T* v;
+    T* v_lo;
+    int* row;
+    int* aux;
+    TokenTime* time;
+
+    // The same tiles from slot `first` of the gather on.
+    template <int kHeadDim>
+    __device__ __forceinline__ SlotTiles from(int first) const {
+        const int at = first * (kHeadDim + SmemPad<T>::kValue);
+        return SlotTiles{k + at, k_lo + at, v + at, v_lo + at, row + first, aux + first, time + first};
+    }
+};
+
+// Declares the tiles of one gather of TcLoad slots as `name` (a macro: `__shared__` arrays must
+// be declared in the kernel's own scope).
+#define SPARSECTR_SLOT_TILES(name, T, D)                                                         \
+    constexpr int kSlotLoad_ = TcLoad<D>::kValue;                                               \
+    constexpr int kSlotStride_ = D + SmemPad<T>::kValue;                                        \
+    alignas(16) __shared__ T sK_[kSlotLoad_ * kSlotStride_];                                    \
+    alignas(16) __shared__ T sKlo_[kSlotLoad_ * kSlotStride_];                                  \
+    alignas(16) __shared__ T sV_[kSlotLoad_ * kSlotStride_];                                    \
+    alignas(16) __shared__ T sVlo_[kSlotLoad_ * kSlotStride_];                                  \
+    __shared__ int sRow_[kSlotLoad_];                                                           \
+    __shared__ int sAux_[kSlotLoad_];                                                           \
+    __shared__ TokenTime sTime_[kSlotLoad_];                                                    \
+    const SlotTiles<T> name{sK_, sKlo_, sV_, sVlo_, sRow_, sAux_, sTime_}
+
+// One gather: slots [base, base + TcLoad) of a branch, resolved and their K and V rows copied into
+// `st`, visible to the whole block on return. Called by every thread of the block.
+template <int kBranch, typename T, int kHeadDim>
+__device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
+                                             int head, int chunk_base, const int* __restrict__ chunk_ends,
+                                             const unsigned* __restrict__ rel_time, int wd0,
+                                             const T* __restrict__ k, const T* __restrict__ v,
+                                             const float* __restrict__ kbar, const float* __restrict__ vbar,
+                                             int base, int num_slots, const SlotTiles<T>& st) {
+    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
+    constexpr bool kSummary = kBranch == 0;
+    __syncthreads();  // the previous gather's readers are done
+    resolve_tile<kBranch, kLoad>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base, num_slots,
+                                 st.row, st.aux, st.time);
+    __syncthreads();
+    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, k, kbar, st.row, st.k, st.k_lo);
+    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, v, vbar, st.row, st.v, st.v_lo);
+    cp_async_wait_all();
+    __syncthreads();
+}
