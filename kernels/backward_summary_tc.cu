@@ -23,11 +23,6 @@
 template <int kHeadDim>
 constexpr int kSummaryTcMinBlocks = 2;
 
-struct SummaryRows {
-    int key[2];  // the last behavior of the lane's chunks g and g + 8; -1 where none
-    __device__ __forceinline__ bool visible(int query, int r) const { return key[r] >= 0 && query >= key[r]; }
-};
-
 template <typename T, int kHeadDim>
 __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q, const float* __restrict__ kbar,
                                     const float* __restrict__ vbar, const void* __restrict__ gates,
@@ -54,7 +49,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
     const int chunk[2] = {slot0 + warp * 16 + g, slot0 + warp * 16 + g + 8};
-    SummaryRows rows;
+    PrefixRows rows;
 #pragma unroll
     for (int r = 0; r < 2; ++r) rows.key[r] = chunk[r] < num_chunks ? ends[chunk[r]] - 1 : -1;
     const int wd0 = weekday0[s];
@@ -62,10 +57,6 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
         const int c = slot0 + static_cast<int>(threadIdx.x);
         sKeyTime_[threadIdx.x] = token_time(rel_time[c < num_chunks ? ends[c] - 1 : first], wd0);
     }
-    // The warp's smallest key: its first row, when it has any.
-    int warp_first = min(rows.key[0] >= 0 ? rows.key[0] : kNoKey, rows.key[1] >= 0 ? rows.key[1] : kNoKey);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) warp_first = min(warp_first, __shfl_xor_sync(kFullMask, warp_first, off));
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -76,7 +67,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
         kt.fv[r] = vbar + at;
     }
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 0);
-    kt.walk(rows, first, si.end, warp_first, kNoKey);
+    kt.walk(rows, first, si.end, rows.warp_first(), kNoKey);
 
 #pragma unroll
     for (int dt = 0; dt < KT::kDimTiles; ++dt) {

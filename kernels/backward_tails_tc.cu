@@ -36,11 +36,6 @@ __device__ __forceinline__ int tail_token(const EvoParams& p, const SeqInfo& si,
     return token < end ? token : -1;
 }
 
-struct TailRows {
-    int key[2];  // the lane's rows g and g + 8; -1 where none
-    __device__ __forceinline__ bool visible(int query, int r) const { return key[r] >= 0 && query >= key[r]; }
-};
-
 template <typename T, int kHeadDim>
 __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k,
                                   const T* __restrict__ v, const void* __restrict__ gates,
@@ -68,7 +63,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
 
     const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
-    TailRows rows;
+    PrefixRows rows;
     rows.key[0] = slot0 + warp * 16 + g < slots ? tail_token(p, si, s, slot0 + warp * 16 + g, chunk_ends, num_chunks) : -1;
     rows.key[1] = slot0 + warp * 16 + g + 8 < slots ? tail_token(p, si, s, slot0 + warp * 16 + g + 8, chunk_ends, num_chunks) : -1;
     const int wd0 = weekday0[s];
@@ -77,17 +72,13 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
         const int key = slot < slots ? tail_token(p, si, s, slot, chunk_ends, num_chunks) : -1;
         sKeyTime_[threadIdx.x] = token_time(rel_time[key >= 0 ? key : first], wd0);
     }
-    // The warp's smallest key (its rows are in token order, but the first may be empty).
-    int warp_first = min(rows.key[0] >= 0 ? rows.key[0] : kNoKey, rows.key[1] >= 0 ? rows.key[1] : kNoKey);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) warp_first = min(warp_first, __shfl_xor_sync(kFullMask, warp_first, off));
 
     const int clamped[2] = {rows.key[0] >= 0 ? rows.key[0] : first, rows.key[1] >= 0 ? rows.key[1] : first};
     const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
     kt.kf.init(k + at[0], k + at[1]);
     kt.vf.init(v + at[0], v + at[1]);
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 1);
-    kt.walk(rows, first, si.end, warp_first, kNoKey);
+    kt.walk(rows, first, si.end, rows.warp_first(), kNoKey);
 
 #pragma unroll
     for (int dt = 0; dt < KT::kDimTiles; ++dt) {

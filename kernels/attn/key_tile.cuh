@@ -29,6 +29,20 @@
 // Larger than any token index: "no bound" for a walk's warp limits.
 constexpr int kNoKey = 0x7fffffff;
 
+// Rows seen by every query at or after their key token: tail tokens (transition branch) and
+// chunk summaries, keyed by their chunk's last behavior (global branch).
+struct PrefixRows {
+    int key[2];  // the lane's rows g and g + 8; -1 where none
+    __device__ __forceinline__ bool visible(int query, int r) const { return key[r] >= 0 && query >= key[r]; }
+    // The warp's smallest key (kNoKey if it has no row): no query before it sees any of its rows.
+    __device__ __forceinline__ int warp_first() const {
+        int first = min(key[0] >= 0 ? key[0] : kNoKey, key[1] >= 0 ? key[1] : kNoKey);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) first = min(first, __shfl_xor_sync(kFullMask, first, off));
+        return first;
+    }
+};
+
 template <typename T, int kHeadDim, bool kF32Rows = false>
 struct KeyTile {
     static constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
