@@ -1,7 +1,8 @@
 // Global-to-shared copies that bypass registers (PTX `cp.async`, sm_80+): a thread issues all of
 // its pieces of a tile at once and waits once, so a gather costs one memory latency instead of
 // one per dependent load, and holds no registers while in flight. Host compiles (the CPU
-// emulation) copy at once, with the hardware's alignment rule checked.
+// emulation, kernels/emu/cuda_host.h) poison the destination at issue and copy at the wait, with
+// the hardware's alignment rule checked.
 #pragma once
 
 // Copies 16 bytes from `src` to `dst` (both 16-byte aligned), or writes 16 zero bytes where
@@ -15,14 +16,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
                  "r"(valid ? 16 : 0)
                  : "memory");
 #else
-    if (reinterpret_cast<unsigned long long>(dst) % 16 != 0 ||
-        reinterpret_cast<unsigned long long>(src) % 16 != 0)
-        emu::fail("cp.async of 16 bytes from %p to %p: not 16-byte aligned", src, dst);
-    if (valid) {
-        memcpy(dst, src, 16);
-    } else {
-        memset(dst, 0, 16);
-    }
+    emu::cp_async_issue(dst, src, valid);
 #endif
 }
 
@@ -30,5 +24,7 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_wait_all() {
 #ifdef __CUDA_ARCH__
     asm volatile("cp.async.wait_all;" ::: "memory");
+#else
+    emu::cp_async_wait();
 #endif
 }

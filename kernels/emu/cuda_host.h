@@ -24,7 +24,8 @@
 // kernels, -fsanitize=thread races between CUDA threads (a missing __syncwarp or __syncthreads
 // is a data race it reports). Not emulated: timing, occupancy, shared-memory size limits, the
 // GPU's memory model beyond the collectives' acquire/release, and uninitialized shared memory
-// (a `static` array starts at zero, and keeps the previous block's contents).
+// (a `static` array starts at zero, and keeps the previous block's contents). `cp.async` is
+// deferred: poison at issue, the copy at the issuing thread's wait (see cp_async_issue).
 //
 // Kernel sources include nothing from here; compile with `-include` or include this first.
 #pragma once
@@ -297,6 +298,13 @@ struct ThreadCtx {
     int lane = 0;
     unsigned warp_gen = 0;   // exchanges this thread completed in its warp
     unsigned block_gen = 0;  // __syncthreads this thread completed
+    // cp.async copies issued and not yet waited for (see cp_async_issue).
+    struct AsyncCopy {
+        void* dst;
+        const void* src;
+        bool valid;
+    };
+    std::vector<AsyncCopy> async_copies;
 };
 inline thread_local ThreadCtx tctx;
 
@@ -407,6 +415,32 @@ inline Exchange& my_warp() {
 }
 
 inline std::atomic<int>& my_where() { return tctx.block->where[tctx.tid]; }
+
+// cp.async: on a GPU the 16 bytes land in shared memory at some moment before the issuing
+// thread's wait, so until then the destination holds neither its old contents nor the new. The
+// emulation writes a poison at issue (all ones: NaN in bf16, f16 and f32, -1 as an int) and
+// copies at the wait. A read before the wait then sees NaN instead of a copy that happened to be
+// done; a read by another thread with no barrier after the wait, or an issue over data other
+// threads still read, is a race for -fsanitize=thread.
+inline void cp_async_issue(void* dst, const void* src, bool valid) {
+    if (tctx.block == nullptr) fail("cp.async outside a kernel launch");
+    if (reinterpret_cast<unsigned long long>(dst) % 16 != 0 ||
+        reinterpret_cast<unsigned long long>(src) % 16 != 0)
+        fail("cp.async of 16 bytes from %p to %p: not 16-byte aligned", src, dst);
+    std::memset(dst, 0xff, 16);
+    tctx.async_copies.push_back(ThreadCtx::AsyncCopy{dst, src, valid});
+}
+
+inline void cp_async_wait() {
+    for (const ThreadCtx::AsyncCopy& c : tctx.async_copies) {
+        if (c.valid) {
+            std::memcpy(c.dst, c.src, 16);
+        } else {
+            std::memset(c.dst, 0, 16);
+        }
+    }
+    tctx.async_copies.clear();
+}
 
 }  // namespace emu
 
@@ -711,6 +745,11 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
                     const dim3 bi = block_of(b);
                     blockIdx = uint3{bi.x, bi.y, bi.z};
                     std::apply(kernel, params);
+                    // On a GPU the copies would land at some point; a kernel that never waits
+                    // for them read nothing it copied, or read it too early.
+                    if (!tctx.async_copies.empty())
+                        fail("thread exited with %zu cp.async copies it never waited for",
+                             tctx.async_copies.size());
                     // Exited: a collective that still counts on this thread is a bug.
                     st.where[tid].store(kExited);
                     w.exited.fetch_add(1, std::memory_order_seq_cst);
