@@ -12,13 +12,14 @@
 //
 // The kernel is latency bound (ncu on an H100 at bbd2154: 18.6% occupancy, SM 33%, memory 36%),
 // and each gather of slots costs two dependent rounds of global loads (slot resolution, then the
-// rows) between barriers. So slots are gathered kLoad at a time, token rows by cp.async with one
-// wait, and the MMAs walk them in sub-tiles of kCols; a branch whose slots fit one gather (the
-// summaries and tails of ctr-base) keeps them for its second pass. dQ's MMA reads K from the row
-// tile (probs_times_rows), so no transposed copy is made.
+// rows) between barriers. So slots are gathered TcLoad at a time, token rows by cp.async with one
+// wait, and the MMAs walk them in sub-tiles of kCols; a branch whose slots fit one gather (every
+// branch of ctr-base: 32 summaries, 64 tails, a local window of 128 slots) keeps them for its
+// second pass. dQ's MMA reads K from the row tile (probs_times_rows), so no transposed copy is
+// made.
 //
-// Shared memory: K, V [kLoad][D + pad], each with a low part for summaries: at most 41 KB
-// (16-bit D = 32 with 128 slots).
+// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves): at most
+// 36.9 KB (D = 64 with 128 rows).
 //
 // @instantiate SPARSECTR_BACKWARD_QUERY_TC dtype16 head_dim
 
@@ -93,7 +94,7 @@ struct BwdTcContext {
 // per element the features of the pair in `f` when asked.
 template <typename T, int kHeadDim, int kBranch, int kCols>
 __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>& c,
-                                                const SlotTiles<T>& sm,
+                                                const SlotTiles<T, kHeadDim>& sm,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                                 FragC (&sc)[kCols / 8], FragC (&dp)[kCols / 8]) {
@@ -107,8 +108,8 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
     rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k);
     rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v);
     if (kSummary) {
-        rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k_lo);
-        rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v_lo);
+        rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k_lo());
+        rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v_lo());
     }
 #pragma unroll
     for (int n = 0; n < kCols / 8; ++n) {
@@ -131,7 +132,7 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
 // the features into dcoef.
 template <typename T, int kHeadDim, int kBranch>
 __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c,
-                                              const SlotTiles<T>& sm,
+                                              const SlotTiles<T, kHeadDim>& sm,
                                               const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                               const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                               const float (&gate)[2], const float (&lse_b)[2],
@@ -139,7 +140,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
                                               float (&dcoef)[2][3], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
-    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
+    constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
     constexpr bool kSummary = kBranch == 0;
     const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
@@ -157,7 +158,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
 
 #pragma unroll 1
             for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
-                const SlotTiles<T> st = sm.template from<kHeadDim>(sub);
+                const SlotTiles<T, kHeadDim> st = sm.from(sub);
                 FragC sc[kCols / 8], dp[kCols / 8];
                 bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, qf, dof, sc, dp);
 #pragma unroll
@@ -184,7 +185,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                 }
                 if (pass == 1) {
                     probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k, dim0);
-                    if (kSummary) probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k_lo, dim0);
+                    if (kSummary) probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k_lo(), dim0);
                 }
             }
         }

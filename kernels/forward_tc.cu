@@ -17,11 +17,12 @@
 //
 // The kernel is latency bound (ncu on an H100 at 17bc4ac: 71% of cycles with no eligible warp),
 // and each gather costs two dependent rounds of global loads between barriers. So slots are
-// gathered TcLoad at a time, token rows by cp.async with one wait, and the MMAs walk them in
-// sub-tiles of kCols; P V reads V through ldmatrix.trans from the row tile (probs_times_rows), so
-// no transposed copy is made.
+// gathered TcLoad at a time (at D <= 64 a whole local window of the tile at w = 64), token rows
+// by cp.async with one wait, and the MMAs walk them in sub-tiles of kCols; P V reads V through
+// ldmatrix.trans from the row tile (probs_times_rows), so no transposed copy is made.
 //
-// Shared memory: K, K_lo, V, V_lo [kLoad][D + pad]: at most 41 KB (D = 32 with 128 slots).
+// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves): at most
+// 36.9 KB (D = 64 with 128 rows).
 //
 // @instantiate SPARSECTR_FORWARD_TC dtype16 head_dim
 
@@ -61,10 +62,10 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                                           const float* __restrict__ vbar,
                                           const int* __restrict__ chunk_ends,
                                           const unsigned* __restrict__ rel_time, bool warp_live,
-                                          const SlotTiles<T>& gathered, FragC (&acc)[kHeadDim / 8],
+                                          const SlotTiles<T, kHeadDim>& gathered, FragC (&acc)[kHeadDim / 8],
                                           RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
-    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
+    constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
@@ -83,9 +84,9 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
             FragC sc[kKeyTiles];
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
-            const SlotTiles<T> st = gathered.template from<kHeadDim>(sub);
+            const SlotTiles<T, kHeadDim> st = gathered.from(sub);
             rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
-            if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo);
+            if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -106,7 +107,7 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
             sm.update(sc, corr);
             scale_rows(acc, corr);
             probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
-            if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v_lo, 0);
+            if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v_lo(), 0);
         }
     }
     float inv[2];

@@ -19,13 +19,22 @@ struct TcCols {
     static constexpr int kValue = kHeadDim == 32 ? 64 : 16;
 };
 
-// Slots per gather of the tensor-core kernels (at most kDenseThreads: one thread resolves each):
-// K, V and their low parts must fit 48 KB of static shared memory. A gather costs two dependent
-// rounds of global loads between barriers (slot resolution, then the rows), so it takes as many
-// slots as fit, and the MMAs walk them in sub-tiles (TcCols, BwdTcCols).
+// Rows of K and of V in shared memory for one gather (at most kDenseThreads: one thread
+// resolves each slot), within 48 KB of static shared memory. A gather costs two dependent rounds
+// of global loads between barriers (slot resolution, then the rows), so it takes as many slots
+// as fit, and the MMAs walk them in sub-tiles (TcCols, BwdTcCols). 128 rows hold a whole local
+// window of a 64-query tile at w = 64 (the user token and 127 behaviors).
 template <int kHeadDim>
+struct TcRows {
+    static constexpr int kValue = kHeadDim == 128 ? 64 : 128;
+};
+
+// Slots per gather of branch kBranch: the summaries (f32) take half, their rows' 16-bit high
+// parts in the lower half of the K and V tiles and the low parts in the upper half; token rows
+// need no low part, so the other branches gather as many slots as there are rows.
+template <int kHeadDim, int kBranch>
 struct TcLoad {
-    static constexpr int kValue = kHeadDim == 32 ? 128 : (kHeadDim == 64 ? 64 : 32);
+    static constexpr int kValue = kBranch == 0 ? TcRows<kHeadDim>::kValue / 2 : TcRows<kHeadDim>::kValue;
 };
 
 // Slot kinds of the local branch.
@@ -207,6 +216,9 @@ __device__ __forceinline__ void gather_rows_async(const EvoParams& p, int head, 
     } else {
         constexpr int kVec = VecWidth<T>::kValue;
         constexpr int kPerRow = kHeadDim / kVec;
+        // Two copies per iteration: unrolled whole, a 128-row gather computed all its addresses
+        // at once and pushed backward_query_tc (f16, D = 64) past its 168-register cap on sm_90.
+#pragma unroll 2
         for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
             const int r = i / kPerRow, c = i % kPerRow;
             const int row = sRow[r];
@@ -216,57 +228,60 @@ __device__ __forceinline__ void gather_rows_async(const EvoParams& p, int head, 
     }
 }
 
-// Shared-memory tiles of one gather of slots: K, V [kLoad][D + pad], each with a low part for
-// summaries, and per slot its row, aux and time.
-template <typename T>
+// Shared-memory tiles of one gather of slots: K, V [TcRows][D + pad], and per slot its row, aux
+// and time. A summary gather (TcLoad: half the rows) puts its low parts in the upper halves.
+template <typename T, int kHeadDim>
 struct SlotTiles {
+    static constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    static constexpr int kLoHalf = TcRows<kHeadDim>::kValue / 2 * kStride;
+
     T* k;
-    T* k_lo;
     T* v;
-    T* v_lo;
     int* row;
     int* aux;
     TokenTime* time;
 
+    // Derived from k and v, so a sub-tile carries five pointers, not seven.
+    __device__ __forceinline__ T* k_lo() const { return k + kLoHalf; }
+    __device__ __forceinline__ T* v_lo() const { return v + kLoHalf; }
+
     // The same tiles from slot `first` of the gather on.
-    template <int kHeadDim>
     __device__ __forceinline__ SlotTiles from(int first) const {
-        const int at = first * (kHeadDim + SmemPad<T>::kValue);
-        return SlotTiles{k + at, k_lo + at, v + at, v_lo + at, row + first, aux + first, time + first};
+        const int at = first * kStride;
+        return SlotTiles{k + at, v + at, row + first, aux + first, time + first};
     }
 };
 
-// Declares the tiles of one gather of TcLoad slots as `name` (a macro: `__shared__` arrays must
-// be declared in the kernel's own scope).
+// Declares the tiles of one gather as `name` (a macro: `__shared__` arrays must be declared in
+// the kernel's own scope).
 #define SPARSECTR_SLOT_TILES(name, T, D)                                                         \
-    constexpr int kSlotLoad_ = TcLoad<D>::kValue;                                               \
+    constexpr int kSlotRows_ = TcRows<D>::kValue;                                               \
     constexpr int kSlotStride_ = D + SmemPad<T>::kValue;                                        \
-    alignas(16) __shared__ T sK_[kSlotLoad_ * kSlotStride_];                                    \
-    alignas(16) __shared__ T sKlo_[kSlotLoad_ * kSlotStride_];                                  \
-    alignas(16) __shared__ T sV_[kSlotLoad_ * kSlotStride_];                                    \
-    alignas(16) __shared__ T sVlo_[kSlotLoad_ * kSlotStride_];                                  \
-    __shared__ int sRow_[kSlotLoad_];                                                           \
-    __shared__ int sAux_[kSlotLoad_];                                                           \
-    __shared__ TokenTime sTime_[kSlotLoad_];                                                    \
-    const SlotTiles<T> name{sK_, sKlo_, sV_, sVlo_, sRow_, sAux_, sTime_}
+    alignas(16) __shared__ T sK_[kSlotRows_ * kSlotStride_];                                    \
+    alignas(16) __shared__ T sV_[kSlotRows_ * kSlotStride_];                                    \
+    __shared__ int sRow_[kSlotRows_];                                                           \
+    __shared__ int sAux_[kSlotRows_];                                                           \
+    __shared__ TokenTime sTime_[kSlotRows_];                                                    \
+    const SlotTiles<T, D> name{sK_, sV_, sRow_, sAux_, sTime_}
 
-// One gather: slots [base, base + TcLoad) of a branch, resolved and their K and V rows copied into
-// `st`, visible to the whole block on return. Called by every thread of the block.
+// One gather: slots [base, base + TcLoad<D, kBranch>) of a branch, resolved and their K and V
+// rows copied into `st`, visible to the whole block on return. Called by every thread of the
+// block.
 template <int kBranch, typename T, int kHeadDim>
 __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
                                              int head, int chunk_base, const int* __restrict__ chunk_ends,
                                              const unsigned* __restrict__ rel_time, int wd0,
                                              const T* __restrict__ k, const T* __restrict__ v,
                                              const float* __restrict__ kbar, const float* __restrict__ vbar,
-                                             int base, int num_slots, const SlotTiles<T>& st) {
-    constexpr int kLoad = TcLoad<kHeadDim>::kValue;
+                                             int base, int num_slots, const SlotTiles<T, kHeadDim>& st) {
+    constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
     constexpr bool kSummary = kBranch == 0;
     __syncthreads();  // the previous gather's readers are done
     resolve_tile<kBranch, kLoad>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base, num_slots,
                                  st.row, st.aux, st.time);
     __syncthreads();
-    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, k, kbar, st.row, st.k, st.k_lo);
-    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, v, vbar, st.row, st.v, st.v_lo);
+    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, k, kbar, st.row, st.k, st.k_lo());
+    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, v, vbar, st.row, st.v, st.v_lo());
     cp_async_wait_all();
     __syncthreads();
 }
