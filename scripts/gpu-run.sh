@@ -2,15 +2,18 @@
 # Runs on a GPU host over the binaries of scripts/build-device-bin.sh (carried as device-bin/):
 # the GPU tests with SPARSECTR_REQUIRE_GPU=1, the main job (examples/evoattention), compute-sanitizer (memcheck, racecheck, initcheck)
 # on the GPU test binaries, a smoke run of the benchmark, and (from a CANDLE_CUDA=1 build) the
-# candle op's CUDA test and the training example with --cuda. Everything lands in one tarball,
+# candle op's CUDA test and the training example with --cuda; on request (STEPS=... ncu) an ncu
+# profile of the sparse kernels. Everything lands in one tarball,
 # $OUT/gpu-run.tar.gz (the device tool brings back at most 8 files), plus summary.txt, both
 # rewritten after every step: a command the device tool stops at its time limit still returns
 # what finished.
 #
-#   STEPS="tests example sanitize bench train"   the steps to run, in order (default: all five)
+#   STEPS="tests example sanitize bench train"   the steps to run, in order (default: these
+#                                         five; "ncu" is the sixth)
 #   BUDGET_S=540                          no step starts later than this, and each step is cut
 #                                         off (timeout) where it would run past it
-#   SANITIZE="memcheck racecheck initcheck", SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS
+#   SANITIZE="memcheck racecheck initcheck", SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS,
+#   NCU_BACKWARD_KERNELS=5 (backward launches profiled)
 #
 # A device command may run at most 10 minutes: split a first full run in two calls, e.g.
 # STEPS="tests" then STEPS="sanitize bench train".
@@ -96,6 +99,21 @@ for step in $steps; do
         pack
       fi
       ;;
+    ncu)
+      # Where the sparse kernels' time goes (bf16 ctr-base n = 4096): one forward and one of
+      # each backward kernel, with the stall reasons of a latency-bound kernel (WarpStateStats).
+      # ncu locks clocks, so its durations run about 15-25% above the live timings.
+      if [ -x device-bin/bench-gpu_bench ]; then
+        for what in "forward:evo_forward_tc:1" "backward:evo_backward_:${NCU_BACKWARD_KERNELS:-5}"; do
+          IFS=: read -r name regex count <<< "$what"
+          run_logged "ncu-$name.log" ncu --section SpeedOfLight --section Occupancy \
+            --section LaunchStats --section WarpStateStats -k "regex:$regex" -c "$count" \
+            device-bin/bench-gpu_bench --workload ctr-base --len 4096 --reps 1 --systems sparse \
+            --out "$out/results/ncu-$name.jsonl"
+          pack
+        done
+      fi
+      ;;
     example)
       # The main job (README's first command) on the GPU, forward and backward checked.
       if [ -x device-bin/example-evoattention ]; then
@@ -111,7 +129,7 @@ for step in $steps; do
       fi
       ;;
     *)
-      echo "unknown step $step (tests, example, sanitize, bench, train)" | tee -a "$out/env.txt"
+      echo "unknown step $step (tests, example, sanitize, bench, ncu, train)" | tee -a "$out/env.txt"
       status=2
       ;;
   esac
