@@ -835,7 +835,7 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         .expect("run the kernel emulation's self-test");
     assert!(
         self_test.status.success(),
-        "the emulated collectives fail their self-test:\n{}{}",
+        "the emulation fails its self-test (collectives, cp.async):\n{}{}",
         String::from_utf8_lossy(&self_test.stdout),
         String::from_utf8_lossy(&self_test.stderr)
     );

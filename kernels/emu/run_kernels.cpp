@@ -12,7 +12,7 @@
 //   cd kernels/emu && OUT=$(ls -td ../../target/release/build/sparsectr-attn-*/out | head -1)
 //   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -iquote "$OUT" -o /tmp/run_kernels run_kernels.cpp
 //   /tmp/run_kernels DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]
-//   /tmp/run_kernels --self-test   (the emulated collectives against their definitions)
+//   /tmp/run_kernels --self-test   (the emulated collectives and cp.async against their definitions)
 //
 // `cargo test --release --test kernel_emulation` does all of this (tests/kernel_emulation.rs).
 //
@@ -127,6 +127,37 @@ __global__ void collectives(int* out) {
     o[12] = __clz(1) + 100 * __ffs(0x50) + 10000 * __popc(0xf0f0u);
 }
 
+// cp.async as the emulation defers it (cuda_host.h): all ones until the issuing thread's wait,
+// then the copy (or zeros where the copy is not valid), visible to others after a barrier.
+__global__ void async_copies(const unsigned* src, unsigned* out) {
+    alignas(16) __shared__ unsigned s[kThreads * 4];
+    const int tid = threadIdx.x;
+    k_forward_tc::cp_async16(s + 4 * tid, src + 4 * tid, tid % 2 == 0);
+    out[3 * tid] = s[4 * tid + 1];
+    k_forward_tc::cp_async_wait_all();
+    out[3 * tid + 1] = s[4 * tid + 1];
+    __syncthreads();
+    out[3 * tid + 2] = s[4 * ((tid + 1) % kThreads) + 2];
+}
+
+int run_async_copies() {
+    alignas(16) static unsigned src[kThreads * 4];
+    for (int i = 0; i < kThreads * 4; ++i) src[i] = 1000u + static_cast<unsigned>(i);
+    std::vector<unsigned> out(kThreads * 3, 7u);
+    EMU_LAUNCH(async_copies, dim3(1), dim3(kThreads), src, out.data());
+    int bad = 0;
+    for (int tid = 0; tid < kThreads; ++tid) {
+        const int next = (tid + 1) % kThreads;
+        const unsigned want[3] = {0xffffffffu, tid % 2 == 0 ? src[4 * tid + 1] : 0u,
+                                  next % 2 == 0 ? src[4 * next + 2] : 0u};
+        for (int i = 0; i < 3; ++i)
+            if (out[3 * tid + i] != want[i] && bad++ < 10)
+                std::printf("self-test: cp.async thread %d output %d: got %u, want %u\n", tid, i,
+                            out[3 * tid + i], want[i]);
+    }
+    return bad;
+}
+
 // Expected values from the CUDA programming guide's definitions.
 int run() {
     std::vector<int> out(static_cast<size_t>(kBlocks) * kThreads * kOutputs, -1);
@@ -161,7 +192,8 @@ int run() {
                                 i, got, want[i]);
             }
         }
-    std::printf("%s self-test of the emulated collectives\n", bad == 0 ? "OK" : "FAILED");
+    bad += run_async_copies();
+    std::printf("%s self-test of the emulated collectives and cp.async\n", bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
 }
 
