@@ -18,8 +18,8 @@
 // second pass. dQ's MMA reads K from the row tile (probs_times_rows), so no transposed copy is
 // made.
 //
-// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves): at most
-// 36.9 KB (D = 64 with 128 rows).
+// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves), with the
+// slots' rows and times: at most 39.9 KB (D = 64 with 128 rows; ptxas, NVRTC 13.0).
 //
 // @instantiate SPARSECTR_BACKWARD_QUERY_TC dtype16 head_dim
 
@@ -141,6 +141,8 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               float (&dcoef)[2][3], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
     constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
+    // A sub-tile never crosses the end of a gather: a summary gather's low parts follow it.
+    static_assert(kLoad % kCols == 0, "sub-tiles must divide the gather");
     constexpr bool kSummary = kBranch == 0;
     const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);

@@ -21,8 +21,8 @@
 // by cp.async with one wait, and the MMAs walk them in sub-tiles of kCols; P V reads V through
 // ldmatrix.trans from the row tile (probs_times_rows), so no transposed copy is made.
 //
-// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves): at most
-// 36.9 KB (D = 64 with 128 rows).
+// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves), with the
+// slots' rows and times: at most 39.9 KB (D = 64 with 128 rows; ptxas, NVRTC 13.0).
 //
 // @instantiate SPARSECTR_FORWARD_TC dtype16 head_dim
 
@@ -66,6 +66,8 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
                                           RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
+    // A sub-tile never crosses the end of a gather: a summary gather's low parts follow it.
+    static_assert(kLoad % kCols == 0, "sub-tiles must divide the gather");
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
