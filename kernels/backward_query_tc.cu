@@ -45,10 +45,11 @@ constexpr bool kBwdQueryTcSm90 = false;
 template <int kHeadDim>
 constexpr int kBwdQueryTcMinBlocks = kHeadDim == 32 || (kHeadDim == 64 && kBwdQueryTcSm90) ? 3 : 2;
 
-// Slots per MMA sub-tile: wider tiles spilled (NVRTC 13.0) at D >= 64.
+// Slots per MMA sub-tile: wider tiles spilled (NVRTC 13.0) at D >= 64, and at D = 32 once every
+// element's logit is computed unconditionally (32 slots: 8 B in f16 on sm_90).
 template <int kHeadDim>
 struct BwdTcCols {
-    static constexpr int kValue = kHeadDim == 32 ? 32 : 16;
+    static constexpr int kValue = 16;
 };
 
 // dO rows stay in registers at D = 32 only, Q rows up to D = 64; beyond, they are reloaded from
@@ -79,8 +80,8 @@ struct BwdTcContext {
     TcTile tt;
     TcRow rw[2];
     TokenTime row_time[2];
-    TemporalCoeffs tc;
-    float inv_buckets;
+    RowBias rb[2];  // logits in base 2: scale and bias times log2 e, against LSE times log2 e
+    float scale2;
     bool warp_live;
     const T* k;
     const T* v;
@@ -115,15 +116,13 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
     for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
+            // Computed for every element and masked after, as in the forward.
             const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-            float z = neg_inf();
-            if (slot_visible<kBranch>(c.rw[r], sm.row[col], sm.aux[col])) {
-                z = sc[n].c[i] * c.p->scale;
-                if (kBranch != 2 || sm.aux[col] != kLocalUser)
-                    z += c.tc.bias(pair_features(c.row_time[r], sm.time[col],
-                                                 c.p->num_time_buckets, c.inv_buckets));
-            }
-            sc[n].c[i] = z;
+            const int row = sm.row[col], aux = sm.aux[col];
+            float bias = c.rb[r](sm.time[col], c.p->num_time_buckets);
+            if (kBranch == 2 && aux == kLocalUser) bias = 0.f;  // the user token has no time
+            const float z = fmaf(sc[n].c[i], c.scale2, bias);
+            sc[n].c[i] = slot_visible<kBranch>(c.rw[r], row, aux) ? z : neg_inf();
         }
     }
 }
@@ -138,7 +137,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               const float (&gate)[2], const float (&lse_b)[2],
                                               int dim0,
                                               FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
-                                              float (&dcoef)[2][3], float (&dgates)[2]) {
+                                              CoeffSums (&dcoef)[2], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
     constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
     // A sub-tile never crosses the end of a gather: a summary gather's low parts follow it.
@@ -169,18 +168,14 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                     for (int i = 0; i < 4; ++i) {
                         const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
                         // A row with keys has a finite LSE; masked logits are -inf: P = 0.
-                        const float pr = sc[n].c[i] == neg_inf() ? 0.f : expf(sc[n].c[i] - lse_b[r]);
+                        const float pr = sc[n].c[i] == neg_inf() ? 0.f : fast_exp2(sc[n].c[i] - lse_b[r]);
                         if (pass == 0) {
                             du[r] = fmaf(pr, dp[n].c[i], du[r]);
                         } else {
                             const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
-                            if (pr != 0.f && (kBranch != 2 || st.aux[col] != kLocalUser)) {
-                                const TemporalFeatures f = pair_features(
-                                    c.row_time[r], st.time[col], c.p->num_time_buckets, c.inv_buckets);
-                                dcoef[r][0] = fmaf(dz, f.bucket, dcoef[r][0]);
-                                dcoef[r][1] = fmaf(dz, f.hour, dcoef[r][1]);
-                                dcoef[r][2] = fmaf(dz, f.weekend, dcoef[r][2]);
-                            }
+                            // Masked pairs add dz = 0; the user token has no bias to differentiate.
+                            dcoef[r].add(kBranch == 2 && st.aux[col] == kLocalUser ? 0.f : dz,
+                                         c.row_time[r], st.time[col], c.p->num_time_buckets);
                             sc[n].c[i] = dz;
                         }
                     }
@@ -223,8 +218,8 @@ __device__ void evo_backward_query_tc(
     BwdTcContext<T, kHeadDim> c;
     c.p = &p;
     c.head = blk.head;
-    c.tc = TemporalCoeffs{coeffs[c.head * 3], coeffs[c.head * 3 + 1], coeffs[c.head * 3 + 2]};
-    c.inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
+    const TemporalCoeffs tc{coeffs[c.head * 3], coeffs[c.head * 3 + 1], coeffs[c.head * 3 + 2]};
+    c.scale2 = p.scale * kLog2e;
     c.k = k;
     c.v = v;
     c.kbar = kbar;
@@ -243,6 +238,8 @@ __device__ void evo_backward_query_tc(
         const int wq = q0 + warp * 16;
         tc_setup(p, c.si, s, q0, c.q_end, wq, chunk_ends, chunk_counts, rel_time, c.wd0, &c.tt,
                  c.rw, c.row_time);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) c.rb[r] = RowBias::make(c.row_time[r], tc, p.num_time_buckets, kLog2e);
         c.warp_live = __any_sync(kFullMask, c.rw[0].live || c.rw[1].live) != 0;
         const int clamped[2] = {min(wq + g, c.si.end - 1), min(wq + g + 8, c.si.end - 1)};
         const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], c.head),
@@ -255,7 +252,7 @@ __device__ void evo_backward_query_tc(
         FragC acc[kDimTiles];
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
-        float dcoef[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};
+        CoeffSums dcoef[2];
         float dg[3][2];
 
 #define SPARSECTR_BWD_TC_BRANCH(B)                                                               \
@@ -264,7 +261,7 @@ __device__ void evo_backward_query_tc(
         for (int r = 0; r < 2; ++r) {                                                            \
             const size_t row = (static_cast<size_t>(clamped[r]) * p.heads + c.head) * 3 + B;    \
             gate[r] = load_gate<T>(p, gates, row);                                               \
-            lse_b[r] = lse[row];                                                                 \
+            lse_b[r] = lse[row] * kLog2e;                                                        \
         }                                                                                        \
         bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, acc, dcoef, dg[B]);           \
     }
@@ -285,10 +282,12 @@ __device__ void evo_backward_query_tc(
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
+            float dco[3];
+            dcoef[r].finish(c.row_time[r], p.num_time_buckets, dco);
 #pragma unroll
             for (int x = 0; x < 3; ++x) {
-                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 1);
-                dcoef[r][x] += __shfl_xor_sync(kFullMask, dcoef[r][x], 2);
+                dco[x] += __shfl_xor_sync(kFullMask, dco[x], 1);
+                dco[x] += __shfl_xor_sync(kFullMask, dco[x], 2);
             }
             const int row = wq + g + 8 * r;
             if (t == 0 && blk.part == 0 && row < c.si.end) {
@@ -298,7 +297,7 @@ __device__ void evo_backward_query_tc(
 #pragma unroll
                 for (int x = 0; x < 3; ++x) {
                     dgates[lse_row + x] = dg[x][r];
-                    coeff_partial[part + x] = dcoef[r][x];
+                    coeff_partial[part + x] = dco[x];
                 }
             }
         }

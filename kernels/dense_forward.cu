@@ -54,8 +54,11 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
         RowOperand<T, kHeadDim, true> qf;
         qf.init(q + dense_row<kHeadDim>(p, ra, head), q + dense_row<kHeadDim>(p, rb, head));
         const int wd0 = weekday0[s];
-        const TokenTime row_time[2] = {token_time(rel_time[ra], wd0), token_time(rel_time[rb], wd0)};
-        const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
+        // Logits in base 2 (RowSoftmax): scale and bias times log2 e.
+        const RowBias bias_of[2] = {
+            RowBias::make(token_time(rel_time[ra], wd0), tc, p.num_time_buckets, kLog2e),
+            RowBias::make(token_time(rel_time[rb], wd0), tc, p.num_time_buckets, kLog2e)};
+        const float scale2 = p.scale * kLog2e;
 
         FragC acc[kDimTiles];
 #pragma unroll
@@ -81,20 +84,16 @@ __device__ void dense_forward(const EvoParams& p, const T* __restrict__ q, const
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
+                    // Computed for every element and masked after (see forward_tc.cu).
                     const int r = i >> 1, col = n * 8 + 2 * t + (i & 1), key = kt + col;
-                    float z = neg_inf();
-                    if (dense_visible(si, rows[r], key)) {
-                        z = sc[n].c[i] * p.scale;
-                        if (dense_timed(si, rows[r]) && dense_timed(si, key))
-                            z += tc.bias(pair_features(row_time[r], sKeyTime[col],
-                                                       p.num_time_buckets, inv_buckets));
-                    }
-                    sc[n].c[i] = z;
+                    float bias = bias_of[r](sKeyTime[col], p.num_time_buckets);
+                    if (!dense_timed(si, rows[r]) || !dense_timed(si, key)) bias = 0.f;
+                    const float z = fmaf(sc[n].c[i], scale2, bias);
+                    sc[n].c[i] = dense_visible(si, rows[r], key) ? z : neg_inf();
                 }
             }
             float corr[2];
-            sm.update(sc, corr);
-            scale_rows(acc, corr);
+            if (sm.update(sc, corr)) scale_rows(acc, corr);
             probs_times_tile<T, kCols>(acc, sc, sVt, 0);
         }
 

@@ -10,7 +10,11 @@
 //               query's visible end, and the tile's candidates (each visible to itself only)
 //
 // Each row masks the slots it does not see, adds the RelTemporal bias per element, and keeps one
-// online softmax per branch; the gated sum of the branches is written once. Chunk summaries are
+// online softmax per branch; the gated sum of the branches is written once. Per element the
+// work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
+// one ex2 (logits in base 2), computed for every element and masked after: the inner loops went
+// from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static counts of
+// scripts/sass-loops.py), when the per-element bias, expf and branches were most of them. Chunk summaries are
 // f32: they are split into a 16-bit high part and the 16-bit rest, and both go through the MMA,
 // so summaries keep about 16 bits of mantissa (the backward recomputes their logits in f32 against
 // this forward's LSE).
@@ -56,8 +60,8 @@ template <typename T, int kHeadDim, int kBranch>
 __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const SeqInfo& si,
                                           const TcTile& tt, int num_slots, int chunk_base,
                                           const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
-                                          const TcRow (&rw)[2], const TokenTime (&row_time)[2],
-                                          int wd0, const TemporalCoeffs& tc, const T* __restrict__ k,
+                                          const TcRow (&rw)[2], const RowBias (&rb)[2],
+                                          int wd0, const T* __restrict__ k,
                                           const T* __restrict__ v, const float* __restrict__ kbar,
                                           const float* __restrict__ vbar,
                                           const int* __restrict__ chunk_ends,
@@ -71,7 +75,7 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
-    const float inv_buckets = __frcp_rn(static_cast<float>(p.num_time_buckets));
+    const float scale2 = p.scale * kLog2e;  // logits in base 2 (RowSoftmax)
 #pragma unroll
     for (int dt = 0; dt < kHeadDim / 8; ++dt) clear(acc[dt]);
     sm.init();
@@ -89,25 +93,22 @@ __device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const Se
             const SlotTiles<T, kHeadDim> st = gathered.from(sub);
             rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
             if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
+            // Every element is computed and masked after: branching per element on its
+            // visibility cost a convergence barrier and a recomputed shared address for each.
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
                     const int row = st.row[col], aux = st.aux[col];
-                    float z = neg_inf();
-                    if (slot_visible<kBranch>(rw[r], row, aux)) {
-                        z = sc[n].c[i] * p.scale;
-                        if (kBranch != 2 || aux != kLocalUser)
-                            z += tc.bias(pair_features(row_time[r], st.time[col], p.num_time_buckets,
-                                                       inv_buckets));
-                    }
-                    sc[n].c[i] = z;
+                    float bias = rb[r](st.time[col], p.num_time_buckets);
+                    if (kBranch == 2 && aux == kLocalUser) bias = 0.f;  // the user token has no time
+                    const float z = fmaf(sc[n].c[i], scale2, bias);
+                    sc[n].c[i] = slot_visible<kBranch>(rw[r], row, aux) ? z : neg_inf();
                 }
             }
             float corr[2];
-            sm.update(sc, corr);
-            scale_rows(acc, corr);
+            if (sm.update(sc, corr)) scale_rows(acc, corr);
             probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
             if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v_lo(), 0);
         }
@@ -149,6 +150,8 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
         TcRow rw[2];
         TokenTime row_time[2];
         tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
+        const RowBias rb[2] = {RowBias::make(row_time[0], tc, p.num_time_buckets, kLog2e),
+                               RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
         const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
         RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
         qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
@@ -162,9 +165,9 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
 
 #define SPARSECTR_TC_BRANCH(B, SLOTS)                                                            \
     {                                                                                            \
-        tc_branch<T, kHeadDim, B>(p, head, si, tt, SLOTS, chunk_base, qf, rw, row_time, wd0, tc, \
-                                  k, v, kbar, vbar, chunk_ends, rel_time, warp_live, gathered,   \
-                                  acc, sm);                                                      \
+        tc_branch<T, kHeadDim, B>(p, head, si, tt, SLOTS, chunk_base, qf, rw, rb, wd0, k, v,     \
+                                  kbar, vbar, chunk_ends, rel_time, warp_live, gathered, acc,    \
+                                  sm);                                                           \
         float gate[2];                                                                           \
         for (int r = 0; r < 2; ++r) {                                                            \
             const int qc = min(rw[r].q, si.end - 1);                                             \

@@ -72,7 +72,6 @@ struct KeyTile {
     Inputs in;
     int head, weekday0, branch;
     TemporalCoeffs coeffs;
-    float inv_buckets;
     RowOperand<T, kHeadDim, kResident> kf, vf;  // token rows (!kF32Rows)
     const float* fk[2];                          // summary rows g and g + 8 (kF32Rows)
     const float* fv[2];
@@ -87,7 +86,6 @@ struct KeyTile {
         weekday0 = wd0;
         branch = b;
         coeffs = TemporalCoeffs{all_coeffs[h * 3], all_coeffs[h * 3 + 1], all_coeffs[h * 3 + 2]};
-        inv_buckets = __frcp_rn(static_cast<float>(params.num_time_buckets));
         clear_acc();
     }
 
@@ -108,6 +106,13 @@ struct KeyTile {
         const int g = lane >> 2, t = lane & 3;
         const int warp = threadIdx.x / kWarpSize;
         const int key_slot[2] = {warp * 16 + g, warp * 16 + g + 8};
+        // Logits in base 2 against LSE * log2 e: one ex2 per pair instead of expf's eight
+        // instructions. The bias is symmetric in query and key (dt = |tq - tk|, and Hr, Wk), so
+        // each of the lane's two keys folds it once, as a query row does in the forward.
+        const float scale2 = pp.scale * kLog2e;
+        __syncthreads();  // the caller's sKeyTime is written
+        const RowBias kb[2] = {RowBias::make(sKeyTime[key_slot[0]], coeffs, pp.num_time_buckets, kLog2e),
+                               RowBias::make(sKeyTime[key_slot[1]], coeffs, pp.num_time_buckets, kLog2e)};
         for (int qt = lo; qt < hi; qt += kCols) {
             __syncthreads();
             tile_rows_async<T, kHeadDim, kCols>(pp, in.q, qt, hi, head, sQ);
@@ -117,7 +122,7 @@ struct KeyTile {
                 const int query = qt + tid;
                 const bool inside = query < hi;
                 const size_t b_at = (static_cast<size_t>(inside ? query : lo) * pp.heads + head) * kNumBranches + branch;
-                sLse[tid] = inside ? in.lse[b_at] : 0.f;
+                sLse[tid] = inside ? in.lse[b_at] * kLog2e : 0.f;
                 sDg[tid] = inside ? in.dgates[b_at] : 0.f;
                 sGate[tid] = inside ? load_gate<T>(pp, in.gates, b_at) : 0.f;
                 sTime[tid] = token_time(inside ? in.rel_time[query] : 0u, weekday0);
@@ -144,17 +149,14 @@ struct KeyTile {
             for (int n = 0; n < kQueryTiles; ++n) {
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
+                    // Computed for every element and masked after: a branch per element costs
+                    // more than the work it skips.
                     const int r = i >> 1, col = n * 8 + 2 * t + (i & 1), query = qt + col;
-                    float gp = 0.f, dz = 0.f;
-                    if (query < hi && rows.visible(query, r)) {
-                        const float z = pt[n].c[i] * pp.scale +
-                                        coeffs.bias(pair_features(sTime[col], sKeyTime[key_slot[r]],
-                                                                  pp.num_time_buckets, inv_buckets));
-                        gp = sGate[col] * expf(z - sLse[col]);
-                        dz = gp * (dst[n].c[i] - sDg[col]);
-                    }
+                    const float z = fmaf(pt[n].c[i], scale2, kb[r](sTime[col], pp.num_time_buckets));
+                    float gp = sGate[col] * fast_exp2(z - sLse[col]);
+                    if (!(query < hi && rows.visible(query, r))) gp = 0.f;
                     pt[n].c[i] = gp;
-                    dst[n].c[i] = dz;
+                    dst[n].c[i] = gp * (dst[n].c[i] - sDg[col]);
                 }
             }
             probs_times_rows<T, kHeadDim, kCols>(dv, pt, sdO, 0);

@@ -11,12 +11,13 @@
 #include "temporal.cuh"
 #include "dense.cuh"
 
-// Slots per MMA sub-tile of the forward: 64 keys at D = 32, 16 at D >= 64, where wider tiles
+// Slots per MMA sub-tile of the forward: 32 keys at D = 32, 16 at D >= 64, where wider tiles
 // kept the rows' S tile, the branch and the gated sums above the register cap (NVRTC 13.0
-// spilled 56 B at D = 64 with 32 slots under 64-slot gathers, 96 B at D = 128 with 32).
+// spilled 56 B at D = 64 with 32 slots under 64-slot gathers, 96 B at D = 128 with 32, and 4 B
+// at D = 32 with 64 once every element's logit is computed unconditionally).
 template <int kHeadDim>
 struct TcCols {
-    static constexpr int kValue = kHeadDim == 32 ? 64 : 16;
+    static constexpr int kValue = kHeadDim == 32 ? 32 : 16;
 };
 
 // Rows of K and of V in shared memory for one gather (at most kDenseThreads: one thread

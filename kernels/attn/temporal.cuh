@@ -8,11 +8,20 @@
 constexpr unsigned kSecondsPerDay = 86400u;
 
 // Exact half-octave bucket: x = dt + 1, e = floor(log2 x), r = the bit below the top, 2e + r.
+// A conversion that rounds toward zero keeps x's top two bits, so the f32 exponent field is
+// e + 127 and the mantissa's top bit is r: the bits above the lower 22 are 2 (e + 127) + r. Four
+// instructions instead of a leading-one search, a shift and a select (x <= 2^31, no sign bit).
+__device__ __forceinline__ int time_bucket_biased(unsigned dt) {
+    return static_cast<int>(__float_as_uint(__uint2float_rz(dt + 1u)) >> 22);  // bucket + 254
+}
+
 __device__ __forceinline__ int time_bucket(unsigned dt) {
-    unsigned x = dt + 1u;  // dt <= i32::MAX (validated), so no wrap
-    int e = 31 - __clz(x);
-    int r = e >= 1 ? static_cast<int>((x >> (e - 1)) & 1u) : 0;
-    return 2 * e + r;
+    return time_bucket_biased(dt) - 254;  // dt <= i32::MAX (validated), so dt + 1 does not wrap
+}
+
+// min(bucket(dt), nb) as a float.
+__device__ __forceinline__ float clamped_bucket(unsigned dt, int nb) {
+    return static_cast<float>(min(time_bucket_biased(dt), nb + 254) - 254);
 }
 
 __device__ __forceinline__ bool is_weekend(unsigned t, int weekday0) {
@@ -31,8 +40,7 @@ __device__ __forceinline__ TemporalFeatures temporal_features(unsigned tq, unsig
     TemporalFeatures f;
     // Reciprocal multiplies, not IEEE divisions: a division's slow path is a called subroutine
     // whose register saves were the only spills of the forward (ptxas -v, sm_80 and sm_90).
-    f.bucket = -static_cast<float>(min(time_bucket(dt), num_time_buckets)) *
-               __frcp_rn(static_cast<float>(num_time_buckets));
+    f.bucket = -clamped_bucket(dt, num_time_buckets) * __frcp_rn(static_cast<float>(num_time_buckets));
     // sin^2(pi dt / day) has period one day: reduce exactly in integers first.
     constexpr float kInvDay = 1.f / 86400.f;
     float s = sinpif(static_cast<float>(dt % kSecondsPerDay) * kInvDay);
@@ -50,13 +58,14 @@ struct TemporalCoeffs {
 };
 
 // A token's time as the tiled kernels keep it: the relative time, the phase of its day as
-// (cos, sin) and its weekend flag, computed once per token so that a pair's features cost a few
-// integer ops and two FMAs instead of a sine and two weekday divisions. SPEC section 4:
-// cos(a - b) = cos a cos b + sin a sin b with per-token phases is an exact rewrite of Hr.
+// (cos, sin) and its weekend flag (0 or 1, a float so that it enters the bias by an FMA),
+// computed once per token so that a pair's features cost a few integer ops and FMAs instead of
+// a sine and two weekday divisions. SPEC section 4: cos(a - b) = cos a cos b + sin a sin b with
+// per-token phases is an exact rewrite of Hr.
 struct TokenTime {
     unsigned t;
     float c, s;
-    int weekend;
+    float weekend;
 };
 
 __device__ __forceinline__ TokenTime token_time(unsigned t, int weekday0) {
@@ -64,7 +73,7 @@ __device__ __forceinline__ TokenTime token_time(unsigned t, int weekday0) {
     x.t = t;
     // 2 (t mod day) / day in [0, 2): the phase over pi; t mod day < 2^24 is exact in f32.
     sincospif(static_cast<float>(t % kSecondsPerDay) * (2.f / 86400.f), &x.s, &x.c);
-    x.weekend = is_weekend(t, weekday0) ? 1 : 0;
+    x.weekend = is_weekend(t, weekday0) ? 1.f : 0.f;
     return x;
 }
 
@@ -73,8 +82,67 @@ __device__ __forceinline__ TemporalFeatures pair_features(const TokenTime& q, co
                                                           int num_time_buckets, float inv_buckets) {
     const unsigned dt = q.t > k.t ? q.t - k.t : k.t - q.t;
     TemporalFeatures f;
-    f.bucket = -static_cast<float>(min(time_bucket(dt), num_time_buckets)) * inv_buckets;
+    f.bucket = -clamped_bucket(dt, num_time_buckets) * inv_buckets;
     f.hour = 0.5f * (fmaf(q.c, k.c, q.s * k.s) - 1.f);  // (cos(2 pi dt / day) - 1) / 2
     f.weekend = q.weekend != k.weekend ? -1.f : 0.f;
     return f;
 }
+
+// One query row's bias against any key, with the row's share of SPEC section 4 folded into five
+// coefficients once per row, so that a pair costs the bucket and four FMAs:
+//   s1 Bk = -(s1 / NB) min(bucket(dt), NB)
+//   s2 Hr = (s2 / 2) qc kc + (s2 / 2) qs ks - s2 / 2
+//   s3 Wk = -s3 (qw xor kw) = -s3 qw + s3 (2 qw - 1) kw        (qw, kw in {0, 1})
+// Everything is multiplied by `unit` (log2 e for a base-2 softmax). The sum is rounded in another
+// order than TemporalCoeffs::bias(pair_features(..)): they agree to a few f32 ulps of the terms.
+struct RowBias {
+    unsigned t;
+    float bucket, cos, sin, weekend, base;
+
+    __device__ __forceinline__ static RowBias make(const TokenTime& q, const TemporalCoeffs& c,
+                                                   int num_time_buckets, float unit) {
+        RowBias b;
+        b.t = q.t;
+        b.bucket = -c.s1 * unit * __frcp_rn(static_cast<float>(num_time_buckets));
+        const float half = 0.5f * c.s2 * unit, s3 = c.s3 * unit;
+        b.cos = half * q.c;
+        b.sin = half * q.s;
+        b.weekend = s3 * (2.f * q.weekend - 1.f);
+        b.base = -half - s3 * q.weekend;
+        return b;
+    }
+
+    __device__ __forceinline__ float operator()(const TokenTime& k, int num_time_buckets) const {
+        const unsigned dt = max(t, k.t) - min(t, k.t);
+        float z = fmaf(bucket, clamped_bucket(dt, num_time_buckets), base);
+        z = fmaf(cos, k.c, z);
+        z = fmaf(sin, k.s, z);
+        return fmaf(weekend, k.weekend, z);
+    }
+};
+
+// dcoeffs of one query row, sum_j dz_j (Bk, Hr, Wk)(q, j), kept as four sums over the keys that
+// need no per-pair feature: with x_j = qc kc + qs ks and qw, kw in {0, 1},
+//   sum dz Bk = -(1 / NB) sum dz min(bucket, NB)
+//   sum dz Hr = (sum dz x - sum dz) / 2
+//   sum dz Wk = -(qw sum dz + (1 - 2 qw) sum dz kw)
+// so a pair costs the bucket and four FMAs, and no branch on the features.
+struct CoeffSums {
+    float bucket = 0.f, phase = 0.f, weekend = 0.f, dz = 0.f;
+
+    __device__ __forceinline__ void add(float dz_j, const TokenTime& q, const TokenTime& k,
+                                        int num_time_buckets) {
+        const unsigned dt = max(q.t, k.t) - min(q.t, k.t);
+        bucket = fmaf(dz_j, clamped_bucket(dt, num_time_buckets), bucket);
+        phase = fmaf(dz_j, fmaf(q.c, k.c, q.s * k.s), phase);
+        weekend = fmaf(dz_j, k.weekend, weekend);
+        dz += dz_j;
+    }
+
+    // (sum dz Bk, sum dz Hr, sum dz Wk).
+    __device__ __forceinline__ void finish(const TokenTime& q, int num_time_buckets, float (&out)[3]) const {
+        out[0] = -bucket * __frcp_rn(static_cast<float>(num_time_buckets));
+        out[1] = 0.5f * (phase - dz);
+        out[2] = -fmaf(q.weekend, dz, (1.f - 2.f * q.weekend) * weekend);
+    }
+};

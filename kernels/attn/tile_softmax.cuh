@@ -1,5 +1,10 @@
 // The online softmax of a warp's 16 rows over one tile of keys held as MMA accumulators (rows g
 // and g + 8 of each lane, see common/mma.cuh), shared by the tiled kernels.
+//
+// Logits are in base 2 (scale and bias multiplied by log2 e by the caller, RowBias), so each
+// probability is one subtraction and one ex2.approx: expf is eight instructions (range reduction
+// around the same ex2), and in the forward's inner loop it was a quarter of the per-key work
+// (SASS of evo_forward_tc_bf16_d64, sm_90).
 #pragma once
 
 #include "../common/mma.cuh"
@@ -8,7 +13,7 @@
 
 // Per-row running state of a lane's two rows.
 struct RowSoftmax {
-    float m[2];  // running max (-inf before any visible key)
+    float m[2];  // running max, base 2 (-inf before any visible key)
     float l[2];  // this lane's share of the running sum (the group's four lanes add up at the end)
 
     __device__ __forceinline__ void init() {
@@ -16,10 +21,16 @@ struct RowSoftmax {
         l[0] = l[1] = 0.f;
     }
 
-    // `sc` holds logits (-inf where masked); turns them into probabilities against the updated
-    // max, and returns per row the factor by which earlier accumulators must be scaled.
+    // `sc` holds logits (-inf where masked); turns them into probabilities against the row's
+    // reference max, and returns per row the factor by which earlier accumulators must be scaled.
+    // The reference moves only when a row's max passes it by more than kRescaleSlack, so most
+    // sub-tiles keep it (corr = 1) and the caller skips rescaling the accumulators: returns
+    // whether any row of the warp moved (warp-uniform). Probabilities are then at most
+    // 2^kRescaleSlack: in range for f16, bf16 and the f32 sums.
+    static constexpr float kRescaleSlack = 8.f;
+
     template <int kKeyTiles>
-    __device__ __forceinline__ void update(FragC (&sc)[kKeyTiles], float (&corr)[2]) {
+    __device__ __forceinline__ bool update(FragC (&sc)[kKeyTiles], float (&corr)[2]) {
         float mx[2] = {m[0], m[1]};
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
@@ -27,25 +38,31 @@ struct RowSoftmax {
             for (int i = 0; i < 4; ++i) mx[i >> 1] = fmaxf(mx[i >> 1], sc[n].c[i]);
         }
         float base[2];
+        bool moved = false;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             // The four lanes of a group hold the same rows.
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
             mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-            corr[r] = m[r] == neg_inf() ? 0.f : expf(m[r] - mx[r]);
-            base[r] = mx[r] == neg_inf() ? 0.f : mx[r];  // an empty prefix stays empty
-            m[r] = mx[r];
+            // Before any visible key, acc and l are zeros: taking the first max needs no scaling.
+            const bool empty = m[r] == neg_inf();
+            const bool move = !empty && mx[r] > m[r] + kRescaleSlack;
+            corr[r] = move ? fast_exp2(m[r] - mx[r]) : 1.f;
+            if (empty || move) m[r] = mx[r];
+            base[r] = m[r] == neg_inf() ? 0.f : m[r];  // an empty prefix stays empty
             l[r] *= corr[r];
+            moved = moved || move;
         }
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const float pr = expf(sc[n].c[i] - base[i >> 1]);
+                const float pr = fast_exp2(sc[n].c[i] - base[i >> 1]);
                 l[i >> 1] += pr;
                 sc[n].c[i] = pr;
             }
         }
+        return __any_sync(kFullMask, moved) != 0;
     }
 
     // Adds up the group's shares of the sums; returns 1 / sum per row (0 for an empty row).
@@ -58,9 +75,10 @@ struct RowSoftmax {
         }
     }
 
-    // LSE of row r after finish(): -inf for an empty key set.
+    // LSE of row r after finish(), natural log as SPEC section 5 defines it: -inf for an empty
+    // key set.
     __device__ __forceinline__ float lse(int r) const {
-        return l[r] > 0.f ? m[r] + logf(l[r]) : neg_inf();
+        return l[r] > 0.f ? fmaf(m[r], kLn2, logf(l[r])) : neg_inf();
     }
 };
 

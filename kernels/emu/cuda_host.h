@@ -178,6 +178,15 @@ inline int __float_as_int(float x) {
     std::memcpy(&i, &x, 4);
     return i;
 }
+// u32 to f32 rounding toward zero: the bits below the top 24 are dropped first, so the
+// conversion that follows is exact.
+inline float __uint2float_rz(unsigned x) {
+    if (x >= (1u << 24)) {
+        const int drop = 31 - __builtin_clz(x) - 23;
+        x &= ~((1u << drop) - 1u);
+    }
+    return static_cast<float>(x);
+}
 // IEEE reciprocal, round to nearest: what __frcp_rn computes.
 inline float __frcp_rn(float x) { return 1.0f / x; }
 // sin(pi x), correctly rounded for the arguments the kernels pass (|x| < 1) via f64.

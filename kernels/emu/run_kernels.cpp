@@ -127,6 +127,41 @@ __global__ void collectives(int* out) {
     o[12] = __clz(1) + 100 * __ffs(0x50) + 10000 * __popc(0xf0f0u);
 }
 
+// time_bucket (attn/temporal.cuh) reads the bucket off a truncating u32-to-f32 conversion; SPEC
+// section 4 defines it by the top set bit of x = dt + 1 and the bit below. Every dt below 2^16,
+// and around each power of two and each half-octave up to dt = i32::MAX (x = 2^31).
+int run_time_buckets() {
+    auto spec = [](unsigned dt) {
+        const unsigned x = dt + 1u;
+        int e = 0;
+        while ((x >> e) > 1u) ++e;
+        const int r = e >= 1 ? static_cast<int>((x >> (e - 1)) & 1u) : 0;
+        return 2 * e + r;
+    };
+    std::vector<unsigned> dts;
+    for (unsigned dt = 0; dt < (1u << 16); ++dt) dts.push_back(dt);
+    for (int e = 1; e <= 31; ++e) {
+        const long long top = 1ll << e, half = top >> 1;
+        for (long long base : {top, top + half}) {
+            for (long long d = -3; d <= 3; ++d) {
+                const long long x = base + d;
+                if (x >= 1 && x <= (1ll << 31)) dts.push_back(static_cast<unsigned>(x - 1));
+            }
+        }
+    }
+    int bad = 0;
+    for (unsigned dt : dts) {
+        const int got = k_forward::time_bucket(dt), want = spec(dt);
+        if (got != want && bad++ < 10) std::printf("self-test: time_bucket(%u) = %d, want %d\n", dt, got, want);
+        for (int nb : {1, 2, 7, 64}) {
+            const float clamped = k_forward::clamped_bucket(dt, nb);
+            if (clamped != static_cast<float>(std::min(want, nb)) && bad++ < 10)
+                std::printf("self-test: clamped_bucket(%u, %d) = %g, want %d\n", dt, nb, clamped, std::min(want, nb));
+        }
+    }
+    return bad;
+}
+
 // cp.async as the emulation defers it (cuda_host.h): all ones until the issuing thread's wait,
 // then the copy (or zeros where the copy is not valid), visible to others after a barrier.
 __global__ void async_copies(const unsigned* src, unsigned* out) {
@@ -193,7 +228,9 @@ int run() {
             }
         }
     bad += run_async_copies();
-    std::printf("%s self-test of the emulated collectives and cp.async\n", bad == 0 ? "OK" : "FAILED");
+    bad += run_time_buckets();
+    std::printf("%s self-test of the emulated collectives, cp.async and time buckets\n",
+                bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
 }
 
