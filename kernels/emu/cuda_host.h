@@ -311,6 +311,7 @@ struct ThreadCtx {
     struct AsyncCopy {
         void* dst;
         const void* src;
+        std::size_t bytes;
         bool valid;
     };
     std::vector<AsyncCopy> async_copies;
@@ -428,24 +429,25 @@ inline std::atomic<int>& my_where() { return tctx.block->where[tctx.tid]; }
 // cp.async: on a GPU the 16 bytes land in shared memory at some moment before the issuing
 // thread's wait, so until then the destination holds neither its old contents nor the new. The
 // emulation writes a poison at issue (all ones: NaN in bf16, f16 and f32, -1 as an int) and
-// copies at the wait. A read before the wait then sees NaN instead of a copy that happened to be
-// done; a read by another thread with no barrier after the wait, or an issue over data other
+// copies at the wait (16 bytes, or 4 or 8 as `.ca` copies allow). A read before the wait then
+// sees NaN instead of a copy that happened to be done; a read by another thread with no barrier after the wait, or an issue over data other
 // threads still read, is a race for -fsanitize=thread.
-inline void cp_async_issue(void* dst, const void* src, bool valid) {
+inline void cp_async_issue(void* dst, const void* src, bool valid, std::size_t bytes = 16) {
     if (tctx.block == nullptr) fail("cp.async outside a kernel launch");
-    if (reinterpret_cast<unsigned long long>(dst) % 16 != 0 ||
-        reinterpret_cast<unsigned long long>(src) % 16 != 0)
-        fail("cp.async of 16 bytes from %p to %p: not 16-byte aligned", src, dst);
-    std::memset(dst, 0xff, 16);
-    tctx.async_copies.push_back(ThreadCtx::AsyncCopy{dst, src, valid});
+    if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async of %zu bytes: PTX allows 4, 8 or 16", bytes);
+    if (reinterpret_cast<unsigned long long>(dst) % bytes != 0 ||
+        reinterpret_cast<unsigned long long>(src) % bytes != 0)
+        fail("cp.async of %zu bytes from %p to %p: not %zu-byte aligned", bytes, src, dst, bytes);
+    std::memset(dst, 0xff, bytes);
+    tctx.async_copies.push_back(ThreadCtx::AsyncCopy{dst, src, bytes, valid});
 }
 
 inline void cp_async_wait() {
     for (const ThreadCtx::AsyncCopy& c : tctx.async_copies) {
         if (c.valid) {
-            std::memcpy(c.dst, c.src, 16);
+            std::memcpy(c.dst, c.src, c.bytes);
         } else {
-            std::memset(c.dst, 0, 16);
+            std::memset(c.dst, 0, c.bytes);
         }
     }
     tctx.async_copies.clear();

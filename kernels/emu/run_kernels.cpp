@@ -163,32 +163,38 @@ int run_time_buckets() {
 }
 
 // cp.async as the emulation defers it (cuda_host.h): all ones until the issuing thread's wait,
-// then the copy (or zeros where the copy is not valid), visible to others after a barrier.
+// then the copy (or zeros where the copy is not valid), visible to others after a barrier; the
+// same for a 4-byte copy.
 __global__ void async_copies(const unsigned* src, unsigned* out) {
     alignas(16) __shared__ unsigned s[kThreads * 4];
+    __shared__ unsigned s4[kThreads];
     const int tid = threadIdx.x;
     k_forward_tc::cp_async16(s + 4 * tid, src + 4 * tid, tid % 2 == 0);
-    out[3 * tid] = s[4 * tid + 1];
+    k_forward_tc::cp_async4(s4 + tid, src + 3 * tid, tid % 3 != 0);
+    out[5 * tid] = s[4 * tid + 1];
+    out[5 * tid + 3] = s4[tid];
     k_forward_tc::cp_async_wait_all();
-    out[3 * tid + 1] = s[4 * tid + 1];
+    out[5 * tid + 1] = s[4 * tid + 1];
+    out[5 * tid + 4] = s4[tid];
     __syncthreads();
-    out[3 * tid + 2] = s[4 * ((tid + 1) % kThreads) + 2];
+    out[5 * tid + 2] = s[4 * ((tid + 1) % kThreads) + 2];
 }
 
 int run_async_copies() {
     alignas(16) static unsigned src[kThreads * 4];
     for (int i = 0; i < kThreads * 4; ++i) src[i] = 1000u + static_cast<unsigned>(i);
-    std::vector<unsigned> out(kThreads * 3, 7u);
+    std::vector<unsigned> out(kThreads * 5, 7u);
     EMU_LAUNCH(async_copies, dim3(1), dim3(kThreads), src, out.data());
     int bad = 0;
     for (int tid = 0; tid < kThreads; ++tid) {
         const int next = (tid + 1) % kThreads;
-        const unsigned want[3] = {0xffffffffu, tid % 2 == 0 ? src[4 * tid + 1] : 0u,
-                                  next % 2 == 0 ? src[4 * next + 2] : 0u};
-        for (int i = 0; i < 3; ++i)
-            if (out[3 * tid + i] != want[i] && bad++ < 10)
+        const unsigned want[5] = {0xffffffffu, tid % 2 == 0 ? src[4 * tid + 1] : 0u,
+                                  next % 2 == 0 ? src[4 * next + 2] : 0u, 0xffffffffu,
+                                  tid % 3 != 0 ? src[3 * tid] : 0u};
+        for (int i = 0; i < 5; ++i)
+            if (out[5 * tid + i] != want[i] && bad++ < 10)
                 std::printf("self-test: cp.async thread %d output %d: got %u, want %u\n", tid, i,
-                            out[3 * tid + i], want[i]);
+                            out[5 * tid + i], want[i]);
     }
     return bad;
 }
