@@ -10,16 +10,17 @@
 // summary and key kernels and the reduction run unchanged. Chunk summaries enter the MMAs as a
 // 16-bit high part plus the 16-bit rest. Each output element has one writer: no atomics.
 //
-// The kernel is latency bound (ncu on an H100 at bbd2154: 18.6% occupancy, SM 33%, memory 36%),
-// and each gather of slots costs two dependent rounds of global loads (slot resolution, then the
-// rows) between barriers. So slots are gathered TcLoad at a time, token rows by cp.async with one
-// wait, and the MMAs walk them in sub-tiles of kCols; a branch whose slots fit one gather (every
-// branch of ctr-base: 32 summaries, 64 tails, a local window of 128 slots) keeps them for its
-// second pass. dQ's MMA reads K from the row tile (probs_times_rows), so no transposed copy is
-// made.
+// The kernel is latency bound (ncu on an H100 at bbd2154: 18.6% occupancy, SM 33%, memory 36%).
+// So slots are gathered TcLoad at a time with one round of loads between barriers (the copying
+// threads work out their slots' rows themselves, and the times land by cp.async with the token
+// rows: issue_gather), and the MMAs walk them in sub-tiles of kCols; a branch whose slots fit one
+// gather (every branch of ctr-base: 32 summaries, 64 tails, a local window of 128 slots) keeps
+// them for its second pass. dQ's MMA reads K from the row tile (probs_times_rows), so no
+// transposed copy is made. Not pipelined as the forward is: a local window that needs both
+// stages for its two passes would leave none to load the next branch into.
 //
 // Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves), with the
-// slots' rows and times: at most 39.9 KB (D = 64 with 128 rows; ptxas, NVRTC 13.0).
+// slots' rows and times: at most 40.4 KB (D = 64 with 128 rows; ptxas, NVRTC 13.0).
 //
 // @instantiate SPARSECTR_BACKWARD_QUERY_TC dtype16 head_dim
 
@@ -89,6 +90,7 @@ struct BwdTcContext {
     const float* vbar;
     const int* chunk_ends;
     const unsigned* rel_time;
+    unsigned* raw_time;  // shared: the slots' times as their copies land
 };
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots; returns
@@ -154,7 +156,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
             if (pass == 0 || num_slots > kLoad)
                 gather_slots<kBranch, T, kHeadDim>(c.tt, c.si, *c.p, c.head, c.chunk_base, c.chunk_ends,
                                                    c.rel_time, c.wd0, c.k, c.v, c.kbar, c.vbar, base,
-                                                   num_slots, sm);
+                                                   num_slots, sm, c.raw_time);
             if (!c.warp_live) continue;  // warp-uniform: none of its rows attends
 
 #pragma unroll 1
@@ -226,6 +228,7 @@ __device__ void evo_backward_query_tc(
     c.vbar = vbar;
     c.chunk_ends = chunk_ends;
     c.rel_time = rel_time;
+    c.raw_time = sRawTime_;
 
     {
         const int s = blk.seq;

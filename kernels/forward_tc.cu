@@ -14,19 +14,24 @@
 // work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
 // one ex2 (logits in base 2), computed for every element and masked after: the inner loops went
 // from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static counts of
-// scripts/sass-loops.py), when the per-element bias, expf and branches were most of them. Chunk summaries are
-// f32: they are split into a 16-bit high part and the 16-bit rest, and both go through the MMA,
-// so summaries keep about 16 bits of mantissa (the backward recomputes their logits in f32 against
-// this forward's LSE).
+// scripts/sass-loops.py), when the per-element bias, expf and branches were most of them. Chunk
+// summaries are f32: they are split into a 16-bit high part and the 16-bit rest, and both go
+// through the MMA, so summaries keep about 16 bits of mantissa (the backward recomputes their
+// logits in f32 against this forward's LSE).
 //
 // The kernel is latency bound (ncu on an H100 at 17bc4ac: 71% of cycles with no eligible warp),
-// and each gather costs two dependent rounds of global loads between barriers. So slots are
-// gathered TcLoad at a time (at D <= 64 a whole local window of the tile at w = 64), token rows
-// by cp.async with one wait, and the MMAs walk them in sub-tiles of kCols; P V reads V through
-// ldmatrix.trans from the row tile (probs_times_rows), so no transposed copy is made.
+// so its gathers are pipelined: the three branches' gathers form one sequence of rounds, and
+// round r + 1 is issued into one of two stages of shared memory (TcStageRows slots each: 64 at
+// D <= 64, a local window of w = 64 in two rounds) before the MMAs walk round r's stage, so its
+// loads are in flight during the sub-tiles. A round costs one barrier, and its loads need no
+// shared-memory round trip first: the copying threads work out their slots' rows themselves
+// (slot_row), the slots' times land by cp.async too. Token rows go by cp.async; summary rows
+// (f32, split when stored) are loaded at issue, so a second summary round (more than 32 chunks
+// at D = 64) overlaps less. P V reads V through ldmatrix.trans from the row tile
+// (probs_times_rows), so no transposed copy is made.
 //
-// Shared memory: K, V [TcRows][D + pad] (summaries' low parts in their upper halves), with the
-// slots' rows and times: at most 39.9 KB (D = 64 with 128 rows; ptxas, NVRTC 13.0).
+// Shared memory: two stages of K, V [TcStageRows][D + pad] (summaries' low parts in their upper
+// halves), with the slots' rows and times: at most 40.4 KB (D = 64; ptxas, NVRTC 13.0).
 //
 // @instantiate SPARSECTR_FORWARD_TC dtype16 head_dim
 
@@ -55,67 +60,48 @@ struct TcResidentQ {
     static constexpr bool kValue = kHeadDim <= 64;
 };
 
-// One branch for the block's rows: O_b (normalized, into acc) and its softmax state.
-template <typename T, int kHeadDim, int kBranch>
-__device__ __forceinline__ void tc_branch(const EvoParams& p, int head, const SeqInfo& si,
-                                          const TcTile& tt, int num_slots, int chunk_base,
-                                          const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
-                                          const TcRow (&rw)[2], const RowBias (&rb)[2],
-                                          int wd0, const T* __restrict__ k,
-                                          const T* __restrict__ v, const float* __restrict__ kbar,
-                                          const float* __restrict__ vbar,
-                                          const int* __restrict__ chunk_ends,
-                                          const unsigned* __restrict__ rel_time, bool warp_live,
-                                          const SlotTiles<T, kHeadDim>& gathered, FragC (&acc)[kHeadDim / 8],
-                                          RowSoftmax& sm) {
+// The sub-tiles of one gather (`slots` of them filled, block-uniform) of branch kBranch: adds
+// them to the branch's O_b (acc, unnormalized) and softmax state.
+template <typename T, int kHeadDim, int kBranch, int kRows>
+__device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
+                                                const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
+                                                const TcRow (&rw)[2], const RowBias (&rb)[2],
+                                                const SlotTiles<T, kHeadDim, kRows>& gathered, int slots,
+                                                FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
-    constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
     // A sub-tile never crosses the end of a gather: a summary gather's low parts follow it.
-    static_assert(kLoad % kCols == 0, "sub-tiles must divide the gather");
+    static_assert(TcLoad<kHeadDim, kBranch, kRows>::kValue % kCols == 0, "sub-tiles must divide the gather");
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
     const float scale2 = p.scale * kLog2e;  // logits in base 2 (RowSoftmax)
-#pragma unroll
-    for (int dt = 0; dt < kHeadDim / 8; ++dt) clear(acc[dt]);
-    sm.init();
-    for (int base = 0; base < num_slots; base += kLoad) {
-        gather_slots<kBranch, T, kHeadDim>(tt, si, p, head, chunk_base, chunk_ends, rel_time, wd0, k, v,
-                                           kbar, vbar, base, num_slots, gathered);
-        if (!warp_live) continue;  // warp-uniform: none of its rows attends
-
-        // Block-uniform bounds.
 #pragma unroll 1
-        for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
-            FragC sc[kKeyTiles];
+    for (int sub = 0; sub < slots; sub += kCols) {
+        FragC sc[kKeyTiles];
 #pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
-            const SlotTiles<T, kHeadDim> st = gathered.from(sub);
-            rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
-            if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
-            // Every element is computed and masked after: branching per element on its
-            // visibility cost a convergence barrier and a recomputed shared address for each.
+        for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
+        const SlotTiles<T, kHeadDim, kRows> st = gathered.from(sub);
+        rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
+        if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
+        // Every element is computed and masked after: branching per element on its
+        // visibility cost a convergence barrier and a recomputed shared address for each.
 #pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n) {
+        for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-                    const int row = st.row[col], aux = st.aux[col];
-                    float bias = rb[r](st.time[col], p.num_time_buckets);
-                    if (kBranch == 2 && aux == kLocalUser) bias = 0.f;  // the user token has no time
-                    const float z = fmaf(sc[n].c[i], scale2, bias);
-                    sc[n].c[i] = slot_visible<kBranch>(rw[r], row, aux) ? z : neg_inf();
-                }
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
+                const int row = st.row[col], aux = st.aux[col];
+                float bias = rb[r](st.time[col], p.num_time_buckets);
+                if (kBranch == 2 && aux == kLocalUser) bias = 0.f;  // the user token has no time
+                const float z = fmaf(sc[n].c[i], scale2, bias);
+                sc[n].c[i] = slot_visible<kBranch>(rw[r], row, aux) ? z : neg_inf();
             }
-            float corr[2];
-            if (sm.update(sc, corr)) scale_rows(acc, corr);
-            probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
-            if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v_lo(), 0);
         }
+        float corr[2];
+        if (sm.update(sc, corr)) scale_rows(acc, corr);
+        probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
+        if (kSummary) probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v_lo(), 0);
     }
-    float inv[2];
-    sm.finish(inv);
-    scale_rows(acc, inv);
 }
 
 template <typename T, int kHeadDim>
@@ -129,7 +115,11 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
                                const int* __restrict__ chunk_counts, T* __restrict__ o,
                                float* __restrict__ lse, const int* __restrict__ tiles) {
     constexpr int kDimTiles = kHeadDim / 8;
-    SPARSECTR_SLOT_TILES(gathered, T, kHeadDim);
+    constexpr int kStage = TcStageRows<kHeadDim>::kValue;
+    constexpr int kLoad0 = TcLoad<kHeadDim, 0, kStage>::kValue;
+    constexpr int kLoad1 = TcLoad<kHeadDim, 1, kStage>::kValue;
+    constexpr int kLoad2 = TcLoad<kHeadDim, 2, kStage>::kValue;
+    SPARSECTR_STAGED_SLOT_TILES(gathered, T, kHeadDim);
 
     const DenseBlock blk = dense_block(p, 1, tiles);
     const int head = blk.head;
@@ -137,73 +127,124 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     const int g = lane >> 2, t = lane & 3;
     const TemporalCoeffs tc{coeffs[head * 3], coeffs[head * 3 + 1], coeffs[head * 3 + 2]};
 
-    {
-        const int s = blk.seq;
-        const SeqInfo si = seqs[s];
-        const int q0 = si.start + blk.tile * kDenseRows;
-        if (q0 >= si.end) return;  // block-uniform; the tile list holds none
-        const int q_end = min(q0 + kDenseRows, si.end);
-        const int chunk_base = s * p.max_chunks;
-        const int wq = q0 + warp * 16;
-        const int wd0 = weekday0[s];
-        TcTile tt;
-        TcRow rw[2];
-        TokenTime row_time[2];
-        tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
-        const RowBias rb[2] = {RowBias::make(row_time[0], tc, p.num_time_buckets, kLog2e),
-                               RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
-        const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
-        RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
-        qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
-                q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
+    const int s = blk.seq;
+    const SeqInfo si = seqs[s];
+    const int q0 = si.start + blk.tile * kDenseRows;
+    if (q0 >= si.end) return;  // block-uniform; the tile list holds none
+    const int q_end = min(q0 + kDenseRows, si.end);
+    const int chunk_base = s * p.max_chunks;
+    const int wq = q0 + warp * 16;
+    const int wd0 = weekday0[s];
+    TcTile tt;
+    TcRow rw[2];
+    TokenTime row_time[2];
+    tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
+    const RowBias rb[2] = {RowBias::make(row_time[0], tc, p.num_time_buckets, kLog2e),
+                           RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
+    const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
+    RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
+    qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
+            q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
 
-        FragC out[kDimTiles], acc[kDimTiles];
+    // The gathers of all three branches as one sequence of rounds, [0, end0) the summaries,
+    // [end0, end1) the tails, [end1, rounds) the local branch: round r + 1 is issued into the
+    // other stage before round r's sub-tiles, across branch boundaries too. Block-uniform.
+    const int n0 = tile_slots<0>(tt, p, q_end), n1 = tile_slots<1>(tt, p, q_end),
+              n2 = tile_slots<2>(tt, p, q_end);
+    const int end0 = (n0 + kLoad0 - 1) / kLoad0, end1 = end0 + (n1 + kLoad1 - 1) / kLoad1;
+    const int rounds = end1 + (n2 + kLoad2 - 1) / kLoad2;
+    // Slots of round r: its branch, its first slot within the branch, and how many it fills.
+    auto round_of = [&](int r, int* first) {
+        const int branch = r < end0 ? 0 : r < end1 ? 1 : 2;
+        *first = branch == 0 ? r * kLoad0 : branch == 1 ? (r - end0) * kLoad1 : (r - end1) * kLoad2;
+        return branch;
+    };
+    auto issue = [&](int r) {
+        int first;
+        const int branch = round_of(r, &first);
+        const int i = r & 1;
+        if (branch == 0)
+            issue_gather<0>(tt, si, p, head, chunk_base, chunk_ends, rel_time, k, v, kbar, vbar, first,
+                            n0, gathered.stage(i), gathered.raw(i));
+        else if (branch == 1)
+            issue_gather<1>(tt, si, p, head, chunk_base, chunk_ends, rel_time, k, v, kbar, vbar, first,
+                            n1, gathered.stage(i), gathered.raw(i));
+        else
+            issue_gather<2>(tt, si, p, head, chunk_base, chunk_ends, rel_time, k, v, kbar, vbar, first,
+                            n2, gathered.stage(i), gathered.raw(i));
+    };
+    auto land = [&](int r) {
+        int first;
+        const int i = r & 1;
+        land_gather<kHeadDim, kStage>(round_of(r, &first), gathered.raw(i), gathered.stage(i).time, wd0);
+        __syncthreads();  // the stage is visible, and every warp is done with the other one
+    };
+
+    FragC out[kDimTiles], acc[kDimTiles];
 #pragma unroll
-        for (int dt = 0; dt < kDimTiles; ++dt) clear(out[dt]);
-        RowSoftmax sm;
-        float branch_lse[3][2];
-
-#define SPARSECTR_TC_BRANCH(B, SLOTS)                                                            \
-    {                                                                                            \
-        tc_branch<T, kHeadDim, B>(p, head, si, tt, SLOTS, chunk_base, qf, rw, rb, wd0, k, v,     \
-                                  kbar, vbar, chunk_ends, rel_time, warp_live, gathered, acc,    \
-                                  sm);                                                           \
-        float gate[2];                                                                           \
-        for (int r = 0; r < 2; ++r) {                                                            \
-            const int qc = min(rw[r].q, si.end - 1);                                             \
-            gate[r] = load_gate<T>(p, gates, (static_cast<size_t>(qc) * p.heads + head) * 3 + B); \
-            branch_lse[B][r] = sm.lse(r);                                                        \
-        }                                                                                        \
-        for (int dt = 0; dt < kDimTiles; ++dt) {                                                 \
-            out[dt].c[0] = fmaf(gate[0], acc[dt].c[0], out[dt].c[0]);                            \
-            out[dt].c[1] = fmaf(gate[0], acc[dt].c[1], out[dt].c[1]);                            \
-            out[dt].c[2] = fmaf(gate[1], acc[dt].c[2], out[dt].c[2]);                            \
-            out[dt].c[3] = fmaf(gate[1], acc[dt].c[3], out[dt].c[3]);                            \
-        }                                                                                        \
+    for (int dt = 0; dt < kDimTiles; ++dt) {
+        clear(out[dt]);
+        clear(acc[dt]);
     }
-        SPARSECTR_TC_BRANCH(0, tile_slots<0>(tt, p, q_end))
-        SPARSECTR_TC_BRANCH(1, tile_slots<1>(tt, p, q_end))
-        SPARSECTR_TC_BRANCH(2, tile_slots<2>(tt, p, q_end))
-#undef SPARSECTR_TC_BRANCH
-
+    RowSoftmax sm;
+    sm.init();
+    // Normalizes branch b's O_b, adds it to the output with the rows' gates, writes its LSE and
+    // starts the next branch.
+    auto close_branch = [&](int b) {
+        float inv[2];
+        sm.finish(inv);
+        scale_rows(acc, inv);
+        float gate[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int qc = min(rw[r].q, si.end - 1);
+            gate[r] = load_gate<T>(p, gates, (static_cast<size_t>(qc) * p.heads + head) * 3 + b);
+            if (t == 0 && rw[r].q < si.end)
+                lse[(static_cast<size_t>(rw[r].q) * p.heads + head) * kNumBranches + b] = sm.lse(r);
+        }
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1;
-                if (rw[r].q < si.end)
-                    o[dense_row<kHeadDim>(p, rw[r].q, head) + dt * 8 + 2 * t + (i & 1)] =
-                        from_float<T>(out[dt].c[i]);
-            }
+            out[dt].c[0] = fmaf(gate[0], acc[dt].c[0], out[dt].c[0]);
+            out[dt].c[1] = fmaf(gate[0], acc[dt].c[1], out[dt].c[1]);
+            out[dt].c[2] = fmaf(gate[1], acc[dt].c[2], out[dt].c[2]);
+            out[dt].c[3] = fmaf(gate[1], acc[dt].c[3], out[dt].c[3]);
+            clear(acc[dt]);
         }
-        if (t == 0) {
+        sm.init();
+    };
+
+    if (rounds > 0) {
+        issue(0);
+        land(0);
+    }
+    int open = 0;  // the branch acc and sm hold
+#pragma unroll 1
+    for (int r = 0; r < rounds; ++r) {
+        int first;
+        const int branch = round_of(r, &first);
+        while (open < branch) close_branch(open++);  // branches with no slots close empty
+        if (r + 1 < rounds) issue(r + 1);
+        if (warp_live) {  // warp-uniform: none of its rows attends otherwise
+            const auto st = gathered.stage(r & 1);
+            if (branch == 0)
+                tc_gather_tiles<T, kHeadDim, 0>(p, qf, rw, rb, st, min(kLoad0, n0 - first), acc, sm);
+            else if (branch == 1)
+                tc_gather_tiles<T, kHeadDim, 1>(p, qf, rw, rb, st, min(kLoad1, n1 - first), acc, sm);
+            else
+                tc_gather_tiles<T, kHeadDim, 2>(p, qf, rw, rb, st, min(kLoad2, n2 - first), acc, sm);
+        }
+        if (r + 1 < rounds) land(r + 1);
+    }
+    while (open < kNumBranches) close_branch(open++);
+
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                if (rw[r].q >= si.end) continue;
-                float* row_lse = lse + (static_cast<size_t>(rw[r].q) * p.heads + head) * kNumBranches;
+    for (int dt = 0; dt < kDimTiles; ++dt) {
 #pragma unroll
-                for (int b = 0; b < kNumBranches; ++b) row_lse[b] = branch_lse[b][r];
-            }
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1;
+            if (rw[r].q < si.end)
+                o[dense_row<kHeadDim>(p, rw[r].q, head) + dt * 8 + 2 * t + (i & 1)] =
+                    from_float<T>(out[dt].c[i]);
         }
     }
 }

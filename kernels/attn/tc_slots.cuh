@@ -20,22 +20,29 @@ struct TcCols {
     static constexpr int kValue = kHeadDim == 32 ? 32 : 16;
 };
 
-// Rows of K and of V in shared memory for one gather (at most kDenseThreads: one thread
-// resolves each slot), within 48 KB of static shared memory. A gather costs two dependent rounds
-// of global loads between barriers (slot resolution, then the rows), so it takes as many slots
-// as fit, and the MMAs walk them in sub-tiles (TcCols, BwdTcCols). 128 rows hold a whole local
-// window of a 64-query tile at w = 64 (the user token and 127 behaviors).
+// Rows of K and of V in shared memory (at most kDenseThreads: at least one thread per slot),
+// within 48 KB of static shared memory. A gather costs a round of global loads between barriers,
+// so the query backward's gathers take as many slots as fit (128 rows hold a whole local window
+// of a 64-query tile at w = 64: the user token and 127 behaviors), the forward's two stages half
+// each (TcStageRows), and the MMAs walk them in sub-tiles (TcCols, BwdTcCols).
 template <int kHeadDim>
 struct TcRows {
     static constexpr int kValue = kHeadDim == 128 ? 64 : 128;
 };
 
-// Slots per gather of branch kBranch: the summaries (f32) take half, their rows' 16-bit high
-// parts in the lower half of the K and V tiles and the low parts in the upper half; token rows
-// need no low part, so the other branches gather as many slots as there are rows.
-template <int kHeadDim, int kBranch>
+// Slots per gather of branch kBranch into kRows rows: the summaries (f32) take half, their rows'
+// 16-bit high parts in the lower half of the K and V tiles and the low parts in the upper half;
+// token rows need no low part, so the other branches gather as many slots as there are rows.
+template <int kHeadDim, int kBranch, int kRows = TcRows<kHeadDim>::kValue>
 struct TcLoad {
-    static constexpr int kValue = kBranch == 0 ? TcRows<kHeadDim>::kValue / 2 : TcRows<kHeadDim>::kValue;
+    static constexpr int kValue = kBranch == 0 ? kRows / 2 : kRows;
+};
+
+// Rows of each of the forward's two gather stages (TcRows split in half): the next gather's
+// copies are in flight while the MMAs walk the other stage.
+template <int kHeadDim>
+struct TcStageRows {
+    static constexpr int kValue = TcRows<kHeadDim>::kValue / 2;
 };
 
 // Slot kinds of the local branch.
@@ -95,41 +102,38 @@ __device__ __forceinline__ int branch_slots(const TcTile& tt, const EvoParams& p
     return tt.user + (tt.local_hi - tt.local_lo);  // + the candidates, added by the caller
 }
 
-// Resolves slot s of a branch to (row, aux, time); row -1 is masked for every query. Rows are
-// tokens, or summary slots (seq * P + chunk) for the global branch.
+// Slot s of a branch: returns its row (-1: masked for every query), and sets its aux and the
+// token whose time it carries (-1: time 0). Rows are tokens, or summary slots (seq * P + chunk)
+// for the global branch. Only the summaries' time and the tails read memory (the chunk ends), so
+// a gather can issue the rows of the local branch and the summaries with no load before them.
 template <int kBranch>
-__device__ __forceinline__ void resolve_slot(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
-                                             int chunk_base, const int* __restrict__ chunk_ends,
-                                             const unsigned* __restrict__ rel_time, int s,
-                                             int* row, int* aux, unsigned* time) {
+__device__ __forceinline__ int slot_row(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
+                                        int chunk_base, const int* __restrict__ chunk_ends, int s,
+                                        int* aux, int* time_token) {
     if (kBranch == 0) {
         const int c = chunk_base + s;
-        *row = c;
         *aux = s;
-        *time = rel_time[chunk_ends[c] - 1];
+        *time_token = chunk_ends[c] - 1;
+        return c;
     } else if (kBranch == 1) {
         const int k = s / p.tail_tokens, o = s - k * p.tail_tokens;
         const int end = chunk_ends[chunk_base + k];
         const int start = k == 0 ? si.behaviors : chunk_ends[chunk_base + k - 1];
         const int token = end - p.tail_tokens + o;
         *aux = 0;
-        *row = token >= start ? token : -1;
-        *time = token >= start ? rel_time[token] : 0u;
+        *time_token = token >= start ? token : -1;
+        return *time_token;
     } else {
         const int behaviors = tt.local_hi - tt.local_lo;
         if (s < tt.user) {
-            *row = si.start;
             *aux = kLocalUser;
-            *time = 0u;
-        } else if (s < tt.user + behaviors) {
-            *row = tt.local_lo + s - tt.user;
-            *aux = kLocalBehavior;
-            *time = rel_time[*row];
-        } else {
-            *row = tt.cand_lo + s - tt.user - behaviors;
-            *aux = kLocalCandidate;
-            *time = rel_time[*row];
+            *time_token = -1;
+            return si.start;
         }
+        const bool behavior = s < tt.user + behaviors;
+        *aux = behavior ? kLocalBehavior : kLocalCandidate;
+        *time_token = behavior ? tt.local_lo + s - tt.user : tt.cand_lo + s - tt.user - behaviors;
+        return *time_token;
     }
 }
 
@@ -169,72 +173,12 @@ __device__ __forceinline__ int tile_slots(const TcTile& tt, const EvoParams& p, 
     return branch_slots<kBranch>(tt, p);
 }
 
-// Resolves a tile of slots [base, base + kCols) into shared memory (threads < kCols).
-template <int kBranch, int kCols>
-__device__ __forceinline__ void resolve_tile(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
-                                             int chunk_base, const int* __restrict__ chunk_ends,
-                                             const unsigned* __restrict__ rel_time, int wd0,
-                                             int base, int num_slots, int* sRow, int* sAux,
-                                             TokenTime* sTime) {
-    const int tid = threadIdx.x;
-    if (tid < kCols) {
-        int row = -1, aux = 0;
-        unsigned time = 0u;
-        if (base + tid < num_slots)
-            resolve_slot<kBranch>(tt, si, p, chunk_base, chunk_ends, rel_time, base + tid, &row,
-                                  &aux, &time);
-        sRow[tid] = row;
-        sAux[tid] = aux;
-        sTime[tid] = token_time(time, wd0);
-    }
-}
-
-// Copies one tensor's rows for kRows slots into shared memory as rows [kRows][D + pad], masked
-// slots as zeros. Token rows go by cp.async (the caller waits: cp_async_wait_all, then a
-// barrier); summary rows (f32) are split into a 16-bit high part and the 16-bit rest (`rows_lo`).
-template <typename T, int kHeadDim, int kRows, bool kSummary>
-__device__ __forceinline__ void gather_rows_async(const EvoParams& p, int head, const T* __restrict__ tok,
-                                                  const float* __restrict__ sum, const int* sRow,
-                                                  T* rows, T* rows_lo) {
-    constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
-    if (kSummary) {
-        constexpr int kPerRow = kHeadDim / 4;  // float4 pieces
-        for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
-            const int r = i / kPerRow, c = i % kPerRow;
-            const int row = sRow[r];
-            uint4 raw = {0u, 0u, 0u, 0u};
-            if (row >= 0)
-                raw = __ldg(reinterpret_cast<const uint4*>(
-                                sum + (static_cast<size_t>(row) * p.heads + head) * kHeadDim) + c);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float x = vec_elem<float>(raw, e);
-                const T hi = from_float<T>(x), lo = from_float<T>(x - to_float(hi));
-                rows[r * kRowStride + c * 4 + e] = hi;
-                rows_lo[r * kRowStride + c * 4 + e] = lo;
-            }
-        }
-    } else {
-        constexpr int kVec = VecWidth<T>::kValue;
-        constexpr int kPerRow = kHeadDim / kVec;
-        // Two copies per iteration: unrolled whole, a 128-row gather computed all its addresses
-        // at once and pushed backward_query_tc (f16, D = 64) past its 168-register cap on sm_90.
-#pragma unroll 2
-        for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
-            const int r = i / kPerRow, c = i % kPerRow;
-            const int row = sRow[r];
-            const T* src = tok + (static_cast<size_t>(row >= 0 ? row : 0) * p.heads + head) * kHeadDim + c * kVec;
-            cp_async16(rows + r * kRowStride + c * kVec, src, row >= 0);
-        }
-    }
-}
-
-// Shared-memory tiles of one gather of slots: K, V [TcRows][D + pad], and per slot its row, aux
+// Shared-memory tiles of one gather of slots: K, V [kRows][D + pad], and per slot its row, aux
 // and time. A summary gather (TcLoad: half the rows) puts its low parts in the upper halves.
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, int kRows = TcRows<kHeadDim>::kValue>
 struct SlotTiles {
     static constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
-    static constexpr int kLoHalf = TcRows<kHeadDim>::kValue / 2 * kStride;
+    static constexpr int kLoHalf = kRows / 2 * kStride;
 
     T* k;
     T* v;
@@ -263,26 +207,134 @@ struct SlotTiles {
     __shared__ int sRow_[kSlotRows_];                                                           \
     __shared__ int sAux_[kSlotRows_];                                                           \
     __shared__ TokenTime sTime_[kSlotRows_];                                                    \
+    __shared__ unsigned sRawTime_[kSlotRows_]; /* each slot's time as it lands */              \
     const SlotTiles<T, D> name{sK_, sV_, sRow_, sAux_, sTime_}
 
-// One gather: slots [base, base + TcLoad<D, kBranch>) of a branch, resolved and their K and V
-// rows copied into `st`, visible to the whole block on return. Called by every thread of the
-// block.
+// The forward's tiles of TcRows rows as two stages (TcStageRows each), with each slot's raw time
+// as its cp.async lands (token_time() of it is taken when the gather lands).
+template <typename T, int kHeadDim>
+struct StagedSlotTiles {
+    static constexpr int kRows = TcStageRows<kHeadDim>::kValue;
+    using Stage = SlotTiles<T, kHeadDim, kRows>;
+
+    Stage all;  // both stages, stage 1 from row kRows on
+    unsigned* raw_time;
+
+    __device__ __forceinline__ Stage stage(int i) const { return all.from(i * kRows); }
+    __device__ __forceinline__ unsigned* raw(int i) const { return raw_time + i * kRows; }
+};
+
+#define SPARSECTR_STAGED_SLOT_TILES(name, T, D)                                                  \
+    SPARSECTR_SLOT_TILES(name##_all_, T, D);                                                     \
+    const StagedSlotTiles<T, D> name {                                                           \
+        {name##_all_.k, name##_all_.v, name##_all_.row, name##_all_.aux, name##_all_.time},     \
+            sRawTime_                                                                            \
+    }
+
+// Threads of the block per slot of a gather of branch kBranch into kRows rows (issue_gather).
+template <int kHeadDim, int kBranch, int kRows>
+struct TcGatherThreads {
+    static constexpr int kLoad = TcLoad<kHeadDim, kBranch, kRows>::kValue;
+    static_assert(kDenseThreads % kLoad == 0, "a gather's slots must divide the block");
+    static constexpr int kValue = kDenseThreads / kLoad;
+};
+
+// Issues one gather, slots [base, base + TcLoad) of a branch into `st`, and returns before the
+// copies land, so that the forward computes on its other stage meanwhile (forward_tc.cu).
+// TcGatherThreads threads take each slot: the first stores its row and aux and copies its time
+// (raw) by cp.async, and each works out the row itself (slot_row), once, and copies its share of
+// the slot's K and V pieces; token rows go by cp.async, summary rows (f32, split into two 16-bit
+// parts) are loaded and stored at once. Complete with land_gather and a barrier. Called by every
+// thread of the block.
+template <int kBranch, typename T, int kHeadDim, int kRows>
+__device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
+                                             int head, int chunk_base, const int* __restrict__ chunk_ends,
+                                             const unsigned* __restrict__ rel_time, const T* __restrict__ k,
+                                             const T* __restrict__ v, const float* __restrict__ kbar,
+                                             const float* __restrict__ vbar, int base, int num_slots,
+                                             const SlotTiles<T, kHeadDim, kRows>& st, unsigned* raw_time) {
+    constexpr int kPerSlot = TcGatherThreads<kHeadDim, kBranch, kRows>::kValue;
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    const int r = threadIdx.x / kPerSlot, part = threadIdx.x % kPerSlot;
+    int row = -1, aux = 0, time_token = -1;
+    if (base + r < num_slots) row = slot_row<kBranch>(tt, si, p, chunk_base, chunk_ends, base + r, &aux, &time_token);
+    if (part == 0) {
+        st.row[r] = row;
+        st.aux[r] = aux;
+        cp_async4(raw_time + r, rel_time + max(time_token, 0), time_token >= 0);
+    }
+    // Piece j of a thread is piece j * kPerSlot + part of the row, so the slot's threads read
+    // adjacent 16 bytes at each step.
+    if (kBranch == 0) {
+        constexpr int kPieces = kHeadDim / 4 / kPerSlot;  // float4 pieces
+        const size_t at = (static_cast<size_t>(max(row, 0)) * p.heads + head) * kHeadDim;
+        const uint4* krow = reinterpret_cast<const uint4*>(kbar + at);
+        const uint4* vrow = reinterpret_cast<const uint4*>(vbar + at);
+        constexpr int kUnroll = kPieces <= 4 ? kPieces : 2;  // as for token rows, below
+#pragma unroll(kUnroll)
+        for (int j = 0; j < kPieces; ++j) {
+            const int c = j * kPerSlot + part;
+            uint4 kraw = {0u, 0u, 0u, 0u}, vraw = {0u, 0u, 0u, 0u};
+            if (row >= 0) {
+                kraw = __ldg(krow + c);
+                vraw = __ldg(vrow + c);
+            }
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int to = r * kStride + c * 4 + e;
+                const float x = vec_elem<float>(kraw, e), y = vec_elem<float>(vraw, e);
+                const T xh = from_float<T>(x), yh = from_float<T>(y);
+                st.k[to] = xh;
+                st.k_lo()[to] = from_float<T>(x - to_float(xh));
+                st.v[to] = yh;
+                st.v_lo()[to] = from_float<T>(y - to_float(yh));
+            }
+        }
+    } else {
+        constexpr int kVec = VecWidth<T>::kValue;
+        constexpr int kPieces = kHeadDim / kVec / kPerSlot;
+        // Eight pieces a thread (one thread a slot: the query backward's gathers at D = 64)
+        // unrolled whole computed all their addresses at once and spilled 204 B at the
+        // 168-register cap (NVRTC 13.0); four (the forward's) unroll without.
+        constexpr int kUnroll = kPieces <= 4 ? kPieces : 2;
+        const size_t at = (static_cast<size_t>(max(row, 0)) * p.heads + head) * kHeadDim;
+#pragma unroll(kUnroll)
+        for (int j = 0; j < kPieces; ++j) {
+            const int c = (j * kPerSlot + part) * kVec;
+            cp_async16(st.k + r * kStride + c, k + at + c, row >= 0);
+            cp_async16(st.v + r * kStride + c, v + at + c, row >= 0);
+        }
+    }
+}
+
+// Lands this thread's part of a gather of branch `branch` issued by issue_gather: waits for its
+// copies and turns the raw times it copied into TokenTime. A barrier after it makes the stage
+// visible to the block.
+template <int kHeadDim, int kRows>
+__device__ __forceinline__ void land_gather(int branch, const unsigned* raw_time, TokenTime* time, int wd0) {
+    cp_async_wait_all();
+    constexpr int kSummary = TcGatherThreads<kHeadDim, 0, kRows>::kValue;
+    constexpr int kToken = TcGatherThreads<kHeadDim, 1, kRows>::kValue;
+    static_assert(kToken == TcGatherThreads<kHeadDim, 2, kRows>::kValue, "token branches gather alike");
+    const int per_slot = branch == 0 ? kSummary : kToken;
+    const int tid = threadIdx.x;
+    if (tid % per_slot == 0) time[tid / per_slot] = token_time(raw_time[tid / per_slot], wd0);
+}
+
+// One gather, slots [base, base + TcLoad<D, kBranch>) of a branch, into `st`, visible to the
+// whole block on return: issue_gather and land_gather between barriers. Called by every thread
+// of the block.
 template <int kBranch, typename T, int kHeadDim>
 __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
                                              int head, int chunk_base, const int* __restrict__ chunk_ends,
                                              const unsigned* __restrict__ rel_time, int wd0,
                                              const T* __restrict__ k, const T* __restrict__ v,
                                              const float* __restrict__ kbar, const float* __restrict__ vbar,
-                                             int base, int num_slots, const SlotTiles<T, kHeadDim>& st) {
-    constexpr int kLoad = TcLoad<kHeadDim, kBranch>::kValue;
-    constexpr bool kSummary = kBranch == 0;
+                                             int base, int num_slots, const SlotTiles<T, kHeadDim>& st,
+                                             unsigned* raw_time) {
     __syncthreads();  // the previous gather's readers are done
-    resolve_tile<kBranch, kLoad>(tt, si, p, chunk_base, chunk_ends, rel_time, wd0, base, num_slots,
-                                 st.row, st.aux, st.time);
-    __syncthreads();
-    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, k, kbar, st.row, st.k, st.k_lo());
-    gather_rows_async<T, kHeadDim, kLoad, kSummary>(p, head, v, vbar, st.row, st.v, st.v_lo());
-    cp_async_wait_all();
+    issue_gather<kBranch>(tt, si, p, head, chunk_base, chunk_ends, rel_time, k, v, kbar, vbar, base,
+                          num_slots, st, raw_time);
+    land_gather<kHeadDim, TcRows<kHeadDim>::kValue>(kBranch, raw_time, st.time, wd0);
     __syncthreads();
 }
