@@ -12,10 +12,11 @@
 // Which (query, key) pairs count is the caller's `Rows::visible(query, r)` for the lane's rows r =
 // 0 (g) and 1 (g + 8). Every key and query here has a time: the user token never enters a tile.
 //
-// Q and dO tiles come by cp.async, and dV += P^T dO, dK += dz^T Q read them through
-// ldmatrix.trans (probs_times_rows), so no transposed copy is made. Shared memory: Q and dO tiles
-// [kCols][D + pad], per query LSE_b, dgates_b, gate_b and time, and the 64 keys' times: at most
-// 20 KB (16-bit D = 64).
+// Q and dO tiles come by cp.async, two stages of them so that the next tile's copies are in
+// flight during this tile's MMAs (the tails and summary walks cover the rest of the sequence,
+// tens of tiles), and dV += P^T dO, dK += dz^T Q read them through ldmatrix.trans
+// (probs_times_rows), so no transposed copy is made. Shared memory: two stages of Q and dO tiles
+// [kCols][D + pad] with per query LSE_b, dgates_b, gate_b and time, and the 64 keys' times.
 #pragma once
 
 #include "../common/dtype.cuh"
@@ -61,10 +62,14 @@ struct KeyTile {
         const unsigned* __restrict__ rel_time;
     };
 
+    // Two stages of the query tiles (stage i from element i * kTile, or i * kCols per query):
+    // the walk issues the next tile's copies into one before its MMAs on the other.
+    static constexpr int kTile = kCols * (kHeadDim + kPad);
     T* sQ;
     T* sdO;
-    float* sLse;
-    float* sDg;
+    float* sLse;      // as in memory (natural log), landed by cp.async
+    float* sDg;       // landed by cp.async
+    unsigned* sRaw;   // the queries' times, landed by cp.async
     float* sGate;
     TokenTime* sTime;
     const TokenTime* sKeyTime;  // [kDenseRows]: the block's keys' times, filled by the caller
@@ -97,8 +102,42 @@ struct KeyTile {
         }
     }
 
+    // Issues query tile [qt, qt + kCols) of [.., hi) into stage i: Q and dO rows, LSE_b, dgates_b
+    // and times by cp.async; returns the gate of this thread's query (threads < kCols), which
+    // land() stores.
+    __device__ __forceinline__ float issue(int qt, int lo, int hi, int i) const {
+        const EvoParams& pp = *p;
+        tile_rows_async<T, kHeadDim, kCols>(pp, in.q, qt, hi, head, sQ + i * kTile);
+        tile_rows_async<T, kHeadDim, kCols>(pp, in.d_o, qt, hi, head, sdO + i * kTile);
+        const int tid = threadIdx.x;
+        float gate = 0.f;
+        if (tid < kCols) {
+            const int query = qt + tid, at = i * kCols + tid;
+            const bool inside = query < hi;
+            const size_t b_at = (static_cast<size_t>(inside ? query : lo) * pp.heads + head) * kNumBranches + branch;
+            cp_async4(sLse + at, in.lse + b_at, inside);
+            cp_async4(sDg + at, in.dgates + b_at, inside);
+            cp_async4(sRaw + at, in.rel_time + (inside ? query : lo), inside);
+            gate = inside ? load_gate<T>(pp, in.gates, b_at) : 0.f;
+        }
+        return gate;
+    }
+
+    // Completes stage i for the block: this thread's copies, its query's time and gate, then a
+    // barrier (after which every warp is also done with the other stage).
+    __device__ __forceinline__ void land(int i, float gate) const {
+        cp_async_wait_all();
+        const int tid = threadIdx.x;
+        if (tid < kCols) {
+            sTime[i * kCols + tid] = token_time(sRaw[i * kCols + tid], weekday0);
+            sGate[i * kCols + tid] = gate;
+        }
+        __syncthreads();
+    }
+
     // Queries [lo, hi). A warp skips the tiles entirely before `warp_first` (its smallest key: no
-    // query there sees any of its rows) or after `warp_last` (its last visible query).
+    // query there sees any of its rows) or after `warp_last` (its last visible query). The tiles
+    // are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
     template <typename Rows>
     __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last) {
         const EvoParams& pp = *p;
@@ -110,57 +149,54 @@ struct KeyTile {
         // instructions. The bias is symmetric in query and key (dt = |tq - tk|, and Hr, Wk), so
         // each of the lane's two keys folds it once, as a query row does in the forward.
         const float scale2 = pp.scale * kLog2e;
-        __syncthreads();  // the caller's sKeyTime is written
+        __syncthreads();  // the caller's sKeyTime is written, and an earlier walk is done
         const RowBias kb[2] = {RowBias::make(sKeyTime[key_slot[0]], coeffs, pp.num_time_buckets, kLog2e),
                                RowBias::make(sKeyTime[key_slot[1]], coeffs, pp.num_time_buckets, kLog2e)};
-        for (int qt = lo; qt < hi; qt += kCols) {
-            __syncthreads();
-            tile_rows_async<T, kHeadDim, kCols>(pp, in.q, qt, hi, head, sQ);
-            tile_rows_async<T, kHeadDim, kCols>(pp, in.d_o, qt, hi, head, sdO);
-            const int tid = threadIdx.x;
-            if (tid < kCols) {
-                const int query = qt + tid;
-                const bool inside = query < hi;
-                const size_t b_at = (static_cast<size_t>(inside ? query : lo) * pp.heads + head) * kNumBranches + branch;
-                sLse[tid] = inside ? in.lse[b_at] * kLog2e : 0.f;
-                sDg[tid] = inside ? in.dgates[b_at] : 0.f;
-                sGate[tid] = inside ? load_gate<T>(pp, in.gates, b_at) : 0.f;
-                sTime[tid] = token_time(inside ? in.rel_time[query] : 0u, weekday0);
-            }
-            cp_async_wait_all();
-            __syncthreads();
+        if (lo < hi) land(0, issue(lo, lo, hi, 0));
+        int i = 0;
+#pragma unroll 1
+        for (int qt = lo; qt < hi; qt += kCols, i ^= 1) {
+            const bool more = qt + kCols < hi;  // block-uniform
+            const float next_gate = more ? issue(qt + kCols, lo, hi, i ^ 1) : 0.f;
             // Warp-uniform.
-            if (qt + kCols - 1 < warp_first || qt > warp_last) continue;
-
-            FragC pt[kQueryTiles], dst[kQueryTiles];  // P^T, then dP'^T and dz^T
+            if (qt + kCols - 1 >= warp_first && qt <= warp_last) {
+                const T* tQ = sQ + i * kTile;
+                const T* tdO = sdO + i * kTile;
+                const float* tLse = sLse + i * kCols;
+                const float* tDg = sDg + i * kCols;
+                const float* tGate = sGate + i * kCols;
+                const TokenTime* tTime = sTime + i * kCols;
+                FragC pt[kQueryTiles], dst[kQueryTiles];  // P^T, then dP'^T and dz^T
 #pragma unroll
-            for (int n = 0; n < kQueryTiles; ++n) {
-                clear(pt[n]);
-                clear(dst[n]);
-            }
-            if (kF32Rows) {
-                rows_times_tile_f32<T, kHeadDim, kCols>(pt, fk, sQ);
-                rows_times_tile_f32<T, kHeadDim, kCols>(dst, fv, sdO);
-            } else {
-                rows_times_tile<T, kHeadDim, kCols>(pt, kf, sQ);
-                rows_times_tile<T, kHeadDim, kCols>(dst, vf, sdO);
-            }
-#pragma unroll
-            for (int n = 0; n < kQueryTiles; ++n) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    // Computed for every element and masked after: a branch per element costs
-                    // more than the work it skips.
-                    const int r = i >> 1, col = n * 8 + 2 * t + (i & 1), query = qt + col;
-                    const float z = fmaf(pt[n].c[i], scale2, kb[r](sTime[col], pp.num_time_buckets));
-                    float gp = sGate[col] * fast_exp2(z - sLse[col]);
-                    if (!(query < hi && rows.visible(query, r))) gp = 0.f;
-                    pt[n].c[i] = gp;
-                    dst[n].c[i] = gp * (dst[n].c[i] - sDg[col]);
+                for (int n = 0; n < kQueryTiles; ++n) {
+                    clear(pt[n]);
+                    clear(dst[n]);
                 }
+                if (kF32Rows) {
+                    rows_times_tile_f32<T, kHeadDim, kCols>(pt, fk, tQ);
+                    rows_times_tile_f32<T, kHeadDim, kCols>(dst, fv, tdO);
+                } else {
+                    rows_times_tile<T, kHeadDim, kCols>(pt, kf, tQ);
+                    rows_times_tile<T, kHeadDim, kCols>(dst, vf, tdO);
+                }
+#pragma unroll
+                for (int n = 0; n < kQueryTiles; ++n) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        // Computed for every element and masked after: a branch per element
+                        // costs more than the work it skips.
+                        const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qt + col;
+                        const float z = fmaf(pt[n].c[e], scale2, kb[r](tTime[col], pp.num_time_buckets));
+                        float gp = tGate[col] * fast_exp2(fmaf(tLse[col], -kLog2e, z));
+                        if (!(query < hi && rows.visible(query, r))) gp = 0.f;
+                        pt[n].c[e] = gp;
+                        dst[n].c[e] = gp * (dst[n].c[e] - tDg[col]);
+                    }
+                }
+                probs_times_rows<T, kHeadDim, kCols>(dv, pt, tdO, 0);
+                probs_times_rows<T, kHeadDim, kCols>(dk, dst, tQ, 0);
             }
-            probs_times_rows<T, kHeadDim, kCols>(dv, pt, sdO, 0);
-            probs_times_rows<T, kHeadDim, kCols>(dk, dst, sQ, 0);
+            if (more) land(i ^ 1, next_gate);
         }
     }
 };
@@ -170,17 +206,19 @@ struct KeyTile {
 #define SPARSECTR_KEY_TILE_SMEM(kt, T, D)                                                         \
     constexpr int kKtCols_ = decltype(kt)::kCols;                                               \
     constexpr int kKtPad_ = decltype(kt)::kPad;                                                 \
-    alignas(16) __shared__ T sQ_[kKtCols_ * (D + kKtPad_)];                                     \
-    alignas(16) __shared__ T sdO_[kKtCols_ * (D + kKtPad_)];                                    \
-    __shared__ float sLse_[kKtCols_];                                                           \
-    __shared__ float sDg_[kKtCols_];                                                            \
-    __shared__ float sGate_[kKtCols_];                                                          \
-    __shared__ TokenTime sTime_[kKtCols_];                                                      \
+    alignas(16) __shared__ T sQ_[2 * kKtCols_ * (D + kKtPad_)];                                 \
+    alignas(16) __shared__ T sdO_[2 * kKtCols_ * (D + kKtPad_)];                                \
+    __shared__ float sLse_[2 * kKtCols_];                                                       \
+    __shared__ float sDg_[2 * kKtCols_];                                                        \
+    __shared__ unsigned sRaw_[2 * kKtCols_];                                                    \
+    __shared__ float sGate_[2 * kKtCols_];                                                      \
+    __shared__ TokenTime sTime_[2 * kKtCols_];                                                  \
     __shared__ TokenTime sKeyTime_[kDenseRows];                                                 \
     kt.sQ = sQ_;                                                                                \
     kt.sdO = sdO_;                                                                              \
     kt.sLse = sLse_;                                                                            \
     kt.sDg = sDg_;                                                                              \
+    kt.sRaw = sRaw_;                                                                            \
     kt.sGate = sGate_;                                                                          \
     kt.sTime = sTime_;                                                                          \
     kt.sKeyTime = sKeyTime_
