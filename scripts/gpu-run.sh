@@ -101,13 +101,17 @@ for step in $steps; do
       ;;
     ncu)
       # Where the sparse kernels' time goes (bf16 ctr-base n = 4096): one forward and one of
-      # each backward kernel, with the stall reasons of a latency-bound kernel (WarpStateStats).
+      # each backward kernel, with the stall reasons of a latency-bound kernel (WarpStateStats)
+      # and, for the forward, where in the SASS its warps stall (SourceCounters: the top stall
+      # locations, which the static counts of scripts/sass-loops.py cannot show).
       # ncu locks clocks, so its durations run about 15-25% above the live timings.
       if [ -x device-bin/bench-gpu_bench ]; then
-        for what in "forward:evo_forward_tc:1" "backward:evo_backward_:${NCU_BACKWARD_KERNELS:-5}"; do
-          IFS=: read -r name regex count <<< "$what"
+        for what in "forward:evo_forward_tc:1:SourceCounters" \
+                    "backward:evo_backward_:${NCU_BACKWARD_KERNELS:-5}:"; do
+          IFS=: read -r name regex count extra <<< "$what"
           run_logged "ncu-$name.log" ncu --section SpeedOfLight --section Occupancy \
-            --section LaunchStats --section WarpStateStats -k "regex:$regex" -c "$count" \
+            --section LaunchStats --section WarpStateStats ${extra:+--section "$extra"} \
+            -k "regex:$regex" -c "$count" \
             device-bin/bench-gpu_bench --workload ctr-base --len 4096 --reps 1 --systems sparse \
             --out "$out/results/ncu-$name.jsonl"
           pack
