@@ -85,14 +85,17 @@ __device__ __forceinline__ int window_start(const SeqInfo& si, int q, int window
 }
 
 // Row -1 (a slot past the branch's end, or before a chunk's first behavior) is never visible.
+// Bitwise, not short-circuit: the local branch's early returns and && chains compiled to two
+// branches and a convergence barrier (BSSY/BSYNC) per element of the forward's sub-tile.
 template <int kBranch>
 __device__ __forceinline__ bool slot_visible(const TcRow& r, int row, int aux) {
-    if (row < 0) return false;
-    if (kBranch == 0) return r.live && aux < r.completed;
-    if (kBranch == 1) return r.live && row < r.visible_end;
-    if (aux == kLocalUser) return r.live;
-    if (aux == kLocalBehavior) return r.live && row >= r.first_local && row < r.visible_end;
-    return row == r.q;  // a candidate sees itself
+    if (kBranch == 0) return row >= 0 && r.live && aux < r.completed;
+    if (kBranch == 1) return row >= 0 && r.live && row < r.visible_end;
+    const bool valid = row >= 0;
+    const bool user = aux == kLocalUser, behavior = aux == kLocalBehavior;
+    const bool window = (row >= r.first_local) & (row < r.visible_end);
+    // A candidate sees itself only.
+    return valid & ((r.live & (user | (behavior & window))) | (!user & !behavior & (row == r.q)));
 }
 
 template <int kBranch>
