@@ -122,7 +122,7 @@ __device__ __forceinline__ void tile_rows_async(const EvoParams& p, const T* __r
     for (int i = threadIdx.x; i < kRows * kPerRow; i += kDenseThreads) {
         const int r = i / kPerRow, c = i % kPerRow;
         const bool inside = first + r < end;
-        cp_async16(sRow + r * kRowStride + c * kVec,
+        cp_async<16>(sRow + r * kRowStride + c * kVec,
                    g + dense_row<kHeadDim>(p, inside ? first + r : first, head) + c * kVec, inside);
     }
 }

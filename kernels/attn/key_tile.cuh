@@ -115,9 +115,9 @@ struct KeyTile {
             const int query = qt + tid, at = i * kCols + tid;
             const bool inside = query < hi;
             const size_t b_at = (static_cast<size_t>(inside ? query : lo) * pp.heads + head) * kNumBranches + branch;
-            cp_async4(sLse + at, in.lse + b_at, inside);
-            cp_async4(sDg + at, in.dgates + b_at, inside);
-            cp_async4(sRaw + at, in.rel_time + (inside ? query : lo), inside);
+            cp_async<4>(sLse + at, in.lse + b_at, inside);
+            cp_async<4>(sDg + at, in.dgates + b_at, inside);
+            cp_async<4>(sRaw + at, in.rel_time + (inside ? query : lo), inside);
             gate = inside ? load_gate<T>(pp, in.gates, b_at) : 0.f;
         }
         return gate;

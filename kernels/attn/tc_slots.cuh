@@ -264,7 +264,7 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
     if (part == 0) {
         st.row[r] = row;
         st.aux[r] = aux;
-        cp_async4(raw_time + r, rel_time + max(time_token, 0), time_token >= 0);
+        cp_async<4>(raw_time + r, rel_time + max(time_token, 0), time_token >= 0);
     }
     // Piece j of a thread is piece j * kPerSlot + part of the row, so the slot's threads read
     // adjacent 16 bytes at each step.
@@ -304,8 +304,8 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
 #pragma unroll(kUnroll)
         for (int j = 0; j < kPieces; ++j) {
             const int c = (j * kPerSlot + part) * kVec;
-            cp_async16(st.k + r * kStride + c, k + at + c, row >= 0);
-            cp_async16(st.v + r * kStride + c, v + at + c, row >= 0);
+            cp_async<16>(st.k + r * kStride + c, k + at + c, row >= 0);
+            cp_async<16>(st.v + r * kStride + c, v + at + c, row >= 0);
         }
     }
 }

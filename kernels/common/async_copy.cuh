@@ -5,36 +5,31 @@
 // the hardware's alignment rule checked.
 #pragma once
 
-// Copies 16 bytes from `src` to `dst` (both 16-byte aligned), or writes 16 zero bytes where
-// `valid` is false (then `src` is not read, but must still be a mapped address). Visible to the
-// block after cp_async_wait_all() and a barrier.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+// Copies kBytes (4, 8 or 16) from `src` to `dst` (both kBytes-aligned), or writes kBytes zero
+// bytes where `valid` is false (then `src` is not read, but must still be a mapped address).
+// Visible to the block after cp_async_wait_all() and a barrier. 16-byte copies bypass L1 (`.cg`);
+// smaller ones may only go through it (`.ca`).
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+    static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef __CUDA_ARCH__
     unsigned smem;
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(src),
-                 "r"(valid ? 16 : 0)
-                 : "memory");
+    if constexpr (kBytes == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(src),
+                     "r"(valid ? 16 : 0)
+                     : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %3, %2;" ::"r"(smem), "l"(src),
+                     "r"(valid ? kBytes : 0), "n"(kBytes)
+                     : "memory");
+    }
 #else
-    emu::cp_async_issue(dst, src, valid);
+    emu::cp_async_issue(dst, src, valid, kBytes);
 #endif
 }
 
-// Copies 4 bytes (both 4-byte aligned), or writes zeros where `valid` is false, like cp_async16.
-// Through L1 (`.ca`: `.cg` takes only 16-byte copies).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-#ifdef __CUDA_ARCH__
-    unsigned smem;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(dst));
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem), "l"(src),
-                 "r"(valid ? 4 : 0)
-                 : "memory");
-#else
-    emu::cp_async_issue(dst, src, valid, 4);
-#endif
-}
-
-// Waits for every cp_async16 this thread issued.
+// Waits for every cp_async this thread issued.
 __device__ __forceinline__ void cp_async_wait_all() {
 #ifdef __CUDA_ARCH__
     asm volatile("cp.async.wait_all;" ::: "memory");

@@ -169,8 +169,8 @@ __global__ void async_copies(const unsigned* src, unsigned* out) {
     alignas(16) __shared__ unsigned s[kThreads * 4];
     __shared__ unsigned s4[kThreads];
     const int tid = threadIdx.x;
-    k_forward_tc::cp_async16(s + 4 * tid, src + 4 * tid, tid % 2 == 0);
-    k_forward_tc::cp_async4(s4 + tid, src + 3 * tid, tid % 3 != 0);
+    k_forward_tc::cp_async<16>(s + 4 * tid, src + 4 * tid, tid % 2 == 0);
+    k_forward_tc::cp_async<4>(s4 + tid, src + 3 * tid, tid % 3 != 0);
     out[5 * tid] = s[4 * tid + 1];
     out[5 * tid + 3] = s4[tid];
     k_forward_tc::cp_async_wait_all();
