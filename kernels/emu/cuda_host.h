@@ -426,13 +426,14 @@ inline Exchange& my_warp() {
 
 inline std::atomic<int>& my_where() { return tctx.block->where[tctx.tid]; }
 
-// cp.async: on a GPU the 16 bytes land in shared memory at some moment before the issuing
+// cp.async: on a GPU the bytes land in shared memory at some moment before the issuing
 // thread's wait, so until then the destination holds neither its old contents nor the new. The
 // emulation writes a poison at issue (all ones: NaN in bf16, f16 and f32, -1 as an int) and
 // copies at the wait (16 bytes, or 4 or 8 as `.ca` copies allow). A read before the wait then
-// sees NaN instead of a copy that happened to be done; a read by another thread with no barrier after the wait, or an issue over data other
-// threads still read, is a race for -fsanitize=thread.
-inline void cp_async_issue(void* dst, const void* src, bool valid, std::size_t bytes = 16) {
+// sees NaN instead of a copy that happened to be done; a read by another thread with no barrier
+// after the wait, or an issue over data other threads still read, is a race for
+// -fsanitize=thread.
+inline void cp_async_issue(void* dst, const void* src, bool valid, std::size_t bytes) {
     if (tctx.block == nullptr) fail("cp.async outside a kernel launch");
     if (bytes != 4 && bytes != 8 && bytes != 16) fail("cp.async of %zu bytes: PTX allows 4, 8 or 16", bytes);
     if (reinterpret_cast<unsigned long long>(dst) % bytes != 0 ||
