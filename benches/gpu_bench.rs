@@ -129,6 +129,17 @@ fn parse() -> std::result::Result<Args, String> {
     Ok(a)
 }
 
+/// `built-in`, or the folder the feature `dev-kernel-dir` reads kernels from and its COMMIT note.
+fn kernel_dir_note() -> String {
+    match std::env::var("SPARSECTR_KERNEL_DIR") {
+        Ok(dir) if cfg!(feature = "dev-kernel-dir") && !dir.is_empty() => {
+            let note = std::fs::read_to_string(Path::new(&dir).join("COMMIT")).unwrap_or_default();
+            format!("{dir}: {}", note.trim())
+        }
+        _ => "built-in".into(),
+    }
+}
+
 fn main() {
     let args = match parse() {
         Ok(a) => a,
@@ -694,6 +705,7 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
         json,
         "{{\"source\":\"gpu_bench\",\"gpu\":{name:?},\"gpu_stem\":{:?},\"arch\":{:?},\
          \"driver_cuda\":\"{dmaj}.{dmin}\",\"nvidia_driver\":{:?},\"commit\":{:?},\
+         \"kernel_dir\":{:?},\
          \"workload\":{:?},\"heads\":{},\"head_dim\":{},\"num_chunks\":{},\"tail_tokens\":{},\
          \"window\":{},\"candidates\":{},\"len\":{len},\"num_seqs\":{},\"num_tokens\":{t},\
          \"dtype\":\"bf16\",\"warmup\":{WARMUP},\"host_setup_s\":{host_s:.3},\
@@ -703,6 +715,9 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
         gpu.arch(),
         env("SPARSECTR_NVIDIA_DRIVER"),
         env("SPARSECTR_COMMIT"),
+        // Which kernels ran: the build's own, or (feature `dev-kernel-dir`) a folder of earlier
+        // ones (scripts/kernel-sources.sh), with that folder's COMMIT note.
+        kernel_dir_note(),
         wl.name,
         wl.heads,
         wl.head_dim,

@@ -3,12 +3,22 @@
 # git-ignored device-bin/, to be carried to a GPU host and run there by scripts/gpu-run.sh.
 # CANDLE_CUDA=1 adds the candle op's CUDA test and the training example built with
 # `--features candle-cuda` (see scripts/candle-cuda-env.sh; nvcc comes from the Python index).
+#
+# The binaries are built with the feature `dev-kernel-dir`, and device-bin/kernels/<hash>/ holds
+# the kernel sources of the commits in KERNEL_VERSIONS (scripts/kernel-sources.sh; oldest first,
+# listed in device-bin/kernels/ORDER), so that gpu-run.sh can test (`versions`) and time (`ab`)
+# earlier kernels behind the same binaries in the same device call. Default: the last commit
+# whose kernels passed on a GPU (bbd2154) and the kernel milestones since, none of them run on
+# a GPU yet: 09edd86 (cp.async gathers of 128 slots), ee6c841 (per-key work), efcbc96 (pipelined
+# gathers and walk); the build's own kernels (44a5804's branch-free visibility on top) are the
+# last. KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf device-bin && mkdir -p device-bin
-msg_tests=$(cargo test --release --no-run --message-format=json 2>/dev/null)
-msg_bench=$(cargo bench --no-run --message-format=json 2>/dev/null)
-msg_main=$(cargo build --release --example evoattention --message-format=json 2>/dev/null)
+features=(--features dev-kernel-dir)
+msg_tests=$(cargo test --release --no-run "${features[@]}" --message-format=json 2>/dev/null)
+msg_bench=$(cargo bench --no-run "${features[@]}" --message-format=json 2>/dev/null)
+msg_main=$(cargo build --release --example evoattention "${features[@]}" --message-format=json 2>/dev/null)
 printf '%s\n%s\n%s\n' "$msg_tests" "$msg_bench" "$msg_main" | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
@@ -50,6 +60,12 @@ for line in sys.stdin:
     tar -C device-bin -cf - test-candle_cuda example-sparsectr_train \
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
+fi
+versions=${KERNEL_VERSIONS-bbd2154 09edd86 ee6c841 efcbc96}
+if [ -n "$versions" ]; then
+  # shellcheck disable=SC2086 # a list of commits
+  scripts/kernel-sources.sh device-bin/kernels $versions
+  for c in $versions; do git rev-parse --short=7 "$c"; done > device-bin/kernels/ORDER
 fi
 git rev-parse HEAD > device-bin/COMMIT
 ls -la device-bin

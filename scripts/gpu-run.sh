@@ -15,6 +15,14 @@
 #   SANITIZE="memcheck racecheck initcheck", SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS,
 #   NCU_BACKWARD_KERNELS=5 (backward launches profiled)
 #
+# Earlier kernels (device-bin/kernels/<hash>/, from scripts/build-device-bin.sh), run behind
+# the same binaries through SPARSECTR_KERNEL_DIR (feature `dev-kernel-dir`):
+#   versions   the GPU forward and backward tests for each of them (VERSION_CASES=8 cases a
+#              test), to find which one broke a test the build's own kernels fail
+#   ab         the benchmark's sparse passes (ctr-base n = 4096, AB_REPS=10) for each of them and
+#              the build's own kernels, alternated over AB_ROUNDS=2 rounds, into
+#              results/ab.jsonl and the side-by-side table ab.txt (benches/ab_report.py)
+#
 # A device command may run at most 10 minutes: split a first full run in two calls, e.g.
 # STEPS="tests" then STEPS="sanitize bench train".
 set -uo pipefail
@@ -40,6 +48,7 @@ status=0
 pack() {
   grep -h -E "test result|ERROR SUMMARY|sparse-ours|^(evo|dense) |error|TIMED OUT|SKIPPED STEP" \
     "$out"/*.log > "$dest/summary.txt" 2>/dev/null
+  [ -f "$out/ab.txt" ] && cat "$out/ab.txt" >> "$dest/summary.txt"
   tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
 }
 
@@ -118,6 +127,34 @@ for step in $steps; do
         done
       fi
       ;;
+    versions)
+      export SPARSECTR_GPU_CASES=${VERSION_CASES:-8}
+      for v in $(cat device-bin/kernels/ORDER 2>/dev/null); do
+        for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward; do
+          [ -x "$bin" ] || continue
+          SPARSECTR_KERNEL_DIR=device-bin/kernels/$v \
+            run_logged "versions-$v-$(basename "$bin").log" "$bin" --test-threads 1
+          pack
+        done
+      done
+      unset SPARSECTR_GPU_CASES
+      ;;
+    ab)
+      if [ -x device-bin/bench-gpu_bench ]; then
+        for round in $(seq "${AB_ROUNDS:-2}"); do
+          for v in $(cat device-bin/kernels/ORDER 2>/dev/null) built-in; do
+            dir=device-bin/kernels/$v
+            [ "$v" = built-in ] && dir=
+            SPARSECTR_KERNEL_DIR=$dir run_logged "ab-$round-$v.log" device-bin/bench-gpu_bench \
+              --workload ctr-base --len 4096 --reps "${AB_REPS:-10}" --systems sparse \
+              --out "$out/results/ab.jsonl"
+            [ -f "$out/results/ab.jsonl" ] &&
+              python3 benches/ab_report.py "$out/results/ab.jsonl" > "$out/ab.txt" 2>&1
+            pack
+          done
+        done
+      fi
+      ;;
     example)
       # The main job (README's first command) on the GPU, forward and backward checked.
       if [ -x device-bin/example-evoattention ]; then
@@ -133,7 +170,7 @@ for step in $steps; do
       fi
       ;;
     *)
-      echo "unknown step $step (tests, example, sanitize, bench, ncu, train)" | tee -a "$out/env.txt"
+      echo "unknown step $step (tests, example, sanitize, bench, ncu, train, versions, ab)" | tee -a "$out/env.txt"
       status=2
       ;;
   esac

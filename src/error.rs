@@ -108,6 +108,8 @@ pub enum Error {
     },
     /// A CUDA driver call failed.
     Cuda { call: &'static str, detail: String },
+    /// A kernel source of `SPARSECTR_KERNEL_DIR` (feature `dev-kernel-dir`) could not be used.
+    KernelSource { path: String, detail: String },
 }
 
 impl Error {
@@ -129,7 +131,10 @@ impl Error {
             Error::ChunksMismatch { .. } => "chunks",
             Error::Padded { field, .. } => field,
             Error::NoCudaDriver | Error::NoGpu { .. } | Error::Cuda { .. } => "device",
-            Error::NoNvrtc | Error::Compile { .. } | Error::NoKernel { .. } => "kernels",
+            Error::NoNvrtc
+            | Error::Compile { .. }
+            | Error::NoKernel { .. }
+            | Error::KernelSource { .. } => "kernels",
             Error::UnsupportedArch { .. } => "device",
             Error::DeviceMismatch { field, .. } => field,
         }
@@ -259,6 +264,9 @@ impl fmt::Display for Error {
                 expected,
             } => write!(f, "{field} = {value} does not match {expected}"),
             Error::Cuda { call, detail } => write!(f, "CUDA call {call} failed: {detail}"),
+            Error::KernelSource { path, detail } => {
+                write!(f, "kernel source {path} (SPARSECTR_KERNEL_DIR): {detail}")
+            }
         }
     }
 }

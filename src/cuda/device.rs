@@ -154,7 +154,7 @@ impl GpuDevice {
         if let Some(m) = modules.get(name) {
             return Ok(m.clone());
         }
-        let source = kernels::module_source(name);
+        let source = kernels::module_source(name)?;
         let image = match source.prebuilt {
             Some(fatbin) => fatbin.to_vec(),
             None => kernels::cached_image(source, &self.arch)?.as_ref().clone(),

@@ -102,11 +102,82 @@ pub(crate) fn kernel(
         })
 }
 
-pub(crate) fn module_source(name: &str) -> &'static ModuleSource {
-    MODULES
+/// The source of module `name`: the built-in one, or with the feature `dev-kernel-dir` the one
+/// in `$SPARSECTR_KERNEL_DIR`, where that folder has it.
+pub(crate) fn module_source(name: &str) -> Result<&'static ModuleSource> {
+    #[cfg(feature = "dev-kernel-dir")]
+    if let Some(m) = dev_overrides()?.iter().find(|m| m.name == name) {
+        return Ok(m);
+    }
+    Ok(MODULES
         .iter()
         .find(|m| m.name == name)
-        .expect("every kernel's module is in MODULES (both generated from kernels/)")
+        .expect("every kernel's module is in MODULES (both generated from kernels/)"))
+}
+
+/// The modules of `$SPARSECTR_KERNEL_DIR`, read once per process. A developer's hook, built only
+/// with the feature `dev-kernel-dir`: it runs kernels of earlier commits (their generated sources,
+/// written by `scripts/kernel-sources.sh`) behind this build's Rust code, so that one set of
+/// binaries can test and time several kernel versions on one GPU. The launch code is this
+/// build's, so only versions whose kernels take the same arguments can be compared.
+#[cfg(feature = "dev-kernel-dir")]
+fn dev_overrides() -> Result<&'static [ModuleSource]> {
+    static LOADED: OnceLock<Result<Vec<ModuleSource>>> = OnceLock::new();
+    let loaded = LOADED.get_or_init(|| {
+        // Set but empty is unset: a script's "the build's own kernels" case.
+        let dir = std::env::var_os("SPARSECTR_KERNEL_DIR").unwrap_or_default();
+        if dir.is_empty() {
+            return Ok(Vec::new());
+        }
+        let modules = read_module_dir(std::path::Path::new(&dir))?;
+        // Loud on purpose: a run whose kernels are not the build's must say so in its log.
+        let names: Vec<&str> = modules.iter().map(|m| m.name).collect();
+        eprintln!(
+            "sparsectr-attn: SPARSECTR_KERNEL_DIR={}: modules {names:?} from there, the rest built in",
+            std::path::Path::new(&dir).display()
+        );
+        Ok(modules)
+    });
+    loaded.as_ref().map(Vec::as_slice).map_err(Clone::clone)
+}
+
+/// Reads `<dir>/<module>.cu` for every module of MODULES that the folder has. Another `.cu` file
+/// is an error: a misspelt module would otherwise run the built-in kernel unnoticed. Files with
+/// other extensions (a `COMMIT` note) are ignored. The sources live for the process.
+#[cfg_attr(not(feature = "dev-kernel-dir"), allow(dead_code))]
+fn read_module_dir(dir: &std::path::Path) -> Result<Vec<ModuleSource>> {
+    let source_error = |path: &std::path::Path, e: std::io::Error| Error::KernelSource {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    };
+    let mut modules = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| source_error(dir, e))? {
+        let path = entry.map_err(|e| source_error(dir, e))?.path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let Some(built_in) = MODULES.iter().find(|m| m.name == stem) else {
+            return Err(Error::KernelSource {
+                path: path.display().to_string(),
+                detail: format!(
+                    "no kernel module is named {stem:?}; the modules are {:?}",
+                    MODULES.iter().map(|m| m.name).collect::<Vec<_>>()
+                ),
+            });
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| source_error(&path, e))?;
+        modules.push(ModuleSource {
+            name: built_in.name,
+            source: Box::leak(text.into_boxed_str()),
+            prebuilt: None,
+        });
+    }
+    modules.sort_by_key(|m| m.name);
+    Ok(modules)
 }
 
 /// Checks that NVRTC can be loaded; cudarc panics on first use otherwise.
@@ -273,9 +344,14 @@ pub fn compile_report(arch: &str) -> Result<Vec<KernelReport>> {
 }
 
 /// Compiles every kernel module with NVRTC for `arch`, logs included (what `compile_report`
-/// parses; the compile test prints a module's log when its report lacks a kernel).
+/// parses; the compile test prints a module's log when its report lacks a kernel). With the
+/// feature `dev-kernel-dir`, the modules of `$SPARSECTR_KERNEL_DIR` replace the built-in ones,
+/// as they do on a GPU.
 pub fn compile_modules(arch: &str) -> Result<Vec<CompiledModule>> {
-    MODULES.iter().map(|m| compile_module(m, arch)).collect()
+    MODULES
+        .iter()
+        .map(|m| compile_module(module_source(m.name)?, arch))
+        .collect()
 }
 
 /// The number just before `suffix` in `line` (`"... 12 bytes spill stores"` -> 12).
@@ -344,6 +420,53 @@ mod tests {
         );
         assert_eq!(r[0].stack_frame, 16);
         assert_eq!((r[1].registers, r[1].spill_stores), (30, 0));
+    }
+
+    /// A fresh empty folder under the system's temporary directory.
+    fn scratch_dir(tag: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("sparsectr-kernel-dir-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn kernel_dir_replaces_only_the_modules_it_has() {
+        let dir = scratch_dir("ok");
+        std::fs::write(dir.join("forward_tc.cu"), "// an earlier forward\n").unwrap();
+        std::fs::write(dir.join("pooling.cu"), "// an earlier pooling\n").unwrap();
+        std::fs::write(dir.join("COMMIT"), "bbd2154\n").unwrap();
+        let modules = read_module_dir(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let got: Vec<(&str, &str)> = modules.iter().map(|m| (m.name, m.source)).collect();
+        assert_eq!(
+            got,
+            [
+                ("forward_tc", "// an earlier forward\n"),
+                ("pooling", "// an earlier pooling\n")
+            ]
+        );
+        assert!(modules.iter().all(|m| m.prebuilt.is_none()));
+    }
+
+    #[test]
+    fn kernel_dir_rejects_unknown_modules_and_missing_folders() {
+        let dir = scratch_dir("bad");
+        std::fs::write(dir.join("forwrd_tc.cu"), "// misspelt\n").unwrap();
+        let err = read_module_dir(&dir).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(err.field(), "kernels");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("forwrd_tc.cu") && msg.contains("\"forwrd_tc\""),
+            "{msg}"
+        );
+        let missing = read_module_dir(&dir).unwrap_err();
+        assert!(
+            matches!(&missing, Error::KernelSource { path, .. } if path.contains("sparsectr-kernel-dir-bad")),
+            "{missing:?}"
+        );
     }
 
     #[test]
