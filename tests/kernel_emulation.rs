@@ -579,6 +579,36 @@ fn scenarios() -> Vec<Scenario> {
             seq(times(t0 - 86_400, &gaps(70, 1)), 3),
         ],
     );
+    // The forward skips a warp's local sub-tiles that none of its rows sees (tc_slots.cuh,
+    // LocalSpan). With w = 16, the second warp of a sequence's second tile holds only
+    // candidates, whose windows start at the last slot of the first 16-slot sub-tile (with and
+    // without a user token, which shifts every slot by one) and whose own slots fill a sub-tile
+    // with nothing else in it. With w = 18 and no user token, each warp's last visible behavior
+    // is alone at the start of a sub-tile. Checked: a span without the user token, without its
+    // own candidates, or one slot short at either end of its behaviors fails here. A span one
+    // slot short at an end of its own candidates loses a key of a single row, too little for a
+    // relative L2 over the whole output to see.
+    let spans = |user: bool, w: usize| {
+        let seqs = [
+            seq(times(t0, &gaps(if user { 76 } else { 78 }, 3)), 40),
+            seq(times(t0 + 500, &gaps(150, 5)), 7),
+        ];
+        scenario("", pack(user, &seqs), 6, 2, w)
+    };
+    for (name, user, w) in [
+        ("local-spans", true, 16),
+        ("local-spans-no-user", false, 16),
+        ("local-spans-w18", false, 18),
+    ] {
+        let mut s = spans(user, w);
+        s.name = name;
+        s.runs = if w == 16 {
+            vec![(DType::BF16, 64), (DType::F16, 32), (DType::BF16, 128)]
+        } else {
+            vec![(DType::BF16, 64)]
+        };
+        v.push(s);
+    }
     let mut s = scenario("long-tiles", long.clone(), 40, 3, 70);
     s.heads = 1;
     s.flags = vec!["--repeat-backward"];
