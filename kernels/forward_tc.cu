@@ -10,9 +10,7 @@
 //               query's visible end, and the tile's candidates (each visible to itself only)
 //
 // Each row masks the slots it does not see, adds the RelTemporal bias per element, and keeps one
-// online softmax per branch; the gated sum of the branches is written once. A warp skips the
-// local sub-tiles none of its 16 rows sees (LocalSpan): the tile's window spans all four warps'
-// windows, of which each sees at most 80 of a ctr-base tile's 128 local slots. Per element the
+// online softmax per branch; the gated sum of the branches is written once. Per element the
 // work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
 // one ex2 (logits in base 2), computed for every element and masked after: the inner loops went
 // from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static counts of
@@ -67,10 +65,9 @@ struct TcResidentQ {
 template <typename T, int kHeadDim, int kBranch, int kRows>
 __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
                                                 const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
-                                                const TcRow (&rw)[2], const LocalSpan& span,
-                                                const RowBias (&rb)[2],
-                                                const SlotTiles<T, kHeadDim, kRows>& gathered, int first,
-                                                int slots, FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
+                                                const TcRow (&rw)[2], const RowBias (&rb)[2],
+                                                const SlotTiles<T, kHeadDim, kRows>& gathered, int slots,
+                                                FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     // A sub-tile never crosses the end of a gather: a summary gather's low parts follow it.
     static_assert(TcLoad<kHeadDim, kBranch, kRows>::kValue % kCols == 0, "sub-tiles must divide the gather");
@@ -80,9 +77,6 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
     const float scale2 = p.scale * kLog2e;  // logits in base 2 (RowSoftmax)
 #pragma unroll 1
     for (int sub = 0; sub < slots; sub += kCols) {
-        // Local sub-tiles no row of the warp sees are skipped: their elements would all be
-        // masked. (The other branches' slots are seen by most rows of a tile alike.)
-        if (kBranch == 2 && !span.overlaps(first + sub, kCols)) continue;
         FragC sc[kKeyTiles];
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
@@ -148,7 +142,6 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     const RowBias rb[2] = {RowBias::make(row_time[0], tc, p.num_time_buckets, kLog2e),
                            RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
     const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
-    const LocalSpan span = local_span(tt, rw, wq, q_end);
     RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
     qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
             q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
@@ -234,14 +227,11 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
         if (warp_live) {  // warp-uniform: none of its rows attends otherwise
             const auto st = gathered.stage(r & 1);
             if (branch == 0)
-                tc_gather_tiles<T, kHeadDim, 0>(p, qf, rw, span, rb, st, first, min(kLoad0, n0 - first), acc,
-                                                sm);
+                tc_gather_tiles<T, kHeadDim, 0>(p, qf, rw, rb, st, min(kLoad0, n0 - first), acc, sm);
             else if (branch == 1)
-                tc_gather_tiles<T, kHeadDim, 1>(p, qf, rw, span, rb, st, first, min(kLoad1, n1 - first), acc,
-                                                sm);
+                tc_gather_tiles<T, kHeadDim, 1>(p, qf, rw, rb, st, min(kLoad1, n1 - first), acc, sm);
             else
-                tc_gather_tiles<T, kHeadDim, 2>(p, qf, rw, span, rb, st, first, min(kLoad2, n2 - first), acc,
-                                                sm);
+                tc_gather_tiles<T, kHeadDim, 2>(p, qf, rw, rb, st, min(kLoad2, n2 - first), acc, sm);
         }
         if (r + 1 < rounds) land(r + 1);
     }

@@ -10,8 +10,8 @@
 # earlier kernels behind the same binaries in the same device call. Default: the last commit
 # whose kernels passed on a GPU (bbd2154) and the kernel milestones since, none of them run on
 # a GPU yet: 09edd86 (cp.async gathers of 128 slots), ee6c841 (per-key work), efcbc96 (pipelined
-# gathers and walk), 44a5804 (branch-free visibility); the build's own kernels (the forward's
-# skipped local sub-tiles on top) are the last. KERNEL_VERSIONS="" builds none.
+# gathers and walk), 44a5804 (branch-free visibility); the build's own kernels are the last.
+# KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf device-bin && mkdir -p device-bin

@@ -579,8 +579,9 @@ fn scenarios() -> Vec<Scenario> {
             seq(times(t0 - 86_400, &gaps(70, 1)), 3),
         ],
     );
-    // The forward skips a warp's local sub-tiles that none of its rows sees (tc_slots.cuh,
-    // LocalSpan). With w = 16, the second warp of a sequence's second tile holds only
+    // Local windows whose edges fall on the forward's 16-slot sub-tile boundaries, for a warp
+    // that would skip the local sub-tiles none of its rows sees (tried in 5f881f4, which
+    // spilled on sm_80 and was reverted; these scenarios caught its broken spans). With w = 16, the second warp of a sequence's second tile holds only
     // candidates, whose windows start at the last slot of the first 16-slot sub-tile (with and
     // without a user token, which shifts every slot by one) and whose own slots fill a sub-tile
     // with nothing else in it. With w = 18 and no user token, each warp's last visible behavior

@@ -98,54 +98,6 @@ __device__ __forceinline__ bool slot_visible(const TcRow& r, int row, int aux) {
     return valid & ((r.live & (user | (behavior & window))) | (!user & !behavior & (row == r.q)));
 }
 
-// The local branch's slots that some row of a warp may see, as slot ranges: a window of a
-// 64-query tile spans 128 local slots (the user token, then the behaviors, then the tile's
-// candidates), of which each warp's 16 rows see at most 80, so 2 or 3 of its 8 sub-tiles hold
-// nothing the warp sees and are skipped. Coarse and conservative (never excludes a slot that
-// slot_visible<2> admits for one of the warp's rows); the rows still mask per element. Ranges,
-// not a per-slot test of the gathered rows: the test is a few integer compares per sub-tile
-// (a per-slot vote over shared memory added 44 instructions to the local sub-tile's 377).
-struct LocalSpan {
-    int user_end;          // 1 if slot 0 (the user token) is seen, else 0
-    int beh_lo, beh_hi;    // behavior slots [beh_lo, beh_hi)
-    int cand_lo, cand_hi;  // candidate slots [cand_lo, cand_hi): the warp's own candidates
-
-    // Whether some slot of [s0, s0 + n) is in the span. Warp-uniform.
-    __device__ __forceinline__ bool overlaps(int s0, int n) const {
-        const int s1 = s0 + n;
-        return (s0 < user_end) | ((s0 < beh_hi) & (s1 > beh_lo)) | ((s0 < cand_hi) & (s1 > cand_lo));
-    }
-};
-
-// The span of the warp whose rows are [wq, wq + 16) (rw: this lane's two), from the tile's
-// slot ranges tt. Called by every lane of the warp.
-__device__ __forceinline__ LocalSpan local_span(const TcTile& tt, const TcRow (&rw)[2], int wq, int q_end) {
-    int first = 0x7fffffff, vis_end = 0;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        if (!rw[r].live) continue;
-        first = min(first, rw[r].first_local);
-        vis_end = max(vis_end, rw[r].visible_end);
-    }
-    // The four lanes of a group hold the same rows; the eight groups hold different ones.
-#pragma unroll
-    for (int off = 4; off < kWarpSize; off <<= 1) {
-        first = min(first, __shfl_xor_sync(kFullMask, first, off));
-        vis_end = max(vis_end, __shfl_xor_sync(kFullMask, vis_end, off));
-    }
-    const bool live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
-    const int behaviors = tt.local_hi - tt.local_lo;
-    LocalSpan u;
-    u.user_end = live ? tt.user : 0;
-    // Empty (lo >= hi) where no row is live: first stays above every behavior.
-    u.beh_lo = tt.user + min(max(first, tt.local_lo) - tt.local_lo, behaviors);
-    u.beh_hi = tt.user + max(0, min(vis_end, tt.local_hi) - tt.local_lo);
-    const int own_lo = max(wq, tt.cand_lo), own_hi = min(wq + 16, q_end);
-    u.cand_lo = tt.user + behaviors + (own_lo - tt.cand_lo);
-    u.cand_hi = tt.user + behaviors + max(0, own_hi - tt.cand_lo);
-    return u;
-}
-
 template <int kBranch>
 __device__ __forceinline__ int branch_slots(const TcTile& tt, const EvoParams& p) {
     if (kBranch == 0) return tt.completed;
