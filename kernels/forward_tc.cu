@@ -10,7 +10,9 @@
 //               query's visible end, and the tile's candidates (each visible to itself only)
 //
 // Each row masks the slots it does not see, adds the RelTemporal bias per element, and keeps one
-// online softmax per branch; the gated sum of the branches is written once. Per element the
+// online softmax per branch; the gated sum of the branches is written once. A warp skips the
+// local sub-tiles none of its 16 rows sees (LocalSpan): a ctr-base tile's window spans 128 local
+// slots, of which each warp sees at most 80 (5 or 6 of 8 sub-tiles). Per element the
 // work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
 // one ex2 (logits in base 2), computed for every element and masked after: the inner loops went
 // from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static counts of
@@ -66,8 +68,9 @@ template <typename T, int kHeadDim, int kBranch, int kRows>
 __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
                                                 const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
                                                 const TcRow (&rw)[2], const RowBias (&rb)[2],
-                                                const SlotTiles<T, kHeadDim, kRows>& gathered, int slots,
-                                                FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
+                                                const LocalSpan* span,  // per warp
+                                                const SlotTiles<T, kHeadDim, kRows>& gathered, int first,
+                                                int slots, FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
     constexpr int kCols = TcCols<kHeadDim>::kValue;
     // A sub-tile never crosses the end of a gather: a summary gather's low parts follow it.
     static_assert(TcLoad<kHeadDim, kBranch, kRows>::kValue % kCols == 0, "sub-tiles must divide the gather");
@@ -75,8 +78,14 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
     const float scale2 = p.scale * kLog2e;  // logits in base 2 (RowSoftmax)
+    // Local sub-tiles no row of the warp sees are skipped: their elements would all be masked.
+    // (The other branches' slots are seen by most rows of a tile alike.)
+    constexpr int kSubTiles = TcLoad<kHeadDim, kBranch, kRows>::kValue / kCols;
+    const unsigned seen =
+        kBranch == 2 ? span[threadIdx.x / kWarpSize].template sub_tiles<kSubTiles>(first, kCols) : 0u;
 #pragma unroll 1
     for (int sub = 0; sub < slots; sub += kCols) {
+        if (kBranch == 2 && !((seen >> (sub / kCols)) & 1u)) continue;  // warp-uniform
         FragC sc[kKeyTiles];
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
@@ -141,7 +150,9 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
     const RowBias rb[2] = {RowBias::make(row_time[0], tc, p.num_time_buckets, kLog2e),
                            RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
-    const bool warp_live = __any_sync(kFullMask, rw[0].live || rw[1].live) != 0;
+    // Whether the warp's rows attend, and its local span: read after land(0)'s barrier.
+    __shared__ LocalSpan sSpan[kDenseThreads / kWarpSize];
+    store_local_span(tt, rw, &sSpan[warp]);
     RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
     qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
             q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
@@ -224,14 +235,15 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
         const int branch = round_of(r, &first);
         while (open < branch) close_branch(open++);  // branches with no slots close empty
         if (r + 1 < rounds) issue(r + 1);
-        if (warp_live) {  // warp-uniform: none of its rows attends otherwise
+        if (sSpan[warp].live) {  // warp-uniform: none of its rows attends otherwise
             const auto st = gathered.stage(r & 1);
+            const LocalSpan* span = sSpan;
             if (branch == 0)
-                tc_gather_tiles<T, kHeadDim, 0>(p, qf, rw, rb, st, min(kLoad0, n0 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 0>(p, qf, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
             else if (branch == 1)
-                tc_gather_tiles<T, kHeadDim, 1>(p, qf, rw, rb, st, min(kLoad1, n1 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 1>(p, qf, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
             else
-                tc_gather_tiles<T, kHeadDim, 2>(p, qf, rw, rb, st, min(kLoad2, n2 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 2>(p, qf, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
         }
         if (r + 1 < rounds) land(r + 1);
     }

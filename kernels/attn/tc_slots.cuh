@@ -98,6 +98,58 @@ __device__ __forceinline__ bool slot_visible(const TcRow& r, int row, int aux) {
     return valid & ((r.live & (user | (behavior & window))) | (!user & !behavior & (row == r.q)));
 }
 
+// The local slots some row of a warp may see: the user token (slot 0, where there is one) and
+// [lo, hi), from its earliest window start to its latest visible end, or to its last own
+// candidate's slot (a candidate sees itself only, so the candidates of the warps before it fall
+// inside too: conservative, the rows still mask per element). A 64-query tile's window spans
+// 128 local slots of which each warp's 16 rows see at most 80, so 2 or 3 of its 8 sub-tiles
+// hold nothing it sees and are skipped. Kept in shared memory and read once per gather as a bit
+// mask of its sub-tiles (sub_tiles): held in registers through the kernel (five of them,
+// 5f881f4), it made the D = 64 forward spill on sm_80 at its 168-register cap.
+struct LocalSpan {
+    int live;  // some row of the warp attends (here too, not in a register through the kernel)
+    int user, lo, hi;
+
+    // Whether some slot of [s0, s0 + n) is in the span. Warp-uniform.
+    __device__ __forceinline__ bool overlaps(int s0, int n) const {
+        return (s0 < user) | ((s0 < hi) & (s0 + n > lo));
+    }
+
+    // Bit i set where sub-tile [s0 + i n, s0 + (i + 1) n) overlaps the span, i < kSubTiles: one
+    // register through a loop over a gather's sub-tiles, where the span's fields took three.
+    template <int kSubTiles>
+    __device__ __forceinline__ unsigned sub_tiles(int s0, int n) const {
+        static_assert(kSubTiles <= 32, "a bit per sub-tile");
+        unsigned bits = 0;
+#pragma unroll
+        for (int i = 0; i < kSubTiles; ++i) bits |= overlaps(s0 + i * n, n) ? 1u << i : 0u;
+        return bits;
+    }
+};
+
+// Stores the span of this lane's warp (rows rw, its two of them) into `span`. Called by every
+// lane of the warp; a __syncwarp (or a barrier) before the span is read.
+__device__ __forceinline__ void store_local_span(const TcTile& tt, const TcRow (&rw)[2], LocalSpan* span) {
+    int lo = 0x7fffffff, hi = 0;
+    const int cand_slot0 = tt.user + (tt.local_hi - tt.local_lo) - tt.cand_lo;  // + q: q's own slot
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!rw[r].live) continue;
+        lo = min(lo, tt.user + rw[r].first_local - tt.local_lo);
+        // A candidate (past its own visible end) sees its own slot; a behavior, up to itself.
+        const bool candidate = rw[r].q >= rw[r].visible_end;
+        hi = max(hi, candidate ? cand_slot0 + rw[r].q + 1 : tt.user + rw[r].visible_end - tt.local_lo);
+    }
+    // The four lanes of a group hold the same rows; the eight groups hold different ones.
+#pragma unroll
+    for (int off = 4; off < kWarpSize; off <<= 1) {
+        lo = min(lo, __shfl_xor_sync(kFullMask, lo, off));
+        hi = max(hi, __shfl_xor_sync(kFullMask, hi, off));
+    }
+    const int live = __any_sync(kFullMask, rw[0].live || rw[1].live);
+    if (threadIdx.x % kWarpSize == 0) *span = LocalSpan{live, tt.user, lo, hi};
+}
+
 template <int kBranch>
 __device__ __forceinline__ int branch_slots(const TcTile& tt, const EvoParams& p) {
     if (kBranch == 0) return tt.completed;
