@@ -369,7 +369,12 @@ inline int exchange(Exchange& ex, unsigned& my_gen, int my_index, int op, unsign
     ex.args[parity][my_index] = arg;
     where.store(op, std::memory_order_relaxed);
     const int before = ex.arrived.fetch_add(1, std::memory_order_acq_rel);
-    if (ex.exited.load(std::memory_order_seq_cst) != 0)
+    // An exit counts against this collective only while the collective is incomplete: once the
+    // last thread arrived (perhaps while this one was descheduled right here), the others may
+    // leave it, finish the kernel and exit before this thread looks. Their exit happens after
+    // the generation moved on, so this load then sees it moved (seq_cst on `exited` orders it).
+    if (ex.exited.load(std::memory_order_seq_cst) != 0 &&
+        ex.generation.load(std::memory_order_acquire) == my_gen)
         fail("%s reached while %d of the %d threads it needs have exited (with a full mask every "
              "thread must take part)",
              op_name(op), ex.exited.load(), ex.count);
