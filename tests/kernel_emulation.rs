@@ -758,17 +758,26 @@ fn errors_of(summary: &str) -> Vec<(String, f64)> {
         .collect()
 }
 
-/// "largest error dk 2.3e-4 of 9 checked (tolerance 3e-3)", or that there was nothing to check.
+/// "largest error dk 2.3e-4 of 9 checked (tolerance 3e-3)" over the relative L2 errors, then the
+/// largest per-entry LSE error (`*_entry`, its own bound in the driver), or that there was
+/// nothing to check.
 fn worst_line(summary: &str, dtype: DType) -> String {
-    let errors = errors_of(summary);
-    match errors.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
+    let (entries, errors): (Vec<_>, Vec<_>) = errors_of(summary)
+        .into_iter()
+        .partition(|(name, _)| name.ends_with("_entry"));
+    let largest = |v: &[(String, f64)]| v.iter().max_by(|a, b| a.1.total_cmp(&b.1)).cloned();
+    let mut line = match largest(&errors) {
         Some((name, e)) => format!(
             "largest error {name} {e:.1e} of {} checked (tolerance {:.0e})",
             errors.len(),
             dtype.tolerance()
         ),
         None => "chunking only".to_string(),
+    };
+    if let Some((_, e)) = largest(&entries) {
+        line.push_str(&format!(", LSE entries {e:.1e}"));
     }
+    line
 }
 
 /// What one driver run printed and whether it passed.
@@ -880,6 +889,18 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         "the emulation fails its self-test (collectives, cp.async, time buckets):\n{}{}",
         String::from_utf8_lossy(&self_test.stdout),
         String::from_utf8_lossy(&self_test.stderr)
+    );
+    // And it must stop a kernel whose lane exits before a collective the others reach.
+    let early_exit = Command::new(&exe)
+        .arg("--self-test-early-exit")
+        .output()
+        .expect("run the kernel emulation's early-exit self-test");
+    let stderr = String::from_utf8_lossy(&early_exit.stderr);
+    assert!(
+        early_exit.status.code() == Some(3) && stderr.contains("exited"),
+        "the emulation let a lane exit before its warp's shuffle (status {:?}):\n{}{stderr}",
+        early_exit.status.code(),
+        String::from_utf8_lossy(&early_exit.stdout),
     );
 
     let jobs = env_number::<usize>("SPARSECTR_EMU_JOBS")

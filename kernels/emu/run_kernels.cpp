@@ -13,6 +13,7 @@
 //   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -iquote "$OUT" -o /tmp/run_kernels run_kernels.cpp
 //   /tmp/run_kernels DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]
 //   /tmp/run_kernels --self-test   (the emulated collectives and cp.async against their definitions)
+//   /tmp/run_kernels --self-test-early-exit   (must stop with exit code 3: a lane exits too soon)
 //
 // `cargo test --release --test kernel_emulation` does all of this (tests/kernel_emulation.rs).
 //
@@ -238,6 +239,22 @@ int run() {
     std::printf("%s self-test of the emulated collectives, cp.async and time buckets\n",
                 bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
+}
+
+// A lane that returns before a full-mask shuffle its warp then reaches: undefined behavior (or
+// a hang) on a GPU, which the emulation must stop on (exit code 3), whichever of the lane's exit
+// and the others' arrival comes first. `--self-test-early-exit` runs it; the caller checks.
+__global__ void early_exit(int* out) {
+    const int lane = threadIdx.x % 32;
+    if (lane == 31) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, lane, 1);
+}
+
+int run_early_exit() {
+    std::vector<int> out(kThreads, 0);
+    emu::launch_named("early_exit", early_exit, dim3(kBlocks), dim3(kThreads), out.data());
+    std::printf("the early exit was not caught\n");
+    return 1;
 }
 
 }  // namespace selftest
@@ -633,9 +650,16 @@ double compare(Report& r, const std::string& name, const std::vector<double>& go
     return err;
 }
 
-// LSE: -inf exactly where the reference has -inf (empty key set), relative L2 over the rest.
-void compare_lse(Report& r, const std::vector<double>& got, const std::vector<double>& want,
-                 double tol, int heads) {
+// Per entry, |LSE - reference| / max(1, |reference|) at most this, for every dtype. The relative
+// L2 over a whole output cannot see one row that lost (or gained) one key; that row's LSE moves
+// by -log(1 - p) >= p for a key of weight p, while rounding moves it by about 1e-5 (summaries
+// split in two 16-bit parts) or far less: a missing key of weight above 1e-3 fails here.
+constexpr double kLseEntryTol = 1e-3;
+
+// LSE: -inf exactly where the reference has -inf (empty key set), relative L2 over the rest, and
+// each entry within kLseEntryTol. Adds `name` and `name`_entry to the report's errors.
+void compare_lse(Report& r, const std::string& name, const std::vector<double>& got,
+                 const std::vector<double>& want, double tol, int heads) {
     std::vector<double> g, w;
     size_t bad = 0, first = 0;
     for (size_t i = 0; i < want.size(); ++i) {
@@ -653,12 +677,31 @@ void compare_lse(Report& r, const std::vector<double>& got, const std::vector<do
     if (bad != 0) {
         char buf[256];
         std::snprintf(buf, sizeof buf,
-                      "lse: %zu entries disagree on -inf (empty key set), first: token %zu, head "
+                      "%s: %zu entries disagree on -inf (empty key set), first: token %zu, head "
                       "%zu, branch %zu: got %g, reference %g",
-                      bad, first / 3 / heads, first / 3 % heads, first % 3, got[first], want[first]);
+                      name.c_str(), bad, first / 3 / heads, first / 3 % heads, first % 3, got[first], want[first]);
         r.fail(buf);
     }
-    compare(r, "lse", g, w, tol);
+    compare(r, name, g, w, tol);
+    double worst = 0;
+    size_t worst_at = 0;
+    for (size_t i = 0; i < g.size(); ++i) {
+        const double e = std::fabs(g[i] - w[i]) / std::max(1.0, std::fabs(w[i]));
+        if (!(e <= worst)) {  // NaN is the worst there is
+            worst = e;
+            worst_at = i;
+        }
+    }
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s_entry=%.2e", name.c_str(), worst);
+    r.errors.push_back(buf);
+    if (!(worst <= kLseEntryTol)) {
+        std::snprintf(buf, sizeof buf,
+                      "%s: entry %zu of the finite ones is off by %.3e of max(1, |reference|) > %.0e "
+                      "(got %.6g, reference %.6g): a key lost or gained?",
+                      name.c_str(), worst_at, worst, kLseEntryTol, g[worst_at], w[worst_at]);
+        r.fail(buf);
+    }
 }
 
 // ---- One run ---------------------------------------------------------------------------------
@@ -960,9 +1003,10 @@ int run(const Folder& f, const Options& opt) {
             const std::vector<double> o_want(o_ref.begin(), o_ref.end());
             const std::vector<double> lse_want(lse_ref.begin(), lse_ref.end());
             compare(rep, "o", widen<DT>(o, rows), o_want, tol);
-            compare_lse(rep, widen_f32(lse, branch_rows), lse_want, tol, H);
-            std::printf("  forward:  %s %s (%.2f s)\n", rep.errors[rep.errors.size() - 2].c_str(),
-                        rep.errors.back().c_str(), t.seconds());
+            compare_lse(rep, "lse", widen_f32(lse, branch_rows), lse_want, tol, H);
+            std::printf("  forward:  %s %s %s (%.2f s)\n", rep.errors[rep.errors.size() - 3].c_str(),
+                        rep.errors[rep.errors.size() - 2].c_str(), rep.errors.back().c_str(),
+                        t.seconds());
         }
 
         // ---- the tensor-core forward (what forward_into runs for 16-bit inputs): its LSE then
@@ -983,9 +1027,9 @@ int run(const Folder& f, const Options& opt) {
             const std::vector<double> o_want(o_ref.begin(), o_ref.end());
             const std::vector<double> lse_want(lse_ref.begin(), lse_ref.end());
             compare(rep, "tc_o", widen<DT>(o_tc, rows), o_want, tol);
-            compare_lse(rep, widen_f32(lse_tc, branch_rows), lse_want, tol, H);
-            rep.errors.back() = "tc_" + rep.errors.back();
-            std::printf("  forward (tensor cores): %s %s (%.2f s)\n",
+            compare_lse(rep, "tc_lse", widen_f32(lse_tc, branch_rows), lse_want, tol, H);
+            std::printf("  forward (tensor cores): %s %s %s (%.2f s)\n",
+                        rep.errors[rep.errors.size() - 3].c_str(),
                         rep.errors[rep.errors.size() - 2].c_str(), rep.errors.back().c_str(),
                         t.seconds());
             lse = std::move(lse_tc);
@@ -1255,10 +1299,11 @@ int run_dim(const Folder& f, const Options& opt, int hd) {
 
 int main(int argc, char** argv) {
     if (argc == 2 && std::string(argv[1]) == "--self-test") return selftest::run();
+    if (argc == 2 && std::string(argv[1]) == "--self-test-early-exit") return selftest::run_early_exit();
     if (argc < 2) {
         std::fprintf(stderr,
                      "usage: %s DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]\n"
-                     "       %s --self-test\n",
+                     "       %s --self-test | --self-test-early-exit\n",
                      argv[0], argv[0]);
         return 2;
     }
