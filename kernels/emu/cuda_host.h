@@ -368,7 +368,9 @@ inline int exchange(Exchange& ex, unsigned& my_gen, int my_index, int op, unsign
     ex.masks[parity][my_index] = mask;
     ex.args[parity][my_index] = arg;
     where.store(op, std::memory_order_relaxed);
-    const int before = ex.arrived.fetch_add(1, std::memory_order_acq_rel);
+    // seq_cst, as the exiting thread's increment of `exited` and load of `arrived`: of an
+    // arrival and an exit that race, at least one side sees the other.
+    const int before = ex.arrived.fetch_add(1, std::memory_order_seq_cst);
     // An exit counts against this collective only while the collective is incomplete: once the
     // last thread arrived (perhaps while this one was descheduled right here), the others may
     // leave it, finish the kernel and exit before this thread looks. Their exit happens after
