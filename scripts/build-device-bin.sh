@@ -10,7 +10,9 @@
 # earlier kernels behind the same binaries in the same device call. Default: the last commit
 # whose kernels passed on a GPU (bbd2154) and the kernel milestones since, none of them run on
 # a GPU yet: 09edd86 (cp.async gathers of 128 slots), ee6c841 (per-key work), efcbc96 (pipelined
-# gathers and walk), 44a5804 (branch-free visibility); the build's own kernels are the last.
+# gathers and walk), 7a076ea (44a5804's branch-free visibility, and the kernels of sessions 8 and
+# 9), 007a1fd (the forward's local sub-tile skip); the build's own kernels are the last (the
+# query backward's local sub-tile skip came after 007a1fd).
 # KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,7 +63,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-bbd2154 09edd86 ee6c841 efcbc96 44a5804}
+versions=${KERNEL_VERSIONS-bbd2154 09edd86 ee6c841 efcbc96 7a076ea 007a1fd}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions
