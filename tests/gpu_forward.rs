@@ -18,7 +18,7 @@ use sparsectr_attn::{
     JaggedBatch, RelTemporal, NUM_BRANCHES,
 };
 
-use common::gpu::{cases, check_lse_entries, for_each_head_dim, gpu, own_handle, run_head_dims};
+use common::gpu::{cases, check_entries, for_each_head_dim, gpu, own_handle, run_head_dims};
 
 #[test]
 fn no_driver_or_gpu_is_an_error_value() {
@@ -218,7 +218,7 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     if !(err.is_finite() && err <= tol) {
         return Err(format!("LSE: relative L2 error {err:e} > {tol:e}"));
     }
-    check_lse_entries(&got_finite, &want_finite)
+    check_entries("LSE", &got_finite, &want_finite)
 }
 
 fn forward_matches_reference<T: GpuElement>(test: &str, default_cases: u32) {
@@ -372,19 +372,19 @@ fn gpu_mismatched_settings_are_errors() {
     }
 }
 
-/// The per-entry LSE check the GPU tests use fails where one row lost a key, and on NaN, and
-/// passes rounding-sized differences (runs without a GPU).
+/// The per-entry check the GPU tests use (LSE here, dgates in gpu_backward) fails where one row
+/// lost a key, and on NaN, and passes rounding-sized differences (runs without a GPU).
 #[test]
-fn lse_entry_check_sees_one_lost_key() {
+fn entry_check_sees_one_lost_key() {
     let want: Vec<f64> = (0..64).map(|i| 0.3 * i as f64 - 4.0).collect();
     let rounded: Vec<f64> = want.iter().map(|w| w + 1e-5 * w.abs().max(1.0)).collect();
-    assert!(check_lse_entries(&rounded, &want).is_ok());
+    assert!(check_entries("LSE", &rounded, &want).is_ok());
     // One of 18 equally weighted keys lost: LSE drops by ln(18 / 17).
     let mut lost = want.clone();
     lost[37] -= (18.0f64 / 17.0).ln();
-    let err = check_lse_entries(&lost, &want).unwrap_err();
+    let err = check_entries("LSE", &lost, &want).unwrap_err();
     assert!(err.contains("entry 37"), "{err}");
     let mut nan = want.clone();
     nan[3] = f64::NAN;
-    assert!(check_lse_entries(&nan, &want).is_err());
+    assert!(check_entries("LSE", &nan, &want).is_err());
 }

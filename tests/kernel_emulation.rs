@@ -759,7 +759,7 @@ fn errors_of(summary: &str) -> Vec<(String, f64)> {
 }
 
 /// "largest error dk 2.3e-4 of 9 checked (tolerance 3e-3)" over the relative L2 errors, then the
-/// largest per-entry LSE error (`*_entry`, its own bound in the driver), or that there was
+/// largest per-entry error of LSE and dgates (`*_entry`, its own bound in the driver), or that there was
 /// nothing to check.
 fn worst_line(summary: &str, dtype: DType) -> String {
     let (entries, errors): (Vec<_>, Vec<_>) = errors_of(summary)
@@ -775,7 +775,7 @@ fn worst_line(summary: &str, dtype: DType) -> String {
         None => "chunking only".to_string(),
     };
     if let Some((_, e)) = largest(&entries) {
-        line.push_str(&format!(", LSE entries {e:.1e}"));
+        line.push_str(&format!(", entries (LSE, dgates) {e:.1e}"));
     }
     line
 }

@@ -650,14 +650,40 @@ double compare(Report& r, const std::string& name, const std::vector<double>& go
     return err;
 }
 
-// Per entry, |LSE - reference| / max(1, |reference|) at most this, for every dtype. The relative
-// L2 over a whole output cannot see one row that lost (or gained) one key; that row's LSE moves
-// by -log(1 - p) >= p for a key of weight p, while rounding moves it by about 1e-5 (summaries
-// split in two 16-bit parts) or far less: a missing key of weight above 1e-3 fails here.
-constexpr double kLseEntryTol = 1e-3;
+// Per entry, |x - reference| / max(1, |reference|) at most this, for every dtype, for the
+// per-row scalars that one lost (or gained) key moves: each LSE entry of the forwards, and each
+// dgates entry of the backward (dgates_b = sum_j P_j dP'_j of the row's recomputed P). The
+// relative L2 over a whole output cannot see one such row: its LSE moves by -log(1 - p) >= p for
+// a key of weight p, its dgates by about p times the key's dP'. Rounding moves them by about
+// 1e-5 (summaries split in two 16-bit parts) or far less.
+constexpr double kEntryTol = 1e-3;
+
+// Adds `name`_entry (the worst entry) to the report's errors, and fails above kEntryTol.
+void compare_entries(Report& r, const std::string& name, const std::vector<double>& got,
+                     const std::vector<double>& want) {
+    double worst = 0;
+    size_t worst_at = 0;
+    for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+        const double e = std::fabs(got[i] - want[i]) / std::max(1.0, std::fabs(want[i]));
+        if (!(e <= worst)) {  // NaN is the worst there is
+            worst = e;
+            worst_at = i;
+        }
+    }
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "%s_entry=%.2e", name.c_str(), worst);
+    r.errors.push_back(buf);
+    if (!(worst <= kEntryTol)) {
+        std::snprintf(buf, sizeof buf,
+                      "%s: entry %zu is off by %.3e of max(1, |reference|) > %.0e (got %.6g, "
+                      "reference %.6g): a key lost or gained?",
+                      name.c_str(), worst_at, worst, kEntryTol, got[worst_at], want[worst_at]);
+        r.fail(buf);
+    }
+}
 
 // LSE: -inf exactly where the reference has -inf (empty key set), relative L2 over the rest, and
-// each entry within kLseEntryTol. Adds `name` and `name`_entry to the report's errors.
+// each finite entry within kEntryTol. Adds `name` and `name`_entry to the report's errors.
 void compare_lse(Report& r, const std::string& name, const std::vector<double>& got,
                  const std::vector<double>& want, double tol, int heads) {
     std::vector<double> g, w;
@@ -683,25 +709,7 @@ void compare_lse(Report& r, const std::string& name, const std::vector<double>& 
         r.fail(buf);
     }
     compare(r, name, g, w, tol);
-    double worst = 0;
-    size_t worst_at = 0;
-    for (size_t i = 0; i < g.size(); ++i) {
-        const double e = std::fabs(g[i] - w[i]) / std::max(1.0, std::fabs(w[i]));
-        if (!(e <= worst)) {  // NaN is the worst there is
-            worst = e;
-            worst_at = i;
-        }
-    }
-    char buf[256];
-    std::snprintf(buf, sizeof buf, "%s_entry=%.2e", name.c_str(), worst);
-    r.errors.push_back(buf);
-    if (!(worst <= kLseEntryTol)) {
-        std::snprintf(buf, sizeof buf,
-                      "%s: entry %zu of the finite ones is off by %.3e of max(1, |reference|) > %.0e "
-                      "(got %.6g, reference %.6g): a key lost or gained?",
-                      name.c_str(), worst_at, worst, kLseEntryTol, g[worst_at], w[worst_at]);
-        r.fail(buf);
-    }
+    compare_entries(r, name, g, w);
 }
 
 // ---- One run ---------------------------------------------------------------------------------
@@ -1162,7 +1170,9 @@ int run(const Folder& f, const Options& opt) {
             compare(rep, "dq", widen<DT>(out.dq, rows), ref("dq", rows), tol);
             compare(rep, "dk", widen<DT>(out.dk, rows), ref("dk", rows), tol);
             compare(rep, "dv", widen<DT>(out.dv, rows), ref("dv", rows), tol);
-            compare(rep, "dgates", widen_f32(out.dgates, branch_rows), ref("dgates", branch_rows), tol);
+            const auto dgates_want = ref("dgates", branch_rows);
+            compare(rep, "dgates", widen_f32(out.dgates, branch_rows), dgates_want, tol);
+            compare_entries(rep, "dgates", widen_f32(out.dgates, branch_rows), dgates_want);
             compare(rep, "dcoeffs", widen_f32(out.dcoeffs, static_cast<size_t>(H) * 3),
                     ref("dcoeffs", static_cast<size_t>(H) * 3), tol);
             std::string line;

@@ -130,15 +130,16 @@ pub fn compare_dcoeffs(got: &[f64], want: &[f64], tol: f64) -> Result<(), String
     }
 }
 
-/// Each finite LSE entry within this of max(1, |reference|), whatever the dtype (the emulation's
-/// bound, kernels/emu/run_kernels.cpp). A row that lost or gained one key of weight p moves its
-/// LSE by at least about p, which a relative L2 over the whole output cannot see; rounding moves
-/// it by about 1e-5 at most (the 16-bit halves of the chunk summaries).
-pub const LSE_ENTRY_TOL: f64 = 1e-3;
+/// Each entry of a per-row scalar that one lost or gained key moves (the forward's finite LSE
+/// entries, the backward's dgates) within this of max(1, |reference|), whatever the dtype (the
+/// emulation's bound, kernels/emu/run_kernels.cpp). A row's LSE moves by at least about p for a
+/// lost key of weight p, its dgates by about p times the key's dP'; a relative L2 over the whole
+/// output cannot see one such row. Rounding moves them by about 1e-5 at most (the 16-bit halves
+/// of the chunk summaries).
+pub const ENTRY_TOL: f64 = 1e-3;
 
-/// The worst finite LSE entry against [`LSE_ENTRY_TOL`]; `got` and `want` pair up entries that
-/// are finite in the reference.
-pub fn check_lse_entries(got: &[f64], want: &[f64]) -> Result<(), String> {
+/// The worst entry of `got` against `want` (paired entries) and [`ENTRY_TOL`].
+pub fn check_entries(name: &str, got: &[f64], want: &[f64]) -> Result<(), String> {
     let mut worst = (0.0f64, 0usize);
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let e = (g - w).abs() / w.abs().max(1.0);
@@ -148,11 +149,11 @@ pub fn check_lse_entries(got: &[f64], want: &[f64]) -> Result<(), String> {
         }
     }
     let (e, i) = worst;
-    if got.len() == want.len() && !e.is_nan() && e <= LSE_ENTRY_TOL {
+    if got.len() == want.len() && !e.is_nan() && e <= ENTRY_TOL {
         Ok(())
     } else {
         Err(format!(
-            "LSE: finite entry {i} off by {e:e} of max(1, |reference|) > {LSE_ENTRY_TOL:e} (got {}, \
+            "{name}: entry {i} off by {e:e} of max(1, |reference|) > {ENTRY_TOL:e} (got {}, \
              reference {}): a key lost or gained?",
             got.get(i).copied().unwrap_or(f64::NAN),
             want.get(i).copied().unwrap_or(f64::NAN)
