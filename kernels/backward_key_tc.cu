@@ -6,6 +6,11 @@
 //   1. the behaviors [k0, k0 + 64 + w - 1), cut at the first candidate;
 //   2. the candidates, where a row is seen by them.
 //
+// Each walk takes its 64-query tiles in 16-query sub-tiles (kKeyTcSub), and a warp skips those
+// outside its keys' windows: a warp's 16 behaviors are seen by 16 + w - 1 of the 64 + w - 1
+// queries walked. The 8-column-tile fragments of a whole 64-query tile also held the kernel at
+// 254-255 registers; with 16-query sub-tiles D = 64 takes 208-213 and D = 32 154-162 (NVRTC 13.0).
+//
 // Then each row adds its other uses, all computed before: the transition branch from the tails
 // kernel's f32 buffer (backward_tails_tc.cu) when the token is a tail, and its chunk's summary
 // gradient / |C| (backward_summary.cu). Each dK, dV element is rounded once, by its one writer.
@@ -28,6 +33,10 @@
 // 200 registers anyway (the dK and dV accumulators of 16 rows).
 template <int kHeadDim>
 constexpr int kKeyTcMinBlocks = 2;
+
+// Queries per MMA sub-tile of the local walk (KeyTile::walk): a warp skips the sub-tiles of a
+// query tile outside its keys' windows.
+constexpr int kKeyTcSub = 16;
 
 struct LocalRows {
     int key[2];  // the lane's rows g and g + 8; -1 for the user token and past the sequence
@@ -86,7 +95,8 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     const bool warp_behaviors = wb_lo <= wb_hi;
     // 1. Behaviors.
     if (b_lo <= b_hi)
-        kt.walk(rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1);
+        kt.template walk<kKeyTcSub>(rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey,
+                                    wb_hi + w - 1);
     // 2. Candidates: all of them when a behavior of the block is within w of the first, else
     // only the block's own.
     const bool block_seen_by_all = b_lo <= b_hi && b_hi + w > si.candidates;
@@ -97,7 +107,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
         const int wc_lo = max(wk, si.candidates), wc_hi = min(wk + 16, si.end) - 1;
         const int first = warp_seen_by_all ? 0 : (wc_lo <= wc_hi ? wc_lo : kNoKey);
         const int last = warp_seen_by_all ? kNoKey : wc_hi;
-        kt.walk(rows, c_lo, c_hi, first, last);
+        kt.template walk<kKeyTcSub>(rows, c_lo, c_hi, first, last);
     }
 
     // Each row's other uses: its chunk (the chunks ending at or before it), tail slot, summary.

@@ -136,10 +136,16 @@ struct KeyTile {
     }
 
     // Queries [lo, hi). A warp skips the tiles entirely before `warp_first` (its smallest key: no
-    // query there sees any of its rows) or after `warp_last` (its last visible query). The tiles
-    // are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
-    template <typename Rows>
+    // query there sees any of its rows) or after `warp_last` (its last visible query), and within
+    // a tile the sub-tiles of kSub queries outside them: a local window's walk (backward_key_tc)
+    // covers 64 + w - 1 queries of which a warp's 16 keys are seen by 16 + w - 1 (79 of 128 at
+    // w = 64), so 16-query sub-tiles skip about a third of its MMAs, where a whole 64-query tile
+    // skipped none. The prefix walks (tails, summaries) keep whole tiles: every query after a
+    // key sees it. The tiles are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
+    template <int kSub = kCols, typename Rows>
     __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last) {
+        static_assert(kCols % kSub == 0 && kSub % 16 == 0, "sub-tiles of whole MMA k-steps");
+        constexpr int kSubTiles = kSub / 8;
         const EvoParams& pp = *p;
         const int lane = threadIdx.x % kWarpSize;
         const int g = lane >> 2, t = lane & 3;
@@ -158,34 +164,37 @@ struct KeyTile {
         for (int qt = lo; qt < hi; qt += kCols, i ^= 1) {
             const bool more = qt + kCols < hi;  // block-uniform
             const float next_gate = more ? issue(qt + kCols, lo, hi, i ^ 1) : 0.f;
-            // Warp-uniform.
-            if (qt + kCols - 1 >= warp_first && qt <= warp_last) {
-                const T* tQ = sQ + i * kTile;
-                const T* tdO = sdO + i * kTile;
-                const float* tLse = sLse + i * kCols;
-                const float* tDg = sDg + i * kCols;
-                const float* tGate = sGate + i * kCols;
-                const TokenTime* tTime = sTime + i * kCols;
-                FragC pt[kQueryTiles], dst[kQueryTiles];  // P^T, then dP'^T and dz^T
+#pragma unroll 1
+            for (int sub = 0; sub < kCols; sub += kSub) {
+                const int qs = qt + sub;
+                // Warp-uniform.
+                if (qs + kSub - 1 < warp_first || qs > warp_last || qs >= hi) continue;
+                const T* tQ = sQ + i * kTile + sub * (kHeadDim + kPad);
+                const T* tdO = sdO + i * kTile + sub * (kHeadDim + kPad);
+                const float* tLse = sLse + i * kCols + sub;
+                const float* tDg = sDg + i * kCols + sub;
+                const float* tGate = sGate + i * kCols + sub;
+                const TokenTime* tTime = sTime + i * kCols + sub;
+                FragC pt[kSubTiles], dst[kSubTiles];  // P^T, then dP'^T and dz^T
 #pragma unroll
-                for (int n = 0; n < kQueryTiles; ++n) {
+                for (int n = 0; n < kSubTiles; ++n) {
                     clear(pt[n]);
                     clear(dst[n]);
                 }
                 if (kF32Rows) {
-                    rows_times_tile_f32<T, kHeadDim, kCols>(pt, fk, tQ);
-                    rows_times_tile_f32<T, kHeadDim, kCols>(dst, fv, tdO);
+                    rows_times_tile_f32<T, kHeadDim, kSub>(pt, fk, tQ);
+                    rows_times_tile_f32<T, kHeadDim, kSub>(dst, fv, tdO);
                 } else {
-                    rows_times_tile<T, kHeadDim, kCols>(pt, kf, tQ);
-                    rows_times_tile<T, kHeadDim, kCols>(dst, vf, tdO);
+                    rows_times_tile<T, kHeadDim, kSub>(pt, kf, tQ);
+                    rows_times_tile<T, kHeadDim, kSub>(dst, vf, tdO);
                 }
 #pragma unroll
-                for (int n = 0; n < kQueryTiles; ++n) {
+                for (int n = 0; n < kSubTiles; ++n) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         // Computed for every element and masked after: a branch per element
                         // costs more than the work it skips.
-                        const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qt + col;
+                        const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qs + col;
                         const float z = fmaf(pt[n].c[e], scale2, kb[r](tTime[col], pp.num_time_buckets));
                         float gp = tGate[col] * fast_exp2(fmaf(tLse[col], -kLog2e, z));
                         if (!(query < hi && rows.visible(query, r))) gp = 0.f;
@@ -193,8 +202,8 @@ struct KeyTile {
                         dst[n].c[e] = gp * (dst[n].c[e] - tDg[col]);
                     }
                 }
-                probs_times_rows<T, kHeadDim, kCols>(dv, pt, tdO, 0);
-                probs_times_rows<T, kHeadDim, kCols>(dk, dst, tQ, 0);
+                probs_times_rows<T, kHeadDim, kSub>(dv, pt, tdO, 0);
+                probs_times_rows<T, kHeadDim, kSub>(dk, dst, tQ, 0);
             }
             if (more) land(i ^ 1, next_gate);
         }
