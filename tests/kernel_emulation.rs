@@ -579,16 +579,17 @@ fn scenarios() -> Vec<Scenario> {
             seq(times(t0 - 86_400, &gaps(70, 1)), 3),
         ],
     );
-    // Local windows whose edges fall on the forward's 16-slot sub-tile boundaries, for a warp
-    // that would skip the local sub-tiles none of its rows sees (tried in 5f881f4, which
-    // spilled on sm_80 and was reverted; these scenarios caught its broken spans). With w = 16, the second warp of a sequence's second tile holds only
-    // candidates, whose windows start at the last slot of the first 16-slot sub-tile (with and
-    // without a user token, which shifts every slot by one) and whose own slots fill a sub-tile
-    // with nothing else in it. With w = 18 and no user token, each warp's last visible behavior
-    // is alone at the start of a sub-tile. Checked: a span without the user token, without its
-    // own candidates, or one slot short at either end of its behaviors fails here. A span one
-    // slot short at an end of its own candidates loses a key of a single row, too little for a
-    // relative L2 over the whole output to see.
+    // Local windows whose edges fall on 16-slot sub-tile boundaries, for the warps that skip the
+    // local sub-tiles none of their rows sees (LocalSpan in the forward and the query backward,
+    // 16-query sub-tiles in the key side's walk). With w = 16, the second warp of a sequence's
+    // second tile holds only candidates, whose windows start at the last slot of the first
+    // 16-slot sub-tile (with and without a user token, which shifts every slot by one) and whose
+    // own slots fill a sub-tile with nothing else in it. With w = 18 and no user token, each
+    // warp's last visible behavior is alone at the start of a sub-tile. Checked: a span without
+    // the user token, one slot late at its start, or one slot short at a warp's last behavior or
+    // last candidate fails here (the last two through the per-entry LSE bound only), as do the
+    // query backward's sub-tile test one slot late and the key side skipping its last needed
+    // sub-tile.
     let spans = |user: bool, w: usize| {
         let seqs = [
             seq(times(t0, &gaps(if user { 76 } else { 78 }, 3)), 40),

@@ -49,7 +49,6 @@ struct KeyTile {
     static constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
     static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
     static constexpr int kPad = SmemPad<T>::kValue;
-    static constexpr int kQueryTiles = kCols / 8;
     static constexpr int kDimTiles = kHeadDim / 8;
 
     // What a walk reads.
