@@ -12,7 +12,8 @@
 #                                         five; "ncu" is the sixth)
 #   BUDGET_S=540                          no step starts later than this, and each step is cut
 #                                         off (timeout) where it would run past it
-#   SANITIZE="memcheck racecheck initcheck", SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS,
+#   SANITIZE="memcheck racecheck initcheck", SANITIZE_BINS (default: the forward, backward and
+#   dense GPU test binaries), SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS,
 #   NCU_BACKWARD_KERNELS=5 (backward launches profiled)
 #
 # Earlier kernels (device-bin/kernels/<hash>/, from scripts/build-device-bin.sh), run behind
@@ -90,7 +91,7 @@ for step in $steps; do
       # Few cases under the sanitizer: it slows kernels down 10-100x.
       export SPARSECTR_GPU_CASES=${SANITIZER_CASES:-3}
       for tool in ${SANITIZE:-memcheck racecheck initcheck}; do
-        for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense; do
+        for bin in ${SANITIZE_BINS:-device-bin/test-gpu_forward device-bin/test-gpu_backward device-bin/test-gpu_dense}; do
           [ -x "$bin" ] || continue
           run_logged "sanitizer-$tool-$(basename "$bin").log" \
             compute-sanitizer --tool "$tool" --error-exitcode 9 "$bin" --test-threads 1
