@@ -9,12 +9,13 @@
 # what finished.
 #
 #   STEPS="tests example sanitize bench train"   the steps to run, in order (default: these
-#                                         five; "ncu" is the sixth)
+#                                         five; "ncu" and "ncu-source" are not by default)
 #   BUDGET_S=540                          no step starts later than this, and each step is cut
 #                                         off (timeout) where it would run past it
 #   SANITIZE="memcheck racecheck initcheck", SANITIZE_BINS (default: the forward, backward and
 #   dense GPU test binaries), SANITIZER_CASES=3, BENCH_ARGS, TRAIN_ARGS,
-#   NCU_BACKWARD_KERNELS=5 (backward launches profiled)
+#   NCU_BACKWARD_KERNELS=5 (backward launches profiled), NCU_WORKLOAD=ctr-base (n = 4096; the
+#   ncu and ncu-source steps)
 #
 # Earlier kernels (device-bin/kernels/<hash>/, from scripts/build-device-bin.sh), run behind
 # the same binaries through SPARSECTR_KERNEL_DIR (feature `dev-kernel-dir`):
@@ -110,7 +111,7 @@ for step in $steps; do
       fi
       ;;
     ncu)
-      # Where the sparse kernels' time goes (bf16 ctr-base n = 4096): one forward and one of
+      # Where the sparse kernels' time goes (bf16, NCU_WORKLOAD at n = 4096): one forward and one of
       # each backward kernel, with the stall reasons of a latency-bound kernel (WarpStateStats)
       # and, for the forward, where in the SASS its warps stall (SourceCounters: the top stall
       # locations, which the static counts of scripts/sass-loops.py cannot show).
@@ -122,8 +123,26 @@ for step in $steps; do
           run_logged "ncu-$name.log" ncu --section SpeedOfLight --section Occupancy \
             --section LaunchStats --section WarpStateStats ${extra:+--section "$extra"} \
             -k "regex:$regex" -c "$count" \
-            device-bin/bench-gpu_bench --workload ctr-base --len 4096 --reps 1 --systems sparse \
+            device-bin/bench-gpu_bench --workload "${NCU_WORKLOAD:-ctr-base}" --len 4096 --reps 1 --systems sparse \
             --out "$out/results/ncu-$name.jsonl"
+          pack
+        done
+      fi
+      ;;
+    ncu-source)
+      # Per SASS instruction (stall samples, excess sectors and shared wavefronts): where the
+      # forward and the query backward lose their time, which the summaries of `ncu` cannot
+      # say (2026-11-23: 47% of the forward's global sectors and 40% of its shared wavefronts
+      # were excess, at unknown instructions). Each kernel's report is printed as CSV.
+      if [ -x device-bin/bench-gpu_bench ]; then
+        for regex in evo_forward_tc evo_backward_query_tc; do
+          run_logged "ncu-source-$regex.log" ncu --section SourceCounters --section WarpStateStats \
+            --section InstructionStats -k "regex:$regex" -c 1 -o "$out/ncu-$regex" \
+            device-bin/bench-gpu_bench --workload "${NCU_WORKLOAD:-ctr-base}" --len 4096 --reps 1 --systems sparse \
+            --out "$out/results/ncu-source.jsonl"
+          run_logged "ncu-source-$regex.csv" ncu --import "$out/ncu-$regex.ncu-rep" --page source \
+            --print-source sass --csv
+          rm -f "$out/ncu-$regex.ncu-rep"
           pack
         done
       fi
@@ -171,7 +190,7 @@ for step in $steps; do
       fi
       ;;
     *)
-      echo "unknown step $step (tests, example, sanitize, bench, ncu, train, versions, ab)" | tee -a "$out/env.txt"
+      echo "unknown step $step (tests, example, sanitize, bench, ncu, ncu-source, train, versions, ab)" | tee -a "$out/env.txt"
       status=2
       ;;
   esac
