@@ -26,10 +26,10 @@
 # TORCH=0 (skip the PyTorch baselines), TORCH_TIMEOUT_S (default 400: the PyTorch step of a cell
 # is stopped there, keeping the passes it finished), BUDGET_S, OUT (default bench-out).
 # TORCH_CACHE=FILE: PyTorch's compile caches (Inductor's, with Triton's inside) as a tarball to
-# start from where FILE exists. After each cell's PyTorch step the caches are packed into
-# $OUT/torch-cache.tar.gz (when under 15 MiB, the device tool's file limit), so a FlexAttention
-# compilation that one 10-minute call cuts short resumes in the next: carry the file back and
-# name it here. The caches live at one fixed path, as compiled artifacts record where they were.
+# start from where FILE, or its parts FILE.part-00, -01, ..., exist. After each cell's PyTorch step
+# the caches are packed into $OUT/torch-cache.tar.gz.part-NN (14 MiB each, at most
+# TORCH_CACHE_PARTS=4: the device tool's file limits), so a FlexAttention compilation that one
+# 10-minute call cuts short resumes in the next: carry the parts back and name FILE here. The caches live at one fixed path, as compiled artifacts record where they were.
 # Seen on an H100 (2026-11-22): a ctr-base n = 4096 cell took 100 s for this crate's rows;
 # FlexAttention's forward compiled in 73 s, and the whole PyTorch step with the backward
 # compilation ran past 300 s.
@@ -68,20 +68,33 @@ if [ "${TORCH:-1}" != 0 ]; then
   export TORCHINDUCTOR_CACHE_DIR=/tmp/sparsectr-torch-cache
   export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/triton
   mkdir -p "$TRITON_CACHE_DIR"
-  if [ -n "${TORCH_CACHE:-}" ] && [ -f "$TORCH_CACHE" ]; then
-    tar -xzf "$TORCH_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR" && echo "torch caches from $TORCH_CACHE" >&2
+  if [ -n "${TORCH_CACHE:-}" ]; then
+    # One tarball, or the parts pack_torch_cache split it into (FILE.part-00, -01, ...).
+    parts=$(ls "$TORCH_CACHE" "$TORCH_CACHE".part-* 2>/dev/null | head -1)
+    if [ -f "$TORCH_CACHE" ]; then
+      tar -xzf "$TORCH_CACHE" -C "$TORCHINDUCTOR_CACHE_DIR" && echo "torch caches from $TORCH_CACHE" >&2
+    elif [ -n "$parts" ]; then
+      cat "$TORCH_CACHE".part-* | tar -xzf - -C "$TORCHINDUCTOR_CACHE_DIR" \
+        && echo "torch caches from $TORCH_CACHE.part-*" >&2
+    fi
   fi
 fi
 
 pack_torch_cache() {
-  local tmp="$dest/torch-cache.tar.gz.part"
+  # The device tool brings back at most 8 files of 16 MiB each (64 MiB in all): the caches go
+  # back in parts of 14 MiB, at most TORCH_CACHE_PARTS (default 4) of them, so that a
+  # FlexAttention compilation one call cuts short resumes in the next (the caches outgrew one
+  # 15 MiB file on 2026-11-23, after the forward and part of the backward).
+  local tmp="$dest/torch-cache.tar.gz.tmp" max=${TORCH_CACHE_PARTS:-4}
   tar -czf "$tmp" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null || { rm -f "$tmp"; return; }
-  if [ "$(stat -c %s "$tmp")" -lt $((15 * 1024 * 1024)) ]; then
-    mv "$tmp" "$dest/torch-cache.tar.gz"
-  else
-    echo "torch caches over 15 MiB: not packed" >> "$logs/status.txt"
+  rm -f "$dest"/torch-cache.tar.gz "$dest"/torch-cache.tar.gz.part-*
+  if [ "$(stat -c %s "$tmp")" -gt $((max * 14 * 1024 * 1024)) ]; then
+    echo "torch caches over $max parts of 14 MiB: not packed" >> "$logs/status.txt"
     rm -f "$tmp"
+    return
   fi
+  split -b 14M -d -a 2 "$tmp" "$dest/torch-cache.tar.gz.part-"
+  rm -f "$tmp"
 }
 
 pack() {
