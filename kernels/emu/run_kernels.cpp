@@ -366,7 +366,9 @@ static_assert(kBwdWarps == k_bwd_query::kBwdQueryWarps && kBwdThreads == k_bwd_q
 static_assert(kBwdWarps == k_bwd_summary::kBwdSummaryWarps && kBwdThreads == k_bwd_summary::kBwdSummaryThreads);
 static_assert(kBwdWarps == k_bwd_key::kBwdKeyWarps && kBwdThreads == k_bwd_key::kBwdKeyThreads);
 static_assert(kReduceThreads == k_coeffs::kReduceThreads);
-static_assert(kBwdWarps == k_bwd_user_key::kUserKeyWarps && kBwdThreads == k_bwd_user_key::kUserKeyThreads);
+// src/cuda/backward.rs: USER_KEY_THREADS.
+constexpr unsigned kUserKeyThreads = 512;
+static_assert(kUserKeyThreads == k_bwd_user_key::kUserKeyThreads);
 // src/cuda/dense.rs: DENSE_THREADS, DENSE_ROWS.
 constexpr unsigned kDenseThreads = 128, kDenseRows = 64;
 static_assert(kDenseThreads == k_dense_fwd::kDenseThreads && kDenseRows == k_dense_fwd::kDenseRows);
@@ -1147,7 +1149,7 @@ int run(const Folder& f, const Options& opt) {
                         tiles_d.as<const int>());
                     emu::launch_named(
                         KT::bwd_user_name, KT::bwd_user,
-                        dim3((static_cast<unsigned>(B) + kBwdWarps - 1) / kBwdWarps, H), block,
+                        dim3(static_cast<unsigned>(B), H), dim3(kUserKeyThreads),
                         cast_params<k_bwd_user_key::EvoParams>(p), q_d.as<const TU>(),
                         k_d.as<const TU>(), v_d.as<const TU>(), gates_ptr, coeffs_d.as<const float>(),
                         rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_user_key::SeqInfo>(),

@@ -5,8 +5,9 @@
 //! (dKbar, dVbar), the key side (dK, dV), and a fixed-order reduction of the dcoeff partials.
 //! The key side for 16-bit inputs runs on tensor cores in three kernels: the tail tokens'
 //! transition-branch gradients into an f32 buffer, then each 64-token tile's local-window
-//! gradients plus that buffer and the chunk's summary gradient / |C|, and a warp kernel for the
-//! user tokens; for f32 one warp kernel gathers each token's uses. No kernel scatters with
+//! gradients plus that buffer and the chunk's summary gradient / |C|, and one block per
+//! (sequence, head) for the user tokens (its warps' sums added in a fixed order); for f32 one warp
+//! kernel gathers each token's uses. No kernel scatters with
 //! atomics, so every mode gives the same bits from run to run.
 
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -27,6 +28,8 @@ use crate::error::{Error, Result};
 /// Warps (one (token, head) or (chunk, head) each) per block of the backward kernels.
 const BWD_WARPS: u32 = 4;
 const BWD_THREADS: u32 = BWD_WARPS * 32;
+/// backward_user_key.cu's kUserKeyThreads: one block per (sequence, head).
+const USER_KEY_THREADS: u32 = 16 * 32;
 /// Threads per block of the tensor-core key kernels (`kDenseThreads`), and tail slots or chunk
 /// slots per block of the tails and summary kernels (`kDenseRows`).
 const TILE_THREADS: u32 = 128;
@@ -404,12 +407,8 @@ impl GpuDevice {
             .arg(&mut *dk)
             .arg(&mut *dv);
         let cfg = LaunchConfig {
-            grid_dim: (
-                (batch.num_seqs as u32).div_ceil(BWD_WARPS),
-                dims.heads as u32,
-                1,
-            ),
-            block_dim: (BWD_THREADS, 1, 1),
+            grid_dim: (batch.num_seqs as u32, dims.heads as u32, 1),
+            block_dim: (USER_KEY_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: argument types and order match SPARSECTR_BACKWARD_USER_KEY; it writes the
