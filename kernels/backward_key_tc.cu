@@ -29,10 +29,11 @@
 #include "attn/dense.cuh"
 #include "attn/key_tile.cuh"
 
-// Two blocks per SM: at three, D = 32 spilled on sm_90 (NVRTC 13.0), and D >= 64 needs over
-// 200 registers anyway (the dK and dV accumulators of 16 rows).
+// Three blocks per SM at D = 32 (156-162 registers, no spills on sm_80 or sm_90 with NVRTC 13.0
+// since the walk takes 16-query sub-tiles), two above: D = 64 spilled 28-32 B at three, and
+// D = 128 needs over 250 registers (the dK and dV accumulators of 16 rows).
 template <int kHeadDim>
-constexpr int kKeyTcMinBlocks = 2;
+constexpr int kKeyTcMinBlocks = kHeadDim == 32 ? 3 : 2;
 
 // Queries per MMA sub-tile of the local walk (KeyTile::walk): a warp skips the sub-tiles of a
 // query tile outside its keys' windows.

@@ -19,10 +19,11 @@
 #include "attn/dense.cuh"
 #include "attn/key_tile.cuh"
 
-// Two blocks per SM: at three, D = 32 spilled on sm_90 (NVRTC 13.0), and D >= 64 needs over
-// 200 registers anyway (the dK and dV accumulators of 16 rows).
+// Three blocks per SM at D = 32 (161-164 registers, no spills on sm_80 or sm_90 with NVRTC 13.0;
+// an earlier version spilled there), two above: D >= 64 needs over 200 registers (the dK and dV
+// accumulators of 16 rows).
 template <int kHeadDim>
-constexpr int kTailsMinBlocks = 2;
+constexpr int kTailsMinBlocks = kHeadDim == 32 ? 3 : 2;
 
 // The token of tail slot `slot` of sequence `s`, or -1 where the slot holds none.
 __device__ __forceinline__ int tail_token(const EvoParams& p, const SeqInfo& si, int s, int slot,

@@ -21,7 +21,7 @@
 # the same binaries through SPARSECTR_KERNEL_DIR (feature `dev-kernel-dir`):
 #   versions   the GPU forward and backward tests for each of them (VERSION_CASES=8 cases a
 #              test), to find which one broke a test the build's own kernels fail
-#   ab         the benchmark's sparse passes (ctr-base n = 4096, AB_REPS=10) for each of them and
+#   ab         the benchmark's sparse passes (AB_WORKLOAD=ctr-base, n = 4096, AB_REPS=10) for each of them and
 #              the build's own kernels, alternated over AB_ROUNDS=2 rounds, into
 #              results/ab.jsonl and the side-by-side table ab.txt (benches/ab_report.py)
 #
@@ -166,7 +166,7 @@ for step in $steps; do
             dir=device-bin/kernels/$v
             [ "$v" = built-in ] && dir=
             SPARSECTR_KERNEL_DIR=$dir run_logged "ab-$round-$v.log" device-bin/bench-gpu_bench \
-              --workload ctr-base --len 4096 --reps "${AB_REPS:-10}" --systems sparse \
+              --workload "${AB_WORKLOAD:-ctr-base}" --len 4096 --reps "${AB_REPS:-10}" --systems sparse \
               --out "$out/results/ab.jsonl"
             [ -f "$out/results/ab.jsonl" ] &&
               python3 benches/ab_report.py "$out/results/ab.jsonl" > "$out/ab.txt" 2>&1
