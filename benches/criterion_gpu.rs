@@ -70,6 +70,8 @@ struct Case {
     coeffs: CudaSlice<f32>,
     o: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
+    /// `[T, H, 3, D]`: the branch outputs the backward reads (training's forward saves them).
+    branch_out: CudaSlice<bf16>,
     /// `[T, H]`: the dense LSE.
     dense_lse: CudaSlice<f32>,
     dq: CudaSlice<bf16>,
@@ -115,6 +117,7 @@ impl Case {
                 .map_err(cuda("cuMemcpyHtoD"))?,
             o: zeros_bf16(rows)?,
             lse: zeros_f32(branch_rows)?,
+            branch_out: zeros_bf16(3 * rows)?,
             dense_lse: zeros_f32(t * wl.heads)?,
             dq: zeros_bf16(rows)?,
             dk: zeros_bf16(rows)?,
@@ -135,9 +138,11 @@ impl Case {
             gates: Some(DeviceGates::Native(&set.gates)),
         };
         let (dims, config) = (self.wl.dims(), self.wl.config());
+        // The forward alone as inference runs it; before a backward, as training runs it.
         let out = DeviceOutputs {
             o: &mut self.o,
             lse: &mut self.lse,
+            branch_out: backward.then_some(&mut self.branch_out),
         };
         gpu.forward_into(&self.batch, &self.chunks, dims, &config, &inputs, out)?;
         if !backward {
@@ -157,6 +162,7 @@ impl Case {
             &config,
             &inputs,
             &self.lse,
+            Some(&self.branch_out),
             &set.d_o,
             BackwardMode::Fast,
             grads,

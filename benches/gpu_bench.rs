@@ -43,7 +43,7 @@ use half::bf16;
 use sparsectr_attn::cuda::BackwardMode::{self, Fast};
 use sparsectr_attn::cuda::{
     DenseGrads, DenseOutputs, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs,
-    DeviceOutputs, GpuDevice, SparseKernels,
+    DeviceOutputs, GpuDevice, Saved, SparseKernels,
 };
 use sparsectr_attn::workload::{Rng, Workload, WORKLOADS};
 use sparsectr_attn::{Chunks, Error, Gates, Inputs, JaggedBatch, Result, NUM_BRANCHES};
@@ -311,15 +311,22 @@ impl DeviceSet {
 struct FwdBuffers {
     o: CudaSlice<bf16>,
     lse: CudaSlice<f32>,
+    /// `[T, H, 3, D]` (sparse only): each branch's output, saved for the backward.
+    branch_out: Option<CudaSlice<bf16>>,
 }
 
 impl FwdBuffers {
-    fn new(gpu: &GpuDevice, rows: usize, lse_rows: usize) -> Result<Self> {
+    fn new(gpu: &GpuDevice, rows: usize, lse_rows: usize, branches: bool) -> Result<Self> {
         let s = gpu.stream();
         let e = cuda_error("cuMemAlloc");
         Ok(FwdBuffers {
             o: s.alloc_zeros(rows).map_err(&e)?,
             lse: s.alloc_zeros(lse_rows).map_err(&e)?,
+            branch_out: if branches {
+                Some(s.alloc_zeros(3 * rows).map_err(&e)?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -370,6 +377,7 @@ impl Cell<'_> {
         self.batch.num_tokens() * self.wl.heads
     }
 
+    /// The sparse forward; `save` also writes the branch outputs the backward reads (training).
     fn sparse_forward(
         &self,
         d_batch: &DeviceBatch,
@@ -377,10 +385,18 @@ impl Cell<'_> {
         set: &DeviceSet,
         coeffs: &CudaSlice<f32>,
         fwd: &mut FwdBuffers,
+        save: Saved,
     ) -> Result<()> {
+        let branch_out = match save {
+            Saved::BranchOutputs => Some(fwd.branch_out.as_mut().ok_or(Error::Zero {
+                field: "branch_out",
+            })?),
+            Saved::LseOnly => None,
+        };
         let out = DeviceOutputs {
             o: &mut fwd.o,
             lse: &mut fwd.lse,
+            branch_out,
         };
         let inputs = set.inputs(coeffs);
         let (dims, config) = (self.wl.dims(), self.wl.config());
@@ -397,8 +413,9 @@ impl Cell<'_> {
         coeffs: &CudaSlice<f32>,
         (fwd, grad): (&mut FwdBuffers, &mut GradBuffers),
         mode: BackwardMode,
+        save: Saved,
     ) -> Result<()> {
-        self.sparse_forward(d_batch, chunks, set, coeffs, fwd)?;
+        self.sparse_forward(d_batch, chunks, set, coeffs, fwd, save)?;
         let dgates = grad
             .dgates
             .as_mut()
@@ -419,6 +436,10 @@ impl Cell<'_> {
             &config,
             &inputs,
             &fwd.lse,
+            match save {
+                Saved::BranchOutputs => fwd.branch_out.as_ref(),
+                Saved::LseOnly => None,
+            },
             set.d_o()?,
             mode,
             grads,
@@ -473,7 +494,7 @@ impl Cell<'_> {
             let d_batch = gpu.upload_batch(&self.batch, &self.wl.config().temporal)?;
             let set = DeviceSet::upload(gpu, host, false, backward)?;
             let coeffs = upload_f32(gpu, &self.coeffs_host)?;
-            let mut fwd = FwdBuffers::new(gpu, self.rows(), self.dense_lse_rows())?;
+            let mut fwd = FwdBuffers::new(gpu, self.rows(), self.dense_lse_rows(), false)?;
             let mut grad = backward
                 .then(|| GradBuffers::new(gpu, self.rows(), self.wl.heads, None))
                 .transpose()?;
@@ -505,14 +526,17 @@ impl Cell<'_> {
             let chunks = gpu.chunk(&d_batch, self.wl.num_chunks)?;
             let set = DeviceSet::upload(gpu, host, true, backward)?;
             let coeffs = upload_f32(gpu, &self.coeffs_host)?;
-            let mut fwd = FwdBuffers::new(gpu, self.rows(), self.branch_rows())?;
+            // The forward alone as inference runs it; with the backward as training does,
+            // saving the branch outputs.
+            let mut fwd = FwdBuffers::new(gpu, self.rows(), self.branch_rows(), backward)?;
             if backward {
                 let dgates = Some(self.branch_rows());
                 let mut grad = GradBuffers::new(gpu, self.rows(), self.wl.heads, dgates)?;
                 let bufs = (&mut fwd, &mut grad);
-                self.sparse_forward_backward(&d_batch, &chunks, &set, &coeffs, bufs, Fast)
+                let saved = Saved::BranchOutputs;
+                self.sparse_forward_backward(&d_batch, &chunks, &set, &coeffs, bufs, Fast, saved)
             } else {
-                self.sparse_forward(&d_batch, &chunks, &set, &coeffs, &mut fwd)
+                self.sparse_forward(&d_batch, &chunks, &set, &coeffs, &mut fwd, Saved::LseOnly)
             }
         })
     }
@@ -595,9 +619,9 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
         DeviceSet::upload(gpu, &hosts[1], true, true)?,
     ];
     let coeffs = upload_f32(gpu, &cell.coeffs_host)?;
-    let mut sparse_fwd = FwdBuffers::new(gpu, rows, branch_rows)?;
+    let mut sparse_fwd = FwdBuffers::new(gpu, rows, branch_rows, true)?;
     let mut sparse_grad = GradBuffers::new(gpu, rows, wl.heads, Some(branch_rows))?;
-    let mut dense_fwd = FwdBuffers::new(gpu, rows, cell.dense_lse_rows())?;
+    let mut dense_fwd = FwdBuffers::new(gpu, rows, cell.dense_lse_rows(), false)?;
     let mut dense_grad = GradBuffers::new(gpu, rows, wl.heads, None)?;
 
     if let Some(dir) = &args.export {
@@ -623,29 +647,46 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                     gpu.chunk(&d_batch, wl.num_chunks).map(drop)
                 })?,
             ));
-            timed.push((
-                "sparse-ours",
-                "fwd",
-                reps,
-                gpu.time_median_ms(WARMUP, reps, |i| {
-                    c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f)
-                })?,
-            ));
+            // The forward as inference runs it (no branch outputs), and as training does.
+            for (pass, save) in [
+                ("fwd", Saved::LseOnly),
+                ("fwd_saving", Saved::BranchOutputs),
+            ] {
+                let ms = gpu.time_median_ms(WARMUP, reps, |i| {
+                    c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f, save)
+                })?;
+                timed.push(("sparse-ours", pass, reps, ms));
+            }
             // The warp-per-query kernel that bf16 ran before the tensor-core one, for the
             // comparison of the two on the same GPU.
             gpu.set_sparse_kernels(SparseKernels::Warp);
             let warp_ms = gpu.time_median_ms(WARMUP, reps, |i| {
-                c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f)
+                c.sparse_forward(&d_batch, &chunks, &sets[i % 2], &coeffs, f, Saved::LseOnly)
             });
             gpu.set_sparse_kernels(SparseKernels::Auto);
             timed.push(("sparse-ours", "fwd_warp", reps, warp_ms?));
-            for (pass, mode) in [
-                ("fwd_bwd", BackwardMode::Fast),
-                ("fwd_bwd_det", BackwardMode::Deterministic),
+            // fwd_bwd_two_pass: without saved branch outputs, the query backward makes its own
+            // first pass for dgates (what every backward did before they were saved).
+            for (pass, mode, save) in [
+                ("fwd_bwd", BackwardMode::Fast, Saved::BranchOutputs),
+                (
+                    "fwd_bwd_det",
+                    BackwardMode::Deterministic,
+                    Saved::BranchOutputs,
+                ),
+                ("fwd_bwd_two_pass", BackwardMode::Fast, Saved::LseOnly),
             ] {
                 let ms = gpu.time_median_ms(WARMUP, reps, |i| {
                     let bufs = (&mut *f, &mut *g);
-                    c.sparse_forward_backward(&d_batch, &chunks, &sets[i % 2], &coeffs, bufs, mode)
+                    c.sparse_forward_backward(
+                        &d_batch,
+                        &chunks,
+                        &sets[i % 2],
+                        &coeffs,
+                        bufs,
+                        mode,
+                        save,
+                    )
                 })?;
                 timed.push(("sparse-ours", pass, reps, ms));
             }
@@ -656,7 +697,16 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                 gpu.time_median_ms(WARMUP, reps, |i| {
                     let fresh = gpu.chunk(&d_batch, wl.num_chunks)?;
                     let bufs = (&mut *f, &mut *g);
-                    c.sparse_forward_backward(&d_batch, &fresh, &sets[i % 2], &coeffs, bufs, Fast)
+                    let saved = Saved::BranchOutputs;
+                    c.sparse_forward_backward(
+                        &d_batch,
+                        &fresh,
+                        &sets[i % 2],
+                        &coeffs,
+                        bufs,
+                        Fast,
+                        saved,
+                    )
                 })?,
             ));
         }
@@ -792,6 +842,7 @@ fn export(
     let output = Output {
         o: o.iter().map(|x| x.to_f32()).collect(),
         lse,
+        o_branch: None,
         source: format!("gpu {}", gpu.name()?),
     };
     let e = Export {

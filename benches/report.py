@@ -25,7 +25,9 @@ BASELINES = [("dense-ours", "dense (ours)"), ("sdpa-flash", "SDPA flash, causal,
 SYSTEM_NAMES = dict(BASELINES, **{SPARSE: "sparse EvoAttention (ours)"})
 PASS_NAMES = {"chunking": "GPU chunking", "fwd": "forward",
               "fwd_warp": "forward, warp-per-query kernel (bf16 default before tensor cores)",
+              "fwd_saving": "forward saving the branch outputs (as training runs it)",
               "fwd_bwd": "forward + backward",
+              "fwd_bwd_two_pass": "forward + backward without saved branch outputs (query backward in two passes)",
               "fwd_bwd_det": "forward + backward, deterministic",
               "e2e_fwd_bwd": "chunking + forward + backward"}
 # The issue's targets: H100, ctr-base, bf16, forward + backward (fast backward).
@@ -33,6 +35,8 @@ TARGET_WORKLOAD = "ctr-base"
 DENSE_TARGETS = {4096: 8.0, 16384: 30.0}
 FLEX_TARGET = 3.0
 COPY_TARGET = 0.60
+RATIO_TARGET = 3.5  # issue 4: fwd + bwd over fwd
+DET_TARGET = 1.3  # issue 4: deterministic over fast
 ORDER = {"ctr-small": 0, "ctr-base": 1, "ctr-wide": 2}
 
 
@@ -158,6 +162,25 @@ def targets(merged, gpu_names):
         cell = by.get((TARGET_WORKLOAD, n), {})
         value = cell.get("speedups", {}).get("flex-evo", {}).get("fwd_bwd")
         lines.append(verdict(value, FLEX_TARGET, f"sparse vs FlexAttention EvoAttention, {TARGET_WORKLOAD}, n = {n}, fwd + bwd"))
+    # Issue 4: forward + backward at most 3.5x the forward, deterministic at most 1.3x fast.
+    for n in lens or [4096]:
+        sp = by.get((TARGET_WORKLOAD, n), {}).get("systems", {}).get(SPARSE, {})
+        ms = lambda p: sp.get(p, {}).get("ms")
+        fb, det = ms("fwd_bwd"), ms("fwd_bwd_det")
+        for base, what in (("fwd", "the forward alone (inference, no branch outputs)"),
+                           ("fwd_saving", "the forward saving branch outputs (training)")):
+            if fb and ms(base):
+                r = fb / ms(base)
+                lines.append(f"- sparse fwd + bwd over {what}, {TARGET_WORKLOAD}, n = {n}: {r:.2f}x, target "
+                             f"at most {RATIO_TARGET:g}x: " + ("**met**" if r <= RATIO_TARGET else
+                             f"**missed** by {r / RATIO_TARGET:.2f}x"))
+        if fb and det:
+            r = det / fb
+            lines.append(f"- deterministic over fast fwd + bwd, {TARGET_WORKLOAD}, n = {n}: {r:.2f}x, target at "
+                         f"most {DET_TARGET:g}x: " + ("**met**" if r <= DET_TARGET else "**missed**"))
+        if fb and ms("fwd_bwd_two_pass"):
+            lines.append(f"- saved branch outputs: fwd + bwd {fb:.2f} ms against {ms('fwd_bwd_two_pass'):.2f} ms "
+                         f"without them (query backward in two passes), {ms('fwd_bwd_two_pass') / fb:.2f}x")
     for n in lens or [1024, 4096, 16384]:
         frac = by.get((TARGET_WORKLOAD, n), {}).get("sparse_fwd_fraction_of_copy")
         what = f"sparse forward bandwidth, {TARGET_WORKLOAD}, n = {n}"

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
-use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement};
+use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, Saved};
 use sparsectr_attn::reference::{self, Gradients};
 use sparsectr_attn::workload::{self, Rng, Workload, WORKLOADS};
 use sparsectr_attn::{
@@ -265,6 +265,7 @@ impl Backend {
                     inputs,
                     d_o,
                     BackwardMode::Fast,
+                    Saved::BranchOutputs,
                 )?;
                 let wide = |x: &[T]| x.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
                 let wide32 = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();

@@ -13,7 +13,8 @@
 //! (`[T, H, D]`), `gates` (`[T, H, 3]`), `coeffs` (`[H, 3]`), `o` (`[T, H, D]`) and `lse`
 //! (`[T, H, 3]`) as f32. Inputs are drawn in `--dtype` and stored widened to f32 (exactly).
 //! `o` comes from the GPU forward when a GPU answers (unless `--cpu`), else from the f64
-//! reference; `meta.json` says which. `meta.json` also says how the gates are passed
+//! reference, which also writes `o_branch` (`[T, H, 3, D]`, each branch's output before gating);
+//! `meta.json` says which. `meta.json` also says how the gates are passed
 //! (`gates_mode`: `native` here; `f32`, or `none` with a `gates` file of ones, from other writers)
 //! and whether the chunks are the `personalized` ones of `num_chunks` or `supplied` by the caller.
 //!
@@ -152,6 +153,7 @@ fn run<T: GpuElement>(args: &Args) -> Result<(), String> {
             Some(Output {
                 o: out.o.iter().map(|x| x.to_f64() as f32).collect(),
                 lse: out.lse,
+                o_branch: None,
                 source: format!("gpu {name}"),
             })
         }
@@ -206,6 +208,8 @@ pub struct Export<'a, T> {
 pub struct Output {
     pub o: Vec<f32>,
     pub lse: Vec<f32>,
+    /// `[T, H, 3, D]`: each branch's output before gating, where known (written as `o_branch`).
+    pub o_branch: Option<Vec<f32>>,
     pub source: String,
 }
 
@@ -236,6 +240,7 @@ pub fn write_folder<T: Element>(
             Output {
                 o: narrow(&out.o),
                 lse: narrow(&out.lse),
+                o_branch: Some(narrow(&out.o_branch)),
                 source: "cpu reference (f64)".into(),
             }
         }
@@ -264,6 +269,9 @@ pub fn write_folder<T: Element>(
     write_raw(dir, "coeffs", e.inputs.coeffs)?;
     write_raw(dir, "o", &output.o)?;
     write_raw(dir, "lse", &output.lse)?;
+    if let Some(o_branch) = &output.o_branch {
+        write_raw(dir, "o_branch", o_branch)?;
+    }
     if let Some(d_o) = e.d_o {
         let g = reference::backward(&attn, &e.inputs, d_o).map_err(|err| err.to_string())?;
         write_raw(dir, "d_o", &widen(d_o))?;

@@ -6,6 +6,18 @@
 //   2. dz_j = gate_b P_j (dP'_j - dgates_b) (SPEC section 6 with dO_b = gate_b dO), then
 //      dQ += scale dz K on tensor cores, and the row's share of dcoeffs += dz (Bk, Hr, Wk).
 //
+// When the forward saved each branch's O_b (`branch_out`, [T, H, 3, D] in T), pass 1 is skipped
+// and pass 2 centres dz on D~ = <dO, O_b> of the saved O_b, as FlashAttention's backward takes
+// rowsum(dO * O) from its saved output: pass 1 repeats pass 2's logits, exponentials and dO V^T
+// MMAs, about 40% of the kernel. D~ is off the row's own sum_j P_j dP'_j by the rounding of O_b
+// (and of P in the forward's P V MMA) to T, so pass 2 also adds that sum up (the exact dgates_b,
+// written out and read by the key side) and sum_j P_j (Bk, Hr, Wk), and corrects dcoeffs by
+// gate_b (D~ - dgates_b) times it: dz_j sums to zero over a softmax only with the exact dgates_b,
+// and uncorrected, the rows' small offsets added up to 7e-3 of dcoeffs (bf16, emulation). dQ
+// keeps D~'s error, FlashAttention's: 2^-9 of the row's terms in bf16 (a correction would need
+// sum_j P_j K_j, 32 more registers at D = 64). Without branch outputs, both passes run, D~ is
+// pass 1's sum itself and the correction is zero.
+//
 // Outputs as the warp kernel's (dQ, dgates [T, H, 3], per-(head, token) dcoeff partials), so the
 // summary and key kernels and the reduction run unchanged. Chunk summaries enter the MMAs as a
 // 16-bit high part plus the 16-bit rest. Each output element has one writer: no atomics.
@@ -91,6 +103,7 @@ struct BwdTcContext {
     const int* chunk_ends;
     const unsigned* rel_time;
     unsigned* raw_time;  // shared: the slots' times as their copies land
+    float* pf;           // shared [8][kDenseThreads]: each thread's sum_j P_j (Bk, Hr, Wk) sums
 };
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots; returns
@@ -129,15 +142,16 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
     }
 }
 
-// One branch: returns this lane's rows' dgates_b; adds gate_b-weighted dz K into dq and dz times
-// the features into dcoef.
+// One branch: returns this lane's rows' dgates_b in `dgates` (with `have_dgates`, takes D~ from
+// there and skips the first pass); adds gate_b-weighted dz K into dq and dz times the features
+// into dcoef.
 template <typename T, int kHeadDim, int kBranch>
 __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c,
                                               const SlotTiles<T, kHeadDim>& sm,
                                               const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                               const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                               const float (&gate)[2], const float (&lse_b)[2],
-                                              int dim0,
+                                              int dim0, bool have_dgates,
                                               FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
                                               CoeffSums (&dcoef)[2], float (&dgates)[2]) {
     constexpr int kCols = BwdTcCols<kHeadDim>::kValue;
@@ -148,12 +162,19 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
     const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
     float du[2] = {0.f, 0.f};  // this lane's share of sum_j P_j dP'_j per row
+    // This thread's share of sum_j P_j (Bk, Hr, Wk) in the last pass, per row: added to in
+    // shared memory once a sub-tile, as eight registers through the loop spilled 36 B at D = 64
+    // on sm_90 under the 168-register cap (NVRTC 13.0).
+    float* const pf = c.pf + threadIdx.x;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) pf[x * kDenseThreads] = 0.f;
+    const int first_pass = have_dgates ? 1 : 0;  // block-uniform
     // Not unrolled: two copies of the tile loop pushed ptxas past 255 registers.
 #pragma unroll 1
-    for (int pass = 0; pass < 2; ++pass) {
+    for (int pass = first_pass; pass < 2; ++pass) {
         for (int base = 0; base < num_slots; base += kLoad) {
             // Block-uniform. When one gather holds every slot, the second pass reuses it.
-            if (pass == 0 || num_slots > kLoad)
+            if (pass == first_pass || num_slots > kLoad)
                 gather_slots<kBranch, T, kHeadDim>(c.tt, c.si, *c.p, c.head, c.chunk_base, c.chunk_ends,
                                                    c.rel_time, c.wd0, c.k, c.v, c.kbar, c.vbar, base,
                                                    num_slots, sm, c.raw_time);
@@ -167,6 +188,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                 const SlotTiles<T, kHeadDim> st = sm.from(sub);
                 FragC sc[kCols / 8], dp[kCols / 8];
                 bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, qf, dof, sc, dp);
+                CoeffSums pt[2];  // this sub-tile's share of pf
 #pragma unroll
                 for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
@@ -174,30 +196,45 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                         const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
                         // A row with keys has a finite LSE; masked logits are -inf: P = 0.
                         const float pr = sc[n].c[i] == neg_inf() ? 0.f : fast_exp2(sc[n].c[i] - lse_b[r]);
-                        if (pass == 0) {
-                            du[r] = fmaf(pr, dp[n].c[i], du[r]);
-                        } else {
+                        du[r] = fmaf(pr, dp[n].c[i], du[r]);
+                        if (pass == 1) {
                             const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
                             // Masked pairs add dz = 0; the user token has no bias to differentiate.
-                            dcoef[r].add(kBranch == 2 && st.aux[col] == kLocalUser ? 0.f : dz,
-                                         c.row_time[r], st.time[col], c.p->num_time_buckets);
+                            const bool untimed = kBranch == 2 && st.aux[col] == kLocalUser;
+                            dcoef[r].add(untimed ? 0.f : dz, c.row_time[r], st.time[col], c.p->num_time_buckets);
+                            pt[r].add(untimed ? 0.f : pr, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             sc[n].c[i] = dz;
                         }
                     }
                 }
                 if (pass == 1) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        pf[(4 * r + 0) * kDenseThreads] += pt[r].bucket;
+                        pf[(4 * r + 1) * kDenseThreads] += pt[r].phase;
+                        pf[(4 * r + 2) * kDenseThreads] += pt[r].weekend;
+                        pf[(4 * r + 3) * kDenseThreads] += pt[r].dz;
+                    }
                     probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k, dim0);
                     if (kSummary) probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k_lo(), dim0);
                 }
             }
         }
-        if (pass == 0) {
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                du[r] += __shfl_xor_sync(kFullMask, du[r], 1);
-                du[r] += __shfl_xor_sync(kFullMask, du[r], 2);
-                dgates[r] = du[r];
+        for (int r = 0; r < 2; ++r) {
+            du[r] += __shfl_xor_sync(kFullMask, du[r], 1);
+            du[r] += __shfl_xor_sync(kFullMask, du[r], 2);
+            // After pass 2: dz summed gate (dP' - D~) where gate (dP' - dgates_b) was meant.
+            if (pass == 1) {
+                CoeffSums sums;
+                sums.bucket = pf[(4 * r + 0) * kDenseThreads];
+                sums.phase = pf[(4 * r + 1) * kDenseThreads];
+                sums.weekend = pf[(4 * r + 2) * kDenseThreads];
+                sums.dz = pf[(4 * r + 3) * kDenseThreads];
+                dcoef[r].add_scaled(sums, gate[r] * (dgates[r] - du[r]));
             }
+            dgates[r] = du[r];
+            du[r] = 0.f;
         }
     }
 }
@@ -210,7 +247,8 @@ __device__ void evo_backward_query_tc(
     const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
-    float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles) {
+    float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles,
+    const T* __restrict__ branch_out) {
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
     constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
     SPARSECTR_SLOT_TILES(sm, T, kHeadDim);
@@ -232,6 +270,8 @@ __device__ void evo_backward_query_tc(
     c.chunk_ends = chunk_ends;
     c.rel_time = rel_time;
     c.raw_time = sRawTime_;
+    __shared__ float sPf[8 * kDenseThreads];
+    c.pf = sPf;
 
     {
         const int s = blk.seq;
@@ -260,6 +300,29 @@ __device__ void evo_backward_query_tc(
         for (int dt = 0; dt < kDimTiles; ++dt) clear(acc[dt]);
         CoeffSums dcoef[2];
         float dg[3][2];
+        const bool have_dgates = branch_out != nullptr;
+        if (have_dgates) {
+            // D~_b = <dO, O_b>: each lane takes the columns of its A fragments (2t, 2t + 1,
+            // 2t + 8, 2t + 9 of every 16), the four lanes of a row add up.
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const T* dor = d_o + at[r];
+                const T* ob = branch_out + at[r] * kNumBranches;  // [T, H, 3, D]
+#pragma unroll
+                for (int b = 0; b < kNumBranches; ++b) {
+                    float sum = 0.f;
+#pragma unroll
+                    for (int c = 2 * t; c < kHeadDim; c += 8) {
+                        const MmaPair<T> x = load_pair<T>(dor + c), y = load_pair<T>(ob + b * kHeadDim + c);
+                        sum = fmaf(pair_lo<T>(x), pair_lo<T>(y), sum);
+                        sum = fmaf(pair_hi<T>(x), pair_hi<T>(y), sum);
+                    }
+                    sum += __shfl_xor_sync(kFullMask, sum, 1);
+                    sum += __shfl_xor_sync(kFullMask, sum, 2);
+                    dg[b][r] = sum;
+                }
+            }
+        }
 
 #define SPARSECTR_BWD_TC_BRANCH(B)                                                               \
     {                                                                                            \
@@ -269,7 +332,7 @@ __device__ void evo_backward_query_tc(
             gate[r] = load_gate<T>(p, gates, row);                                               \
             lse_b[r] = lse[row] * kLog2e;                                                        \
         }                                                                                        \
-        bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, acc, dcoef, dg[B]);           \
+        bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, have_dgates, acc, dcoef, dg[B]); \
     }
         SPARSECTR_BWD_TC_BRANCH(0)
         SPARSECTR_BWD_TC_BRANCH(1)
@@ -320,8 +383,8 @@ __device__ void evo_backward_query_tc(
              const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
              const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,       \
              float* __restrict__ dgates, float* __restrict__ coeff_partial,                      \
-             const int* __restrict__ tiles) {                                                    \
+             const int* __restrict__ tiles, const T* __restrict__ branch_out) {                  \
         evo_backward_query_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs,       \
                                     weekday0, chunk_ends, chunk_counts, d_o, lse, dq, dgates,    \
-                                    coeff_partial, tiles);                                              \
+                                    coeff_partial, tiles, branch_out);                           \
     }

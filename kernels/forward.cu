@@ -1,7 +1,8 @@
 // Fused three-branch EvoAttention forward: for each (query, head), the global, transition and
 // local softmaxes with the RelTemporal bias computed in-kernel, gated and summed. One warp per
 // (query, head); the warps of a block take consecutive queries of one head so that overlapping
-// windows and shared tails/summaries hit L1/L2.
+// windows and shared tails/summaries hit L1/L2. Each branch's O_b before gating is also stored
+// when `branch_out` is given (as forward_tc.cu does; the warp backward does not read them).
 //
 // @instantiate SPARSECTR_FORWARD dtype head_dim
 
@@ -20,16 +21,22 @@ constexpr int kForwardThreads = kForwardWarps * kWarpSize;
 // with no spills.
 constexpr int kForwardMinBlocks = 4;
 
-// Adds gates[b] * O_b to rOut and returns LSE_b.
+// Adds gates[b] * O_b to rOut, stores O_b to `branch_out` ([T, H, 3, D]) when given (and the
+// warp's token is real), and returns LSE_b.
 template <typename T, int kHeadDim, typename Branch>
 __device__ __forceinline__ float gated_branch(const QueryContext<T>& ctx, const void* gates,
-                                              size_t lse_row, int b,
+                                              size_t lse_row, int b, bool active, T* branch_out,
                                               float (&rOut)[kHeadDim / kWarpSize]) {
     float rBranch[kHeadDim / kWarpSize];
     const float lse_b = attend_branch<T, kHeadDim, Branch>(ctx, rBranch);
     const float g = load_gate<T>(*ctx.p, gates, lse_row + b);
+    const int lane = threadIdx.x % kWarpSize;
 #pragma unroll
-    for (int i = 0; i < kHeadDim / kWarpSize; ++i) rOut[i] = fmaf(g, rBranch[i], rOut[i]);
+    for (int i = 0; i < kHeadDim / kWarpSize; ++i) {
+        rOut[i] = fmaf(g, rBranch[i], rOut[i]);
+        if (branch_out != nullptr && active)
+            branch_out[(lse_row + b) * kHeadDim + lane + i * kWarpSize] = from_float<T>(rBranch[i]);
+    }
     return lse_b;
 }
 
@@ -38,7 +45,7 @@ __device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const K
                             const void* __restrict__ gates, const float* __restrict__ coeffs,
                             const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
                             const int* __restrict__ chunk_counts, T* __restrict__ o,
-                            float* __restrict__ lse) {
+                            float* __restrict__ lse, T* __restrict__ branch_out) {
     static_assert(kHeadDim % kWarpSize == 0, "lanes split the head dimension evenly");
     constexpr int kPerLane = kHeadDim / kWarpSize;
     __shared__ float sQ[kForwardWarps][kHeadDim];  // (warp, kHeadDim): the scaled query
@@ -60,9 +67,11 @@ __device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const K
     float rOut[kPerLane];  // this lane's dims of the gated sum
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) rOut[i] = 0.f;
-    const float lse_global = gated_branch<T, kHeadDim, GlobalKeys>(ctx, gates, lse_row, 0, rOut);
-    const float lse_transition = gated_branch<T, kHeadDim, TransitionKeys>(ctx, gates, lse_row, 1, rOut);
-    const float lse_local = gated_branch<T, kHeadDim, LocalKeys>(ctx, gates, lse_row, 2, rOut);
+    const bool active = tw.active;
+    const float lse_global = gated_branch<T, kHeadDim, GlobalKeys>(ctx, gates, lse_row, 0, active, branch_out, rOut);
+    const float lse_transition =
+        gated_branch<T, kHeadDim, TransitionKeys>(ctx, gates, lse_row, 1, active, branch_out, rOut);
+    const float lse_local = gated_branch<T, kHeadDim, LocalKeys>(ctx, gates, lse_row, 2, active, branch_out, rOut);
 
     if (!tw.active) return;
 #pragma unroll
@@ -79,7 +88,9 @@ __device__ void evo_forward(const EvoParams& p, const T* __restrict__ q, const K
              const void* __restrict__ gates, const float* __restrict__ coeffs,                   \
              const unsigned* __restrict__ rel_time, const SeqInfo* __restrict__ seqs,            \
              const int* __restrict__ weekday0, const int* __restrict__ chunk_ends,               \
-             const int* __restrict__ chunk_counts, T* __restrict__ o, float* __restrict__ lse) { \
+             const int* __restrict__ chunk_counts, T* __restrict__ o, float* __restrict__ lse,   \
+             T* __restrict__ branch_out) {                                                       \
         const KeyTensors<T> kt{k, v, kbar, vbar, chunk_ends, rel_time};                          \
-        evo_forward<T, D>(p, q, kt, gates, coeffs, seqs, weekday0, chunk_counts, o, lse);        \
+        evo_forward<T, D>(p, q, kt, gates, coeffs, seqs, weekday0, chunk_counts, o, lse,         \
+                          branch_out);                                                           \
     }

@@ -10,7 +10,9 @@
 //               query's visible end, and the tile's candidates (each visible to itself only)
 //
 // Each row masks the slots it does not see, adds the RelTemporal bias per element, and keeps one
-// online softmax per branch; the gated sum of the branches is written once. A warp skips the
+// online softmax per branch; the gated sum of the branches is written once (and, when
+// `branch_out` is given, each branch's O_b before gating, [T, H, 3, D], which the query backward
+// then reads <dO, O_b> from instead of making a pass over every pair for it). A warp skips the
 // local sub-tiles none of its 16 rows sees (LocalSpan): a ctr-base tile's window spans 128 local
 // slots, of which each warp sees at most 80 (5 or 6 of 8 sub-tiles). Per element the
 // work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
@@ -122,7 +124,8 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
                                const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,
                                const int* __restrict__ chunk_ends,
                                const int* __restrict__ chunk_counts, T* __restrict__ o,
-                               float* __restrict__ lse, const int* __restrict__ tiles) {
+                               float* __restrict__ lse, const int* __restrict__ tiles,
+                               T* __restrict__ branch_out) {
     constexpr int kDimTiles = kHeadDim / 8;
     constexpr int kStage = TcStageRows<kHeadDim>::kValue;
     constexpr int kLoad0 = TcLoad<kHeadDim, 0, kStage>::kValue;
@@ -199,8 +202,9 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     }
     RowSoftmax sm;
     sm.init();
-    // Normalizes branch b's O_b, adds it to the output with the rows' gates, writes its LSE and
-    // starts the next branch.
+    // Normalizes branch b's O_b, adds it to the output with the rows' gates, writes its LSE (and
+    // O_b itself when asked: the backward then reads <dO, O_b> instead of a pass over every
+    // pair) and starts the next branch.
     auto close_branch = [&](int b) {
         float inv[2];
         sm.finish(inv);
@@ -212,6 +216,12 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
             gate[r] = load_gate<T>(p, gates, (static_cast<size_t>(qc) * p.heads + head) * 3 + b);
             if (t == 0 && rw[r].q < si.end)
                 lse[(static_cast<size_t>(rw[r].q) * p.heads + head) * kNumBranches + b] = sm.lse(r);
+            if (branch_out != nullptr && rw[r].q < si.end) {
+                T* row = branch_out + ((static_cast<size_t>(rw[r].q) * p.heads + head) * kNumBranches + b) * kHeadDim;
+#pragma unroll
+                for (int dt = 0; dt < kDimTiles; ++dt)
+                    store_pair<T>(row + dt * 8 + 2 * t, acc[dt].c[2 * r], acc[dt].c[2 * r + 1]);
+            }
         }
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) {
@@ -250,14 +260,11 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     while (open < kNumBranches) close_branch(open++);
 
 #pragma unroll
-    for (int dt = 0; dt < kDimTiles; ++dt) {
+    for (int r = 0; r < 2; ++r) {
+        if (rw[r].q >= si.end) continue;
+        T* row = o + dense_row<kHeadDim>(p, rw[r].q, head);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int r = i >> 1;
-            if (rw[r].q < si.end)
-                o[dense_row<kHeadDim>(p, rw[r].q, head) + dt * 8 + 2 * t + (i & 1)] =
-                    from_float<T>(out[dt].c[i]);
-        }
+        for (int dt = 0; dt < kDimTiles; ++dt) store_pair<T>(row + dt * 8 + 2 * t, out[dt].c[2 * r], out[dt].c[2 * r + 1]);
     }
 }
 
@@ -269,7 +276,8 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \
              const SeqInfo* __restrict__ seqs, const int* __restrict__ weekday0,                 \
              const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
-             T* __restrict__ o, float* __restrict__ lse, const int* __restrict__ tiles) {        \
+             T* __restrict__ o, float* __restrict__ lse, const int* __restrict__ tiles,          \
+             T* __restrict__ branch_out) {                                                       \
         evo_forward_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs, weekday0,    \
-                             chunk_ends, chunk_counts, o, lse, tiles);                                  \
+                             chunk_ends, chunk_counts, o, lse, tiles, branch_out);               \
     }

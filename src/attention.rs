@@ -63,6 +63,12 @@ impl Dims {
         self.len_per_token(tokens, NUM_BRANCHES)
     }
 
+    /// `T * H * 3 * D`: the length of the per-branch outputs (`O_b` before gating) for `tokens`
+    /// tokens.
+    pub fn branch_out_len(&self, tokens: usize) -> Result<usize> {
+        self.len_per_token(tokens, NUM_BRANCHES.saturating_mul(self.head_dim))
+    }
+
     fn len_per_token(&self, tokens: usize, per_head: usize) -> Result<usize> {
         tokens
             .checked_mul(self.heads)

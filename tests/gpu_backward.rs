@@ -7,7 +7,9 @@ mod common;
 use common::gpu::{for_each_head_dim, gpu, own_handle, run_head_dims};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, HostGradients, SparseKernels};
+use sparsectr_attn::cuda::{
+    BackwardMode, GpuDevice, GpuElement, HostGradients, Saved, SparseKernels,
+};
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
     reference, rel_l2_error, AttnConfig, Chunks, Dims, EvoAttention, Gates, Inputs, JaggedBatch,
@@ -121,25 +123,31 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     let chunks = Chunks::personalized(&c.batch, c.num_chunks).unwrap();
     let attn = EvoAttention::new(&c.batch, &chunks, dims, config).unwrap();
     let want = reference::backward(&attn, &inputs, &data.d_o).unwrap();
-    let got = gpu
-        .backward_host(
-            &c.batch,
-            &chunks,
-            dims,
-            &config,
-            &inputs,
-            &data.d_o,
-            BackwardMode::Fast,
-        )
-        .map_err(|e| e.to_string())?;
-    let tol = T::DTYPE.tolerance();
-    compare("dq", &widen(&got.dq), &want.dq, tol)?;
-    compare("dk", &widen(&got.dk), &want.dk, tol)?;
-    compare("dv", &widen(&got.dv), &want.dv, tol)?;
-    let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
-    compare("dgates", &f(&got.dgates), &want.dgates, tol)?;
-    common::gpu::check_entries("dgates", &f(&got.dgates), &want.dgates)?;
-    common::gpu::compare_dcoeffs(&f(&got.dcoeffs), &want.dcoeffs, tol)?;
+    for saved in [Saved::BranchOutputs, Saved::LseOnly] {
+        let got = gpu
+            .backward_host(
+                &c.batch,
+                &chunks,
+                dims,
+                &config,
+                &inputs,
+                &data.d_o,
+                BackwardMode::Fast,
+                saved,
+            )
+            .map_err(|e| format!("{saved:?}: {e}"))?;
+        let tol = T::DTYPE.tolerance();
+        let check = || -> Result<(), String> {
+            compare("dq", &widen(&got.dq), &want.dq, tol)?;
+            compare("dk", &widen(&got.dk), &want.dk, tol)?;
+            compare("dv", &widen(&got.dv), &want.dv, tol)?;
+            let f = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+            compare("dgates", &f(&got.dgates), &want.dgates, tol)?;
+            common::gpu::check_entries("dgates", &f(&got.dgates), &want.dgates)?;
+            common::gpu::compare_dcoeffs(&f(&got.dcoeffs), &want.dcoeffs, tol)
+        };
+        check().map_err(|e| format!("{saved:?}: {e}"))?;
+    }
     Ok(())
 }
 
@@ -198,6 +206,7 @@ fn gpu_backward_deterministic_mode_is_bitwise_repeatable() {
             &inputs,
             &data.d_o,
             BackwardMode::Deterministic,
+            Saved::BranchOutputs,
         )
         .unwrap()
     };
@@ -260,6 +269,7 @@ fn gpu_gradients_match_finite_differences_of_gpu_forward() {
             &data.inputs(2),
             &r,
             BackwardMode::Fast,
+            Saved::BranchOutputs,
         )
         .unwrap();
     let eps = 1e-2f32;

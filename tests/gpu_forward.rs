@@ -180,12 +180,22 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     let mut lse = stream
         .clone_htod(&vec![f32::NAN; t * c.heads * NUM_BRANCHES])
         .unwrap();
+    let mut branch_out = stream
+        .clone_htod(&vec![T::from_f64(f64::NAN); 3 * n])
+        .unwrap();
     let out = DeviceOutputs {
         o: &mut o,
         lse: &mut lse,
+        branch_out: Some(&mut branch_out),
     };
     gpu.forward_into(&d_batch, &d_chunks, dims, &config, &d_inputs, out)
         .map_err(|e| e.to_string())?;
+    let branch_out: Vec<f64> = stream
+        .clone_dtoh(&branch_out)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f64())
+        .collect();
     let o: Vec<f64> = stream
         .clone_dtoh(&o)
         .unwrap()
@@ -199,6 +209,14 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     if !(err.is_finite() && err <= tol) {
         return Err(format!(
             "O: relative L2 error {err:e} > {tol:e} ({:?}, D = {head_dim})",
+            T::DTYPE
+        ));
+    }
+    // Each branch's output before gating (every element written: poisoned with NaN).
+    let err = rel_l2_error(&branch_out, &want.o_branch);
+    if !(err.is_finite() && err <= tol) {
+        return Err(format!(
+            "branch outputs: relative L2 error {err:e} > {tol:e} ({:?}, D = {head_dim})",
             T::DTYPE
         ));
     }

@@ -139,6 +139,14 @@ struct CoeffSums {
         dz += dz_j;
     }
 
+    // Adds c times other's sums: the sums of dz_j + c w_j where `other` summed w_j.
+    __device__ __forceinline__ void add_scaled(const CoeffSums& other, float c) {
+        bucket = fmaf(c, other.bucket, bucket);
+        phase = fmaf(c, other.phase, phase);
+        weekend = fmaf(c, other.weekend, weekend);
+        dz = fmaf(c, other.dz, dz);
+    }
+
     // (sum dz Bk, sum dz Hr, sum dz Wk).
     __device__ __forceinline__ void finish(const TokenTime& q, int num_time_buckets, float (&out)[3]) const {
         out[0] = -bucket * __frcp_rn(static_cast<float>(num_time_buckets));

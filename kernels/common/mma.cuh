@@ -57,6 +57,21 @@ __device__ __forceinline__ MmaPair<float> load_pair<float>(const float* p) {
 }
 
 template <typename T>
+__device__ __forceinline__ MmaPair<T> make_pair(float lo, float hi);
+
+// Rounds lo, hi to T and stores them at p[0], p[1] (aligned as for load_pair): one 4-byte store
+// for 16-bit types where two 2-byte ones touched the same sectors twice.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* p, float lo, float hi) {
+    *reinterpret_cast<unsigned*>(p) = make_pair<T>(lo, hi).bits;
+}
+template <>
+__device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi) {
+    p[0] = lo;
+    p[1] = hi;
+}
+
+template <typename T>
 __device__ __forceinline__ MmaPair<T> make_pair(float lo, float hi) {
     return MmaPair<T>{static_cast<unsigned>(from_float<T>(lo).bits) |
                       (static_cast<unsigned>(from_float<T>(hi).bits) << 16)};

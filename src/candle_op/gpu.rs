@@ -89,9 +89,32 @@ impl EvoLayout {
     }
 }
 
-/// The forward's f32 LSE (`[T, H, 3]` sparse, `[T, H]` dense), kept for the backward.
+/// What the forward keeps for the backward: its f32 LSE (`[T, H, 3]` sparse, `[T, H]` dense)
+/// and, sparse, each branch's output `O_b` (`[T, H, 3, D]` of the op's dtype, boxed because the
+/// stash is not generic over it), which spares the backward a pass over every pair.
 #[derive(Debug, Default)]
-pub(super) struct LseStash(Mutex<Option<CudaSlice<f32>>>);
+pub(super) struct LseStash(Mutex<Option<Stashed>>);
+
+#[derive(Debug)]
+struct Stashed {
+    lse: CudaSlice<f32>,
+    branch_out: Option<BranchOut>,
+}
+
+/// A `CudaSlice<T>` of the op's dtype.
+struct BranchOut(Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for BranchOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BranchOut")
+    }
+}
+
+impl BranchOut {
+    fn of<T: CudaElement>(&self) -> Option<&CudaSlice<T>> {
+        self.0.downcast_ref::<CudaSlice<T>>()
+    }
+}
 
 /// A CUDA storage of `len` zeros of `T` (zeros, so that no path can ever read garbage).
 fn zeros<T: CudaElement>(dev: &CudaDevice, len: usize) -> CResult<CudaStorage> {
@@ -251,15 +274,20 @@ pub(super) fn evo_forward<T: CudaElement>(
     let up = layout.on(&gpu)?;
     let mut o = dev.alloc_zeros::<T>(shape.elem_count())?;
     let mut lse = dev.alloc_zeros::<f32>(t * dims.heads * NUM_BRANCHES)?;
+    let mut branch_out = dev.alloc_zeros::<T>(3 * shape.elem_count())?;
     with_inputs::<T, _>(dims, t, qkv, coeffs, Some(gates), |inputs| {
         let out = DeviceOutputs {
             o: &mut o,
             lse: &mut lse,
+            branch_out: Some(&mut branch_out),
         };
         gpu.forward_into(&up.batch, &up.chunks, dims, &layout.config, inputs, out)
             .map_err(err)
     })?;
-    *stash.0.lock().map_err(poisoned)? = Some(lse);
+    *stash.0.lock().map_err(poisoned)? = Some(Stashed {
+        lse,
+        branch_out: Some(BranchOut(Box::new(branch_out))),
+    });
     Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), shape))
 }
 
@@ -304,18 +332,23 @@ pub(super) fn evo_backward<T: CudaElement>(
         (on_gpu("coeffs", &coeffs_s)?, coeffs_l),
         Some(gates_in),
         |inputs| {
-            let lse = match stash.take() {
-                Some(lse) => lse,
+            let saved = match stash.take() {
+                Some(saved) => saved,
                 None => {
                     let mut o = dev.alloc_zeros::<T>(rows)?;
                     let mut lse = dev.alloc_zeros::<f32>(branch_rows)?;
+                    let mut branch_out = dev.alloc_zeros::<T>(3 * rows)?;
                     let out = DeviceOutputs {
                         o: &mut o,
                         lse: &mut lse,
+                        branch_out: Some(&mut branch_out),
                     };
                     gpu.forward_into(&up.batch, &up.chunks, dims, &layout.config, inputs, out)
                         .map_err(err)?;
-                    lse
+                    Stashed {
+                        lse,
+                        branch_out: Some(BranchOut(Box::new(branch_out))),
+                    }
                 }
             };
             let mut dq = dev.alloc_zeros::<T>(rows)?;
@@ -338,14 +371,15 @@ pub(super) fn evo_backward<T: CudaElement>(
                 dims,
                 config,
                 inputs,
-                &lse,
+                &saved.lse,
+                saved.branch_out.as_ref().and_then(BranchOut::of::<T>),
                 d_o,
                 BackwardMode::default(),
                 grads,
             )
             .map_err(err)?;
             // Kept for another backward through the same graph.
-            *stash = Some(lse);
+            *stash = Some(saved);
             Ok((dq, dk, dv, dcoeffs, dgates))
         },
     )?;
@@ -387,7 +421,10 @@ pub(super) fn dense_forward<T: CudaElement>(
         gpu.dense_forward_into(&up.batch, dims, &layout.config, inputs, out)
             .map_err(err)
     })?;
-    *stash.0.lock().map_err(poisoned)? = Some(lse);
+    *stash.0.lock().map_err(poisoned)? = Some(Stashed {
+        lse,
+        branch_out: None,
+    });
     Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), shape))
 }
 
@@ -432,7 +469,7 @@ pub(super) fn dense_backward<T: CudaElement>(
         None,
         |inputs| {
             let lse = match stash.take() {
-                Some(lse) => lse,
+                Some(saved) => saved.lse,
                 None => {
                     let mut o = dev.alloc_zeros::<T>(rows)?;
                     let mut lse = dev.alloc_zeros::<f32>(t * dims.heads)?;
@@ -467,7 +504,10 @@ pub(super) fn dense_backward<T: CudaElement>(
                 grads,
             )
             .map_err(err)?;
-            *stash = Some(lse);
+            *stash = Some(Stashed {
+                lse,
+                branch_out: None,
+            });
             Ok((dq, dk, dv, dcoeffs))
         },
     )?;

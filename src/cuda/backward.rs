@@ -1,7 +1,8 @@
 //! The backward on the GPU (SPEC section 6): dQ, dK, dV through summaries, tails and window,
 //! dcoeffs and dgates, from `dO` and the forward's per-branch LSE.
 //!
-//! After pooling: the query kernel (dQ, dgates, per-query dcoeff partials), the summary kernel
+//! After pooling: the query kernel (dQ, dgates, per-query dcoeff partials; for 16-bit inputs it
+//! reads dgates from the forward's per-branch outputs when given them), the summary kernel
 //! (dKbar, dVbar), the key side (dK, dV), and a fixed-order reduction of the dcoeff partials.
 //! The key side for 16-bit inputs runs on tensor cores in three kernels: the tail tokens'
 //! transition-branch gradients into an f32 buffer, then each 64-token tile's local-window
@@ -69,6 +70,18 @@ pub enum BackwardMode {
     Deterministic,
 }
 
+/// What [`GpuDevice::backward_host`] keeps from its own forward for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Saved {
+    /// The per-branch LSE and each branch's output `O_b` (`3 * T * H * D` more elements): the
+    /// tensor-core query kernel (16-bit inputs) reads `dgates = <dO, O_b>` from them instead of
+    /// making a first pass over every pair for it.
+    #[default]
+    BranchOutputs,
+    /// The per-branch LSE only: the query kernel recomputes `<dO, O_b>` in a first pass.
+    LseOnly,
+}
+
 /// Caller buffers the backward writes, every element of them.
 #[derive(Debug)]
 pub struct DeviceGrads<'a, T> {
@@ -100,8 +113,13 @@ pub struct HostGradients<T> {
 }
 
 impl GpuDevice {
-    /// Sparse EvoAttention backward into caller buffers, from `d_o` (`[T, H, D]`) and the
-    /// forward's `lse` (`[T, H, 3]`). Scratch beyond the outputs, allocated per call:
+    /// Sparse EvoAttention backward into caller buffers, from `d_o` (`[T, H, D]`), the
+    /// forward's `lse` (`[T, H, 3]`) and optionally its `branch_out` (`[T, H, 3, D]`, see
+    /// [`DeviceOutputs::branch_out`](super::DeviceOutputs::branch_out)): with them the
+    /// tensor-core query kernel (16-bit inputs) takes `dgates = <dO, O_b>` from the saved
+    /// `O_b`, whose rounding to the input dtype moves each entry by at most `u * sum_i |dO_i
+    /// O_b,i|` (`u` = 2^-8 in bf16, 2^-11 in f16), and skips a pass over every pair; the warp
+    /// kernels (f32) do not read them. Scratch beyond the outputs, allocated per call:
     /// summaries `2 * B * P * H * D` elements of T, their gradients `2 * B * P * H * D` f32,
     /// `3 * T * H` f32 dcoeff partials and, for 16-bit inputs, the tail tokens' gradients
     /// `2 * B * P * m * H * D` f32 (m clamped to the longest sequence's behaviors). Nothing is
@@ -115,6 +133,7 @@ impl GpuDevice {
         config: &AttnConfig,
         inputs: &DeviceInputs<'_, T>,
         lse: &CudaSlice<f32>,
+        branch_out: Option<&CudaSlice<T>>,
         d_o: &CudaSlice<T>,
         mode: BackwardMode,
         grads: DeviceGrads<'_, T>,
@@ -139,6 +158,9 @@ impl GpuDevice {
         check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
         check_len("dcoeffs", grads.dcoeffs.len(), dims.branch_len(1)?)?;
         check_len("lse", lse.len(), branch_rows)?;
+        if let Some(b) = branch_out {
+            check_len("branch_out", b.len(), dims.branch_out_len(t)?)?;
+        }
         check_len("dgates", grads.dgates.len(), branch_rows)?;
         params.gates_mode = match inputs.gates {
             None => GatesMode::None,
@@ -237,10 +259,15 @@ impl GpuDevice {
             .arg(&mut partial);
         if tiled {
             launch.arg(&batch.tiles);
+            // Last, as in forward_into: earlier kernel folders (`ab`) ignore it.
+            match branch_out {
+                Some(b) => launch.arg(b),
+                None => launch.arg(&null),
+            };
         }
         // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY, or
-        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters and the tile list); lengths checked
-        // above.
+        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters, the tile list and branch_out, null
+        // or 3 T H D elements); lengths checked above.
         unsafe { launch.launch(query_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
 
@@ -417,8 +444,8 @@ impl GpuDevice {
         Ok(())
     }
 
-    /// Convenience: host slices in, host vectors out. Runs the GPU forward for the LSE, then
-    /// [`backward_into`](Self::backward_into).
+    /// Convenience: host slices in, host vectors out. Runs the GPU forward for the LSE (and the
+    /// branch outputs, as `saved` says), then [`backward_into`](Self::backward_into).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_host<T: GpuElement>(
         &self,
@@ -429,6 +456,7 @@ impl GpuDevice {
         inputs: &Inputs<'_, T>,
         d_o: &[T],
         mode: BackwardMode,
+        saved: Saved,
     ) -> Result<HostGradients<T>> {
         let attn = EvoAttention::new(batch, chunks, dims, *config)?;
         inputs.validate(&attn)?;
@@ -448,7 +476,17 @@ impl GpuDevice {
         let stream = &self.stream;
         let d_o = upload(stream, d_o)?;
         let d_inputs = up.inputs();
-        let (_, lse) = self.forward(&up.batch, &up.chunks, dims, config, &d_inputs)?;
+        let (lse, branch_out) = match saved {
+            Saved::BranchOutputs => {
+                let (_, lse, b) =
+                    self.forward_for_backward(&up.batch, &up.chunks, dims, config, &d_inputs)?;
+                (lse, Some(b))
+            }
+            Saved::LseOnly => {
+                let (_, lse) = self.forward(&up.batch, &up.chunks, dims, config, &d_inputs)?;
+                (lse, None)
+            }
+        };
         let rows = dims.tensor_len(t)?;
         let mut dq = zeros::<T>(stream, rows)?;
         let mut dk = zeros::<T>(stream, rows)?;
@@ -463,7 +501,16 @@ impl GpuDevice {
             dgates: &mut dgates,
         };
         self.backward_into(
-            &up.batch, &up.chunks, dims, config, &d_inputs, &lse, &d_o, mode, grads,
+            &up.batch,
+            &up.chunks,
+            dims,
+            config,
+            &d_inputs,
+            &lse,
+            branch_out.as_ref(),
+            &d_o,
+            mode,
+            grads,
         )?;
         let down = |what: &'static str| driver(what);
         Ok(HostGradients {

@@ -62,6 +62,11 @@ pub struct DeviceOutputs<'a, T> {
     pub o: &'a mut CudaSlice<T>,
     /// `[T, H, 3]` f32 per-branch log-sum-exp, `-inf` where a branch's key set is empty.
     pub lse: &'a mut CudaSlice<f32>,
+    /// `[T, H, 3, D]` in the input dtype, optional: each branch's output `O_b` before gating
+    /// (zero where its key set is empty), for the backward. Given to
+    /// [`backward_into`](GpuDevice::backward_into), they spare its tensor-core query kernel
+    /// (16-bit inputs) a pass over every pair, at the cost of three times `o`'s memory.
+    pub branch_out: Option<&'a mut CudaSlice<T>>,
 }
 
 /// Forward outputs on the host.
@@ -285,9 +290,9 @@ impl GpuDevice {
         Ok((kbar, vbar))
     }
 
-    /// Sparse EvoAttention forward into caller buffers (`out.o`, `out.lse`); every element of
-    /// both is written. Chunk summaries take `2 * B * P * H * D` elements of scratch, allocated
-    /// per call.
+    /// Sparse EvoAttention forward into caller buffers (`out.o`, `out.lse` and, when given,
+    /// `out.branch_out`); every element of them is written. Chunk summaries take
+    /// `2 * B * P * H * D` elements of scratch, allocated per call.
     pub fn forward_into<T: GpuElement>(
         &self,
         batch: &DeviceBatch,
@@ -297,7 +302,7 @@ impl GpuDevice {
         inputs: &DeviceInputs<'_, T>,
         out: DeviceOutputs<'_, T>,
     ) -> Result<()> {
-        let DeviceOutputs { o, lse } = out;
+        let DeviceOutputs { o, lse, branch_out } = out;
         let mut params = launch_params(batch, chunks, dims, config)?;
         let t = batch.num_tokens;
         let rows = dims.tensor_len(t)?;
@@ -311,6 +316,9 @@ impl GpuDevice {
         }
         check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
         check_len("lse", lse.len(), dims.branch_len(t)?)?;
+        if let Some(b) = &branch_out {
+            check_len("branch_out", b.len(), dims.branch_out_len(t)?)?;
+        }
         params.gates_mode = match inputs.gates {
             None => GatesMode::None,
             Some(DeviceGates::Native(g)) => {
@@ -364,9 +372,16 @@ impl GpuDevice {
         if tiled {
             launch.arg(&batch.tiles);
         }
+        // Last, so that kernels from before it was added (the benchmark's `ab` runs of earlier
+        // kernel folders) ignore it.
+        match branch_out {
+            Some(b) => launch.arg(b),
+            None => launch.arg(&no_gates),
+        };
         // SAFETY: argument types and order match SPARSECTR_FORWARD, or SPARSECTR_FORWARD_TC
-        // (the same parameters and the tile list); every tensor length was
-        // checked against T, H and D above; gates_mode says which gates pointer is valid.
+        // (the same parameters and the tile list before branch_out); every tensor length was
+        // checked against T, H and D above; gates_mode says which gates pointer is valid, and
+        // branch_out is a buffer of 3 T H D elements or null.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_forward)"))?;
         Ok(())
     }
@@ -401,9 +416,49 @@ impl GpuDevice {
         let out = DeviceOutputs {
             o: &mut o,
             lse: &mut lse,
+            branch_out: None,
         };
         self.forward_into(batch, chunks, dims, config, inputs, out)?;
         Ok((o, lse))
+    }
+
+    /// Sparse EvoAttention forward for training, allocating the outputs: `(o, lse,
+    /// branch_out)`, where `branch_out` (`[T, H, 3, D]`) holds each branch's output before
+    /// gating for [`backward_into`](Self::backward_into).
+    pub fn forward_for_backward<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+    ) -> Result<(CudaSlice<T>, CudaSlice<f32>, CudaSlice<T>)> {
+        let t = batch.num_tokens;
+        if t == 0 {
+            launch_params(batch, chunks, dims, config)?;
+            let stream = &self.stream;
+            return Ok((
+                stream.null().map_err(driver("cuMemAlloc(o)"))?,
+                stream.null().map_err(driver("cuMemAlloc(lse)"))?,
+                stream.null().map_err(driver("cuMemAlloc(branch_out)"))?,
+            ));
+        }
+        let alloc = |len: usize, what: &'static str| {
+            self.stream.alloc_zeros::<T>(len).map_err(driver(what))
+        };
+        let mut o = alloc(dims.tensor_len(t)?, "cuMemAlloc(o)")?;
+        let mut branch_out = alloc(dims.branch_out_len(t)?, "cuMemAlloc(branch_out)")?;
+        let mut lse = self
+            .stream
+            .alloc_zeros::<f32>(dims.branch_len(t)?)
+            .map_err(driver("cuMemAlloc(lse)"))?;
+        let out = DeviceOutputs {
+            o: &mut o,
+            lse: &mut lse,
+            branch_out: Some(&mut branch_out),
+        };
+        self.forward_into(batch, chunks, dims, config, inputs, out)?;
+        Ok((o, lse, branch_out))
     }
 
     /// Convenience: host slices in, host vectors out. Validates like the reference, uploads,

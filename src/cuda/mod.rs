@@ -32,7 +32,7 @@ mod kernels;
 mod params;
 mod timing;
 
-pub use backward::{BackwardMode, DeviceGrads, HostGradients};
+pub use backward::{BackwardMode, DeviceGrads, HostGradients, Saved};
 pub use batch::{DeviceBatch, DeviceChunks};
 pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
 pub use device::{GpuDevice, SparseKernels};
