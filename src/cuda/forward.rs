@@ -78,6 +78,9 @@ pub struct HostForward<T> {
     pub lse: Vec<f32>,
 }
 
+/// What `forward_alloc` returns: O, the LSE and, when asked, the branch outputs.
+type Allocated<T> = (CudaSlice<T>, CudaSlice<f32>, Option<CudaSlice<T>>);
+
 /// Pushes the gates argument: the buffer, or a null pointer when there are none (`gates_mode`
 /// tells the kernel which).
 pub(crate) fn push_gates<'a, T>(
@@ -395,30 +398,7 @@ impl GpuDevice {
         config: &AttnConfig,
         inputs: &DeviceInputs<'_, T>,
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
-        let t = batch.num_tokens;
-        if t == 0 {
-            // Still validate the call, then hand back cudarc's empty buffers.
-            launch_params(batch, chunks, dims, config)?;
-            let stream = &self.stream;
-            return Ok((
-                stream.null().map_err(driver("cuMemAlloc(o)"))?,
-                stream.null().map_err(driver("cuMemAlloc(lse)"))?,
-            ));
-        }
-        let mut o = self
-            .stream
-            .alloc_zeros::<T>(dims.tensor_len(t)?)
-            .map_err(driver("cuMemAlloc(o)"))?;
-        let mut lse = self
-            .stream
-            .alloc_zeros::<f32>(dims.branch_len(t)?)
-            .map_err(driver("cuMemAlloc(lse)"))?;
-        let out = DeviceOutputs {
-            o: &mut o,
-            lse: &mut lse,
-            branch_out: None,
-        };
-        self.forward_into(batch, chunks, dims, config, inputs, out)?;
+        let (o, lse, _) = self.forward_alloc(batch, chunks, dims, config, inputs, false)?;
         Ok((o, lse))
     }
 
@@ -433,29 +413,58 @@ impl GpuDevice {
         config: &AttnConfig,
         inputs: &DeviceInputs<'_, T>,
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>, CudaSlice<T>)> {
+        let (o, lse, b) = self.forward_alloc(batch, chunks, dims, config, inputs, true)?;
+        Ok((
+            o,
+            lse,
+            b.ok_or(Error::Zero {
+                field: "branch_out",
+            })?,
+        ))
+    }
+
+    /// [`forward_into`](Self::forward_into) into buffers it allocates; the branch outputs when
+    /// `branches`.
+    fn forward_alloc<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+        branches: bool,
+    ) -> Result<Allocated<T>> {
         let t = batch.num_tokens;
+        let stream = &self.stream;
         if t == 0 {
+            // Still validate the call, then hand back cudarc's empty buffers.
             launch_params(batch, chunks, dims, config)?;
-            let stream = &self.stream;
+            let branch_out = if branches {
+                Some(stream.null().map_err(driver("cuMemAlloc(branch_out)"))?)
+            } else {
+                None
+            };
             return Ok((
                 stream.null().map_err(driver("cuMemAlloc(o)"))?,
                 stream.null().map_err(driver("cuMemAlloc(lse)"))?,
-                stream.null().map_err(driver("cuMemAlloc(branch_out)"))?,
+                branch_out,
             ));
         }
-        let alloc = |len: usize, what: &'static str| {
-            self.stream.alloc_zeros::<T>(len).map_err(driver(what))
-        };
+        let alloc =
+            |len: usize, what: &'static str| stream.alloc_zeros::<T>(len).map_err(driver(what));
         let mut o = alloc(dims.tensor_len(t)?, "cuMemAlloc(o)")?;
-        let mut branch_out = alloc(dims.branch_out_len(t)?, "cuMemAlloc(branch_out)")?;
-        let mut lse = self
-            .stream
+        let mut branch_out = if branches {
+            Some(alloc(dims.branch_out_len(t)?, "cuMemAlloc(branch_out)")?)
+        } else {
+            None
+        };
+        let mut lse = stream
             .alloc_zeros::<f32>(dims.branch_len(t)?)
             .map_err(driver("cuMemAlloc(lse)"))?;
         let out = DeviceOutputs {
             o: &mut o,
             lse: &mut lse,
-            branch_out: Some(&mut branch_out),
+            branch_out: branch_out.as_mut(),
         };
         self.forward_into(batch, chunks, dims, config, inputs, out)?;
         Ok((o, lse, branch_out))
