@@ -5,6 +5,7 @@
 
 mod common;
 
+use cudarc::driver::CudaSlice;
 use half::{bf16, f16};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -190,18 +191,11 @@ fn check_case<T: GpuElement>(gpu: &GpuDevice, c: &Case, head_dim: usize) -> Resu
     };
     gpu.forward_into(&d_batch, &d_chunks, dims, &config, &d_inputs, out)
         .map_err(|e| e.to_string())?;
-    let branch_out: Vec<f64> = stream
-        .clone_dtoh(&branch_out)
-        .unwrap()
-        .iter()
-        .map(|x| x.to_f64())
-        .collect();
-    let o: Vec<f64> = stream
-        .clone_dtoh(&o)
-        .unwrap()
-        .iter()
-        .map(|x| x.to_f64())
-        .collect();
+    let download = |x: &CudaSlice<T>| -> Vec<f64> {
+        let host = stream.clone_dtoh(x).unwrap();
+        host.iter().map(|v| v.to_f64()).collect()
+    };
+    let (o, branch_out) = (download(&o), download(&branch_out));
     let lse: Vec<f32> = stream.clone_dtoh(&lse).unwrap();
 
     let tol = T::DTYPE.tolerance();
