@@ -41,12 +41,14 @@ constexpr int kKeyTcSub = 16;
 
 struct LocalRows {
     int key[2];  // the lane's rows g and g + 8; -1 for the user token and past the sequence
-    int candidates, window;
-    __device__ __forceinline__ bool visible(int query, int r) const {
+    int candidates, window, end;
+    // The queries that see row r, [*first, *last): one interval, since the candidates follow the
+    // behaviors. A behavior j is seen by [j, j + w) cut at the first candidate, and by every
+    // candidate when j + w passes it, which makes [j, end); a candidate by itself.
+    __device__ __forceinline__ void seen_by(int r, int* first, int* last) const {
         const int j = key[r];
-        if (j < 0) return false;
-        if (j >= candidates) return query == j;
-        return query < candidates ? (query >= j && query - j < window) : j + window > candidates;
+        *first = j;
+        *last = j < 0 ? j : j >= candidates ? j + 1 : j + window > candidates ? end : j + window;
     }
 };
 
@@ -75,6 +77,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     LocalRows rows;
     rows.candidates = si.candidates;
     rows.window = w;
+    rows.end = si.end;
     const int wk = k0 + warp * 16;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {

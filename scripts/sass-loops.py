@@ -199,6 +199,7 @@ def main():
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--out-dir", help="build.rs's OUT_DIR (default: the newest under target/)")
     ap.add_argument("--top", type=int, default=10, help="opcodes listed per loop")
+    ap.add_argument("--dump", default="", help="also print the loop starting at this address (hex)")
     args = ap.parse_args()
 
     if args.module.endswith(".cu"):
@@ -233,6 +234,9 @@ def main():
             print(f"  loop {body[0][0]:#07x}: {len(body):4d} instructions, {mma} MMA{per_mma}"
                   f" (ends at {where(body[-1][3])})")
             print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top)))
+            if args.dump and int(args.dump, 16) == body[0][0]:
+                for addr, _, text, line in body:
+                    print(f"      {addr:#07x}  {text:<60} {where(line)}")
 
 
 if __name__ == "__main__":
