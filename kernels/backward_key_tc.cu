@@ -42,13 +42,29 @@ constexpr int kKeyTcSub = 16;
 struct LocalRows {
     int key[2];  // the lane's rows g and g + 8; -1 for the user token and past the sequence
     int candidates, window, end;
-    // The queries that see row r, [*first, *last): one interval, since the candidates follow the
-    // behaviors. A behavior j is seen by [j, j + w) cut at the first candidate, and by every
-    // candidate when j + w passes it, which makes [j, end); a candidate by itself.
-    __device__ __forceinline__ void seen_by(int r, int* first, int* last) const {
-        const int j = key[r];
-        *first = j;
-        *last = j < 0 ? j : j >= candidates ? j + 1 : j + window > candidates ? end : j + window;
+
+    // Which queries of a walk's [lo, hi) see the lane's rows: one interval each, since the
+    // candidates follow the behaviors. A behavior j is seen by [j, j + w) cut at the first
+    // candidate, and by every candidate when j + w passes it, which makes [j, end); a candidate
+    // by itself. A pair then costs one unsigned compare.
+    struct Seen {
+        int from[2];
+        unsigned count[2];
+        __device__ __forceinline__ bool operator()(int query, int r) const {
+            return static_cast<unsigned>(query - from[r]) < count[r];
+        }
+    };
+    __device__ __forceinline__ Seen seen(int lo, int hi) const {
+        Seen s;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int j = key[r];
+            const int last = j < 0 ? j : j >= candidates ? j + 1 : j + window > candidates ? end : j + window;
+            const int first = max(j, lo), stop = min(last, hi);
+            s.from[r] = first;
+            s.count[r] = stop > first ? static_cast<unsigned>(stop - first) : 0u;
+        }
+        return s;
     }
 };
 

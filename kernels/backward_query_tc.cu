@@ -84,6 +84,10 @@ struct BwdTcParts {
     static constexpr int kValue = kHeadDim == 128 ? 2 : 1;
 };
 
+// How QK^T and dO V^T read their B fragments (rows_times_tile): at D = 64 this kernel is at its
+// 168-register cap, and ldmatrix .x2 spilled 16 B on sm_90 (.x4 32 B; NVRTC 13.0).
+constexpr int kBwdTcReads = kLoadB;
+
 // Everything one branch's passes read.
 template <typename T, int kHeadDim>
 struct BwdTcContext {
@@ -106,11 +110,11 @@ struct BwdTcContext {
     float* pf;           // shared [8][kDenseThreads]: each thread's sum_j P_j (Bk, Hr, Wk) sums
 };
 
-// Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots; returns
-// per element the features of the pair in `f` when asked.
+// Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots, the
+// branch's slots [first, first + kCols).
 template <typename T, int kHeadDim, int kBranch, int kCols>
 __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>& c,
-                                                const SlotTiles<T, kHeadDim>& sm,
+                                                const SlotTiles<T, kHeadDim>& sm, int first,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
                                                 FragC (&sc)[kCols / 8], FragC (&dp)[kCols / 8]) {
@@ -121,23 +125,30 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
         clear(sc[n]);
         clear(dp[n]);
     }
-    rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k);
-    rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v);
+    rows_times_tile<T, kHeadDim, kCols, kBwdTcReads>(sc, qf, sm.k);
+    rows_times_tile<T, kHeadDim, kCols, kBwdTcReads>(dp, dof, sm.v);
     if (kSummary) {
-        rows_times_tile<T, kHeadDim, kCols>(sc, qf, sm.k_lo());
-        rows_times_tile<T, kHeadDim, kCols>(dp, dof, sm.v_lo());
+        rows_times_tile<T, kHeadDim, kCols, kBwdTcReads>(sc, qf, sm.k_lo());
+        rows_times_tile<T, kHeadDim, kCols, kBwdTcReads>(dp, dof, sm.v_lo());
     }
+    // The lane's columns are slots first + 2 t + c; local slots are tested by number (LocalSeen).
+    const int slot0 = first + 2 * t;
+    LocalSeen::At at[2];
+    if (kBranch == 2)
+        at[0] = LocalSeen::make(c.tt, c.rw[0]).at(slot0), at[1] = LocalSeen::make(c.tt, c.rw[1]).at(slot0);
 #pragma unroll
     for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             // Computed for every element and masked after, as in the forward.
-            const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-            const int row = sm.row[col], aux = sm.aux[col];
+            const int r = i >> 1, cc = n * 8 + (i & 1), col = cc + 2 * t;
             float bias = c.rb[r](sm.time[col], c.p->num_time_buckets);
-            if (kBranch == 2 && aux == kLocalUser) bias = 0.f;  // the user token has no time
+            if (kBranch == 2 && cc < c.tt.user - slot0) bias = 0.f;  // slot 0: the user token has no time
             const float z = fmaf(sc[n].c[i], c.scale2, bias);
-            sc[n].c[i] = slot_visible<kBranch>(c.rw[r], row, aux) ? z : neg_inf();
+            bool visible;
+            if constexpr (kBranch == 2) visible = at[r](cc);
+            else visible = slot_visible<kBranch>(c.rw[r], sm.row[col], sm.aux[col]);
+            sc[n].c[i] = visible ? z : neg_inf();
         }
     }
 }
@@ -187,7 +198,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
             for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
                 const SlotTiles<T, kHeadDim> st = sm.from(sub);
                 FragC sc[kCols / 8], dp[kCols / 8];
-                bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, qf, dof, sc, dp);
+                bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, base + sub, qf, dof, sc, dp);
                 CoeffSums pt[2];  // this sub-tile's share of pf
 #pragma unroll
                 for (int n = 0; n < kCols / 8; ++n) {
@@ -200,7 +211,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                         if (pass == 1) {
                             const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
                             // Masked pairs add dz = 0; the user token has no bias to differentiate.
-                            const bool untimed = kBranch == 2 && st.aux[col] == kLocalUser;
+                            const bool untimed = kBranch == 2 && base + sub + col < c.tt.user;
                             dcoef[r].add(untimed ? 0.f : dz, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             pt[r].add(untimed ? 0.f : pr, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             sc[n].c[i] = dz;

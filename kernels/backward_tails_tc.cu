@@ -46,7 +46,8 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
                                   const T* __restrict__ d_o, const float* __restrict__ lse,
                                   const float* __restrict__ dgates, float* __restrict__ tail_dk,
                                   float* __restrict__ tail_dv) {
-    using KT = KeyTile<T, kHeadDim>;
+    // ldmatrix .x2: .x4 spilled 48 B at D = 64 on sm_90 (NVRTC 13.0).
+    using KT = KeyTile<T, kHeadDim, false, kLdsmX2>;
     KT kt;
     SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
     const int slots = p.max_chunks * p.tail_tokens;

@@ -103,8 +103,9 @@ __device__ void dense_backward_key(const EvoParams& p, const T* __restrict__ q,
                 clear(pt[n]);
                 clear(dst[n]);
             }
-            rows_times_tile<T, kHeadDim, kCols>(pt, kf, sQ);
-            rows_times_tile<T, kHeadDim, kCols>(dst, vf, sdO);
+            // load_b: ldmatrix spilled this kernel at D = 32 (NVRTC 13.0, sm_80 and sm_90).
+            rows_times_tile<T, kHeadDim, kCols, kLoadB>(pt, kf, sQ);
+            rows_times_tile<T, kHeadDim, kCols, kLoadB>(dst, vf, sdO);
 #pragma unroll
             for (int n = 0; n < kQueryTiles; ++n) {
 #pragma unroll

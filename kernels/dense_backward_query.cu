@@ -119,8 +119,9 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                 clear(sc[n]);
                 clear(dp[n]);
             }
-            rows_times_tile<T, kHeadDim, kCols>(sc, qf, sK);
-            rows_times_tile<T, kHeadDim, kCols>(dp, dof, sV);
+            // load_b: ldmatrix spilled this kernel at D = 32 (NVRTC 13.0, sm_80 and sm_90).
+            rows_times_tile<T, kHeadDim, kCols, kLoadB>(sc, qf, sK);
+            rows_times_tile<T, kHeadDim, kCols, kLoadB>(dp, dof, sV);
 #pragma unroll
             for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll

@@ -9,8 +9,8 @@
 //   local       the user token, the behaviors from the first query's window start to the last
 //               query's visible end, and the tile's candidates (each visible to itself only)
 //
-// Each row masks the slots it does not see, adds the RelTemporal bias per element, and keeps one
-// online softmax per branch; the gated sum of the branches is written once (and, when
+// Each row masks the slots it does not see (the local ones by slot number: LocalSeen), adds the
+// RelTemporal bias per element, and keeps one online softmax per branch; the gated sum of the branches is written once (and, when
 // `branch_out` is given, each branch's O_b before gating, [T, H, 3, D], which the query backward
 // then reads <dO, O_b> from instead of making a pass over every pair for it). A warp skips the
 // local sub-tiles none of its 16 rows sees (LocalSpan): a ctr-base tile's window spans 128 local
@@ -18,7 +18,8 @@
 // work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
 // one ex2 (logits in base 2), computed for every element and masked after: the inner loops went
 // from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static counts of
-// scripts/sass-loops.py), when the per-element bias, expf and branches were most of them. Chunk
+// scripts/sass-loops.py), when the per-element bias, expf and branches were most of them, and the
+// local one from 392 to 350 by testing slots by number. Chunk
 // summaries are f32: they are split into a 16-bit high part and the 16-bit rest, and both go
 // through the MMA, so summaries keep about 16 bits of mantissa (the backward recomputes their
 // logits in f32 against this forward's LSE).
@@ -69,7 +70,7 @@ struct TcResidentQ {
 template <typename T, int kHeadDim, int kBranch, int kRows>
 __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
                                                 const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
-                                                const TcRow (&rw)[2], const RowBias (&rb)[2],
+                                                const TcTile& tt, const TcRow (&rw)[2], const RowBias (&rb)[2],
                                                 const LocalSpan* span,  // per warp
                                                 const SlotTiles<T, kHeadDim, kRows>& gathered, int first,
                                                 int slots, FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
@@ -85,6 +86,9 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
     constexpr int kSubTiles = TcLoad<kHeadDim, kBranch, kRows>::kValue / kCols;
     const unsigned seen =
         kBranch == 2 ? span[threadIdx.x / kWarpSize].template sub_tiles<kSubTiles>(first, kCols) : 0u;
+    // The local slots each row sees, by number (the slots' rows and kinds are not read).
+    LocalSeen ls[2];
+    if (kBranch == 2) ls[0] = LocalSeen::make(tt, rw[0]), ls[1] = LocalSeen::make(tt, rw[1]);
 #pragma unroll 1
     for (int sub = 0; sub < slots; sub += kCols) {
         if (kBranch == 2 && !((seen >> (sub / kCols)) & 1u)) continue;  // warp-uniform
@@ -94,18 +98,24 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
         const SlotTiles<T, kHeadDim, kRows> st = gathered.from(sub);
         rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
         if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
+        // The lane's columns are slots first + sub + 2 t + c of the branch.
+        const int slot0 = first + sub + 2 * t;
+        LocalSeen::At at[2];
+        if (kBranch == 2) at[0] = ls[0].at(slot0), at[1] = ls[1].at(slot0);
         // Every element is computed and masked after: branching per element on its
         // visibility cost a convergence barrier and a recomputed shared address for each.
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-                const int row = st.row[col], aux = st.aux[col];
+                const int r = i >> 1, c = n * 8 + (i & 1), col = c + 2 * t;
                 float bias = rb[r](st.time[col], p.num_time_buckets);
-                if (kBranch == 2 && aux == kLocalUser) bias = 0.f;  // the user token has no time
+                if (kBranch == 2 && c < tt.user - slot0) bias = 0.f;  // slot 0: the user token has no time
                 const float z = fmaf(sc[n].c[i], scale2, bias);
-                sc[n].c[i] = slot_visible<kBranch>(rw[r], row, aux) ? z : neg_inf();
+                bool visible;
+                if constexpr (kBranch == 2) visible = at[r](c);
+                else visible = slot_visible<kBranch>(rw[r], st.row[col], st.aux[col]);
+                sc[n].c[i] = visible ? z : neg_inf();
             }
         }
         float corr[2];
@@ -249,11 +259,11 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
             const auto st = gathered.stage(r & 1);
             const LocalSpan* span = sSpan;
             if (branch == 0)
-                tc_gather_tiles<T, kHeadDim, 0>(p, qf, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 0>(p, qf, tt, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
             else if (branch == 1)
-                tc_gather_tiles<T, kHeadDim, 1>(p, qf, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 1>(p, qf, tt, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
             else
-                tc_gather_tiles<T, kHeadDim, 2>(p, qf, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 2>(p, qf, tt, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
         }
         if (r + 1 < rounds) land(r + 1);
     }

@@ -8,8 +8,10 @@
 # the kernel sources of the commits in KERNEL_VERSIONS (scripts/kernel-sources.sh; oldest first,
 # listed in device-bin/kernels/ORDER), so that gpu-run.sh can test (`versions`) and time (`ab`)
 # earlier kernels behind the same binaries in the same device call. Default: 8d9eaeb, the kernels
-# that passed on an H100 on 2026-11-23, and 007a1fd, the fastest forward + backward measured then
-# (before the query backward's sub-tile skip, which the build's own kernels take out again).
+# that passed on an H100 on 2026-11-23, 007a1fd, the fastest forward + backward measured then
+# (before the query backward's sub-tile skip, which the build's own kernels take out again), and
+# 417e835, the saved branch outputs before the inner-loop instruction cuts after it (per-key
+# visibility as intervals and slot numbers, ldmatrix B fragments), none of them run on a GPU yet.
 # KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,7 +62,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-007a1fd 8d9eaeb}
+versions=${KERNEL_VERSIONS-007a1fd 8d9eaeb 417e835}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions

@@ -150,19 +150,65 @@ struct RowOperand {
     }
 };
 
+// Lane l's row address for ldmatrix reads of B fragments from a row-major shared tile
+// sRows[..][kHeadDim + pad] (B[k][n] = sRows[n][k]): matrix l / 8 is columns 8 (l / 8) on of
+// rows 0-7, so .x2 reads one k-step (matrices 0, 1) and .x4 two.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ const T* ldsm_rows(const T* sRows) {
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    const int lane = threadIdx.x % kWarpSize;
+    return sRows + (lane & 7) * kStride + (lane >> 3) * 8;
+}
+
+// B fragment reads from such a tile (rows_times_tile): load_b's two 32-bit loads each, one
+// ldmatrix .x2 each, or one .x4 for two k-steps.
+enum : int { kLoadB = 0, kLdsmX2 = 2, kLdsmX4 = 4 };
+
 // acc[n] += A B for a warp's 16 rows `a` (k over the head dimension) against the kCols rows of a
-// row-major shared tile sRows[kCols][kHeadDim + pad]: B[k][n] = sRows[n][k], as Q K^T.
-template <typename T, int kHeadDim, int kCols, bool kResident>
+// row-major shared tile sRows[kCols][kHeadDim + pad]: B[k][n] = sRows[n][k], as Q K^T. The B
+// fragments come by ldmatrix (16-bit types) in kReads of kLdsmX4 or kLdsmX2, by load_b in
+// kLoadB: the key-side walk's 16-query sub-tile made 32 32-bit loads for its 32 MMAs, and .x4
+// makes 8 (sm_90, D = 64: its inner loop 312 -> 299 SASS instructions, the forward's 281-346
+// from 293-350). .x4 holds the registers of two k-steps at once: where that spilled (the query
+// backward and the tails kernel at D = 64) a kernel takes .x2 or load_b.
+template <typename T, int kHeadDim, int kCols, int kReads = kLdsmX4, bool kResident>
 __device__ __forceinline__ void rows_times_tile(FragC (&acc)[kCols / 8],
                                                 const RowOperand<T, kHeadDim, kResident>& a,
                                                 const T* sRows) {
     constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
-    const int g = (threadIdx.x % kWarpSize) >> 2;
+    constexpr int kSteps = kHeadDim / 16;
+    const int lane = threadIdx.x % kWarpSize;
+    if constexpr (sizeof(T) == 2 && kReads != kLoadB) {
+        // Lane l's row: matrix l / 8 is columns 8 (l / 8) on of rows 0-7, so .x2 reads one
+        // k-step (matrices 0, 1) and .x4 two.
+        const T* mine = sRows + (lane & 7) * kStride + (lane >> 3) * 8;
+        static_assert(kReads == kLdsmX2 || kSteps % 2 == 0, ".x4 reads k-steps in pairs");
 #pragma unroll
-    for (int n = 0; n < kCols / 8; ++n) {
+        for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk)
-            mma(acc[n], a.get(kk), load_b(sRows + (n * 8 + g) * kStride + kk * 16));
+            for (int kk = 0; kk < kSteps; kk += kReads / 2) {
+                unsigned r[4];
+                if constexpr (kReads == kLdsmX4) {
+                    ldmatrix_x4<T>(r, mine, n * 8 * kStride + kk * 16);
+                } else {
+                    unsigned r2[2];
+                    ldmatrix_x2<T>(r2, mine, n * 8 * kStride + kk * 16);
+                    r[0] = r2[0];
+                    r[1] = r2[1];
+                }
+                mma(acc[n], a.get(kk), FragB<T>{{MmaPair<T>{r[0]}, MmaPair<T>{r[1]}}});
+                if constexpr (kReads == kLdsmX4)
+                    mma(acc[n], a.get(kk + 1), FragB<T>{{MmaPair<T>{r[2]}, MmaPair<T>{r[3]}}});
+            }
+        }
+    } else {
+        const int g = lane >> 2;
+#pragma unroll
+        for (int n = 0; n < kCols / 8; ++n) {
+#pragma unroll
+            for (int kk = 0; kk < kSteps; ++kk)
+                mma(acc[n], a.get(kk), load_b(sRows + (n * 8 + g) * kStride + kk * 16));
+        }
     }
 }
 

@@ -9,10 +9,10 @@
 // The key rows are the 16-bit K and V of tokens, or (kF32Rows) the f32 chunk summaries Kbar and
 // Vbar, multiplied as a high and a low 16-bit part (rows_times_tile_f32).
 //
-// Which (query, key) pairs count is the caller's `Rows::seen_by(r, &first, &last)`: the queries
-// [first, last) that see the lane's row r = 0 (g) or 1 (g + 8), one interval for every branch
-// (empty where first >= last). Every key and query here has a time: the user token never enters
-// a tile.
+// Which (query, key) pairs count is the caller's `Rows::seen(lo, hi)`, a test `(query, r)` of the
+// queries of a walk's [lo, hi) against the lane's rows r = 0 (g) and 1 (g + 8), made once per
+// walk: every branch's rows are seen by one interval of queries each, so a pair costs a compare
+// or two. Every key and query here has a time: the user token never enters a tile.
 //
 // Q and dO tiles come by cp.async, two stages of them so that the next tile's copies are in
 // flight during this tile's MMAs (the tails and summary walks cover the rest of the sequence,
@@ -36,10 +36,18 @@ constexpr int kNoKey = 0x7fffffff;
 // chunk summaries, keyed by their chunk's last behavior (global branch).
 struct PrefixRows {
     int key[2];  // the lane's rows g and g + 8; -1 where none
-    // The queries that see row r: [key, any), or none.
-    __device__ __forceinline__ void seen_by(int r, int* first, int* last) const {
-        *first = key[r];
-        *last = key[r] >= 0 ? kNoKey : key[r];
+
+    // Which queries of a walk's [lo, hi) see the lane's rows: [key, hi). Three registers through
+    // the walk: the local rows' two intervals (LocalRows::Seen) made the summaries' D = 32 kernel
+    // spill 12 B at its 168-register cap on sm_90 (NVRTC 13.0).
+    struct Seen {
+        int from[2];  // kNoKey where the row is none
+        int hi;
+        __device__ __forceinline__ bool operator()(int query, int r) const { return (query >= from[r]) & (query < hi); }
+    };
+    __device__ __forceinline__ Seen seen(int lo, int hi) const {
+        (void)lo;
+        return Seen{{key[0] >= 0 ? key[0] : kNoKey, key[1] >= 0 ? key[1] : kNoKey}, hi};
     }
     // The warp's smallest key (kNoKey if it has no row): no query before it sees any of its rows.
     __device__ __forceinline__ int warp_first() const {
@@ -50,7 +58,8 @@ struct PrefixRows {
     }
 };
 
-template <typename T, int kHeadDim, bool kF32Rows = false>
+// kReads: how the walk's K Q^T and V dO^T read their B fragments (rows_times_tile).
+template <typename T, int kHeadDim, bool kF32Rows = false, int kReads = kLdsmX4>
 struct KeyTile {
     static constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
     static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
@@ -163,21 +172,9 @@ struct KeyTile {
         __syncthreads();  // the caller's sKeyTime is written, and an earlier walk is done
         const RowBias kb[2] = {RowBias::make(sKeyTime[key_slot[0]], coeffs, pp.num_time_buckets, kLog2e),
                                RowBias::make(sKeyTime[key_slot[1]], coeffs, pp.num_time_buckets, kLog2e)};
-        // The queries of [lo, hi) that see each row, [seen[r], seen[r] + seen_n[r]): a pair then
-        // costs one unsigned compare. Testing the branch's rule per pair compiled to two branches
-        // and a convergence barrier each, about 15 of the local walk's 443 SASS instructions per
-        // pair (sm_90, D = 64).
-        int seen[2];
-        unsigned seen_n[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            int first, last;
-            rows.seen_by(r, &first, &last);
-            first = max(first, lo);
-            last = min(last, hi);
-            seen[r] = first;
-            seen_n[r] = last > first ? static_cast<unsigned>(last - first) : 0u;
-        }
+        // Testing the branch's rule per pair compiled to two branches and a convergence barrier
+        // each, about 15 of the local walk's 443 SASS instructions per pair (sm_90, D = 64).
+        const typename Rows::Seen seen = rows.seen(lo, hi);
         if (lo < hi) land(0, issue(lo, lo, hi, 0));
         int i = 0;
 #pragma unroll 1
@@ -205,8 +202,8 @@ struct KeyTile {
                     rows_times_tile_f32<T, kHeadDim, kSub>(pt, fk, tQ);
                     rows_times_tile_f32<T, kHeadDim, kSub>(dst, fv, tdO);
                 } else {
-                    rows_times_tile<T, kHeadDim, kSub>(pt, kf, tQ);
-                    rows_times_tile<T, kHeadDim, kSub>(dst, vf, tdO);
+                    rows_times_tile<T, kHeadDim, kSub, kReads>(pt, kf, tQ);
+                    rows_times_tile<T, kHeadDim, kSub, kReads>(dst, vf, tdO);
                 }
 #pragma unroll
                 for (int n = 0; n < kSubTiles; ++n) {
@@ -217,7 +214,7 @@ struct KeyTile {
                         const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qs + col;
                         const float z = fmaf(pt[n].c[e], scale2, kb[r](tTime[col], pp.num_time_buckets));
                         float gp = tGate[col] * fast_exp2(fmaf(tLse[col], -kLog2e, z));
-                        if (!(static_cast<unsigned>(query - seen[r]) < seen_n[r])) gp = 0.f;
+                        if (!seen(query, r)) gp = 0.f;
                         pt[n].c[e] = gp;
                         dst[n].c[e] = gp * (dst[n].c[e] - tDg[col]);
                     }

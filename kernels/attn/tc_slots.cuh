@@ -84,19 +84,50 @@ __device__ __forceinline__ int window_start(const SeqInfo& si, int q, int window
     return max(si.behaviors, min(q, si.candidates) + 1 - window);
 }
 
-// Row -1 (a slot past the branch's end, or before a chunk's first behavior) is never visible.
-// Bitwise, not short-circuit: the local branch's early returns and && chains compiled to two
-// branches and a convergence barrier (BSSY/BSYNC) per element of the forward's sub-tile.
+// Whether a row sees a summary (kBranch 0) or tail (1) slot; row -1 (a slot past the branch's
+// end, or before a chunk's first behavior) is never visible. The local branch's slots are tested
+// by number instead (LocalSeen).
 template <int kBranch>
 __device__ __forceinline__ bool slot_visible(const TcRow& r, int row, int aux) {
+    static_assert(kBranch == 0 || kBranch == 1, "local slots: LocalSeen");
     if (kBranch == 0) return row >= 0 && r.live && aux < r.completed;
-    if (kBranch == 1) return row >= 0 && r.live && row < r.visible_end;
-    const bool valid = row >= 0;
-    const bool user = aux == kLocalUser, behavior = aux == kLocalBehavior;
-    const bool window = (row >= r.first_local) & (row < r.visible_end);
-    // A candidate sees itself only.
-    return valid & ((r.live & (user | (behavior & window))) | (!user & !behavior & (row == r.q)));
+    return row >= 0 && r.live && row < r.visible_end;
 }
+
+// The local slots one row sees, tested by slot number alone: the user token (slot 0, where there
+// is one), one interval of behavior slots (its window, up to its visible end), and a candidate's
+// own slot. The local branch's slot_visible read each slot's row and kind from shared memory and
+// compared them with five of the row's fields; by number, a pair costs three compares
+// (forward_tc.cu, backward_query_tc.cu).
+struct LocalSeen {
+    int lo;      // first behavior slot seen
+    unsigned n;  // behavior slots seen: 0 where the row does not attend
+    int own;     // a candidate's own slot; -1 otherwise
+    int user;    // 1 where it sees slot 0, the user token
+
+    __device__ __forceinline__ static LocalSeen make(const TcTile& tt, const TcRow& r) {
+        LocalSeen s;
+        s.lo = tt.user + r.first_local - tt.local_lo;
+        s.n = r.live && r.visible_end > r.first_local ? static_cast<unsigned>(r.visible_end - r.first_local) : 0u;
+        // A candidate is past its own visible end (the first candidate); a live row is a real
+        // token, so padding rows past the sequence match no slot, not even one past its end.
+        const bool candidate = r.q >= r.visible_end;
+        s.own = r.live && candidate ? tt.user + (tt.local_hi - tt.local_lo) + r.q - tt.cand_lo : -1;
+        s.user = r.live ? tt.user : 0;
+        return s;
+    }
+
+    // Slot `base + c` for a sub-tile's `base` (the lane's first column) and a column offset c,
+    // with the row's bounds taken relative to base once per sub-tile (at()).
+    struct At {
+        int lo, own, user;
+        unsigned n;
+        __device__ __forceinline__ bool operator()(int c) const {
+            return (static_cast<unsigned>(c - lo) < n) | (c == own) | (c < user);
+        }
+    };
+    __device__ __forceinline__ At at(int base) const { return At{lo - base, own - base, user - base, n}; }
+};
 
 // The local slots some row of a warp may see: the user token (slot 0, where there is one) and
 // [lo, hi), from its earliest window start to its latest visible end, or to its last own

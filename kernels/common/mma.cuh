@@ -139,6 +139,60 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const T* row
 #endif
 }
 
+// Four 8x8 matrices of 16-bit elements from shared memory (PTX `ldmatrix .x4`): lane l gives the
+// address of row l % 8 of matrix l / 8 (as ldmatrix_x4_trans) and receives r[i] =
+// (M_i[g][2t], M_i[g][2t + 1]), the B fragment half of an operand whose k runs along M's rows
+// (K in Q K^T): one instruction for what load_b reads in four. Host compiles gather the same
+// elements through shuffles of the row addresses.
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const T* row, int offset) {
+#ifdef __CUDA_ARCH__
+    unsigned smem;  // not volatile: converted once per `row`
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem + offset * static_cast<unsigned>(sizeof(T))));
+#else
+    row += offset;
+    if (reinterpret_cast<unsigned long long>(row) % 16 != 0)
+        emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
+    const int lane = threadIdx.x % kWarpSize;
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const T* at = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + g));
+        r[i] = static_cast<unsigned>(at[2 * t].bits) | (static_cast<unsigned>(at[2 * t + 1].bits) << 16);
+    }
+#endif
+}
+
+// Two 8x8 matrices (PTX `ldmatrix .x2`), as ldmatrix_x4 for matrices 0 and 1: lanes 0-15 give
+// the row addresses (the others' are ignored), r[i] = (M_i[g][2t], M_i[g][2t + 1]). One B
+// fragment in one instruction, holding no more registers at once than load_b's two loads.
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], const T* row, int offset) {
+#ifdef __CUDA_ARCH__
+    unsigned smem;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(smem + offset * static_cast<unsigned>(sizeof(T))));
+#else
+    row += offset;
+    const int lane = threadIdx.x % kWarpSize;
+    if (lane < 16 && reinterpret_cast<unsigned long long>(row) % 16 != 0)
+        emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
+    const int g = lane >> 2, t = lane & 3;
+    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const T* at = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + g));
+        r[i] = static_cast<unsigned>(at[2 * t].bits) | (static_cast<unsigned>(at[2 * t + 1].bits) << 16);
+    }
+#endif
+}
+
 // A fragment from row-major storage: `top` points at element [g][k0] of the tile's row g,
 // `bottom` at [g + 8][k0] (callers clamp rows past the end), k0 a multiple of 16.
 template <typename T>
