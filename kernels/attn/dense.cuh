@@ -189,10 +189,10 @@ __device__ __forceinline__ void rows_times_tile(FragC (&acc)[kCols / 8],
             for (int kk = 0; kk < kSteps; kk += kReads / 2) {
                 unsigned r[4];
                 if constexpr (kReads == kLdsmX4) {
-                    ldmatrix_x4<T>(r, mine, n * 8 * kStride + kk * 16);
+                    ldmatrix<4, false>(r, mine, n * 8 * kStride + kk * 16);
                 } else {
                     unsigned r2[2];
-                    ldmatrix_x2<T>(r2, mine, n * 8 * kStride + kk * 16);
+                    ldmatrix<2, false>(r2, mine, n * 8 * kStride + kk * 16);
                     r[0] = r2[0];
                     r[1] = r2[1];
                 }
@@ -279,7 +279,7 @@ __device__ __forceinline__ void probs_times_rows(FragC (&acc)[kDimTiles], const 
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; dt += 2) {
             unsigned r[4];
-            ldmatrix_x4_trans<T>(r, mine, kk * 16 * kStride + dt * 8);
+            ldmatrix<4, true>(r, mine, kk * 16 * kStride + dt * 8);
             const FragB<T> b0{{MmaPair<T>{r[0]}, MmaPair<T>{r[1]}}};
             const FragB<T> b1{{MmaPair<T>{r[2]}, MmaPair<T>{r[3]}}};
             mma(acc[dt], pa, b0);

@@ -108,87 +108,52 @@ __device__ __forceinline__ MmaPair<T> pair_of(T lo, T hi) {
     return MmaPair<T>{static_cast<unsigned>(lo.bits) | (static_cast<unsigned>(hi.bits) << 16)};
 }
 
-// Four 8x8 matrices of 16-bit elements from shared memory, transposed (PTX `ldmatrix .x4
-// .trans`): lane l gives the address of row l % 8 of matrix l / 8 (8 consecutive elements,
-// 16-byte aligned) and receives r[i] = (M_i[2t][g], M_i[2t + 1][g]), the B fragment half of an
-// operand whose k runs down M's rows. Host compiles gather the same elements through shuffles of
-// the row addresses, so the emulation checks the callers' addressing.
-// The row address is `row + offset`, split so that `row` converts to a shared-space address
-// once for every offset (a 32-bit register instead of a 64-bit pointer per call).
-template <typename T>
-__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const T* row, int offset) {
+// kMatrices (2 or 4) 8x8 matrices of 16-bit elements from shared memory (PTX `ldmatrix .x2`,
+// `.x4`, and `.x4.trans` where kTrans): lane l gives the address of row l % 8 of matrix l / 8 (8
+// consecutive elements, 16-byte aligned; lanes 16-31 are ignored by .x2) and receives
+//   r[i] = (M_i[g][2t], M_i[g][2t + 1])      the B fragment half of an operand whose k runs
+//                                             along M's rows (K in Q K^T), or with kTrans
+//   r[i] = (M_i[2t][g], M_i[2t + 1][g])      one whose k runs down M's rows (V in P V).
+// One instruction for what load_b reads in two loads per matrix pair. Host compiles gather the
+// same elements through shuffles of the row addresses, so the emulation checks the callers'
+// addressing. The row address is `row + offset`, split so that `row` converts to a shared-space
+// address once for every offset (a 32-bit register instead of a 64-bit pointer per call).
+template <int kMatrices, bool kTrans, typename T>
+__device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row, int offset) {
+    static_assert(kMatrices == 4 || (kMatrices == 2 && !kTrans), "ldmatrix .x4, .x4.trans or .x2");
 #ifdef __CUDA_ARCH__
     unsigned smem;  // not volatile: converted once per `row`
     asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem + offset * static_cast<unsigned>(sizeof(T))));
-#else
-    row += offset;
-    if (reinterpret_cast<unsigned long long>(row) % 16 != 0)
-        emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
-    const int lane = threadIdx.x % kWarpSize;
-    const int g = lane >> 2, t = lane & 3;
-    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const T* top = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + 2 * t));
-        const T* next = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + 2 * t + 1));
-        r[i] = static_cast<unsigned>(top[g].bits) | (static_cast<unsigned>(next[g].bits) << 16);
-    }
-#endif
-}
-
-// Four 8x8 matrices of 16-bit elements from shared memory (PTX `ldmatrix .x4`): lane l gives the
-// address of row l % 8 of matrix l / 8 (as ldmatrix_x4_trans) and receives r[i] =
-// (M_i[g][2t], M_i[g][2t + 1]), the B fragment half of an operand whose k runs along M's rows
-// (K in Q K^T): one instruction for what load_b reads in four. Host compiles gather the same
-// elements through shuffles of the row addresses.
-template <typename T>
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const T* row, int offset) {
-#ifdef __CUDA_ARCH__
-    unsigned smem;  // not volatile: converted once per `row`
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem + offset * static_cast<unsigned>(sizeof(T))));
-#else
-    row += offset;
-    if (reinterpret_cast<unsigned long long>(row) % 16 != 0)
-        emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
-    const int lane = threadIdx.x % kWarpSize;
-    const int g = lane >> 2, t = lane & 3;
-    const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const T* at = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + g));
-        r[i] = static_cast<unsigned>(at[2 * t].bits) | (static_cast<unsigned>(at[2 * t + 1].bits) << 16);
-    }
-#endif
-}
-
-// Two 8x8 matrices (PTX `ldmatrix .x2`), as ldmatrix_x4 for matrices 0 and 1: lanes 0-15 give
-// the row addresses (the others' are ignored), r[i] = (M_i[g][2t], M_i[g][2t + 1]). One B
-// fragment in one instruction, holding no more registers at once than load_b's two loads.
-template <typename T>
-__device__ __forceinline__ void ldmatrix_x2(unsigned (&r)[2], const T* row, int offset) {
-#ifdef __CUDA_ARCH__
-    unsigned smem;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(smem + offset * static_cast<unsigned>(sizeof(T))));
+    const unsigned at = smem + offset * static_cast<unsigned>(sizeof(T));
+    if constexpr (kMatrices == 4 && kTrans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(at));
+    else if constexpr (kMatrices == 4)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(at));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(at));
 #else
     row += offset;
     const int lane = threadIdx.x % kWarpSize;
-    if (lane < 16 && reinterpret_cast<unsigned long long>(row) % 16 != 0)
+    if (lane < 8 * kMatrices && reinterpret_cast<unsigned long long>(row) % 16 != 0)
         emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
     const int g = lane >> 2, t = lane & 3;
     const unsigned long long mine = reinterpret_cast<unsigned long long>(row);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const T* at = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + g));
-        r[i] = static_cast<unsigned>(at[2 * t].bits) | (static_cast<unsigned>(at[2 * t + 1].bits) << 16);
+    for (int i = 0; i < kMatrices; ++i) {
+        if (kTrans) {
+            const T* top = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + 2 * t));
+            const T* next = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + 2 * t + 1));
+            r[i] = static_cast<unsigned>(top[g].bits) | (static_cast<unsigned>(next[g].bits) << 16);
+        } else {
+            const T* at = reinterpret_cast<const T*>(__shfl_sync(kFullMask, mine, 8 * i + g));
+            r[i] = static_cast<unsigned>(at[2 * t].bits) | (static_cast<unsigned>(at[2 * t + 1].bits) << 16);
+        }
     }
 #endif
 }
