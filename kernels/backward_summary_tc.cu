@@ -6,7 +6,8 @@
 // token in backward_tails_tc.cu. Writes scale * dKbar and dVbar in f32 ([B * P, H, D]) for the
 // key kernel to spread over the members; slots past a sequence's chunk count are not written.
 //
-// Grid: (B * ceil(P / 64), H), block kDenseThreads. One writer per element: no atomics.
+// Grid: (B * ceil(P / 64), H), block kDenseThreads. Where P <= 32, two warp sets share the
+// rows and split the queries (walk_sets). One writer per element: no atomics.
 //
 // @instantiate SPARSECTR_BACKWARD_SUMMARY_TC dtype16 head_dim
 
@@ -19,10 +20,12 @@
 #include "attn/dense.cuh"
 #include "attn/key_tile.cuh"
 
-// Three blocks per SM at D = 32 (167-168 registers, no spills on sm_80 or sm_90 with NVRTC
-// 13.0), two above, as the other key-side kernels (the dK and dV accumulators of 16 rows).
+// Four blocks per SM at D = 32 (126-128 registers), three at D = 64 (166-168), two at D = 128
+// (the dK and dV accumulators of 16 rows); no spills on sm_80 or sm_90 with NVRTC 13.0. The
+// half-tile walk of two warp sets (key_tile.cuh) holds half the P^T and dz^T fragments of a
+// whole tile's: with whole tiles D = 32 took 168 and D = 64 222.
 template <int kHeadDim>
-constexpr int kSummaryTcMinBlocks = kHeadDim == 32 ? 3 : 2;
+constexpr int kSummaryTcMinBlocks = kHeadDim == 32 ? 4 : kHeadDim <= 64 ? 3 : 2;
 
 template <typename T, int kHeadDim>
 __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q, const float* __restrict__ kbar,
@@ -33,7 +36,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
                                     const T* __restrict__ d_o, const float* __restrict__ lse,
                                     const float* __restrict__ dgates, float* __restrict__ dkbar,
                                     float* __restrict__ dvbar) {
-    using KT = KeyTile<T, kHeadDim, true>;
+    using KT = KeyTile<T, kHeadDim, true, kLdsmX4, PrefixCols<T, kHeadDim>::kValue>;
     KT kt;
     SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
     const int groups = (p.max_chunks + kDenseRows - 1) / kDenseRows;
@@ -47,9 +50,13 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
     // Chunk ends increase: the block's first chunk has its smallest last behavior.
     const int first = ends[slot0] - 1;
 
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
-    const int chunk[2] = {slot0 + warp * 16 + g, slot0 + warp * 16 + g + 8};
+    // P <= 32 (32 in ctr-base, 16 in ctr-small) fills at most half of the block's rows: two
+    // warp sets share them (key_tile.cuh).
+    const int sets = walk_sets<KT::kCols>(p.max_chunks);
+    const WalkSet ws = WalkSet::of(sets);
+    const int chunk[2] = {slot0 + ws.row_warp * 16 + g, slot0 + ws.row_warp * 16 + g + 8};
     PrefixRows rows;
 #pragma unroll
     for (int r = 0; r < 2; ++r) rows.key[r] = chunk[r] < num_chunks ? ends[chunk[r]] - 1 : -1;
@@ -68,7 +75,8 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
         kt.fv[r] = vbar + at;
     }
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 0);
-    kt.walk(rows, first, si.end, rows.warp_first(), kNoKey);
+    kt.walk_prefix(rows, first, si.end, sets);
+    if (ws.set > 0) return;  // set 0 holds the sums
 
 #pragma unroll
     for (int dt = 0; dt < KT::kDimTiles; ++dt) {

@@ -6,7 +6,8 @@
 // local kernel (backward_key_tc.cu) adds them to the token's other uses and rounds once. Slots past
 // a chunk's length or a sequence's chunk count are never written nor read.
 //
-// Grid: (B * ceil(P * m / 64), H), block kDenseThreads. One writer per element: no atomics.
+// Grid: (B * ceil(P * m / 64), H), block kDenseThreads. Where P m <= 32, two warp sets share the
+// rows and split the queries (walk_sets). One writer per element: no atomics.
 //
 // @instantiate SPARSECTR_BACKWARD_TAILS_TC dtype16 head_dim
 
@@ -19,11 +20,11 @@
 #include "attn/dense.cuh"
 #include "attn/key_tile.cuh"
 
-// Three blocks per SM at D = 32 (161-164 registers, no spills on sm_80 or sm_90 with NVRTC 13.0;
-// an earlier version spilled there), two above: D >= 64 needs over 200 registers (the dK and dV
-// accumulators of 16 rows).
+// Four blocks per SM at D = 32 (126-128 registers, no spills on sm_80 or sm_90 with NVRTC 13.0),
+// two above: D = 64 spilled 36 B at three (168 registers; it takes 213-214 at two), and D = 128
+// needs about 250 (the dK and dV accumulators of 16 rows).
 template <int kHeadDim>
-constexpr int kTailsMinBlocks = kHeadDim == 32 ? 3 : 2;
+constexpr int kTailsMinBlocks = kHeadDim == 32 ? 4 : 2;
 
 // The token of tail slot `slot` of sequence `s`, or -1 where the slot holds none.
 __device__ __forceinline__ int tail_token(const EvoParams& p, const SeqInfo& si, int s, int slot,
@@ -47,7 +48,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
                                   const float* __restrict__ dgates, float* __restrict__ tail_dk,
                                   float* __restrict__ tail_dv) {
     // ldmatrix .x2: .x4 spilled 48 B at D = 64 on sm_90 (NVRTC 13.0).
-    using KT = KeyTile<T, kHeadDim, false, kLdsmX2>;
+    using KT = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue>;
     KT kt;
     SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
     const int slots = p.max_chunks * p.tail_tokens;
@@ -63,11 +64,16 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
     if (first < 0) first = tail_token(p, si, s, (slot0 / p.tail_tokens + 1) * p.tail_tokens, chunk_ends, num_chunks);
     if (first < 0 || slot0 / p.tail_tokens >= num_chunks) return;
 
-    const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
+    // P m <= 32 (16 in ctr-small) fills at most half of the block's rows: two warp sets share
+    // them (key_tile.cuh).
+    const int sets = walk_sets<KT::kCols>(slots);
+    const WalkSet ws = WalkSet::of(sets);
+    const int row0 = slot0 + ws.row_warp * 16 + g;  // the lane's rows: row0 and row0 + 8
     PrefixRows rows;
-    rows.key[0] = slot0 + warp * 16 + g < slots ? tail_token(p, si, s, slot0 + warp * 16 + g, chunk_ends, num_chunks) : -1;
-    rows.key[1] = slot0 + warp * 16 + g + 8 < slots ? tail_token(p, si, s, slot0 + warp * 16 + g + 8, chunk_ends, num_chunks) : -1;
+    rows.key[0] = row0 < slots ? tail_token(p, si, s, row0, chunk_ends, num_chunks) : -1;
+    rows.key[1] = row0 + 8 < slots ? tail_token(p, si, s, row0 + 8, chunk_ends, num_chunks) : -1;
     const int wd0 = weekday0[s];
     if (threadIdx.x < kDenseRows) {
         const int slot = slot0 + static_cast<int>(threadIdx.x);
@@ -80,7 +86,8 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
     kt.kf.init(k + at[0], k + at[1]);
     kt.vf.init(v + at[0], v + at[1]);
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 1);
-    kt.walk(rows, first, si.end, rows.warp_first(), kNoKey);
+    kt.walk_prefix(rows, first, si.end, sets);
+    if (ws.set > 0) return;  // set 0 holds the sums
 
 #pragma unroll
     for (int dt = 0; dt < KT::kDimTiles; ++dt) {
@@ -88,7 +95,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
         for (int i = 0; i < 4; ++i) {
             const int r = i >> 1;
             if (rows.key[r] < 0) continue;
-            const int slot = slot0 + warp * 16 + g + 8 * r;
+            const int slot = row0 + 8 * r;
             const size_t idx = (static_cast<size_t>(s * slots + slot) * p.heads + head) * kHeadDim + dt * 8 + 2 * t + (i & 1);
             tail_dk[idx] = kt.dk[dt].c[i] * p.scale;
             tail_dv[idx] = kt.dv[dt].c[i];

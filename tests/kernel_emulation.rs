@@ -616,6 +616,13 @@ fn scenarios() -> Vec<Scenario> {
     s.flags = vec!["--repeat-backward"];
     s.runs = vec![(DType::BF16, 32), (DType::F16, 64), (DType::BF16, 128)];
     v.push(s);
+    // 24 chunk summaries and 24 tail slots per sequence: blocks of 32 rows or fewer, which two
+    // warp sets walk (half of every query tile each, key_tile.cuh), rows 16 to 23 in the second
+    // warp of each set.
+    let mut s = scenario("long-two-sets", long.clone(), 24, 1, 40);
+    s.heads = 1;
+    s.runs = vec![(DType::BF16, 64), (DType::F16, 32), (DType::BF16, 128)];
+    v.push(s);
     let mut s = scenario("long-tails", long.clone(), 8, 20, 5);
     s.heads = 1;
     s.runs = vec![(DType::F16, 32), (DType::BF16, 64)];

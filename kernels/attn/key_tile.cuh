@@ -14,6 +14,12 @@
 // walk: every branch's rows are seen by one interval of queries each, so a pair costs a compare
 // or two. Every key and query here has a time: the user token never enters a tile.
 //
+// A prefix walk (tails, summaries) whose block holds 32 key rows or fewer would leave warps with
+// no row idle at every tile's barrier: a sequence's P chunk summaries (32 in ctr-base, 16 in
+// ctr-small) or P * m tails (16 in ctr-small) are fewer than the block's 64 rows. There two sets
+// of two warps hold the same 32 rows, each takes half of every query tile, and reduce_sets() adds
+// set 1's dK and dV to set 0's (one order: deterministic), so twice as many warps work.
+//
 // Q and dO tiles come by cp.async, two stages of them so that the next tile's copies are in
 // flight during this tile's MMAs (the tails and summary walks cover the rest of the sequence,
 // tens of tiles), and dV += P^T dO, dK += dz^T Q read them through ldmatrix.trans
@@ -58,13 +64,47 @@ struct PrefixRows {
     }
 };
 
-// kReads: how the walk's K Q^T and V dO^T read their B fragments (rows_times_tile).
-template <typename T, int kHeadDim, bool kF32Rows = false, int kReads = kLdsmX4>
+// Warp sets of a prefix walk over a block with `rows` key rows at most (see the top): each set's
+// half of a kCols-query tile must be whole 16-query sub-tiles.
+template <int kCols>
+__device__ __forceinline__ int walk_sets(int rows) {
+    return kCols >= 2 * 16 && rows <= kDenseRows / 2 ? 2 : 1;
+}
+
+// The warp's place in a walk of `sets` sets: its rows are those of warp `row_warp` of a
+// one-set walk (rows row_warp * 16 + g and + 8 of the block), and it takes the sub-tiles j of
+// each query tile with j % sets == set.
+struct WalkSet {
+    int row_warp, set;
+    __device__ __forceinline__ static WalkSet of(int sets) {
+        const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+        // A constant where the caller's is (the local walks): the compiler cannot know warp < 4.
+        if (sets == 1) return WalkSet{warp, 0};
+        const int row_warps = kDenseWarps / sets;
+        return WalkSet{warp % row_warps, warp / row_warps};
+    }
+};
+
+// Queries per tile of a prefix walk: at least 32, so that two warp sets can take 16 each (the
+// local walk's 16 at D = 128 would leave the second set of a 32-row block nothing).
+template <typename T, int kHeadDim>
+struct PrefixCols {
+    static constexpr int kValue = DenseCols<T, kHeadDim>::kKey < 32 ? 32 : DenseCols<T, kHeadDim>::kKey;
+};
+
+// kReads: how the walk's K Q^T and V dO^T read their B fragments (rows_times_tile); kTileCols:
+// queries per tile (the walk's two stages).
+template <typename T, int kHeadDim, bool kF32Rows = false, int kReads = kLdsmX4,
+          int kTileCols = DenseCols<T, kHeadDim>::kKey>
 struct KeyTile {
-    static constexpr int kCols = DenseCols<T, kHeadDim>::kKey;
+    static constexpr int kCols = kTileCols;
     static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
     static constexpr int kPad = SmemPad<T>::kValue;
     static constexpr int kDimTiles = kHeadDim / 8;
+    // Queries per sub-tile of a prefix walk: half a tile, so that two warp sets take one each.
+    // One instantiation serves one and two sets: two (whole tiles for one set) pushed the tails
+    // kernel to 255 registers and spills at D = 64, and to spills at D = 32 (NVRTC 13.0, sm_90).
+    static constexpr int kPrefixSub = kCols >= 32 ? kCols / 2 : kCols;
 
     // What a walk reads.
     struct Inputs {
@@ -154,17 +194,20 @@ struct KeyTile {
     // a tile the sub-tiles of kSub queries outside them: a local window's walk (backward_key_tc)
     // covers 64 + w - 1 queries of which a warp's 16 keys are seen by 16 + w - 1 (79 of 128 at
     // w = 64), so 16-query sub-tiles skip about a third of its MMAs, where a whole 64-query tile
-    // skipped none. The prefix walks (tails, summaries) keep whole tiles: every query after a
-    // key sees it. The tiles are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
+    // skipped none. The prefix walks (tails, summaries) take half tiles (walk_prefix): every
+    // query after a key sees it. The tiles are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
+    // With `sets` warp sets (walk_sets), kSub * sets must divide kCols; the sums are partial
+    // until reduce_sets().
     template <int kSub = kCols, typename Rows>
-    __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last) {
+    __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last,
+                                         int sets = 1) {
         static_assert(kCols % kSub == 0 && kSub % 16 == 0, "sub-tiles of whole MMA k-steps");
         constexpr int kSubTiles = kSub / 8;
         const EvoParams& pp = *p;
         const int lane = threadIdx.x % kWarpSize;
         const int g = lane >> 2, t = lane & 3;
-        const int warp = threadIdx.x / kWarpSize;
-        const int key_slot[2] = {warp * 16 + g, warp * 16 + g + 8};
+        const WalkSet ws = WalkSet::of(sets);
+        const int key_slot[2] = {ws.row_warp * 16 + g, ws.row_warp * 16 + g + 8};
         // Logits in base 2 against LSE * log2 e: one ex2 per pair instead of expf's eight
         // instructions. The bias is symmetric in query and key (dt = |tq - tk|, and Hr, Wk), so
         // each of the lane's two keys folds it once, as a query row does in the forward.
@@ -182,7 +225,7 @@ struct KeyTile {
             const bool more = qt + kCols < hi;  // block-uniform
             const float next_gate = more ? issue(qt + kCols, lo, hi, i ^ 1) : 0.f;
 #pragma unroll 1
-            for (int sub = 0; sub < kCols; sub += kSub) {
+            for (int sub = ws.set * kSub; sub < kCols; sub += sets * kSub) {
                 const int qs = qt + sub;
                 // Warp-uniform.
                 if (qs + kSub - 1 < warp_first || qs > warp_last || qs >= hi) continue;
@@ -223,6 +266,51 @@ struct KeyTile {
                 probs_times_rows<T, kHeadDim, kSub>(dk, dst, tQ, 0);
             }
             if (more) land(i ^ 1, next_gate);
+        }
+    }
+
+    // A prefix walk of queries [lo, hi) (tails, summaries: PrefixRows) in `sets` warp sets
+    // (walk_sets), dK and dV whole in set 0 on return.
+    template <typename Rows>
+    __device__ __forceinline__ void walk_prefix(const Rows& rows, int lo, int hi, int sets) {
+        walk<kPrefixSub>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
+        reduce_sets(sets);
+    }
+
+    // After a walk of `sets` sets: set 1's dK and dV are added to set 0's through the query
+    // tiles' shared memory, which the walk no longer reads. Only set 0's sums are whole after it.
+    // Called by every thread.
+    __device__ __forceinline__ void reduce_sets(int sets) {
+        if (sets == 1) return;  // block-uniform
+        // A warp's accumulators, lane-interleaved so that a store or load of one is conflict-free.
+        constexpr int kPerWarp = kDimTiles * 4 * kWarpSize;
+        static_assert(kCols < 32 || 2 * kPerWarp * sizeof(float) <= 2 * kTile * sizeof(T),
+                      "two warps' sums fit a stage pair of Q (dK) and of dO (dV)");
+        float* const part_dk = reinterpret_cast<float*>(sQ);
+        float* const part_dv = reinterpret_cast<float*>(sdO);
+        const WalkSet ws = WalkSet::of(sets);
+        const int at = ws.row_warp * kPerWarp + threadIdx.x % kWarpSize;
+        __syncthreads();  // every warp is done with the query tiles
+        if (ws.set == 1) {
+#pragma unroll
+            for (int dt = 0; dt < kDimTiles; ++dt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    part_dk[at + (dt * 4 + i) * kWarpSize] = dk[dt].c[i];
+                    part_dv[at + (dt * 4 + i) * kWarpSize] = dv[dt].c[i];
+                }
+            }
+        }
+        __syncthreads();
+        if (ws.set == 0) {
+#pragma unroll
+            for (int dt = 0; dt < kDimTiles; ++dt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    dk[dt].c[i] += part_dk[at + (dt * 4 + i) * kWarpSize];
+                    dv[dt].c[i] += part_dv[at + (dt * 4 + i) * kWarpSize];
+                }
+            }
         }
     }
 };
