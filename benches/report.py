@@ -21,15 +21,23 @@ import sys
 
 SPARSE = "sparse-ours"
 BASELINES = [("dense-ours", "dense (ours)"), ("sdpa-flash", "SDPA flash, causal, no bias"),
-             ("flex-evo", "FlexAttention EvoAttention")]
-SYSTEM_NAMES = dict(BASELINES, **{SPARSE: "sparse EvoAttention (ours)"})
+             ("flex-evo", "FlexAttention EvoAttention, fast bias")]
+# FlexAttention with the bias computed as SPEC writes it (int64 and f64 per element): the only
+# form torch_baselines.py had before 2026-11-23, whose lines carry no `flex_bias`. The speed-up
+# table takes it where a cell has no flex-evo (fast form) row, and marks it.
+FLEX_EXACT64 = "flex-evo-exact64"
+SYSTEM_NAMES = dict(BASELINES, **{SPARSE: "sparse EvoAttention (ours)",
+                                  FLEX_EXACT64: "FlexAttention EvoAttention, exact64 bias"})
 PASS_NAMES = {"chunking": "GPU chunking", "fwd": "forward",
               "fwd_warp": "forward, warp-per-query kernel (bf16 default before tensor cores)",
               "fwd_saving": "forward saving the branch outputs (as training runs it)",
               "fwd_bwd": "forward + backward",
               "fwd_bwd_two_pass": "forward + backward without saved branch outputs (query backward in two passes)",
               "fwd_bwd_det": "forward + backward, deterministic",
-              "e2e_fwd_bwd": "chunking + forward + backward"}
+              "e2e_fwd_bwd": "chunking + forward + backward",
+              "fwd_global": "forward, only the summaries' FlexAttention call",
+              "fwd_transition": "forward, only the tails' FlexAttention call",
+              "fwd_local": "forward, only the local FlexAttention call"}
 # The issue's targets: H100, ctr-base, bf16, forward + backward (fast backward).
 TARGET_WORKLOAD = "ctr-base"
 DENSE_TARGETS = {4096: 8.0, 16384: 30.0}
@@ -52,8 +60,31 @@ def load(path):
             except ValueError as e:
                 sys.exit(f"{path}:{number}: not JSON ({e})")
             key = (obj["workload"], obj["len"])
+            if obj["source"] == "torch_baselines":
+                obj = torch_line(obj, cells.get(key, {}).get("torch_baselines"))
             cells.setdefault(key, {})[obj["source"]] = obj
     return cells
+
+
+def torch_line(obj, before):
+    """A torch_baselines line merged over the cell's earlier ones: each line holds every row its
+    run has finished, so a later row replaces an earlier one of the same system and pass, and
+    rows the later run did not time (another bias form) are kept. Lines without `flex_bias`
+    timed the exact64 form under the name flex-evo."""
+    obj = dict(obj)
+    if "flex_bias" not in obj:
+        obj["rows"] = [dict(r, system=FLEX_EXACT64) if r["system"] == "flex-evo" else r
+                       for r in obj["rows"]]
+        if obj.get("check_rel_l2") is not None:
+            obj["flex_forms"] = {"exact64": {"system": FLEX_EXACT64, "check_rel_l2": obj["check_rel_l2"],
+                                             "grad_coeffs": obj.get("flex_grad_coeffs", True)}}
+    if before is None:
+        return obj
+    rows = {(r["system"], r["pass"]): r for r in before["rows"]}
+    rows.update({(r["system"], r["pass"]): r for r in obj["rows"]})
+    obj["rows"] = list(rows.values())
+    obj["flex_forms"] = {**before.get("flex_forms", {}), **obj.get("flex_forms", {})}
+    return obj
 
 
 def figure(row):
@@ -78,6 +109,10 @@ def merge(cells):
                 if k in src:
                     cell.setdefault(k, src[k])
             for row in src["rows"]:
+                if row.get("compiled_while_timed"):
+                    cell["notes"].append(f"{row['system']} {row['pass']}: dynamo compiled "
+                                         f"{row['compiled_while_timed']} frames while it was timed, so its "
+                                         "time includes compilation")
                 ms, spread = figure(row)
                 cell["systems"].setdefault(row["system"], {})[row["pass"]] = {
                     "ms": ms, "runs_ms": row["ms"], "spread": spread, "reps": row["reps"],
@@ -97,15 +132,17 @@ def merge(cells):
                 cell["sparse_fwd_fraction_of_copy"] = bw / (sum(copy) / len(copy))
                 cell["copy_spread"] = abs(copy[0] - copy[-1]) / (sum(copy) / len(copy))
         if torch:
-            cell["flex_check_rel_l2"] = torch.get("check_rel_l2")
-            cell["flex_grad_coeffs"] = torch.get("flex_grad_coeffs")
+            cell["flex_forms"] = torch.get("flex_forms", {})
             cell["sdpa_padded_tokens"] = torch.get("sdpa_padded_tokens")
+        if "flex-evo" not in cell["systems"] and FLEX_EXACT64 in cell["systems"]:
+            cell["flex_speedup_form"] = "exact64"
         sparse = cell["systems"].get(SPARSE, {})
         cell["speedups"] = {}
         for base, _ in BASELINES:
             for p in ("fwd", "fwd_bwd"):
                 ours = sparse.get(p, {}).get("ms")
-                theirs = cell["systems"].get(base, {}).get(p, {}).get("ms")
+                flex_form = base == "flex-evo" and cell.get("flex_speedup_form") == "exact64"
+                theirs = cell["systems"].get(FLEX_EXACT64 if flex_form else base, {}).get(p, {}).get("ms")
                 if ours and theirs:
                     cell["speedups"].setdefault(base, {})[p] = theirs / ours
         merged.append(cell)
@@ -161,7 +198,9 @@ def targets(merged, gpu_names):
     for n in lens or [1024, 4096, 16384]:
         cell = by.get((TARGET_WORKLOAD, n), {})
         value = cell.get("speedups", {}).get("flex-evo", {}).get("fwd_bwd")
-        lines.append(verdict(value, FLEX_TARGET, f"sparse vs FlexAttention EvoAttention, {TARGET_WORKLOAD}, n = {n}, fwd + bwd"))
+        form = " (exact64 bias form)" if cell.get("flex_speedup_form") == "exact64" else ""
+        lines.append(verdict(value, FLEX_TARGET, f"sparse vs FlexAttention EvoAttention{form}, "
+                             f"{TARGET_WORKLOAD}, n = {n}, fwd + bwd"))
     # Issue 4: forward + backward at most 3.5x the forward, deterministic at most 1.3x fast.
     for n in lens or [4096]:
         sp = by.get((TARGET_WORKLOAD, n), {}).get("systems", {}).get(SPARSE, {})
@@ -227,10 +266,16 @@ def markdown(stem, head, merged, notes=None):
     for c in merged:
         s = c["speedups"]
         g = lambda b, p: fmt_x(s.get(b, {}).get(p))
+        mark = " (a)" if c.get("flex_speedup_form") == "exact64" else ""
+        f = lambda p: g("flex-evo", p) + (mark if s.get("flex-evo", {}).get(p) else "")
         out.append(f"| {c['workload']} | {c['len']} | {c.get('num_tokens', '-')} | {g('dense-ours', 'fwd')} | "
                    f"{g('dense-ours', 'fwd_bwd')} | {g('sdpa-flash', 'fwd')} | {g('sdpa-flash', 'fwd_bwd')} | "
-                   f"{g('flex-evo', 'fwd')} | {g('flex-evo', 'fwd_bwd')} | "
+                   f"{f('fwd')} | {f('fwd_bwd')} | "
                    f"{fmt_pct(c.get('sparse_fwd_fraction_of_copy'))} |")
+    if any(c.get("flex_speedup_form") == "exact64" for c in merged):
+        out += ["", "(a) Against FlexAttention with the bias computed as SPEC writes it, in int64 and f64 "
+                "per element (the only form timed before 2026-11-23); `torch_baselines.py` now times a form "
+                "in 32-bit operations (flex-evo) by default, and this cell has no row of it yet."]
     out += ["", f"![speed-up against n]({stem}-speedup.svg)", ""]
     out.append("## Every measurement")
     for c in merged:
@@ -244,9 +289,12 @@ def markdown(stem, head, merged, notes=None):
                        f"(spread {fmt_pct(c.get('copy_spread'))}); sparse forward moves at least "
                        f"{c['min_bytes_sparse_fwd'] / 1e9:.3f} GB: "
                        f"{fmt_pct(c.get('sparse_fwd_fraction_of_copy'))} of copy.")
-        if c.get("flex_check_rel_l2") is not None:
-            out.append(f"FlexAttention EvoAttention vs this crate: relative L2 {c['flex_check_rel_l2']:.2e}"
-                       + ("" if c.get("flex_grad_coeffs", True) else
+        for form, info in sorted(c.get("flex_forms", {}).items()):
+            if info.get("check_rel_l2") is None:
+                continue
+            out.append(f"FlexAttention EvoAttention ({form} bias) vs this crate: relative L2 "
+                       f"{info['check_rel_l2']:.2e}"
+                       + ("" if info.get("grad_coeffs", True) else
                           "; its backward ran without coefficient gradients (unsupported by this PyTorch)")
                        + ".")
         if c.get("sdpa_padded_tokens"):
@@ -255,7 +303,7 @@ def markdown(stem, head, merged, notes=None):
         for note in c["notes"]:
             out.append(f"**Note:** {note}.")
         out += ["", "| system | pass | ms | spread | reps | peak GiB |", "|---|---|---|---|---|---|"]
-        for system in [SPARSE] + [b for b, _ in BASELINES]:
+        for system in [SPARSE] + [b for b, _ in BASELINES] + [FLEX_EXACT64]:
             for p, r in c["systems"].get(system, {}).items():
                 out.append(f"| {SYSTEM_NAMES.get(system, system)} | {PASS_NAMES.get(p, p)} | {fmt_ms(r['ms'])} | "
                            f"{fmt_pct(r['spread'])} | {r['reps']} | {fmt_gib(r['peak_bytes'])} |")

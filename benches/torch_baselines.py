@@ -18,7 +18,20 @@ high-water mark of `torch.cuda.max_memory_allocated` over one call, above what w
 before it (the same definition `gpu_bench.rs` measures with the CUDA memory pool).
 
     python3 benches/torch_baselines.py --data DIR [--len N] [--reps 20] [--out FILE.jsonl]
-        [--systems flex,sdpa] [--buckets 4] [--check-only]
+        [--systems flex,sdpa] [--buckets 4] [--check-only] [--flex-bias fast[,exact64]]
+        [--passes fwd,fwd_bwd[,fwd_branches]] [--dry-run]
+
+The RelTemporal bias in the score_mods (`--flex-bias`): `fast` (system flex-evo), what a user
+tuning FlexAttention would write: per element only 32-bit integer and f32 operations, on per-token
+features made once per batch (times relative to the sequence as int32, the day phase's cos and
+sin, weekend as 0 or 1); `exact64` (system flex-evo-exact64), SPEC section 4 written literally:
+int64 times, a f64 log2 and an int64 modulo per element. Both are exact (SPEC's bucket, the hour
+term by SPEC's own cos/sin rewrite) and both are checked against this crate's output. Before
+2026-11-23 this script had only the exact64 form, under the name flex-evo.
+
+A timed call that makes dynamo compile again would time the compiler: every row records
+`compiled_while_timed` (frames dynamo compiled during its timed calls), and a warning is printed
+when it is not 0.
 
 SDPA is timed first (it needs no compilation), then FlexAttention is compiled, checked and timed.
 After every pass it appends a JSON object holding every row so far to `--out` (default
@@ -120,12 +133,32 @@ class Layout:
         weekend = (np.floor_divide(ts + meta["utc_offset"], DAY) + 4) % 7
         weekend = (weekend == 0) | (weekend == 6)
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
-        self.seq_id, self.kind, self.beh_end = dev(seq_id), dev(kind), dev(beh_end)
-        self.chunk_seq, self.chunk_last = dev(chunk_seq), dev(chunk_last)
-        self.tail_idx, self.tail_seq = dev(tail_idx), dev(tail_seq)
-        self.ts, self.weekend = dev(ts), dev(weekend)
-        self.chunk_ts, self.chunk_weekend = self.ts[self.chunk_last], self.weekend[self.chunk_last]
-        self.tail_ts, self.tail_weekend = self.ts[self.tail_idx], self.weekend[self.tail_idx]
+        self.tail_idx = dev(tail_idx)  # the tails' gather (int64: an index)
+        # What the masks compare, in int32 like FlexAttention's indices: int64 compares cost
+        # two instructions each on a GPU.
+        i32 = lambda a: dev(np.asarray(a).astype(np.int32))
+        self.m = {"seq_id": i32(seq_id), "kind": i32(kind), "beh_end": i32(beh_end),
+                  "chunk_seq": i32(chunk_seq), "chunk_last": i32(chunk_last),
+                  "tail_idx": i32(tail_idx), "tail_seq": i32(tail_seq)}
+        # Per-token time features of the two bias forms (`--flex-bias`, see `BIAS`):
+        #   exact64: the timestamps (int64) and weekend flags, the bias computed as SPEC writes it;
+        #   fast: times relative to their sequence's earliest (int32: SPEC bounds a
+        #         sequence's span by i32::MAX seconds), the hour term's phases cos, sin of
+        #         2 pi (t mod 86400) / 86400 (SPEC's exact rewrite) and weekend as 0 or 1 in f32.
+        seq_t0 = np.full(num_seqs, np.iinfo(np.int64).max)
+        timed = kind != 0
+        np.minimum.at(seq_t0, seq_id[timed], ts[timed])
+        rel = np.where(kind == 0, 0, ts - seq_t0[seq_id])
+        assert rel.min(initial=0) >= 0 and rel.max(initial=0) <= np.iinfo(np.int32).max, \
+            "a sequence spans more than i32::MAX seconds (SPEC rejects it)"
+        phase = 2 * np.pi * np.mod(ts, DAY) / DAY
+        token = {"exact64": (dev(ts), dev(weekend)),
+                 "fast": (i32(rel), dev(np.cos(phase).astype(np.float32)),
+                          dev(np.sin(phase).astype(np.float32)), dev(weekend.astype(np.float32)))}
+        chunk_idx = dev(chunk_last)
+        self.time = {form: {"token": f, "chunk": tuple(a[chunk_idx] for a in f),
+                            "tail": tuple(a[self.tail_idx] for a in f)}
+                     for form, f in token.items()}
         beh = chunk_of >= 0
         self.beh_tokens = dev(np.nonzero(beh)[0])
         self.beh_chunk = dev(chunk_of[beh])
@@ -140,8 +173,17 @@ class Layout:
                    "tail_offsets": tail_offsets, "user": user,
                    "max_candidates": int(x["num_candidates"].max(initial=0))}
 
-    def nbytes(self):
-        return sum(v.nbytes for v in vars(self).values() if isinstance(v, torch.Tensor))
+    def nbytes(self, bias_form):
+        """Bytes of the tensors one bias form's FlexAttention calls read."""
+        def walk(v):
+            if isinstance(v, torch.Tensor):
+                return v.nbytes
+            if isinstance(v, dict):
+                return sum(walk(u) for u in v.values())
+            if isinstance(v, (tuple, list)):
+                return sum(walk(u) for u in v)
+            return 0
+        return walk({k: v for k, v in vars(self).items() if k != "time"}) + walk(self.time[bias_form])
 
 
 def _ragged_arange(lengths):
@@ -151,10 +193,11 @@ def _ragged_arange(lengths):
     return np.arange(total) - np.repeat(ends - lengths, lengths)
 
 
-def rel_temporal(coeffs, h, tq, tk, wq, wk, nb):
-    """SPEC section 4's bias for query/key times `tq`, `tk` and weekend flags `wq`, `wk`;
-    `coeffs` = (s1, s2, s3), one [H] tensor each: FlexAttention's backward takes the gradient of
-    a captured tensor only if the score_mod indexes it once."""
+def rel_temporal_exact64(coeffs, h, fq, fk, nb):
+    """SPEC section 4's bias as SPEC writes it, for query/key features `fq`, `fk` = (timestamp
+    (int64), weekend (bool)); `coeffs` = (s1, s2, s3), one [H] tensor each: FlexAttention's
+    backward takes the gradient of a captured tensor only if the score_mod indexes it once."""
+    (tq, wq), (tk, wk) = fq, fk
     dt = (tq - tk).abs()
     x = dt + 1
     # floor(log2 x) in f64 is exact for x < 2^53; then the bit below the top one.
@@ -168,24 +211,85 @@ def rel_temporal(coeffs, h, tq, tk, wq, wk, nb):
     return s1[h] * bk + s2[h] * hr + s3[h] * wkf
 
 
+def half_octave_bucket(dt):
+    """SPEC's exact bucket of int32 `dt` in [0, i32::MAX] with 32-bit operations only. For
+    y = dt + 1 < 2^24 the f32 conversion is exact, and floor(log2 y) in f32 is off by at most one
+    near a power of two, which two integer compares correct. Larger y are shifted right by 8
+    first: that keeps the top bit and the one below it, and the bucket is 16 more. (Reading the
+    exponent from the f32 bits would be shorter, but a dtype view has no vmap rule, so eager
+    FlexAttention could not run it.) check_bucket tests it against SPEC's integer definition,
+    eager and compiled, before every run that times this form."""
+    big = dt >= (1 << 24) - 1
+    # (dt + 1) >> 8 without overflowing at dt = i32::MAX.
+    y = torch.where(big, (dt >> 8) + (((dt & 255) + 1) >> 8), dt + 1)
+    e = torch.floor(torch.log2(y.to(torch.float32))).to(torch.int32)
+    one = torch.ones_like(e)
+    e = e - (torch.bitwise_left_shift(one, e) > y).to(torch.int32)
+    e = e + (torch.bitwise_left_shift(one, e + 1) <= y).to(torch.int32)
+    r = torch.where(e >= 1, torch.bitwise_right_shift(y, (e - 1).clamp(min=0)) & 1, 0)
+    return 2 * e + r + 16 * big.to(torch.int32)
+
+
+def check_bucket(device):
+    """half_octave_bucket against the integer definition, eager and compiled on `device` (the
+    compiled code is what a score_mod runs): every dt < 2^16, every power of two and 1.5 times
+    one +-3, and 2^20 random values up to i32::MAX. Returns the number of mismatches."""
+    edges = {v for k in range(32) for c in ((1 << k), (3 << k) // 2) for v in range(c - 4, c + 3)}
+    dt = torch.cat([torch.arange(1 << 16),
+                    torch.tensor(sorted(v for v in edges if 0 <= v <= 2**31 - 1)),
+                    torch.randint(0, 2**31 - 1, (1 << 20,), generator=torch.Generator().manual_seed(7))])
+    x = dt + 1  # int64 on the host: SPEC's definition, bit by bit
+    e = torch.zeros_like(x)
+    for k in range(1, 32):
+        e += (x >= (1 << k)).to(torch.int64)
+    r = torch.where(e >= 1, (x >> (e - 1).clamp(min=0)) & 1, 0)
+    want = 2 * e + r
+    d = dt.to(torch.int32).to(device)
+    bad = 0
+    for fn in (half_octave_bucket, torch.compile(half_octave_bucket, dynamic=False)):
+        bad += int((fn(d).cpu().to(torch.int64) != want).sum())
+    return bad
+
+
+def rel_temporal_fast(coeffs, h, fq, fk, nb):
+    """The same bias from features (relative time (int32), cos, sin of the day phase, weekend as
+    0 or 1): Hr = -sin^2(pi dt / 86400) = (cos a cos b + sin a sin b - 1) / 2 (SPEC section 4),
+    no int64 or f64 operation per element."""
+    (tq, cq, sq, wq), (tk, ck, sk, wk) = fq, fk
+    bucket = torch.clamp(half_octave_bucket((tq - tk).abs()), max=nb)
+    bk = bucket.to(torch.float32) * (-1.0 / nb)
+    hr = (cq * ck + sq * sk - 1.0) * 0.5
+    wkf = -(wq - wk).abs()
+    s1, s2, s3 = coeffs
+    return s1[h] * bk + s2[h] * hr + s3[h] * wkf
+
+
+# `--flex-bias`: how the score_mods compute the RelTemporal bias (see Layout.time).
+BIAS = {"fast": rel_temporal_fast, "exact64": rel_temporal_exact64}
+FLEX_SYSTEM = {"fast": "flex-evo", "exact64": "flex-evo-exact64"}
+
+
 def mask_mods(lay):
     w = lay.window
+    m = lay.m
 
     def global_mask(b, h, qi, ci):
-        visible = (lay.kind[qi] == 2) | ((lay.kind[qi] == 1) & (lay.chunk_last[ci] <= qi))
-        return (lay.chunk_seq[ci] == lay.seq_id[qi]) & visible
+        kq = m["kind"][qi]
+        visible = (kq == 2) | ((kq == 1) & (m["chunk_last"][ci] <= qi))
+        return (m["chunk_seq"][ci] == m["seq_id"][qi]) & visible
 
     def transition_mask(b, h, qi, ti):
-        visible = (lay.kind[qi] == 2) | ((lay.kind[qi] == 1) & (lay.tail_idx[ti] <= qi))
-        return (lay.tail_seq[ti] == lay.seq_id[qi]) & visible
+        kq = m["kind"][qi]
+        visible = (kq == 2) | ((kq == 1) & (m["tail_idx"][ti] <= qi))
+        return (m["tail_seq"][ti] == m["seq_id"][qi]) & visible
 
     def local_mask(b, h, qi, ki):
-        kq, kk = lay.kind[qi], lay.kind[ki]
+        kq, kk = m["kind"][qi], m["kind"][ki]
         user = (kk == 0) & (kq != 0)
         window = (kq == 1) & (kk == 1) & (ki <= qi) & (ki > qi - w)
-        cand_window = (kq == 2) & (kk == 1) & (ki >= lay.beh_end[qi] + 1 - w)
+        cand_window = (kq == 2) & (kk == 1) & (ki >= m["beh_end"][qi] + 1 - w)
         itself = (kq == 2) & (ki == qi)
-        return (lay.seq_id[qi] == lay.seq_id[ki]) & (user | window | cand_window | itself)
+        return (m["seq_id"][qi] == m["seq_id"][ki]) & (user | window | cand_window | itself)
 
     return {"global": (global_mask, lay.num_chunks), "transition": (transition_mask, lay.num_tails),
             "local": (local_mask, lay.num_tokens)}
@@ -261,8 +365,14 @@ def verify_block_masks(lay, masks, device):
             sys.exit(f"hand-built block mask of the {branch} branch misses {missing} blocks")
 
 
-def evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale):
-    """EvoAttention with FlexAttention: q, k, v [T, H, D]; gates [T, H, 3]; returns [T, H, D]."""
+BRANCHES = ("global", "transition", "local")
+
+
+def evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale, bias_form="fast",
+                  branches=BRANCHES):
+    """EvoAttention with FlexAttention: q, k, v [T, H, D]; gates [T, H, 3]; returns [T, H, D].
+    `branches` leaves out the other branches' FlexAttention calls (a diagnostic: the output is
+    then not EvoAttention's)."""
     t, h, d = q.shape
     nb = lay.nb
     # Chunk pooling in PyTorch: the means of each chunk's members, in f32.
@@ -274,20 +384,23 @@ def evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale):
     vbar = (vbar / lay.chunk_counts[:, None, None]).to(q.dtype)
     # Chunk tails gathered into their own keys.
     ktail, vtail = k[lay.tail_idx], v[lay.tail_idx]
-    # Separate copies of the coefficient columns (see rel_temporal); gradients still reach coeffs.
+    # Separate copies of the coefficient columns (see rel_temporal_exact64); gradients still
+    # reach coeffs.
     coeffs = tuple(coeffs[:, j].clone() for j in range(3))
 
+    rel = BIAS[bias_form]
+    tf = lay.time[bias_form]
+    at = lambda feats, i: tuple(f[i] for f in feats)
+
     def summary_bias(score, b, hh, qi, ci):
-        return score + rel_temporal(coeffs, hh, lay.ts[qi], lay.chunk_ts[ci], lay.weekend[qi],
-                                    lay.chunk_weekend[ci], nb)
+        return score + rel(coeffs, hh, at(tf["token"], qi), at(tf["chunk"], ci), nb)
 
     def tail_bias(score, b, hh, qi, ti):
-        return score + rel_temporal(coeffs, hh, lay.ts[qi], lay.tail_ts[ti], lay.weekend[qi],
-                                    lay.tail_weekend[ti], nb)
+        return score + rel(coeffs, hh, at(tf["token"], qi), at(tf["tail"], ti), nb)
 
     def token_bias(score, b, hh, qi, ki):
-        bias = rel_temporal(coeffs, hh, lay.ts[qi], lay.ts[ki], lay.weekend[qi], lay.weekend[ki], nb)
-        return score + torch.where(lay.kind[ki] == 0, 0.0, bias)
+        bias = rel(coeffs, hh, at(tf["token"], qi), at(tf["token"], ki), nb)
+        return score + torch.where(lay.m["kind"][ki] == 0, 0.0, bias)
 
     as_bhtd = lambda x: x.permute(1, 0, 2).unsqueeze(0)
     qq = as_bhtd(q)
@@ -298,6 +411,8 @@ def evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale):
     ]
     out = None
     for b, (kk, vv, mod, mask) in enumerate(calls):
+        if BRANCHES[b] not in branches:
+            continue
         o_b = flex(qq, as_bhtd(kk), as_bhtd(vv), score_mod=mod, block_mask=mask, scale=scale)
         # Rows with no key at all come back as 0 from FlexAttention, as SPEC asks.
         o_b = gates[:, :, b:b + 1].float() * o_b.squeeze(0).permute(1, 0, 2).float()
@@ -314,10 +429,19 @@ def rel_l2(x, ref, rows=1 << 16):
     return math.sqrt(num) / math.sqrt(den) if den > 0 else float("nan")
 
 
-def time_ms(fn, reps):
-    """Median ms of `fn(i)` over `reps` calls after WARMUP, CUDA events around each call."""
+def dynamo_frames():
+    """How many frames dynamo has compiled so far (each recompilation is one more)."""
+    from torch._dynamo.utils import counters
+    return int(counters["frames"]["total"])
+
+
+def time_ms(fn, reps, compiled):
+    """Median ms of `fn(i)` over `reps` calls after WARMUP, CUDA events around each call; adds
+    to `compiled[0]` the frames dynamo compiled during the timed calls (a call that recompiles
+    would time the compiler, not the kernel)."""
     for i in range(WARMUP):
         fn(i)
+    frames = dynamo_frames()
     times = []
     for i in range(reps):
         if DRY:
@@ -331,6 +455,7 @@ def time_ms(fn, reps):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    compiled[0] += dynamo_frames() - frames
     times.sort()
     return times[len(times) // 2]
 
@@ -357,8 +482,10 @@ def block_mask_nbytes(mask):
     return sum(t.nbytes for t in mask.as_tuple() if isinstance(t, torch.Tensor))
 
 
-def flex_systems(lay, masks, meta, x, device, dtype):
-    """The flex-evo passes: name -> (fn(i), tensors read). Checks the output first."""
+def flex_systems(lay, masks, meta, x, device, dtype, bias_form, per_branch):
+    """The flex-evo passes of one bias form: name -> (fn(i), tensors read). Checks the output
+    first. With `per_branch` the forward is also timed with one branch's FlexAttention call at a
+    time (pooling and gathers still included), to see which call takes the time."""
     flex = flex_attention if DRY else torch.compile(flex_attention, dynamic=False)
     to = lambda a: torch.from_numpy(a).to(device)
     q, k, v = (to(x[n]).to(dtype) for n in ("q", "k", "v"))
@@ -366,7 +493,7 @@ def flex_systems(lay, masks, meta, x, device, dtype):
     scale = meta["scale"]
     started = time.time()
     with torch.no_grad():
-        out = evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale)
+        out = evo_attention(lay, masks, flex, q, k, v, gates, coeffs, scale, bias_form)
     sync()
     compile_s = time.time() - started
     err = rel_l2(out, to(x["o"]))
@@ -382,21 +509,25 @@ def flex_systems(lay, masks, meta, x, device, dtype):
     # coefficients get no gradient and the results say so.
     grad_coeffs = {"on": True}
 
-    def fwd(i):
+    def fwd(i, branches=BRANCHES):
         with torch.no_grad():
-            evo_attention(lay, masks, flex, *(a.detach() for a in sets[i % 2]), coeffs, scale)
+            evo_attention(lay, masks, flex, *(a.detach() for a in sets[i % 2]), coeffs, scale,
+                          bias_form, branches)
 
     def fwd_bwd(i):
         args = sets[i % 2]
         c = coeffs_leaf if grad_coeffs["on"] else coeffs
         for a in args + (c,):
             a.grad = None
-        out = evo_attention(lay, masks, flex, *args, c, scale)
+        out = evo_attention(lay, masks, flex, *args, c, scale, bias_form)
         out.backward(d_o[i % 2])
 
     read = [q, k, v, gates, coeffs]
-    read_layout = lay.nbytes() + sum(block_mask_nbytes(m) for m in masks.values())
+    read_layout = lay.nbytes(bias_form) + sum(block_mask_nbytes(m) for m in masks.values())
     passes = {"fwd": (fwd, read, read_layout)}
+    if per_branch:
+        for b, name in enumerate(BRANCHES):
+            passes[f"fwd_{name}"] = (lambda i, b=b: fwd(i, (BRANCHES[b],)), read, read_layout)
     if not DRY:  # FlexAttention has no CPU backward
         passes["fwd_bwd"] = (fwd_bwd, read + [d_o[0]], read_layout)
     return err, compile_s, passes, grad_coeffs
@@ -448,7 +579,19 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--dry-run", action="store_true",
                     help="run the GPU code path on the CPU (tests this script; numbers mean nothing)")
+    ap.add_argument("--flex-bias", default="fast",
+                    help="bias forms of flex-evo, comma-separated: fast (int32 and f32 per element, "
+                         "system flex-evo) and exact64 (int64 and f64 log2 as SPEC writes it, system "
+                         "flex-evo-exact64; the only form before 2026-11-23)")
+    ap.add_argument("--passes", default="fwd,fwd_bwd",
+                    help="flex-evo passes to time: fwd, fwd_bwd, and fwd_branches (the forward with one "
+                         "branch's FlexAttention call at a time)")
     args = ap.parse_args()
+    forms = args.flex_bias.split(",")
+    bad = [f for f in forms if f not in BIAS]
+    if bad:
+        ap.error(f"--flex-bias: unknown form {bad[0]!r} (known: {', '.join(BIAS)})")
+    passes_wanted = set(args.passes.split(","))
     # Every branch's key length, with and without gradients, and two input sets are separate
     # compilations: past dynamo's default limit of 8 FlexAttention falls back to its eager path,
     # which materializes the T x T scores (and runs out of memory).
@@ -468,6 +611,12 @@ def main():
     cuda = torch.cuda.is_available() or DRY
     device = "cuda" if cuda and not DRY else "cpu"
     dtype = TORCH_DTYPE[meta["dtype"]]
+    if "fast" in forms and "flex" in systems:
+        bad = check_bucket(device)
+        print(f"fast bias form: half-octave bucket {'exact' if not bad else f'WRONG on {bad} values'} "
+              "(eager and compiled, against SPEC's integer definition)")
+        if bad:
+            sys.exit(1)
     lay = Layout(meta, x, device)
     masks = block_masks(lay, device)
     tol = TOLERANCE[meta["dtype"]]
@@ -481,12 +630,15 @@ def main():
             verify_block_masks(lay, masks, device)
         to = lambda a: torch.from_numpy(a)
         q, k, v = (to(x[name]).to(dtype) for name in ("q", "k", "v"))
-        out = evo_attention(lay, masks, flex_attention, q, k, v, to(x["gates"]).to(dtype),
-                            to(x["coeffs"]), meta["scale"])
-        err = rel_l2(out, to(x["o"]))
-        ok = math.isfinite(err) and err <= tol
-        print(f"FlexAttention EvoAttention (eager, CPU) vs this crate ({meta['output_source']}): "
-              f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}")
+        ok = True
+        for form in forms:
+            out = evo_attention(lay, masks, flex_attention, q, k, v, to(x["gates"]).to(dtype),
+                                to(x["coeffs"]), meta["scale"], form)
+            err = rel_l2(out, to(x["o"]))
+            ok &= math.isfinite(err) and err <= tol
+            print(f"FlexAttention EvoAttention, {form} bias (eager, CPU) vs this crate "
+                  f"({meta['output_source']}): relative L2 {err:.3e} (tolerance {tol:.0e}) "
+                  f"{'ok' if math.isfinite(err) and err <= tol else 'FAILED'}")
         print("no GPU: timing skipped")
         sys.exit(0 if ok else 1)
 
@@ -517,9 +669,14 @@ def main():
             peak = peak_bytes(fn, read) + extra
         row = {"system": system, "pass": pass_name, "reps": args.reps, "ms": [],
                "peak_bytes": int(peak), "first_call_s": time.time() - started}
+        compiled = [0]
         for run in range(2):  # two identical runs: their spread is reported
-            row["ms"].append(time_ms(fn, args.reps))
+            row["ms"].append(time_ms(fn, args.reps, compiled))
             say(f"run {run + 1}: {system:<10} {pass_name:<8} {row['ms'][-1]:10.3f} ms")
+        row["compiled_while_timed"] = compiled[0]
+        if compiled[0]:
+            say(f"WARNING: {system} {pass_name}: dynamo compiled {compiled[0]} frames during the "
+                "timed calls; these times include compilation")
         rows.append(row)
         emit()
 
@@ -535,33 +692,52 @@ def main():
         if not DRY:
             torch.cuda.empty_cache()
     if "flex" in systems:
-        say("FlexAttention EvoAttention: compiling and checking")
-        err, compile_s, flex_passes, grad_coeffs = flex_systems(lay, masks, meta, x, device, dtype)
-        ok = math.isfinite(err) and err <= tol
-        say(f"FlexAttention EvoAttention vs this crate ({meta['output_source']}): "
-            f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}; "
-            f"first call (compilation) {compile_s:.1f} s")
-        result.update(check_rel_l2=err, check_ok=ok, flex_first_call_s=compile_s)
-        if not ok:
-            emit()
-            sys.exit(1)
-        del x["o"]
-        if args.check_only:
-            emit()
-            return
+        # Rows of the fast form are flex-evo, the system of the speed-up table; lines without
+        # `flex_bias` come from before the fast form existed and timed the exact64 one.
+        result["flex_bias"] = forms
+        result["flex_forms"] = {}
+        for form in forms:
+            system = FLEX_SYSTEM[form]
+            say(f"FlexAttention EvoAttention, {form} bias: compiling and checking")
+            err, compile_s, flex_passes, grad_coeffs = flex_systems(
+                lay, masks, meta, x, device, dtype, form, "fwd_branches" in passes_wanted)
+            ok = math.isfinite(err) and err <= tol
+            say(f"FlexAttention EvoAttention, {form} bias, vs this crate ({meta['output_source']}): "
+                f"relative L2 {err:.3e} (tolerance {tol:.0e}) {'ok' if ok else 'FAILED'}; "
+                f"first call (compilation) {compile_s:.1f} s")
+            info = {"system": system, "check_rel_l2": err, "check_ok": ok, "first_call_s": compile_s}
+            result["flex_forms"][form] = info
+            if form == "fast" or len(forms) == 1:
+                result.update(check_rel_l2=err, check_ok=ok, flex_first_call_s=compile_s)
+            if not ok:
+                emit()
+                sys.exit(1)
+            if args.check_only:
+                emit()
+                continue
 
-        def without_coeff_grads(e):
-            if not grad_coeffs["on"]:
-                raise e
-            say(f"flex-evo backward with coefficient gradients failed ({e!r}); "
-                "timing it without them")
-            grad_coeffs["on"] = False
-            result["flex_grad_coeffs"] = False
+            def without_coeff_grads(e, grad_coeffs=grad_coeffs, info=info, system=system):
+                if not grad_coeffs["on"]:
+                    raise e
+                say(f"{system} backward with coefficient gradients failed ({e!r}); "
+                    "timing it without them")
+                grad_coeffs["on"] = False
+                info["grad_coeffs"] = False
+                if system == "flex-evo":
+                    result["flex_grad_coeffs"] = False
 
-        result["flex_grad_coeffs"] = grad_coeffs["on"]
-        for pass_name, (fn, read, extra) in flex_passes.items():
-            time_pass("flex-evo", pass_name, fn, read, extra,
-                      retry=without_coeff_grads if pass_name == "fwd_bwd" else None)
+            info["grad_coeffs"] = grad_coeffs["on"]
+            if system == "flex-evo":
+                result["flex_grad_coeffs"] = grad_coeffs["on"]
+            for pass_name, (fn, read, extra) in flex_passes.items():
+                wanted = pass_name if pass_name in ("fwd", "fwd_bwd") else "fwd_branches"
+                if wanted not in passes_wanted:
+                    continue
+                time_pass(system, pass_name, fn, read, extra,
+                          retry=without_coeff_grads if pass_name == "fwd_bwd" else None)
+            del flex_passes
+            if not DRY:
+                torch.cuda.empty_cache()
     say(f"appended to {out_path}")
 
 

@@ -25,6 +25,9 @@
 # time forces it: the results record the repetitions of every row), SYSTEMS (sparse,dense),
 # TORCH=0 (skip the PyTorch baselines), TORCH_TIMEOUT_S (default 400: the PyTorch step of a cell
 # is stopped there, keeping the passes it finished), BUDGET_S, OUT (default bench-out).
+# FLEX_BIAS (default fast; fast,exact64 also times the bias as SPEC writes it, in int64 and f64),
+# FLEX_PASSES (default fwd,fwd_bwd; fwd_branches adds the forward one FlexAttention call at a
+# time), TORCH_SYSTEMS (default flex,sdpa): passed to torch_baselines.py.
 # TORCH_CACHE=FILE: PyTorch's compile caches (Inductor's, with Triton's inside) as a tarball to
 # start from where FILE, or its parts FILE.part-00, -01, ..., exist. After each cell's PyTorch step
 # the caches are packed into $OUT/torch-cache.tar.gz.part-NN (14 MiB each, at most
@@ -141,8 +144,13 @@ for cell in "${cells[@]}"; do
     break
   elif [ "${TORCH:-1}" != 0 ]; then
     pack  # the crate's rows are safe before PyTorch starts compiling
-    PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT_S:-400}" python3 benches/torch_baselines.py \
-        --data "$export_dir/$w-n$n" --len "$n" --reps "$reps" > "$logs/$w-n$n-torch.log" 2>&1
+    # Recompilations are logged: a FlexAttention call that recompiles when timed would time
+    # the compiler, not the kernel.
+    TORCH_LOGS="${TORCH_LOGS:-recompiles}" PYTHONUNBUFFERED=1 timeout "${TORCH_TIMEOUT_S:-400}" \
+        python3 benches/torch_baselines.py \
+        --data "$export_dir/$w-n$n" --len "$n" --reps "$reps" --flex-bias "${FLEX_BIAS:-fast}" \
+        --passes "${FLEX_PASSES:-fwd,fwd_bwd}" --systems "${TORCH_SYSTEMS:-flex,sdpa}" \
+        > "$logs/$w-n$n-torch.log" 2>&1
     rc=$?
     pack_torch_cache
     if [ "$rc" -eq 124 ]; then
@@ -157,7 +165,7 @@ for cell in "${cells[@]}"; do
   rm -rf "$export_dir"
   echo "done $w n=$n in $(( $(date +%s) - t0 )) s" | tee -a "$logs/status.txt"
   tail -n 12 "$logs/$w-n$n-crate.log"
-  grep -h -E "relative L2|^run" "$logs/$w-n$n-torch.log" 2>/dev/null
+  grep -h -E "relative L2|\] run |Recompiling|guard failure" "$logs/$w-n$n-torch.log" 2>/dev/null
   pack
 done
 pack
