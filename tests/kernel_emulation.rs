@@ -767,10 +767,13 @@ fn errors_of(summary: &str) -> Vec<(String, f64)> {
 }
 
 /// "largest error dk 2.3e-4 of 9 checked (tolerance 3e-3)" over the relative L2 errors, then the
-/// largest per-entry error of LSE and dgates (`*_entry`, its own bound in the driver), or that there was
-/// nothing to check.
+/// largest per-entry error of LSE and dgates (`*_entry`) and per-row error of dQ, dK, dV (`*_row`),
+/// each with its own bound in the driver, or that there was nothing to check.
 fn worst_line(summary: &str, dtype: DType) -> String {
-    let (entries, errors): (Vec<_>, Vec<_>) = errors_of(summary)
+    let (rows, errors): (Vec<_>, Vec<_>) = errors_of(summary)
+        .into_iter()
+        .partition(|(name, _)| name.ends_with("_row"));
+    let (entries, errors): (Vec<_>, Vec<_>) = errors
         .into_iter()
         .partition(|(name, _)| name.ends_with("_entry"));
     let largest = |v: &[(String, f64)]| v.iter().max_by(|a, b| a.1.total_cmp(&b.1)).cloned();
@@ -784,6 +787,9 @@ fn worst_line(summary: &str, dtype: DType) -> String {
     };
     if let Some((_, e)) = largest(&entries) {
         line.push_str(&format!(", entries (LSE, dgates) {e:.1e}"));
+    }
+    if let Some((name, e)) = largest(&rows) {
+        line.push_str(&format!(", rows {name} {e:.1e}"));
     }
     line
 }
