@@ -696,7 +696,7 @@ double row_tolerance(DType d) {
 }
 
 void compare_rows(Report& r, const std::string& name, const std::vector<double>& got,
-                  const std::vector<double>& want, size_t row_len, double tol) {
+                  const std::vector<double>& want, size_t row_len, int heads, double tol) {
     const size_t n = std::min(got.size(), want.size()) / row_len;
     if (n == 0) return;
     double den = 0;
@@ -722,8 +722,8 @@ void compare_rows(Report& r, const std::string& name, const std::vector<double>&
     r.errors.push_back(buf);
     if (!(worst <= tol)) {
         std::snprintf(buf, sizeof buf,
-                      "%s: row %zu (token %zu) is off by %.3e of max(its norm, the rms row norm) > %.0e",
-                      name.c_str(), worst_at, worst_at, worst, tol);
+                      "%s: token %zu, head %zu is off by %.3e of max(its norm, the rms row norm) > %.0e",
+                      name.c_str(), worst_at / heads, worst_at % heads, worst, tol);
         r.fail(buf);
     }
 }
@@ -1240,7 +1240,7 @@ int run(const Folder& f, const Options& opt) {
                 const auto want = ref(name, rows);
                 const auto got = widen<DT>(name[1] == 'q' ? out.dq : name[1] == 'k' ? out.dk : out.dv, rows);
                 compare(rep, name, got, want, tol);
-                compare_rows(rep, name, got, want, HD, row_tolerance(DT));
+                compare_rows(rep, name, got, want, HD, H, row_tolerance(DT));
             }
             const auto dgates_got = widen_f32(out.dgates, branch_rows);
             const auto dgates_want = ref("dgates", branch_rows);
