@@ -707,8 +707,6 @@ def main():
                 f"first call (compilation) {compile_s:.1f} s")
             info = {"system": system, "check_rel_l2": err, "check_ok": ok, "first_call_s": compile_s}
             result["flex_forms"][form] = info
-            if form == "fast" or len(forms) == 1:
-                result.update(check_rel_l2=err, check_ok=ok, flex_first_call_s=compile_s)
             if not ok:
                 emit()
                 sys.exit(1)
@@ -723,12 +721,8 @@ def main():
                     "timing it without them")
                 grad_coeffs["on"] = False
                 info["grad_coeffs"] = False
-                if system == "flex-evo":
-                    result["flex_grad_coeffs"] = False
 
             info["grad_coeffs"] = grad_coeffs["on"]
-            if system == "flex-evo":
-                result["flex_grad_coeffs"] = grad_coeffs["on"]
             for pass_name, (fn, read, extra) in flex_passes.items():
                 wanted = pass_name if pass_name in ("fwd", "fwd_bwd") else "fwd_branches"
                 if wanted not in passes_wanted:
