@@ -13,7 +13,9 @@ pub const DAY: i64 = 86_400;
 /// Parameters of the bias that are not learned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelTemporal {
-    /// `NB`: buckets beyond this saturate at `Bk = -1`. Default 64.
+    /// `NB`: buckets beyond this saturate at `Bk = -1`. Default 64. At least 1; the GPU path
+    /// takes at most 2^24 (no time gap below 2^31 seconds reaches bucket 64, so larger values
+    /// only scale `Bk` down).
     pub num_time_buckets: u32,
     /// Seconds added to UTC before deciding the weekday. Default 0; within one day either way.
     pub utc_offset: i64,

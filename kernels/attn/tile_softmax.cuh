@@ -25,8 +25,8 @@ struct RowSoftmax {
     // reference max, and returns per row the factor by which earlier accumulators must be scaled.
     // The reference moves only when a row's max passes it by more than kRescaleSlack, so most
     // sub-tiles keep it (corr = 1) and the caller skips rescaling the accumulators: returns
-    // whether any row of the warp moved (warp-uniform). Probabilities are then at most
-    // 2^kRescaleSlack: in range for f16, bf16 and the f32 sums.
+    // whether any row of the warp moved (warp-uniform); `corr` is set only when it returns true.
+    // Probabilities are then at most 2^kRescaleSlack: in range for f16, bf16 and the f32 sums.
     static constexpr float kRescaleSlack = 8.f;
 
     template <int kKeyTiles>
@@ -37,22 +37,33 @@ struct RowSoftmax {
 #pragma unroll
             for (int i = 0; i < 4; ++i) mx[i >> 1] = fmaxf(mx[i >> 1], sc[n].c[i]);
         }
-        float base[2];
+        // A row's reference moves only if some lane of its group passes it by the slack (or, for
+        // an empty row, sees a key: -inf + slack is -inf). One vote tells whether any row of the
+        // warp may move; when none may, the group maxima (two shuffle rounds per row, on the
+        // sub-tile's critical path) and the rescale factors' ex2 are not needed: the reference
+        // stays, exactly as the full path would keep it.
+        const bool may_move = mx[0] > m[0] + kRescaleSlack || mx[1] > m[1] + kRescaleSlack;
         bool moved = false;
+        if (__any_sync(kFullMask, may_move)) {  // warp-uniform
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // The four lanes of a group hold the same rows.
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-            // Before any visible key, acc and l are zeros: taking the first max needs no scaling.
-            const bool empty = m[r] == neg_inf();
-            const bool move = !empty && mx[r] > m[r] + kRescaleSlack;
-            corr[r] = move ? fast_exp2(m[r] - mx[r]) : 1.f;
-            if (empty || move) m[r] = mx[r];
-            base[r] = m[r] == neg_inf() ? 0.f : m[r];  // an empty prefix stays empty
-            l[r] *= corr[r];
-            moved = moved || move;
+            for (int r = 0; r < 2; ++r) {
+                // The four lanes of a group hold the same rows.
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+                mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+                // Before any visible key, acc and l are zeros: taking the first max needs no
+                // scaling.
+                const bool empty = m[r] == neg_inf();
+                const bool move = !empty && mx[r] > m[r] + kRescaleSlack;
+                corr[r] = move ? fast_exp2(m[r] - mx[r]) : 1.f;
+                if (empty || move) m[r] = mx[r];
+                l[r] *= corr[r];
+                moved = moved || move;
+            }
+            moved = __any_sync(kFullMask, moved) != 0;
         }
+        float base[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) base[r] = m[r] == neg_inf() ? 0.f : m[r];  // an empty prefix stays empty
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
@@ -62,7 +73,7 @@ struct RowSoftmax {
                 sc[n].c[i] = pr;
             }
         }
-        return __any_sync(kFullMask, moved) != 0;
+        return moved;
     }
 
     // Adds up the group's shares of the sums; returns 1 / sum per row (0 for an empty row).

@@ -112,6 +112,23 @@ pub(crate) fn push_layout<'a>(
         .arg(&chunks.counts);
 }
 
+/// The largest `num_time_buckets` the kernels take: NB is exact in f32 (their `1 / NB`), and
+/// the clamp's `NB + 254` (attn/temporal.cuh) stays far from i32 overflow. No gap below 2^31
+/// reaches bucket 64, so any NB above 63 already gives `Bk = -bucket / NB`.
+pub(crate) const GPU_MAX_TIME_BUCKETS: u32 = 1 << 24;
+
+/// `num_time_buckets` as the kernels take it, or an error that names it.
+pub(crate) fn gpu_time_buckets(num_time_buckets: u32) -> Result<i32> {
+    if num_time_buckets > GPU_MAX_TIME_BUCKETS {
+        return Err(Error::OutOfRange {
+            field: "num_time_buckets",
+            value: num_time_buckets.to_string(),
+            expected: "at most 2^24 = 16777216 on the GPU path",
+        });
+    }
+    Ok(num_time_buckets as i32)
+}
+
 /// The scalars every attention launch needs (no chunks): the config validated against the
 /// batch and dims, with `scale`, `heads`, `num_time_buckets` and the batch sizes filled in.
 pub(crate) fn batch_params(
@@ -134,12 +151,7 @@ pub(crate) fn batch_params(
             expected: "at most 65535 on the GPU path (grid y)",
         });
     }
-    let num_time_buckets =
-        i32::try_from(config.temporal.num_time_buckets).map_err(|_| Error::OutOfRange {
-            field: "num_time_buckets",
-            value: config.temporal.num_time_buckets.to_string(),
-            expected: "at most i32::MAX on the GPU path",
-        })?;
+    let num_time_buckets = gpu_time_buckets(config.temporal.num_time_buckets)?;
     Ok(EvoParams {
         num_seqs: batch.num_seqs as i32,
         num_tokens: batch.num_tokens as i32,
@@ -501,5 +513,25 @@ impl GpuDevice {
             .map_err(driver("cuMemcpyDtoH(lse)"))?;
         debug_assert_eq!(lse.len(), t * dims.heads * NUM_BRANCHES);
         Ok(HostForward { o, lse })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_buckets_above_2_pow_24_are_refused_by_name() {
+        assert_eq!(gpu_time_buckets(1).unwrap(), 1);
+        assert_eq!(gpu_time_buckets(1 << 24).unwrap(), 1 << 24);
+        for nb in [(1u32 << 24) + 1, i32::MAX as u32 - 100, u32::MAX] {
+            match gpu_time_buckets(nb) {
+                Err(Error::OutOfRange { field, value, .. }) => {
+                    assert_eq!(field, "num_time_buckets");
+                    assert_eq!(value, nb.to_string());
+                }
+                other => panic!("num_time_buckets = {nb}: {other:?}"),
+            }
+        }
     }
 }
