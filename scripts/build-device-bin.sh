@@ -12,7 +12,8 @@
 # (before the query backward's sub-tile skip, which the build's own kernels take out again), and
 # 417e835, the saved branch outputs before the inner-loop instruction cuts after it (per-key
 # visibility as intervals and slot numbers, ldmatrix B fragments), and 8390b61, those cuts before
-# the prefix walks' two warp sets (key_tile.cuh); none of the last two run on a GPU yet.
+# the prefix walks' two warp sets (key_tile.cuh), and 84ec198, the kernels before the softmax's
+# vote and the conversion-free bucket (session 16); none of the last three run on a GPU yet.
 # KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-007a1fd 8d9eaeb 417e835 8390b61}
+versions=${KERNEL_VERSIONS-007a1fd 8d9eaeb 417e835 8390b61 84ec198}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions
