@@ -13,8 +13,8 @@ template <int kBytes>
 __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
     static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef __CUDA_ARCH__
-    unsigned smem;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(dst));
+    // The compiler's conversion, not inline asm: see ldmatrix (mma.cuh).
+    const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
     if constexpr (kBytes == 16) {
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(src),
                      "r"(valid ? 16 : 0)

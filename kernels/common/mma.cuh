@@ -117,13 +117,16 @@ __device__ __forceinline__ MmaPair<T> pair_of(T lo, T hi) {
 // One instruction for what load_b reads in two loads per matrix pair. Host compiles gather the
 // same elements through shuffles of the row addresses, so the emulation checks the callers'
 // addressing. The row address is `row + offset`, split so that `row` converts to a shared-space
-// address once for every offset (a 32-bit register instead of a 64-bit pointer per call).
+// address once for every offset (a 32-bit register instead of a 64-bit pointer per call). The
+// conversion is the compiler's own (__cvta_generic_to_shared), which it folds into the address
+// arithmetic that made `row`: as inline asm (cvta.to.shared) it was opaque, and every sub-tile
+// rebuilt its rows' 64-bit generic pointers first (sm_90 SASS, bf16, D = 64: the forward's
+// sub-tile loops took 11-16 more instructions, the key side's walks 20).
 template <int kMatrices, bool kTrans, typename T>
 __device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row, int offset) {
     static_assert(kMatrices == 4 || (kMatrices == 2 && !kTrans), "ldmatrix .x4, .x4.trans or .x2");
 #ifdef __CUDA_ARCH__
-    unsigned smem;  // not volatile: converted once per `row`
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(smem) : "l"(row));
+    const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(row));
     const unsigned at = smem + offset * static_cast<unsigned>(sizeof(T));
     if constexpr (kMatrices == 4 && kTrans)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
