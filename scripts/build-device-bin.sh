@@ -64,7 +64,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-007a1fd 8d9eaeb 417e835 8390b61 84ec198}
+versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions
