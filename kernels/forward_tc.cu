@@ -218,27 +218,27 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     auto close_branch = [&](int b) {
         float inv[2];
         sm.finish(inv);
-        scale_rows(acc, inv);
-        float gate[2];
+        float weight[2];  // gate / sum per row: O_b's normalization folded into the gated sum
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int qc = min(rw[r].q, si.end - 1);
-            gate[r] = load_gate<T>(p, gates, (static_cast<size_t>(qc) * p.heads + head) * 3 + b);
+            weight[r] = load_gate<T>(p, gates, (static_cast<size_t>(qc) * p.heads + head) * 3 + b) * inv[r];
             if (t == 0 && rw[r].q < si.end)
                 lse[(static_cast<size_t>(rw[r].q) * p.heads + head) * kNumBranches + b] = sm.lse(r);
             if (branch_out != nullptr && rw[r].q < si.end) {
                 T* row = branch_out + ((static_cast<size_t>(rw[r].q) * p.heads + head) * kNumBranches + b) * kHeadDim;
 #pragma unroll
                 for (int dt = 0; dt < kDimTiles; ++dt)
-                    store_pair<T>(row + dt * 8 + 2 * t, acc[dt].c[2 * r], acc[dt].c[2 * r + 1]);
+                    store_pair<T>(row + dt * 8 + 2 * t, acc[dt].c[2 * r] * inv[r], acc[dt].c[2 * r + 1] * inv[r]);
             }
         }
+        // One FMA per element where normalizing acc first (scale_rows) took a multiply more.
 #pragma unroll
         for (int dt = 0; dt < kDimTiles; ++dt) {
-            out[dt].c[0] = fmaf(gate[0], acc[dt].c[0], out[dt].c[0]);
-            out[dt].c[1] = fmaf(gate[0], acc[dt].c[1], out[dt].c[1]);
-            out[dt].c[2] = fmaf(gate[1], acc[dt].c[2], out[dt].c[2]);
-            out[dt].c[3] = fmaf(gate[1], acc[dt].c[3], out[dt].c[3]);
+            out[dt].c[0] = fmaf(weight[0], acc[dt].c[0], out[dt].c[0]);
+            out[dt].c[1] = fmaf(weight[0], acc[dt].c[1], out[dt].c[1]);
+            out[dt].c[2] = fmaf(weight[1], acc[dt].c[2], out[dt].c[2]);
+            out[dt].c[3] = fmaf(weight[1], acc[dt].c[3], out[dt].c[3]);
             clear(acc[dt]);
         }
         sm.init();
