@@ -82,14 +82,16 @@ struct RowSoftmax {
         for (int r = 0; r < 2; ++r) {
             l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
             l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
-            inv[r] = l[r] > 0.f ? __frcp_rn(l[r]) : 0.f;
+            inv[r] = l[r] > 0.f ? fast_rcp(l[r]) : 0.f;
         }
     }
 
     // LSE of row r after finish(), natural log as SPEC section 5 defines it: -inf for an empty
     // key set.
     __device__ __forceinline__ float lse(int r) const {
-        return l[r] > 0.f ? fmaf(m[r], kLn2, logf(l[r])) : neg_inf();
+        // l >= 1 (the reference max is a max some key reached, so the row's largest key adds
+        // 2^(its logit - m) >= 1), so log2 l is small and m, maybe large, is rounded once.
+        return l[r] > 0.f ? fmaf(m[r], kLn2, fast_log2(l[r]) * kLn2) : neg_inf();
     }
 };
 

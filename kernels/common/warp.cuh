@@ -20,6 +20,31 @@ __device__ __forceinline__ float fast_exp2(float x) {
 #endif
 }
 
+// 1 / x and log2 x on the special-function unit, one instruction each, for the once-per-row
+// normalization and LSE of the tiled softmax (tile_softmax.cuh): IEEE 1 / x (__frcp_rn) and logf
+// took about 20 and 40 instructions per row with their slow-path branches, three branches a
+// tile. rcp.approx is within 1 ulp; lg2.approx within 2^-22 absolute near 1 and 2 ulp beyond
+// (CUDA C++ Programming Guide, __log2f), far below any tolerance of SPEC section 8.
+__device__ __forceinline__ float fast_rcp(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return 1.f / x;
+#endif
+}
+
+__device__ __forceinline__ float fast_log2(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return log2f(x);
+#endif
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
