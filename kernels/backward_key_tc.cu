@@ -102,7 +102,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     }
     const int wd0 = weekday0[s];
     if (threadIdx.x < kDenseRows)
-        sKeyTime_[threadIdx.x] = token_time(rel_time[min(k0 + static_cast<int>(threadIdx.x), si.end - 1)], wd0);
+        sKeyTime_[threadIdx.x] = token_time_fast(rel_time[min(k0 + static_cast<int>(threadIdx.x), si.end - 1)], wd0);
     const int clamped[2] = {min(max(wk + g, si.behaviors), si.end - 1), min(max(wk + g + 8, si.behaviors), si.end - 1)};
     const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
     kt.kf.init(k + at[0], k + at[1]);

@@ -63,7 +63,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
     const int wd0 = weekday0[s];
     if (threadIdx.x < kDenseRows) {
         const int c = slot0 + static_cast<int>(threadIdx.x);
-        sKeyTime_[threadIdx.x] = token_time(rel_time[c < num_chunks ? ends[c] - 1 : first], wd0);
+        sKeyTime_[threadIdx.x] = token_time_fast(rel_time[c < num_chunks ? ends[c] - 1 : first], wd0);
     }
 
 #pragma unroll

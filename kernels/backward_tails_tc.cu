@@ -78,7 +78,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
     if (threadIdx.x < kDenseRows) {
         const int slot = slot0 + static_cast<int>(threadIdx.x);
         const int key = slot < slots ? tail_token(p, si, s, slot, chunk_ends, num_chunks) : -1;
-        sKeyTime_[threadIdx.x] = token_time(rel_time[key >= 0 ? key : first], wd0);
+        sKeyTime_[threadIdx.x] = token_time_fast(rel_time[key >= 0 ? key : first], wd0);
     }
 
     const int clamped[2] = {rows.key[0] >= 0 ? rows.key[0] : first, rows.key[1] >= 0 ? rows.key[1] : first};

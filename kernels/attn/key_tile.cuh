@@ -183,7 +183,7 @@ struct KeyTile {
         cp_async_wait_all();
         const int tid = threadIdx.x;
         if (tid < kCols) {
-            sTime[i * kCols + tid] = token_time(sRaw[i * kCols + tid], weekday0);
+            sTime[i * kCols + tid] = token_time_fast(sRaw[i * kCols + tid], weekday0);
             sGate[i * kCols + tid] = gate;
         }
         __syncthreads();

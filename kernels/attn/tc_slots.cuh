@@ -248,7 +248,7 @@ __device__ __forceinline__ void tc_setup(const EvoParams& p, const SeqInfo& si, 
         rw[r].visible_end = visible_end_of(si, qc);
         rw[r].completed = chunks_completed(ends, num_chunks, rw[r].visible_end);
         rw[r].first_local = window_start(si, qc, p.window);
-        row_time[r] = token_time(rel_time[qc], wd0);
+        row_time[r] = token_time_fast(rel_time[qc], wd0);
     }
 }
 
@@ -297,7 +297,7 @@ struct SlotTiles {
     const SlotTiles<T, D> name{sK_, sV_, sRow_, sAux_, sTime_}
 
 // The forward's tiles of TcRows rows as two stages (TcStageRows each), with each slot's raw time
-// as its cp.async lands (token_time() of it is taken when the gather lands).
+// as its cp.async lands (token_time_fast() of it is taken when the gather lands).
 template <typename T, int kHeadDim>
 struct StagedSlotTiles {
     static constexpr int kRows = TcStageRows<kHeadDim>::kValue;
@@ -404,7 +404,7 @@ __device__ __forceinline__ void land_gather(int branch, const unsigned* raw_time
     static_assert(kToken == TcGatherThreads<kHeadDim, 2, kRows>::kValue, "token branches gather alike");
     const int per_slot = branch == 0 ? kSummary : kToken;
     const int tid = threadIdx.x;
-    if (tid % per_slot == 0) time[tid / per_slot] = token_time(raw_time[tid / per_slot], wd0);
+    if (tid % per_slot == 0) time[tid / per_slot] = token_time_fast(raw_time[tid / per_slot], wd0);
 }
 
 // One gather, slots [base, base + TcLoad<D, kBranch>) of a branch, into `st`, visible to the

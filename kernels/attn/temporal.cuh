@@ -83,6 +83,29 @@ __device__ __forceinline__ TokenTime token_time(unsigned t, int weekday0) {
     return x;
 }
 
+// token_time with the phase's sine and cosine on the special-function unit, for the 16-bit
+// tensor-core kernels: each gather of their slots and each key-side query tile makes one per
+// slot or query, and sincospif (about 40 instructions) was most of that work. The phase is
+// moved to [-pi, pi), where __sincosf is within 2^-21.2 absolute (CUDA C++ Programming Guide),
+// and the signs turned back: (c, s) within 1e-6 of SPEC's, so a pair's Hr within 1e-6, far
+// below the 16-bit dtypes' tolerances (3e-3, 1e-2). The f32 and dense kernels keep token_time.
+// Forward and backward take the same values from the same function.
+__device__ __forceinline__ TokenTime token_time_fast(unsigned t, int weekday0) {
+    constexpr float kPi = 3.14159265358979f;
+    TokenTime x;
+    x.t = t;
+    // t mod day < 2^24 is exact in f32.
+    const float a = fmaf(static_cast<float>(t % kSecondsPerDay), 2.f * kPi / 86400.f, -kPi);
+    float s, c;
+    __sincosf(a, &s, &c);
+    // sin(a + pi), cos(a + pi). (A pair sees only cos(a_q - a_k), so a sign or rotation common
+    // to every token cancels; the phase's scale is what the tests can and do catch.)
+    x.s = -s;
+    x.c = -c;
+    x.weekend = is_weekend(t, weekday0) ? 1.f : 0.f;
+    return x;
+}
+
 // The three features of a pair from per-token state; `inv_buckets` = 1 / NB.
 __device__ __forceinline__ TemporalFeatures pair_features(const TokenTime& q, const TokenTime& k,
                                                           int num_time_buckets, float inv_buckets) {

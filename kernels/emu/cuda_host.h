@@ -202,6 +202,12 @@ inline void sincospif(float x, float* s, float* c) {
     *s = (r == 0.0 || std::fabs(r) == 1.0) ? std::copysign(0.0f, x) : static_cast<float>(std::sin(M_PI * r));
     *c = std::fabs(r) == 0.5 ? 0.0f : static_cast<float>(std::cos(M_PI * r));
 }
+// The special-function unit's sine and cosine: here the C library's, rounded from f64 (the
+// device's are within 2^-21.2 on [-pi, pi]; the emulation checks the callers, not that bound).
+inline void __sincosf(float x, float* s, float* c) {
+    *s = static_cast<float>(std::sin(static_cast<double>(x)));
+    *c = static_cast<float>(std::cos(static_cast<double>(x)));
+}
 // expf, logf, fmaf, fmaxf: the C library's (math.h, global namespace).
 
 namespace emu {
