@@ -143,7 +143,9 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
             // Computed for every element and masked after, as in the forward.
             const int r = i >> 1, cc = n * 8 + (i & 1), col = cc + 2 * t;
             float bias = c.rb[r](sm.time[col], c.p->num_time_buckets);
-            if (kBranch == 2 && cc < c.tt.user - slot0) bias = 0.f;  // slot 0: the user token has no time
+            // Local slot 0, the user token where there is one, has no time: only a lane's first
+            // column (cc = 0) can be it.
+            if (kBranch == 2 && cc == 0 && slot0 < c.tt.user) bias = 0.f;
             const float z = fmaf(sc[n].c[i], c.scale2, bias);
             bool visible;
             if constexpr (kBranch == 2) visible = at[r](cc);
@@ -211,7 +213,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                         if (pass == 1) {
                             const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
                             // Masked pairs add dz = 0; the user token has no bias to differentiate.
-                            const bool untimed = kBranch == 2 && base + sub + col < c.tt.user;
+                            const bool untimed = kBranch == 2 && n == 0 && (i & 1) == 0 && base + sub + 2 * t < c.tt.user;
                             dcoef[r].add(untimed ? 0.f : dz, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             pt[r].add(untimed ? 0.f : pr, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             sc[n].c[i] = dz;
