@@ -100,9 +100,15 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         // dcoeffs_row = sum_k P (dP - Delta) f = sum P dP f - Delta * sum P f, with the exact
         // Delta = sum P dP of this pass: Delta from the stored (rounded) O would move a bf16 row's
         // share by about 2^-9 |dO| |O|, which the cancelling sum turned into 1e-2 relative errors.
+        // For the same reason P is normalized by its own sum S here: the stored LSE is rounded to
+        // f32 (an ulp of a logit of 50 is 4e-6) and its log2 approximate, which scales every P
+        // of the row alike, and the two cancelling terms scale as S and S^2. Uncorrected, peaked
+        // f32 rows came to 1.4e-5 of dcoeffs against SPEC's 1e-5 (emulation at the device's
+        // documented math error; 9.2e-6 with exact math).
         float pdpf[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};  // sum P dP f
         float pf[2][3] = {{0.f, 0.f, 0.f}, {0.f, 0.f, 0.f}};    // sum P f
         float pdp_sum[2] = {0.f, 0.f};                          // sum P dP
+        float p_sum[2] = {0.f, 0.f};                            // S = sum P
 
         for (int kt = si.start; kt < q_end; kt += kCols) {
             __syncthreads();
@@ -140,6 +146,7 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
                         const float pdp = pr * dp[n].c[i];
                         ds = pr * (dp[n].c[i] - row_d[r]);
                         pdp_sum[r] += pdp;
+                        p_sum[r] += pr;
                         const float fx[3] = {f.bucket, f.hour, f.weekend};
 #pragma unroll
                         for (int x = 0; x < 3; ++x) {
@@ -167,6 +174,8 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
         for (int r = 0; r < 2; ++r) {
             pdp_sum[r] += __shfl_xor_sync(kFullMask, pdp_sum[r], 1);
             pdp_sum[r] += __shfl_xor_sync(kFullMask, pdp_sum[r], 2);
+            p_sum[r] += __shfl_xor_sync(kFullMask, p_sum[r], 1);
+            p_sum[r] += __shfl_xor_sync(kFullMask, p_sum[r], 2);
 #pragma unroll
             for (int x = 0; x < 3; ++x) {
                 pdpf[r][x] += __shfl_xor_sync(kFullMask, pdpf[r][x], 1);
@@ -176,8 +185,12 @@ __device__ void dense_backward_query(const EvoParams& p, const T* __restrict__ q
             }
             if (t == 0 && blk.part == 0 && rows[r] < si.end) {
                 float* out = partial + (static_cast<size_t>(head) * p.num_tokens + rows[r]) * 3;
+                // With P / S: (sum P dP f - (sum P dP / S) sum P f) / S. A row sees at least
+                // itself, so S > 0; the test keeps a row with none at 0, not NaN.
+                const float inv = p_sum[r] > 0.f ? 1.f / p_sum[r] : 0.f;
+                const float d = pdp_sum[r] * inv;
 #pragma unroll
-                for (int x = 0; x < 3; ++x) out[x] = fmaf(-pdp_sum[r], pf[r][x], pdpf[r][x]);
+                for (int x = 0; x < 3; ++x) out[x] = inv * fmaf(-d, pf[r][x], pdpf[r][x]);
             }
         }
     }
