@@ -16,7 +16,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 #else
-    return exp2f(x);  // host emulation (kernels/emu): the C library's
+    return emu::sfu_ex2(x);  // host emulation (kernels/emu/cuda_host.h): at its bound
 #endif
 }
 
@@ -31,7 +31,7 @@ __device__ __forceinline__ float fast_rcp(float x) {
     asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 #else
-    return 1.f / x;
+    return emu::sfu_rcp(x);
 #endif
 }
 
@@ -41,7 +41,7 @@ __device__ __forceinline__ float fast_log2(float x) {
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 #else
-    return log2f(x);
+    return emu::sfu_lg2(x);
 #endif
 }
 

@@ -13,6 +13,10 @@
 //   a GPU). A watchdog stops a run that makes no progress for EMU_WATCHDOG_SECONDS (default 20)
 //   and prints where every thread waits: a deadlock of the emulation is a deadlock of the kernel.
 // - `__ldg` of a 16-byte vector checks 16-byte alignment, as the hardware requires.
+// - The device's approximate math (ex2, rcp and lg2 `.approx`, `__sincosf`, `expf`, `logf`,
+//   `sincospif`) returns the exact value moved by the function's whole documented error bound,
+//   so tolerances are tested against the device's worst case, not the C library's best
+//   (`EMU_EXACT_MATH=name,..` turns models off to find which one an error comes from).
 // - `emu::launch(kernel, grid, block, args...)` (or `EMU_LAUNCH`, which also names the kernel in
 //   messages, or `emu::launch_named(name, kernel, ...)`) runs every block's threads:
 //   blockDim std::jthreads per launch, thread `tid` of each block on thread `tid`, blocks one after
@@ -187,28 +191,141 @@ inline float __uint2float_rz(unsigned x) {
     }
     return static_cast<float>(x);
 }
-// IEEE reciprocal, round to nearest: what __frcp_rn computes.
+// ---- Device math at its documented error --------------------------------------------------
+// The device's approximate functions are not the C library's: the special-function unit's ex2,
+// rcp, lg2, sin and cos, and the CUDA math library's expf, logf and sincospif each have an error
+// bound (CUDA C++ Programming Guide, "Mathematical Functions" and "Intrinsic Functions"). Exact
+// values here would test the kernels against a better device than the real one, so every call
+// returns the exact value moved by its function's whole bound, in a direction drawn from a hash
+// of the argument: repeatable from run to run (the deterministic mode's bitwise checks hold) and
+// varying from element to element. Arguments where the device is exact (integers for ex2, powers
+// of two for rcp and lg2, 0 for expf, the quarter turns of sincospif) stay exact, since callers
+// may rely on exp(0) = 1; the .ftz forms flush results below 2^-126 to zero, as the device does.
+namespace emu {
+
+[[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+
+// EMU_EXACT_MATH=name,.. (ex2, rcp, lg2, expf, logf, sinpi, sincos, or all) turns the named
+// models off, to find which approximation an error comes from.
+inline bool exact_math(const char* name) {
+    static const std::string list = [] {
+        const char* s = std::getenv("EMU_EXACT_MATH");
+        return "," + std::string(s != nullptr ? s : "") + ",";
+    }();
+    return list.find(",all,") != std::string::npos || list.find("," + std::string(name) + ",") != std::string::npos;
+}
+
+// +1 or -1 from the argument's bits and a per-function salt (a 32-bit finalizer from MurmurHash3).
+inline double error_sign(float x, unsigned salt) {
+    unsigned h;
+    std::memcpy(&h, &x, 4);
+    h ^= salt;
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return (h & 1u) != 0 ? 1.0 : -1.0;
+}
+
+// The f32 nearest to `exact + ulps * sign` units in the last place of f32 at |exact|: within
+// ulps + 1/2 units of `exact`.
+inline float moved_by_ulps(double exact, double ulps, double sign) {
+    if (exact == 0.0 || !std::isfinite(exact)) return static_cast<float>(exact);
+    int e;
+    std::frexp(exact, &e);  // |exact| in [2^(e-1), 2^e): f32's unit there is 2^(e-24)
+    return static_cast<float>(exact + sign * ulps * std::ldexp(1.0, e - 24));
+}
+
+inline float flush_subnormal(float x) { return std::fabs(x) < 0x1p-126f ? std::copysign(0.0f, x) : x; }
+
+inline bool is_power_of_two(float x) {
+    int e;
+    return x > 0.0f && std::frexp(x, &e) == 0.5f;
+}
+
+// ex2.approx.ftz.f32: 2 ulp (the bound of exp2f, which compiles to it).
+inline float sfu_ex2(float x) {
+    const double exact = std::exp2(static_cast<double>(x));
+    if (std::isnan(x) || std::isinf(x) || x == std::nearbyint(x) || exact_math("ex2"))
+        return flush_subnormal(static_cast<float>(exact));
+    return flush_subnormal(moved_by_ulps(exact, 1.5, error_sign(x, 0x2e58u)));
+}
+
+// rcp.approx.ftz.f32: 1 ulp.
+inline float sfu_rcp(float x) {
+    const float in = flush_subnormal(x);
+    const double exact = 1.0 / static_cast<double>(in);
+    if (in == 0.0f || std::isinf(in) || is_power_of_two(std::fabs(in)) || exact_math("rcp"))
+        return flush_subnormal(static_cast<float>(exact));
+    return flush_subnormal(moved_by_ulps(exact, 0.5, error_sign(x, 0x1ec9u)));
+}
+
+// lg2.approx.ftz.f32: 2^-22 absolute on [0.5, 2], 2 ulp elsewhere (the bound of __log2f).
+inline float sfu_lg2(float x) {
+    const float in = flush_subnormal(x);
+    const double exact = std::log2(static_cast<double>(in));
+    if (!(in > 0.0f) || std::isinf(in) || is_power_of_two(in) || exact_math("lg2")) return static_cast<float>(exact);
+    const double sign = error_sign(x, 0x7a11u);
+    if (in >= 0.5f && in <= 2.0f) return static_cast<float>(exact + sign * 0x1p-22);
+    return moved_by_ulps(exact, 1.5, sign);
+}
+
+// expf: 2 ulp; logf: 1 ulp (the CUDA math library, full range).
+inline float device_expf(float x) {
+    const double exact = std::exp(static_cast<double>(x));
+    if (std::isnan(x) || std::isinf(x) || x == 0.0f || exact_math("expf")) return static_cast<float>(exact);
+    return moved_by_ulps(exact, 1.5, error_sign(x, 0x3b07u));
+}
+inline float device_logf(float x) {
+    const double exact = std::log(static_cast<double>(x));
+    if (!(x > 0.0f) || std::isinf(x) || x == 1.0f || exact_math("logf")) return static_cast<float>(exact);
+    return moved_by_ulps(exact, 0.5, error_sign(x, 0x5d3fu));
+}
+
+}  // namespace emu
+
+// The kernels call the C names, so the models take them over as macros for everything after
+// this header: the kernel sources, and the standard headers run_kernels.cpp includes, which do
+// not name them (a use there would not compile, not silently change).
+#define expf(x) emu::device_expf(x)
+#define logf(x) emu::device_logf(x)
+
+// IEEE reciprocal, round to nearest: what __frcp_rn computes (exact here and on the device).
 inline float __frcp_rn(float x) { return 1.0f / x; }
-// sin(pi x), correctly rounded for the arguments the kernels pass (|x| < 1) via f64.
+// sin(pi x) within 1 ulp (sinpif), for the arguments the kernels pass (|x| < 1): correctly rounded
+// via f64, then moved.
 inline float sinpif(float x) {
     const double r = static_cast<double>(x) - 2.0 * std::nearbyint(0.5 * static_cast<double>(x));
     if (r == 0.0 || std::fabs(r) == 1.0) return std::copysign(0.0f, x);
-    return static_cast<float>(std::sin(M_PI * r));
+    const double ulps = emu::exact_math("sinpi") ? 0.0 : 0.5;
+    return emu::moved_by_ulps(std::sin(M_PI * r), ulps, emu::error_sign(x, 0x51d1u));
 }
-// sin(pi x) and cos(pi x) together, correctly rounded via f64 for the arguments the kernels pass
-// (0 <= x < 2).
+// sin(pi x) and cos(pi x) together, each within 1 ulp (sincospif), for the arguments the kernels
+// pass (0 <= x < 2).
 inline void sincospif(float x, float* s, float* c) {
     const double r = static_cast<double>(x) - 2.0 * std::nearbyint(0.5 * static_cast<double>(x));
-    *s = (r == 0.0 || std::fabs(r) == 1.0) ? std::copysign(0.0f, x) : static_cast<float>(std::sin(M_PI * r));
-    *c = std::fabs(r) == 0.5 ? 0.0f : static_cast<float>(std::cos(M_PI * r));
+    const double ulps = emu::exact_math("sinpi") ? 0.0 : 0.5;
+    *s = (r == 0.0 || std::fabs(r) == 1.0) ? std::copysign(0.0f, x)
+                                           : emu::moved_by_ulps(std::sin(M_PI * r), ulps, emu::error_sign(x, 0x51d1u));
+    *c = std::fabs(r) == 0.5 ? 0.0f : emu::moved_by_ulps(std::cos(M_PI * r), ulps, emu::error_sign(x, 0xc05du));
 }
-// The special-function unit's sine and cosine: here the C library's, rounded from f64 (the
-// device's are within 2^-21.2 on [-pi, pi]; the emulation checks the callers, not that bound).
+// The special-function unit's sine and cosine: within 2^-21.41 and 2^-21.19 absolute on
+// [-pi, pi] (the bounds of __sinf and __cosf) and unbounded beyond, so an argument outside
+// that range is an error of the caller.
 inline void __sincosf(float x, float* s, float* c) {
-    *s = static_cast<float>(std::sin(static_cast<double>(x)));
-    *c = static_cast<float>(std::cos(static_cast<double>(x)));
+    if (!(std::fabs(x) <= static_cast<float>(M_PI)))
+        emu::fail("__sincosf(%.9g): outside [-pi, pi], where its error is unbounded", static_cast<double>(x));
+    const double xd = static_cast<double>(x);
+    if (x == 0.0f) {
+        *s = x;
+        *c = 1.0f;
+        return;
+    }
+    const bool exact = emu::exact_math("sincos");
+    *s = static_cast<float>(std::sin(xd) + (exact ? 0.0 : emu::error_sign(x, 0x5155u) * std::exp2(-21.41)));
+    *c = static_cast<float>(std::cos(xd) + (exact ? 0.0 : emu::error_sign(x, 0xc0c0u) * std::exp2(-21.19)));
 }
-// expf, logf, fmaf, fmaxf: the C library's (math.h, global namespace).
 
 namespace emu {
 [[noreturn]] inline void fail(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
