@@ -11,7 +11,9 @@
 //! (ThreadSanitizer: races) builds a sanitized driver (slow to build); `SPARSECTR_EMU_CASES=name,..`
 //! runs only the named cases; `SPARSECTR_EMU_JOBS=n` sets the number of drivers run at once;
 //! `SPARSECTR_EMU_RANDOM=n` sets the number of random small scenarios (default 6, seed
-//! `SPARSECTR_EMU_SEED`, default 7).
+//! `SPARSECTR_EMU_SEED`, default 7). The device's approximate math is computed off by its whole
+//! documented error bound (`kernels/emu/cuda_host.h`); `EMU_EXACT_MATH=ex2,rcp,..|all` turns
+//! those models off, to find which approximation an error comes from.
 
 #[allow(dead_code)] // this test uses the folder writer, not the example's `main`
 #[path = "../examples/export_batch.rs"]
@@ -900,7 +902,7 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         .expect("run the kernel emulation's self-test");
     assert!(
         self_test.status.success(),
-        "the emulation fails its self-test (collectives, cp.async, time buckets):\n{}{}",
+        "the emulation fails its self-test (collectives, cp.async, time buckets, math models):\n{}{}",
         String::from_utf8_lossy(&self_test.stdout),
         String::from_utf8_lossy(&self_test.stderr)
     );

@@ -228,13 +228,18 @@ inline double error_sign(float x, unsigned salt) {
     return (h & 1u) != 0 ? 1.0 : -1.0;
 }
 
-// The f32 nearest to `exact + ulps * sign` units in the last place of f32 at |exact|: within
-// ulps + 1/2 units of `exact`.
+// The f32 nearest to `exact + ulps * sign` units in the last place of f32 at |exact|, within
+// ulps + 1/2 of those units of `exact` (one step back where rounding into the next binade, whose
+// unit is twice as large, went further).
 inline float moved_by_ulps(double exact, double ulps, double sign) {
     if (exact == 0.0 || !std::isfinite(exact)) return static_cast<float>(exact);
     int e;
     std::frexp(exact, &e);  // |exact| in [2^(e-1), 2^e): f32's unit there is 2^(e-24)
-    return static_cast<float>(exact + sign * ulps * std::ldexp(1.0, e - 24));
+    const double unit = std::ldexp(1.0, e - 24);
+    float r = static_cast<float>(exact + sign * ulps * unit);
+    if (std::fabs(static_cast<double>(r) - exact) > (ulps + 0.5) * unit)
+        r = std::nextafter(r, static_cast<float>(exact));
+    return r;
 }
 
 inline float flush_subnormal(float x) { return std::fabs(x) < 0x1p-126f ? std::copysign(0.0f, x) : x; }

@@ -202,6 +202,61 @@ int run_async_copies() {
 }
 
 // Expected values from the CUDA programming guide's definitions.
+// The device math models of cuda_host.h: each within its documented bound of the exact value
+// over a sweep of arguments, and (unless EMU_EXACT_MATH turns it off) off by more than half of
+// it somewhere, so that a model quietly made exact fails here; exact where the device is.
+int run_math_models() {
+    int bad = 0;
+    auto ulps = [](float got, double exact) {
+        int e;
+        std::frexp(exact, &e);
+        return std::fabs(static_cast<double>(got) - exact) / std::ldexp(1.0, e - 24);
+    };
+    struct Seen {
+        const char* name;
+        double bound, worst = 0;
+    };
+    auto check = [&](Seen& s, double err, double at) {
+        if (!(err <= s.bound) && bad++ < 10)
+            std::printf("self-test: %s(%.9g) off by %.3g, above its bound %.3g\n", s.name, at, err, s.bound);
+        s.worst = std::max(s.worst, err);
+    };
+    Seen ex2{"ex2", 2}, rcp{"rcp", 1}, lg2_near{"lg2", 0x1p-22 + 0x1p-25}, lg2_far{"lg2", 2},
+        ex{"expf", 2}, lg{"logf", 1}, sin_pi{"sinpi", 1}, cos_pi{"sinpi", 1},
+        sin_sfu{"sincos", std::exp2(-21.41) + 0x1p-25}, cos_sfu{"sincos", std::exp2(-21.19) + 0x1p-24};
+    for (int i = 0; i < 4000; ++i) {
+        const float x = -20.f + 0.01013f * static_cast<float>(i);  // rarely an integer
+        check(ex2, ulps(emu::sfu_ex2(x), std::exp2(static_cast<double>(x))), x);
+        check(ex, ulps(expf(x), std::exp(static_cast<double>(x))), x);
+        const float y = std::ldexp(1.f + 0.000977f * static_cast<float>(i % 1000), i / 1000 - 2);
+        check(rcp, ulps(emu::sfu_rcp(y), 1.0 / y), y);
+        const double l2 = std::log2(static_cast<double>(y));
+        if (y >= 0.5f && y <= 2.f) check(lg2_near, std::fabs(emu::sfu_lg2(y) - l2), y);
+        else check(lg2_far, ulps(emu::sfu_lg2(y), l2), y);
+        if (y != 1.f) check(lg, ulps(logf(y), std::log(static_cast<double>(y))), y);
+        const float a = -3.14159f + 0.0015707f * static_cast<float>(i);  // [-pi, pi)
+        float s, c;
+        __sincosf(a, &s, &c);
+        check(sin_sfu, std::fabs(s - std::sin(static_cast<double>(a))), a);
+        check(cos_sfu, std::fabs(c - std::cos(static_cast<double>(a))), a);
+        const float u = 0.0004999f * static_cast<float>(i);  // [0, 2)
+        sincospif(u, &s, &c);
+        if (s != 0.f) check(sin_pi, ulps(s, std::sin(M_PI * u)), u);
+        if (c != 0.f) check(cos_pi, ulps(c, std::cos(M_PI * u)), u);
+    }
+    for (Seen* s : {&ex2, &rcp, &lg2_near, &lg2_far, &ex, &lg, &sin_pi, &cos_pi, &sin_sfu, &cos_sfu})
+        if (!emu::exact_math(s->name) && !(s->worst > 0.5 * s->bound) && bad++ < 10)
+            std::printf("self-test: %s never off by more than %.3g (bound %.3g): the model is not applied\n",
+                        s->name, s->worst, s->bound);
+    // Where the device is exact, or flushes.
+    const bool exact_points = emu::sfu_ex2(0.f) == 1.f && emu::sfu_ex2(3.f) == 8.f &&
+                              emu::sfu_ex2(-INFINITY) == 0.f && emu::sfu_ex2(-130.5f) == 0.f &&
+                              emu::sfu_rcp(4.f) == 0.25f && emu::sfu_lg2(0.5f) == -1.f &&
+                              expf(0.f) == 1.f && logf(1.f) == 0.f;
+    if (!exact_points && bad++ < 10) std::printf("self-test: a math model moved a value the device computes exactly\n");
+    return bad;
+}
+
 int run() {
     std::vector<int> out(static_cast<size_t>(kBlocks) * kThreads * kOutputs, -1);
     EMU_LAUNCH(collectives, dim3(kBlocks), dim3(kThreads), out.data());
@@ -237,7 +292,8 @@ int run() {
         }
     bad += run_async_copies();
     bad += run_time_buckets();
-    std::printf("%s self-test of the emulated collectives, cp.async and time buckets\n",
+    bad += run_math_models();
+    std::printf("%s self-test of the emulated collectives, cp.async, time buckets and math models\n",
                 bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
 }
