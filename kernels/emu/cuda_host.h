@@ -215,6 +215,16 @@ inline bool exact_math(const char* name) {
     return list.find(",all,") != std::string::npos || list.find("," + std::string(name) + ",") != std::string::npos;
 }
 
+// The same answers, looked up once: the models run on every emulated exponential.
+struct ExactMath {
+    bool ex2, rcp, lg2, expf, logf, sinpi, sincos;
+};
+inline const ExactMath& exact_models() {
+    static const ExactMath e{exact_math("ex2"),  exact_math("rcp"),   exact_math("lg2"),   exact_math("expf"),
+                             exact_math("logf"), exact_math("sinpi"), exact_math("sincos")};
+    return e;
+}
+
 // +1 or -1 from the argument's bits and a per-function salt (a 32-bit finalizer from MurmurHash3).
 inline double error_sign(float x, unsigned salt) {
     unsigned h;
@@ -252,7 +262,7 @@ inline bool is_power_of_two(float x) {
 // ex2.approx.ftz.f32: 2 ulp (the bound of exp2f, which compiles to it).
 inline float sfu_ex2(float x) {
     const double exact = std::exp2(static_cast<double>(x));
-    if (std::isnan(x) || std::isinf(x) || x == std::nearbyint(x) || exact_math("ex2"))
+    if (std::isnan(x) || std::isinf(x) || x == std::nearbyint(x) || exact_models().ex2)
         return flush_subnormal(static_cast<float>(exact));
     return flush_subnormal(moved_by_ulps(exact, 1.5, error_sign(x, 0x2e58u)));
 }
@@ -261,7 +271,7 @@ inline float sfu_ex2(float x) {
 inline float sfu_rcp(float x) {
     const float in = flush_subnormal(x);
     const double exact = 1.0 / static_cast<double>(in);
-    if (in == 0.0f || std::isinf(in) || is_power_of_two(std::fabs(in)) || exact_math("rcp"))
+    if (in == 0.0f || std::isinf(in) || is_power_of_two(std::fabs(in)) || exact_models().rcp)
         return flush_subnormal(static_cast<float>(exact));
     return flush_subnormal(moved_by_ulps(exact, 0.5, error_sign(x, 0x1ec9u)));
 }
@@ -270,7 +280,7 @@ inline float sfu_rcp(float x) {
 inline float sfu_lg2(float x) {
     const float in = flush_subnormal(x);
     const double exact = std::log2(static_cast<double>(in));
-    if (!(in > 0.0f) || std::isinf(in) || is_power_of_two(in) || exact_math("lg2")) return static_cast<float>(exact);
+    if (!(in > 0.0f) || std::isinf(in) || is_power_of_two(in) || exact_models().lg2) return static_cast<float>(exact);
     const double sign = error_sign(x, 0x7a11u);
     if (in >= 0.5f && in <= 2.0f) return static_cast<float>(exact + sign * 0x1p-22);
     return moved_by_ulps(exact, 1.5, sign);
@@ -279,12 +289,12 @@ inline float sfu_lg2(float x) {
 // expf: 2 ulp; logf: 1 ulp (the CUDA math library, full range).
 inline float device_expf(float x) {
     const double exact = std::exp(static_cast<double>(x));
-    if (std::isnan(x) || std::isinf(x) || x == 0.0f || exact_math("expf")) return static_cast<float>(exact);
+    if (std::isnan(x) || std::isinf(x) || x == 0.0f || exact_models().expf) return static_cast<float>(exact);
     return moved_by_ulps(exact, 1.5, error_sign(x, 0x3b07u));
 }
 inline float device_logf(float x) {
     const double exact = std::log(static_cast<double>(x));
-    if (!(x > 0.0f) || std::isinf(x) || x == 1.0f || exact_math("logf")) return static_cast<float>(exact);
+    if (!(x > 0.0f) || std::isinf(x) || x == 1.0f || exact_models().logf) return static_cast<float>(exact);
     return moved_by_ulps(exact, 0.5, error_sign(x, 0x5d3fu));
 }
 
@@ -298,22 +308,20 @@ inline float device_logf(float x) {
 
 // IEEE reciprocal, round to nearest: what __frcp_rn computes (exact here and on the device).
 inline float __frcp_rn(float x) { return 1.0f / x; }
-// sin(pi x) within 1 ulp (sinpif), for the arguments the kernels pass (|x| < 1): correctly rounded
-// via f64, then moved.
-inline float sinpif(float x) {
-    const double r = static_cast<double>(x) - 2.0 * std::nearbyint(0.5 * static_cast<double>(x));
-    if (r == 0.0 || std::fabs(r) == 1.0) return std::copysign(0.0f, x);
-    const double ulps = emu::exact_math("sinpi") ? 0.0 : 0.5;
-    return emu::moved_by_ulps(std::sin(M_PI * r), ulps, emu::error_sign(x, 0x51d1u));
-}
 // sin(pi x) and cos(pi x) together, each within 1 ulp (sincospif), for the arguments the kernels
 // pass (0 <= x < 2).
 inline void sincospif(float x, float* s, float* c) {
     const double r = static_cast<double>(x) - 2.0 * std::nearbyint(0.5 * static_cast<double>(x));
-    const double ulps = emu::exact_math("sinpi") ? 0.0 : 0.5;
+    const double ulps = emu::exact_models().sinpi ? 0.0 : 0.5;
     *s = (r == 0.0 || std::fabs(r) == 1.0) ? std::copysign(0.0f, x)
                                            : emu::moved_by_ulps(std::sin(M_PI * r), ulps, emu::error_sign(x, 0x51d1u));
     *c = std::fabs(r) == 0.5 ? 0.0f : emu::moved_by_ulps(std::cos(M_PI * r), ulps, emu::error_sign(x, 0xc05du));
+}
+// sin(pi x) within 1 ulp (sinpif): the sine of sincospif.
+inline float sinpif(float x) {
+    float s, c;
+    sincospif(x, &s, &c);
+    return s;
 }
 // The special-function unit's sine and cosine: within 2^-21.41 and 2^-21.19 absolute on
 // [-pi, pi] (the bounds of __sinf and __cosf) and unbounded beyond, so an argument outside
@@ -327,7 +335,7 @@ inline void __sincosf(float x, float* s, float* c) {
         *c = 1.0f;
         return;
     }
-    const bool exact = emu::exact_math("sincos");
+    const bool exact = emu::exact_models().sincos;
     *s = static_cast<float>(std::sin(xd) + (exact ? 0.0 : emu::error_sign(x, 0x5155u) * std::exp2(-21.41)));
     *c = static_cast<float>(std::cos(xd) + (exact ? 0.0 : emu::error_sign(x, 0xc0c0u) * std::exp2(-21.19)));
 }
