@@ -13,7 +13,9 @@
 //! `SPARSECTR_EMU_RANDOM=n` sets the number of random small scenarios (default 6, seed
 //! `SPARSECTR_EMU_SEED`, default 7). The device's approximate math is computed off by its whole
 //! documented error bound (`kernels/emu/cuda_host.h`); `EMU_EXACT_MATH=ex2,rcp,..|all` turns
-//! those models off, to find which approximation an error comes from.
+//! those models off, to find which approximation an error comes from. Shared memory is poisoned
+//! before every block (the driver links with `kernels/emu/emu_shared.ld`); `EMU_SHARED_POISON=0`
+//! turns that off.
 
 #[allow(dead_code)] // this test uses the folder writer, not the example's `main`
 #[path = "../examples/export_batch.rs"]
@@ -65,9 +67,17 @@ fn find_cxx() -> Option<String> {
 fn build_driver(cxx: &str) -> Result<PathBuf, String> {
     let generated = Path::new(env!("OUT_DIR"));
     let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
-    let mut flags: Vec<String> = ["-std=c++20", "-pthread", "-fno-strict-aliasing"]
-        .map(String::from)
-        .to_vec();
+    // -fdata-sections and emu_shared.ld gather the kernels' `__shared__` variables into the range
+    // that cuda_host.h poisons before every block.
+    let mut flags: Vec<String> = [
+        "-std=c++20",
+        "-pthread",
+        "-fno-strict-aliasing",
+        "-fdata-sections",
+    ]
+    .map(String::from)
+    .to_vec();
+    flags.push(format!("-Wl,-T,{}", emu.join("emu_shared.ld").display()));
     match std::env::var("SPARSECTR_EMU_SANITIZE").as_deref() {
         Ok("address") => flags.extend(
             [
@@ -90,7 +100,11 @@ fn build_driver(cxx: &str) -> Result<PathBuf, String> {
     let mut hasher = DefaultHasher::new();
     cxx.hash(&mut hasher);
     flags.hash(&mut hasher);
-    let mut inputs: Vec<PathBuf> = vec![emu.join("cuda_host.h"), emu.join("run_kernels.cpp")];
+    let mut inputs: Vec<PathBuf> = vec![
+        emu.join("cuda_host.h"),
+        emu.join("run_kernels.cpp"),
+        emu.join("emu_shared.ld"),
+    ];
     let mut cu: Vec<PathBuf> = fs::read_dir(generated)
         .map_err(|e| format!("{}: {e}", generated.display()))?
         .flatten()
@@ -902,7 +916,7 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         .expect("run the kernel emulation's self-test");
     assert!(
         self_test.status.success(),
-        "the emulation fails its self-test (collectives, cp.async, time buckets, math models):\n{}{}",
+        "the emulation fails its self-test (collectives, cp.async, time buckets, math models, shared-memory poison):\n{}{}",
         String::from_utf8_lossy(&self_test.stdout),
         String::from_utf8_lossy(&self_test.stderr)
     );

@@ -2,7 +2,7 @@
 // host C++20 (g++ -std=c++20 -pthread) and run, one OS thread per CUDA thread.
 //
 // - Qualifiers are defined away; `__shared__` becomes `static`: the blocks of a launch run one
-//   after another, so one copy per kernel is one copy per block.
+//   after another, so one copy per kernel is one copy per block, poisoned before each (below).
 // - `threadIdx`, `blockIdx`, `blockDim`, `gridDim` are thread-local.
 // - Warp collectives (`__syncwarp`, `__shfl_sync`, `__shfl_xor_sync`, `__shfl_up_sync`,
 //   `__shfl_down_sync`, `__ballot_sync`, `__any_sync`, `__all_sync`) exchange
@@ -27,9 +27,17 @@
 // Sanitizers work on top: -fsanitize=address,undefined finds out-of-bounds accesses of the
 // kernels, -fsanitize=thread races between CUDA threads (a missing __syncwarp or __syncthreads
 // is a data race it reports). Not emulated: timing, occupancy, shared-memory size limits, the
-// GPU's memory model beyond the collectives' acquire/release, and uninitialized shared memory
-// (a `static` array starts at zero, and keeps the previous block's contents). `cp.async` is
-// deferred: poison at issue, the copy at the issuing thread's wait (see cp_async_issue).
+// GPU's memory model beyond the collectives' acquire/release. `cp.async` is deferred: poison at
+// issue, the copy at the issuing thread's wait (see cp_async_issue).
+//
+// Shared memory is poisoned before every block: a GPU's starts with whatever the SM's previous
+// block left, so a kernel that reads a shared word it did not write in this block is wrong there
+// whatever it happens to read, and compute-sanitizer's initcheck covers global memory only. Every
+// byte is 0xff (NaN in every float type, -1 as an integer) before even blocks and 0x7f (3.4e38 as
+// an f32 or bf16, NaN as an f16, a huge index) before odd ones. `__shared__` variables are
+// `static`s of their kernel's function; the driver links with -fdata-sections and emu_shared.ld,
+// which gathers those of the kernel namespaces (`k_*`) into one range. `EMU_SHARED_POISON=0`
+// turns the poison off; `emu::shared_poison_range()` says whether a build has the range.
 //
 // Kernel sources include nothing from here; compile with `-include` or include this first.
 #pragma once
@@ -824,6 +832,33 @@ constexpr bool arg_matches() {
     }
 }
 
+// The kernels' `__shared__` variables (emu_shared.ld defines both ends; weak: without the linker
+// script they are null and nothing is poisoned).
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+// Bytes of `__shared__` variables that poison_shared covers (0: the driver was linked without
+// emu_shared.ld, or EMU_SHARED_POISON=0).
+inline std::size_t shared_poison_range() {
+    static const bool off = [] {
+        const char* s = std::getenv("EMU_SHARED_POISON");
+        return s != nullptr && std::strcmp(s, "0") == 0;
+    }();
+    if (off || __start_emu_shared == nullptr || __stop_emu_shared == nullptr) return 0;
+    return static_cast<std::size_t>(__stop_emu_shared - __start_emu_shared);
+}
+
+// Fills every `__shared__` variable with the poison of block number `block` (see the top of this
+// file). The launcher calls it before each block, while no thread of the launch runs. Word stores
+// through a volatile pointer, outside the sanitizers: ASan's redzones between the variables are in
+// the range, and to TSan the poison is not an access of any CUDA thread.
+__attribute__((no_sanitize("address", "thread"))) inline void poison_shared(unsigned long long block) {
+    const std::size_t bytes = shared_poison_range();
+    const std::uint64_t word = block % 2 == 0 ? ~std::uint64_t{0} : 0x7f7f7f7f7f7f7f7full;
+    volatile std::uint64_t* p = reinterpret_cast<volatile std::uint64_t*>(__start_emu_shared);
+    for (std::size_t i = 0; i < bytes / sizeof(word); ++i) p[i] = word;
+}
+
 // Counts launches and threads, for the summary line.
 struct LaunchStats {
     std::atomic<unsigned long long> launches{0}, blocks{0}, threads{0};
@@ -877,10 +912,12 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
         for (int i = 0; i < threads; ++i) st.where[i].store(kRunning);
         ++current;
         st.block_idx = block_of(current < num_blocks ? current : 0);
+        if (current < num_blocks) poison_shared(current);
         g_stats.blocks.fetch_add(1);
         g_progress.fetch_add(1, std::memory_order_relaxed);
     };
     std::barrier between_blocks(threads, next_block);
+    poison_shared(0);
     g_current.store(&st);
     {
         std::vector<std::jthread> pool;

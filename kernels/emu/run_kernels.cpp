@@ -10,7 +10,8 @@
 // its own so that one translation unit holds them all and every launch is type-checked:
 //
 //   cd kernels/emu && OUT=$(ls -td ../../target/release/build/sparsectr-attn-*/out | head -1)
-//   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -iquote "$OUT" -o /tmp/run_kernels run_kernels.cpp
+//   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -fdata-sections -Wl,-T,emu_shared.ld \
+//       -iquote "$OUT" -o /tmp/run_kernels run_kernels.cpp
 //   /tmp/run_kernels DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]
 //   /tmp/run_kernels --self-test   (the emulated collectives and cp.async against their definitions)
 //   /tmp/run_kernels --self-test-early-exit   (must stop with exit code 3: a lane exits too soon)
@@ -96,7 +97,9 @@ namespace k_dense_bk {
 }
 
 // ---- A self-test of the emulated collectives (`--self-test`) ----------------------------------
-namespace selftest {
+// `k_` like the kernels' namespaces, so that its `__shared__` variables are poisoned too
+// (emu_shared.ld).
+namespace k_selftest {
 
 constexpr int kThreads = 64, kBlocks = 2, kOutputs = 13;
 
@@ -201,6 +204,55 @@ int run_async_copies() {
     return bad;
 }
 
+// Shared memory as a GPU leaves it to the next block, poisoned (cuda_host.h): every byte of a
+// `__shared__` array is 0xff when a block starts with an even index and 0x7f with an odd one,
+// whatever the block before wrote. A template's arrays and a plain function's go to different
+// sections before linking (emu_shared.ld gathers both), so there is one of each.
+template <typename T, int kWords>
+__global__ void shared_at_start(unsigned* out) {
+    __shared__ T words[kWords];
+    const int tid = threadIdx.x;
+    out[blockIdx.x * kThreads + tid] = static_cast<unsigned>(words[tid % kWords]);
+    __syncthreads();
+    words[tid % kWords] = T{0};  // what the next block must not see
+}
+
+__global__ void shared_at_start_plain(unsigned* out) {
+    __shared__ unsigned word;
+    const int tid = threadIdx.x;
+    out[blockIdx.x * kThreads + tid] = word;
+    __syncthreads();
+    if (tid == 0) word = 0u;
+}
+
+int run_shared_poison() {
+    const std::size_t range = emu::shared_poison_range();
+    const char* off = std::getenv("EMU_SHARED_POISON");
+    if (off != nullptr && std::strcmp(off, "0") == 0) return 0;
+    if (range == 0) {
+        std::printf("self-test: no __shared__ range to poison (link with -fdata-sections and emu_shared.ld)\n");
+        return 1;
+    }
+    constexpr int kLaunchBlocks = 4;
+    std::vector<unsigned> tmpl(kLaunchBlocks * kThreads, 1u), plain(kLaunchBlocks * kThreads, 1u);
+    EMU_LAUNCH((shared_at_start<unsigned long long, 16>), dim3(kLaunchBlocks), dim3(kThreads), tmpl.data());
+    EMU_LAUNCH(shared_at_start_plain, dim3(kLaunchBlocks), dim3(kThreads), plain.data());
+    int bad = 0;
+    for (int b = 0; b < kLaunchBlocks; ++b) {
+        const unsigned want = b % 2 == 0 ? 0xffffffffu : 0x7f7f7f7fu;
+        for (int tid = 0; tid < kThreads; ++tid) {
+            const int i = b * kThreads + tid;
+            if (tmpl[i] != want && bad++ < 10)
+                std::printf("self-test: a template kernel's shared word, block %d thread %d at start: "
+                            "got %#x, want %#x\n", b, tid, tmpl[i], want);
+            if (plain[i] != want && bad++ < 10)
+                std::printf("self-test: a plain kernel's shared word, block %d thread %d at start: "
+                            "got %#x, want %#x\n", b, tid, plain[i], want);
+        }
+    }
+    return bad;
+}
+
 // Expected values from the CUDA programming guide's definitions.
 // The device math models of cuda_host.h: each within its documented bound of the exact value
 // over a sweep of arguments, and (unless EMU_EXACT_MATH turns it off) off by more than half of
@@ -293,7 +345,9 @@ int run() {
     bad += run_async_copies();
     bad += run_time_buckets();
     bad += run_math_models();
-    std::printf("%s self-test of the emulated collectives, cp.async, time buckets and math models\n",
+    bad += run_shared_poison();
+    std::printf("%s self-test of the emulated collectives, cp.async, time buckets, math models and "
+                "shared-memory poison\n",
                 bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
 }
@@ -314,7 +368,7 @@ int run_early_exit() {
     return 1;
 }
 
-}  // namespace selftest
+}  // namespace k_selftest
 
 namespace {
 
@@ -1462,8 +1516,8 @@ int run_dim(const Folder& f, const Options& opt, int hd) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    if (argc == 2 && std::string(argv[1]) == "--self-test") return selftest::run();
-    if (argc == 2 && std::string(argv[1]) == "--self-test-early-exit") return selftest::run_early_exit();
+    if (argc == 2 && std::string(argv[1]) == "--self-test") return k_selftest::run();
+    if (argc == 2 && std::string(argv[1]) == "--self-test-early-exit") return k_selftest::run_early_exit();
     if (argc < 2) {
         std::fprintf(stderr,
                      "usage: %s DIR [--chunks gpu|host] [--repeat-backward] [--chunking-only]\n"
