@@ -851,6 +851,45 @@ fn run_driver(exe: &Path, run: &Run) -> Outcome {
     }
 }
 
+/// The shared-memory poison covers only the statics of namespaces named `k_*`
+/// (kernels/emu/emu_shared.ld): every namespace run_kernels.cpp wraps a kernel source in must be
+/// one, or that kernel's `__shared__` arrays would start at zero again, unchecked.
+#[test]
+fn every_emulated_kernel_namespace_is_poisoned() {
+    let emu = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/emu");
+    let driver = fs::read_to_string(emu.join("run_kernels.cpp")).expect("read run_kernels.cpp");
+    let lines: Vec<&str> = driver.lines().collect();
+    let mut wrapped = Vec::new();
+    for pair in lines.windows(2) {
+        let (Some(name), Some(source)) = (
+            pair[0]
+                .strip_prefix("namespace ")
+                .and_then(|r| r.strip_suffix(" {")),
+            pair[1]
+                .strip_prefix("#include \"")
+                .and_then(|r| r.strip_suffix('"')),
+        ) else {
+            continue;
+        };
+        assert!(
+            name.starts_with("k_"),
+            "run_kernels.cpp wraps {source} in namespace {name}: emu_shared.ld poisons the \
+             `__shared__` arrays of namespaces named k_* only"
+        );
+        wrapped.push(name);
+    }
+    assert!(
+        wrapped.len() >= 16,
+        "found {} kernel namespaces in run_kernels.cpp: {wrapped:?}",
+        wrapped.len()
+    );
+    let script = fs::read_to_string(emu.join("emu_shared.ld")).expect("read emu_shared.ld");
+    assert!(
+        script.contains(".bss._ZZN[0-9]k_*"),
+        "emu_shared.ld no longer gathers the k_* namespaces' statics"
+    );
+}
+
 #[test]
 fn cuda_kernels_in_cpu_emulation_match_the_reference() {
     let started = Instant::now();

@@ -214,7 +214,7 @@ __global__ void shared_at_start(unsigned* out) {
     const int tid = threadIdx.x;
     out[blockIdx.x * kThreads + tid] = static_cast<unsigned>(words[tid % kWords]);
     __syncthreads();
-    words[tid % kWords] = T{0};  // what the next block must not see
+    if (tid < kWords) words[tid] = T{0};  // what the next block must not see
 }
 
 __global__ void shared_at_start_plain(unsigned* out) {
