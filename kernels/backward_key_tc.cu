@@ -22,6 +22,7 @@
 
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
+#include "common/occupancy.cuh"
 #include "common/params.cuh"
 #include "common/warp.cuh"
 #include "attn/temporal.cuh"
@@ -32,8 +33,8 @@
 // Three blocks per SM at D = 32 (156-162 registers, no spills on sm_80 or sm_90 with NVRTC 13.0
 // since the walk takes 16-query sub-tiles), two above: D = 64 spilled 28-32 B at three, and
 // D = 128 needs over 250 registers (the dK and dV accumulators of 16 rows).
-template <int kHeadDim>
-constexpr int kKeyTcMinBlocks = kHeadDim == 32 ? 3 : 2;
+template <typename T, int kHeadDim>
+constexpr int kKeyTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 3 : 2, KeyTile<T, kHeadDim>::kSmemBytes);
 
 // Queries per MMA sub-tile of the local walk (KeyTile::walk): a warp skips the sub-tiles of a
 // query tile outside its keys' windows.
@@ -184,7 +185,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
 }
 
 #define SPARSECTR_BACKWARD_KEY_TC(NAME, T, D)                                                    \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kKeyTcMinBlocks<D>)              \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kKeyTcMinBlocks<T, D>)              \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const void* __restrict__ gates,                            \
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \

@@ -38,6 +38,7 @@
 
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
+#include "common/occupancy.cuh"
 #include "common/params.cuh"
 #include "common/warp.cuh"
 #include "attn/temporal.cuh"
@@ -48,15 +49,21 @@
 #include "attn/tc_slots.cuh"
 
 // Three blocks per SM where ptxas fits them without spills (NVRTC 13.0): D = 32, and D = 64 on
-// sm_90 (16 B spilled on sm_80). As latency bound as the forward (ncu on an H100: 76% of cycles
-// with no eligible warp at two blocks).
+// sm_90 (16 B spilled on sm_80, 4 B on sm_100). As latency bound as the forward (ncu on an H100: 76% of cycles
+// with no eligible warp at two blocks). Where shared memory holds fewer blocks (two at D = 64 on
+// sm_12x), that many.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-constexpr bool kBwdQueryTcSm90 = true;
+constexpr bool kBwdQueryTcSm90 = !kArchSm10x;
 #else
 constexpr bool kBwdQueryTcSm90 = false;
 #endif
-template <int kHeadDim>
-constexpr int kBwdQueryTcMinBlocks = kHeadDim == 32 || (kHeadDim == 64 && kBwdQueryTcSm90) ? 3 : 2;
+// Floats of the shared per-thread dcoeffs sums (QueryCtx::pf): four per row, two rows a thread.
+constexpr int kBwdQueryPfFloats = 8 * kDenseThreads;
+
+template <typename T, int kHeadDim>
+constexpr int kBwdQueryTcMinBlocks =
+    min_blocks_per_sm(kHeadDim == 32 || (kHeadDim == 64 && kBwdQueryTcSm90) ? 3 : 2,
+                      kSlotTilesSmemBytes<T, kHeadDim> + kBwdQueryPfFloats * static_cast<int>(sizeof(float)));
 
 // Slots per MMA sub-tile: wider tiles spilled (NVRTC 13.0) at D >= 64, and at D = 32 once every
 // element's logit is computed unconditionally (32 slots: 8 B in f16 on sm_90).
@@ -107,7 +114,7 @@ struct BwdTcContext {
     const int* chunk_ends;
     const unsigned* rel_time;
     unsigned* raw_time;  // shared: the slots' times as their copies land
-    float* pf;           // shared [8][kDenseThreads]: each thread's sum_j P_j (Bk, Hr, Wk) sums
+    float* pf;           // shared [8][kDenseThreads] (kBwdQueryPfFloats): each thread's sum_j P_j (Bk, Hr, Wk) sums
 };
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots, the
@@ -283,7 +290,7 @@ __device__ void evo_backward_query_tc(
     c.chunk_ends = chunk_ends;
     c.rel_time = rel_time;
     c.raw_time = sRawTime_;
-    __shared__ float sPf[8 * kDenseThreads];
+    __shared__ float sPf[kBwdQueryPfFloats];
     c.pf = sPf;
 
     {
@@ -387,7 +394,7 @@ __device__ void evo_backward_query_tc(
 }
 
 #define SPARSECTR_BACKWARD_QUERY_TC(NAME, T, D)                                                  \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks<D>)         \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks<T, D>)         \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ kbar,                            \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \

@@ -13,6 +13,7 @@
 
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
+#include "common/occupancy.cuh"
 #include "common/params.cuh"
 #include "common/warp.cuh"
 #include "attn/temporal.cuh"
@@ -23,9 +24,13 @@
 // Four blocks per SM at D = 32 (126-128 registers), three at D = 64 (166-168), two at D = 128
 // (the dK and dV accumulators of 16 rows); no spills on sm_80 or sm_90 with NVRTC 13.0. The
 // half-tile walk of two warp sets (key_tile.cuh) holds half the P^T and dz^T fragments of a
-// whole tile's: with whole tiles D = 32 took 168 and D = 64 222.
-template <int kHeadDim>
-constexpr int kSummaryTcMinBlocks = kHeadDim == 32 ? 4 : kHeadDim <= 64 ? 3 : 2;
+// whole tile's: with whole tiles D = 32 took 168 and D = 64 222. Where shared memory holds fewer
+// blocks (three at D = 32 and two at D = 64 on sm_86, sm_89, sm_12x), that many.
+template <typename T, int kHeadDim>
+using SummaryKeyTile = KeyTile<T, kHeadDim, true, kLdsmX4, PrefixCols<T, kHeadDim>::kValue>;
+template <typename T, int kHeadDim>
+constexpr int kSummaryTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 4 : kHeadDim <= 64 ? 3 : 2,
+                                                      SummaryKeyTile<T, kHeadDim>::kSmemBytes);
 
 template <typename T, int kHeadDim>
 __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q, const float* __restrict__ kbar,
@@ -36,7 +41,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
                                     const T* __restrict__ d_o, const float* __restrict__ lse,
                                     const float* __restrict__ dgates, float* __restrict__ dkbar,
                                     float* __restrict__ dvbar) {
-    using KT = KeyTile<T, kHeadDim, true, kLdsmX4, PrefixCols<T, kHeadDim>::kValue>;
+    using KT = SummaryKeyTile<T, kHeadDim>;
     KT kt;
     SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
     const int groups = (p.max_chunks + kDenseRows - 1) / kDenseRows;
@@ -93,7 +98,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
 }
 
 #define SPARSECTR_BACKWARD_SUMMARY_TC(NAME, T, D)                                                \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kSummaryTcMinBlocks<D>)          \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kSummaryTcMinBlocks<T, D>)          \
         NAME(const EvoParams p, const T* __restrict__ q, const float* __restrict__ kbar,         \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \

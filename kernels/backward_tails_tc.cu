@@ -13,6 +13,7 @@
 
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
+#include "common/occupancy.cuh"
 #include "common/params.cuh"
 #include "common/warp.cuh"
 #include "attn/temporal.cuh"
@@ -22,9 +23,13 @@
 
 // Four blocks per SM at D = 32 (126-128 registers, no spills on sm_80 or sm_90 with NVRTC 13.0),
 // two above: D = 64 spilled 36 B at three (168 registers; it takes 213-214 at two), and D = 128
-// needs about 250 (the dK and dV accumulators of 16 rows).
-template <int kHeadDim>
-constexpr int kTailsMinBlocks = kHeadDim == 32 ? 4 : 2;
+// needs about 250 (the dK and dV accumulators of 16 rows). Where shared memory holds fewer blocks
+// (three at D = 32 on sm_86, sm_89, sm_12x), that many.
+template <typename T, int kHeadDim>
+using TailsKeyTile = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue>;
+template <typename T, int kHeadDim>
+constexpr int kTailsMinBlocks =
+    min_blocks_per_sm(kHeadDim == 32 ? 4 : 2, TailsKeyTile<T, kHeadDim>::kSmemBytes);
 
 // The token of tail slot `slot` of sequence `s`, or -1 where the slot holds none.
 __device__ __forceinline__ int tail_token(const EvoParams& p, const SeqInfo& si, int s, int slot,
@@ -48,7 +53,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
                                   const float* __restrict__ dgates, float* __restrict__ tail_dk,
                                   float* __restrict__ tail_dv) {
     // ldmatrix .x2: .x4 spilled 48 B at D = 64 on sm_90 (NVRTC 13.0).
-    using KT = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue>;
+    using KT = TailsKeyTile<T, kHeadDim>;
     KT kt;
     SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
     const int slots = p.max_chunks * p.tail_tokens;
@@ -104,7 +109,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
 }
 
 #define SPARSECTR_BACKWARD_TAILS_TC(NAME, T, D)                                                  \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kTailsMinBlocks<D>)              \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kTailsMinBlocks<T, D>)              \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const void* __restrict__ gates,                            \
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \

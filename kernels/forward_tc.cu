@@ -42,6 +42,7 @@
 
 #include "common/dtype.cuh"
 #include "common/mma.cuh"
+#include "common/occupancy.cuh"
 #include "common/params.cuh"
 #include "common/warp.cuh"
 #include "attn/temporal.cuh"
@@ -54,9 +55,17 @@
 
 // Three blocks per SM (168 registers) where ptxas fits them without spills: this kernel is latency
 // bound (ncu on an H100: 71% of cycles with no eligible warp at two blocks), so more warps hide more
-// of each tile's loads. At D = 128 the cap spilled (NVRTC 13.0).
-template <int kHeadDim>
-constexpr int kForwardTcMinBlocks = kHeadDim <= 64 ? 3 : 2;
+// of each tile's loads. At D = 128 the cap spilled (NVRTC 13.0), and so did f16 at D = 64 on
+// sm_100 (4 B; bf16 fits). Where shared memory holds fewer blocks (two at D = 64 on sm_86, sm_89,
+// sm_12x), that many.
+template <typename T, int kHeadDim>
+constexpr int kForwardTcWantedBlocks = kHeadDim <= 64 ? 3 : 2;
+template <>
+constexpr int kForwardTcWantedBlocks<half_t, 64> = kArchSm10x ? 2 : 3;
+template <typename T, int kHeadDim>
+constexpr int kForwardTcMinBlocks =
+    min_blocks_per_sm(kForwardTcWantedBlocks<T, kHeadDim>,
+                      kSlotTilesSmemBytes<T, kHeadDim> + kDenseThreads / kWarpSize * static_cast<int>(sizeof(LocalSpan)));
 
 // Q rows stay in registers up to D = 64; at D = 128 the branch and output accumulators leave no
 // room (ptxas spilled 144 B), so they are reloaded from L1 at each use.
@@ -279,7 +288,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
 }
 
 #define SPARSECTR_FORWARD_TC(NAME, T, D)                                                         \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kForwardTcMinBlocks<D>)          \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kForwardTcMinBlocks<T, D>)          \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ kbar,                            \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \

@@ -1,5 +1,9 @@
-//! Every kernel variant compiles under NVRTC for sm_80 and sm_90 with no register spills. Needs
-//! NVRTC (`source scripts/nvrtc-env.sh` installs the CUDA 13.0 wheel), not a GPU.
+//! Every kernel variant compiles under NVRTC with no register spills for each architecture a
+//! user may run it on: sm_80 (A100), sm_86 (A10, A40), sm_89 (L4, L40S), sm_90 (H100, H200),
+//! sm_100 (B200) and sm_120 (RTX PRO 6000 Blackwell). The register budgets (launch bounds) were
+//! tuned on sm_90; shared memory per SM differs by architecture (kernels/common/occupancy.cuh),
+//! and ptxas fits registers differently on each. Needs NVRTC (`source scripts/nvrtc-env.sh`
+//! installs the CUDA 13.0 wheel), not a GPU.
 
 use sparsectr_attn::cuda::{compile_modules, compile_report, kernel_names};
 
@@ -90,4 +94,24 @@ fn kernels_compile_for_sm80_without_spills() {
 #[test]
 fn kernels_compile_for_sm90_without_spills() {
     check_arch("sm_90", "kernels_compile_for_sm90_without_spills");
+}
+
+#[test]
+fn kernels_compile_for_sm86_without_spills() {
+    check_arch("sm_86", "kernels_compile_for_sm86_without_spills");
+}
+
+#[test]
+fn kernels_compile_for_sm89_without_spills() {
+    check_arch("sm_89", "kernels_compile_for_sm89_without_spills");
+}
+
+#[test]
+fn kernels_compile_for_sm100_without_spills() {
+    check_arch("sm_100", "kernels_compile_for_sm100_without_spills");
+}
+
+#[test]
+fn kernels_compile_for_sm120_without_spills() {
+    check_arch("sm_120", "kernels_compile_for_sm120_without_spills");
 }

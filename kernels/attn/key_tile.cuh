@@ -119,6 +119,11 @@ struct KeyTile {
     // Two stages of the query tiles (stage i from element i * kTile, or i * kCols per query):
     // the walk issues the next tile's copies into one before its MMAs on the other.
     static constexpr int kTile = kCols * (kHeadDim + kPad);
+    // Bytes of the arrays SPARSECTR_KEY_TILE_SMEM declares (the kernels' register budgets,
+    // min_blocks_per_sm, count them).
+    static constexpr int kSmemBytes = 2 * 2 * kTile * static_cast<int>(sizeof(T)) +
+                                      2 * kCols * static_cast<int>(3 * sizeof(float) + sizeof(unsigned) + sizeof(TokenTime)) +
+                                      kDenseRows * static_cast<int>(sizeof(TokenTime));
     T* sQ;
     T* sdO;
     float* sLse;      // as in memory (natural log), landed by cp.async
@@ -316,7 +321,7 @@ struct KeyTile {
 };
 
 // Declares the shared tiles of a KeyTile walk and points `kt` at them (a macro: `__shared__`
-// arrays must be declared in the kernel's own scope).
+// arrays must be declared in the kernel's own scope). KeyTile::kSmemBytes counts them.
 #define SPARSECTR_KEY_TILE_SMEM(kt, T, D)                                                         \
     constexpr int kKtCols_ = decltype(kt)::kCols;                                               \
     constexpr int kKtPad_ = decltype(kt)::kPad;                                                 \
@@ -328,6 +333,10 @@ struct KeyTile {
     __shared__ float sGate_[2 * kKtCols_];                                                      \
     __shared__ TokenTime sTime_[2 * kKtCols_];                                                  \
     __shared__ TokenTime sKeyTime_[kDenseRows];                                                 \
+    static_assert(sizeof(sQ_) + sizeof(sdO_) + sizeof(sLse_) + sizeof(sDg_) + sizeof(sRaw_) +    \
+                          sizeof(sGate_) + sizeof(sTime_) + sizeof(sKeyTime_) ==                \
+                      decltype(kt)::kSmemBytes,                                                 \
+                  "KeyTile::kSmemBytes must count the tiles");                                  \
     kt.sQ = sQ_;                                                                                \
     kt.sdO = sdO_;                                                                              \
     kt.sLse = sLse_;                                                                            \

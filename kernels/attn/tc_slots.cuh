@@ -283,6 +283,13 @@ struct SlotTiles {
     }
 };
 
+// Bytes of the arrays SPARSECTR_SLOT_TILES declares (the kernels' register budgets,
+// min_blocks_per_sm, count them).
+template <typename T, int kHeadDim>
+constexpr int kSlotTilesSmemBytes =
+    TcRows<kHeadDim>::kValue * (2 * (kHeadDim + SmemPad<T>::kValue) * static_cast<int>(sizeof(T)) +
+                                static_cast<int>(2 * sizeof(int) + sizeof(TokenTime) + sizeof(unsigned)));
+
 // Declares the tiles of one gather as `name` (a macro: `__shared__` arrays must be declared in
 // the kernel's own scope).
 #define SPARSECTR_SLOT_TILES(name, T, D)                                                         \
@@ -294,6 +301,10 @@ struct SlotTiles {
     __shared__ int sAux_[kSlotRows_];                                                           \
     __shared__ TokenTime sTime_[kSlotRows_];                                                    \
     __shared__ unsigned sRawTime_[kSlotRows_]; /* each slot's time as it lands */              \
+    static_assert(sizeof(sK_) + sizeof(sV_) + sizeof(sRow_) + sizeof(sAux_) + sizeof(sTime_) +  \
+                          sizeof(sRawTime_) ==                                                  \
+                      kSlotTilesSmemBytes<T, D>,                                                \
+                  "kSlotTilesSmemBytes must count the tiles");                                  \
     const SlotTiles<T, D> name{sK_, sV_, sRow_, sAux_, sTime_}
 
 // The forward's tiles of TcRows rows as two stages (TcStageRows each), with each slot's raw time
