@@ -6,10 +6,11 @@
 //! The instantiation matrix is the one list below; it generates both the `extern "C"` names and
 //! the Rust table `KERNELS` that dispatch reads.
 //!
-//! Where `nvcc` is found (`SPARSECTR_NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin` or `PATH`) the
-//! sources are compiled now into fatbins for sm_80 and sm_90 (plus compute_90 PTX), so a kernel
-//! that does not compile fails the build. Otherwise NVRTC compiles them at first use, and this
-//! script says so in exactly one warning. Nothing is fetched; nothing is written outside OUT_DIR.
+//! Where `nvcc` is found (`SPARSECTR_NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin` or `PATH`; not
+//! with `SPARSECTR_NVCC=off`) the sources are compiled now into fatbins for sm_80, sm_86, sm_90,
+//! sm_100 and sm_120 (plus compute_90 PTX), so a kernel that does not compile fails the build.
+//! Otherwise NVRTC compiles them at first use, and this script says so in exactly one warning.
+//! Nothing is fetched; nothing is written outside OUT_DIR.
 
 use std::collections::HashSet;
 use std::env;
@@ -26,10 +27,16 @@ const DTYPES: &[(&str, &str, &str)] = &[
 ];
 /// Head dimensions every head-dim-templated kernel is built for.
 const HEAD_DIMS: &[usize] = &[32, 64, 128];
-/// Architectures of the ahead-of-time fatbin.
+/// Architectures of the ahead-of-time fatbin: machine code for each shared-memory size and
+/// register budget of kernels/common/occupancy.cuh (sm_86's also runs on sm_89, as sm_80's would,
+/// but with sm_80's budgets, made for more shared memory than sm_89 has), and PTX that the driver
+/// compiles for any later architecture.
 const NVCC_GENCODE: &[&str] = &[
     "arch=compute_80,code=sm_80",
+    "arch=compute_86,code=sm_86",
     "arch=compute_90,code=sm_90",
+    "arch=compute_100,code=sm_100",
+    "arch=compute_120,code=sm_120",
     "arch=compute_90,code=compute_90",
 ];
 
@@ -108,8 +115,8 @@ fn main() {
 
     if nvcc.is_none() {
         println!(
-            "cargo:warning=sparsectr-attn: no nvcc found (SPARSECTR_NVCC, CUDA_HOME, CUDA_PATH, \
-             PATH); kernels will be compiled by NVRTC at first use"
+            "cargo:warning=sparsectr-attn: no nvcc used (SPARSECTR_NVCC, CUDA_HOME, CUDA_PATH, \
+             PATH; SPARSECTR_NVCC=off skips it); kernels will be compiled by NVRTC at first use"
         );
     }
 }
@@ -232,9 +239,13 @@ fn instantiations(source: &str, stem: &str) -> Vec<Instance> {
     instances
 }
 
+/// The nvcc to compile with, or None: none found, or `SPARSECTR_NVCC=off`. (nvcc's front end
+/// makes other code than NVRTC's from the same source, 32-bit shared-memory addresses among
+/// other things, and ptxas then allocates registers differently: the kernels that CI checks for
+/// spills and that benches/results timed are NVRTC's, and `off` ships those on a machine with nvcc.)
 fn find_nvcc() -> Option<PathBuf> {
     if let Some(p) = env::var_os("SPARSECTR_NVCC") {
-        return Some(PathBuf::from(p));
+        return (p != "off").then(|| PathBuf::from(p));
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(root) = env::var_os(var) {
@@ -251,7 +262,12 @@ fn find_nvcc() -> Option<PathBuf> {
 
 fn compile_with_nvcc(nvcc: &Path, source: &Path, fatbin: &Path) {
     let mut cmd = Command::new(nvcc);
-    cmd.arg("--fatbin").arg("-O3").arg("-std=c++17");
+    // --threads 0: the architectures compile in parallel, one job per core.
+    cmd.arg("--fatbin")
+        .arg("-O3")
+        .arg("-std=c++17")
+        .arg("--threads")
+        .arg("0");
     for g in NVCC_GENCODE {
         cmd.arg("-gencode").arg(g);
     }
