@@ -185,7 +185,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
 }
 
 #define SPARSECTR_BACKWARD_KEY_TC(NAME, T, D)                                                    \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kKeyTcMinBlocks<T, D>)              \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kKeyTcMinBlocks<T, D>)           \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const void* __restrict__ gates,                            \
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \

@@ -49,9 +49,9 @@
 #include "attn/tc_slots.cuh"
 
 // Three blocks per SM where ptxas fits them without spills (NVRTC 13.0): D = 32, and D = 64 on
-// sm_90 (16 B spilled on sm_80, 4 B on sm_100). As latency bound as the forward (ncu on an H100: 76% of cycles
-// with no eligible warp at two blocks). Where shared memory holds fewer blocks (two at D = 64 on
-// sm_12x), that many.
+// sm_90 (16 B spilled on sm_80, 4 B on sm_100). As latency bound as the forward (ncu on an H100:
+// 76% of cycles with no eligible warp at two blocks). Where shared memory holds fewer blocks (two
+// at D = 64 on sm_12x), that many.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 constexpr bool kBwdQueryTcSm90 = !kArchSm10x;
 #else
@@ -114,7 +114,7 @@ struct BwdTcContext {
     const int* chunk_ends;
     const unsigned* rel_time;
     unsigned* raw_time;  // shared: the slots' times as their copies land
-    float* pf;           // shared [8][kDenseThreads] (kBwdQueryPfFloats): each thread's sum_j P_j (Bk, Hr, Wk) sums
+    float* pf;           // shared [8][kDenseThreads]: each thread's sum_j P_j (Bk, Hr, Wk) sums
 };
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots, the
@@ -394,7 +394,7 @@ __device__ void evo_backward_query_tc(
 }
 
 #define SPARSECTR_BACKWARD_QUERY_TC(NAME, T, D)                                                  \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks<T, D>)         \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kBwdQueryTcMinBlocks<T, D>)      \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ kbar,                            \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \

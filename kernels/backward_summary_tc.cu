@@ -98,7 +98,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
 }
 
 #define SPARSECTR_BACKWARD_SUMMARY_TC(NAME, T, D)                                                \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kSummaryTcMinBlocks<T, D>)          \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kSummaryTcMinBlocks<T, D>)       \
         NAME(const EvoParams p, const T* __restrict__ q, const float* __restrict__ kbar,         \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \
              const float* __restrict__ coeffs, const unsigned* __restrict__ rel_time,            \

@@ -288,7 +288,7 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
 }
 
 #define SPARSECTR_FORWARD_TC(NAME, T, D)                                                         \
-    extern "C" __global__ void __launch_bounds__(kDenseThreads, kForwardTcMinBlocks<T, D>)          \
+    extern "C" __global__ void __launch_bounds__(kDenseThreads, kForwardTcMinBlocks<T, D>)       \
         NAME(const EvoParams p, const T* __restrict__ q, const T* __restrict__ k,                \
              const T* __restrict__ v, const float* __restrict__ kbar,                            \
              const float* __restrict__ vbar, const void* __restrict__ gates,                     \

@@ -121,9 +121,10 @@ struct KeyTile {
     static constexpr int kTile = kCols * (kHeadDim + kPad);
     // Bytes of the arrays SPARSECTR_KEY_TILE_SMEM declares (the kernels' register budgets,
     // min_blocks_per_sm, count them).
-    static constexpr int kSmemBytes = 2 * 2 * kTile * static_cast<int>(sizeof(T)) +
-                                      2 * kCols * static_cast<int>(3 * sizeof(float) + sizeof(unsigned) + sizeof(TokenTime)) +
-                                      kDenseRows * static_cast<int>(sizeof(TokenTime));
+    static constexpr int kSmemBytes =
+        2 * 2 * kTile * static_cast<int>(sizeof(T)) +
+        2 * kCols * static_cast<int>(3 * sizeof(float) + sizeof(unsigned) + sizeof(TokenTime)) +
+        kDenseRows * static_cast<int>(sizeof(TokenTime));
     T* sQ;
     T* sdO;
     float* sLse;      // as in memory (natural log), landed by cp.async
