@@ -113,43 +113,17 @@ def ptxas_usage(log):
     return usage
 
 
-def source_map(module):
-    """Generated line -> 'file:line', by inlining kernels/<module>.cu as build.rs does (local
-    includes once each, `#pragma once` dropped, a '// ---- path ----' line before each file)."""
-    table, seen = [], set()
-
-    def inline(path):
-        real = os.path.realpath(path)
-        if real in seen:
-            return
-        seen.add(real)
-        table.append((os.path.relpath(path, ROOT), 0))
-        for number, line in enumerate(open(path, errors="replace"), 1):
-            stripped = line.strip()
-            if stripped == "#pragma once":
-                continue
-            if stripped.startswith('#include "'):
-                inline(os.path.join(os.path.dirname(path), stripped.split('"')[1]))
-                continue
-            table.append((os.path.relpath(path, ROOT), number))
-
-    entry = os.path.join(ROOT, "kernels", module + ".cu")
-    if os.path.exists(entry):
-        inline(entry)
-
-    def where(line):
-        if 1 <= line <= len(table):
-            name, number = table[line - 1]
-            return f"{os.path.basename(name)}:{number}"
-        return f"generated line {line}"
-
-    return where
+def where(loc):
+    """'file:line' of a (file, line) from the line info (build.rs's `#line` directives name the
+    original kernel sources)."""
+    name, line = loc
+    return f"{os.path.basename(name)}:{line}" if name else "?"
 
 
 def parse(sass):
-    """kernel -> list of (address, opcode, text, generated line), and kernel -> {label: address}."""
+    """kernel -> list of (address, opcode, text, (file, line)), and kernel -> {label: address}."""
     kernels, labels = {}, {}
-    current, line, pending = None, 0, []
+    current, line, pending = None, ("", 0), []
     for raw in sass.splitlines():
         m = re.match(r"\.text\.(\w+):", raw.strip())
         if m:
@@ -159,9 +133,9 @@ def parse(sass):
             continue
         if current is None:
             continue
-        m = re.search(r"//## File .*line (\d+)", raw)
+        m = re.search(r'//## File "([^"]*)", line (\d+)', raw)
         if m:
-            line = int(m.group(1))
+            line = (m.group(1), int(m.group(2)))
             continue
         m = re.match(r"(\.L_x_\d+):", raw.strip())
         if m:
@@ -215,7 +189,6 @@ def main():
         f.write(cubin)
         f.flush()
         sass = subprocess.run([nvdisasm, "-c", "-g", f.name], check=True, capture_output=True, text=True).stdout
-    where = source_map(os.path.basename(src)[:-3])
     kernels, labels = parse(sass)
     print(f"{src} ({args.arch})")
     for name in sorted(kernels):
