@@ -5,12 +5,14 @@
 // the hardware's alignment rule checked.
 #pragma once
 
+#include "emu_site.cuh"
+
 // Copies kBytes (4, 8 or 16) from `src` to `dst` (both kBytes-aligned), or writes kBytes zero
 // bytes where `valid` is false (then `src` is not read, but must still be a mapped address).
 // Visible to the block after cp_async_wait_all() and a barrier. 16-byte copies bypass L1 (`.cg`);
 // smaller ones may only go through it (`.ca`).
 template <int kBytes>
-__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid SPARSECTR_SITE_PARAM) {
     static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
 #ifdef __CUDA_ARCH__
     // The compiler's conversion, not inline asm: see ldmatrix (mma.cuh).
@@ -26,6 +28,7 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid)
     }
 #else
     emu::cp_async_issue(dst, src, valid, kBytes);
+    emu::smem_access(dst, kBytes, emu::kSmemStore, site);
 #endif
 }
 

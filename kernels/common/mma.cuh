@@ -16,6 +16,7 @@
 #pragma once
 
 #include "dtype.cuh"
+#include "emu_site.cuh"
 #include "warp.cuh"
 
 // Two consecutive elements of a fragment.
@@ -48,11 +49,17 @@ __device__ __forceinline__ void clear(FragC& f) {
 // The pair at p[0], p[1] (p 4-byte aligned for 16-bit types: an even element index of a row
 // whose stride is even).
 template <typename T>
-__device__ __forceinline__ MmaPair<T> load_pair(const T* p) {
+__device__ __forceinline__ MmaPair<T> load_pair(const T* p SPARSECTR_SITE_PARAM) {
+#ifndef __CUDA_ARCH__
+    emu::smem_access(p, 4, emu::kSmemLoad, site);
+#endif
     return MmaPair<T>{*reinterpret_cast<const unsigned*>(p)};
 }
 template <>
-__device__ __forceinline__ MmaPair<float> load_pair<float>(const float* p) {
+__device__ __forceinline__ MmaPair<float> load_pair<float>(const float* p SPARSECTR_SITE_DECL) {
+#ifndef __CUDA_ARCH__
+    emu::smem_access(p, 8, emu::kSmemLoad, site);
+#endif
     return MmaPair<float>{p[0], p[1]};
 }
 
@@ -62,11 +69,17 @@ __device__ __forceinline__ MmaPair<T> make_pair(float lo, float hi);
 // Rounds lo, hi to T and stores them at p[0], p[1] (aligned as for load_pair): one 4-byte store
 // for 16-bit types where two 2-byte ones touched the same sectors twice.
 template <typename T>
-__device__ __forceinline__ void store_pair(T* p, float lo, float hi) {
+__device__ __forceinline__ void store_pair(T* p, float lo, float hi SPARSECTR_SITE_PARAM) {
+#ifndef __CUDA_ARCH__
+    emu::smem_access(p, 4, emu::kSmemStore, site);
+#endif
     *reinterpret_cast<unsigned*>(p) = make_pair<T>(lo, hi).bits;
 }
 template <>
-__device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi) {
+__device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi SPARSECTR_SITE_DECL) {
+#ifndef __CUDA_ARCH__
+    emu::smem_access(p, 8, emu::kSmemStore, site);
+#endif
     p[0] = lo;
     p[1] = hi;
 }
@@ -123,7 +136,7 @@ __device__ __forceinline__ MmaPair<T> pair_of(T lo, T hi) {
 // rebuilt its rows' 64-bit generic pointers first (sm_90 SASS, bf16, D = 64: the forward's
 // sub-tile loops took 11-16 more instructions, the key side's walks 20).
 template <int kMatrices, bool kTrans, typename T>
-__device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row, int offset) {
+__device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row, int offset SPARSECTR_SITE_PARAM) {
     static_assert(kMatrices == 4 || (kMatrices == 2 && !kTrans), "ldmatrix .x4, .x4.trans or .x2");
 #ifdef __CUDA_ARCH__
     const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(row));
@@ -143,6 +156,7 @@ __device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row,
 #else
     row += offset;
     const int lane = threadIdx.x % kWarpSize;
+    if (lane < 8 * kMatrices) emu::smem_access(row, 16, emu::kSmemLoad, site);
     if (lane < 8 * kMatrices && reinterpret_cast<unsigned long long>(row) % 16 != 0)
         emu::fail("ldmatrix row address %p: not 16-byte aligned", static_cast<const void*>(row));
     const int g = lane >> 2, t = lane & 3;
@@ -164,24 +178,24 @@ __device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row,
 // A fragment from row-major storage: `top` points at element [g][k0] of the tile's row g,
 // `bottom` at [g + 8][k0] (callers clamp rows past the end), k0 a multiple of 16.
 template <typename T>
-__device__ __forceinline__ FragA<T> load_a(const T* top, const T* bottom) {
+__device__ __forceinline__ FragA<T> load_a(const T* top, const T* bottom SPARSECTR_SITE_PARAM) {
     const int t = threadIdx.x % 4;
     FragA<T> f;
-    f.r[0] = load_pair(top + 2 * t);
-    f.r[1] = load_pair(bottom + 2 * t);
-    f.r[2] = load_pair(top + 2 * t + 8);
-    f.r[3] = load_pair(bottom + 2 * t + 8);
+    f.r[0] = load_pair(top + 2 * t SPARSECTR_SITE_ARG);
+    f.r[1] = load_pair(bottom + 2 * t SPARSECTR_SITE_ARG);
+    f.r[2] = load_pair(top + 2 * t + 8 SPARSECTR_SITE_ARG);
+    f.r[3] = load_pair(bottom + 2 * t + 8 SPARSECTR_SITE_ARG);
     return f;
 }
 
 // A B fragment from storage where k runs along a row: `col` points at element [k0] of the row
 // that holds column n = g (B[k][g] = col[k - k0]).
 template <typename T>
-__device__ __forceinline__ FragB<T> load_b(const T* col) {
+__device__ __forceinline__ FragB<T> load_b(const T* col SPARSECTR_SITE_PARAM) {
     const int t = threadIdx.x % 4;
     FragB<T> f;
-    f.r[0] = load_pair(col + 2 * t);
-    f.r[1] = load_pair(col + 2 * t + 8);
+    f.r[0] = load_pair(col + 2 * t SPARSECTR_SITE_ARG);
+    f.r[1] = load_pair(col + 2 * t + 8 SPARSECTR_SITE_ARG);
     return f;
 }
 

@@ -42,6 +42,8 @@
 // Kernel sources include nothing from here; compile with `-include` or include this first.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cstdarg>
@@ -53,7 +55,9 @@
 #include <cstring>
 #include <math.h>
 #include <memory>
+#include <map>
 #include <mutex>
+#include <source_location>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -462,6 +466,8 @@ struct ThreadCtx {
 };
 inline thread_local ThreadCtx tctx;
 
+struct SmemAccess;  // below, with the bank model
+
 struct BlockState {
     const char* kernel = "";
     dim3 block_idx;
@@ -469,6 +475,7 @@ struct BlockState {
     std::vector<std::unique_ptr<Exchange>> warps;
     Exchange block;
     std::unique_ptr<std::atomic<int>[]> where;  // per thread: an Op
+    std::vector<std::vector<SmemAccess>> smem_log;  // per thread (EMU_BANKS)
 };
 
 // Progress of the whole emulation: the watchdog fires when it stops moving.
@@ -576,6 +583,152 @@ inline Exchange& my_warp() {
 }
 
 inline std::atomic<int>& my_where() { return tctx.block->where[tctx.tid]; }
+
+// ---- A model of shared-memory bank conflicts (EMU_BANKS=FILE) ---------------------------------
+// Shared memory serves a warp's access in wavefronts: 32 banks of 4 bytes, one word per bank per
+// wavefront, the same word to any number of lanes at once. The helpers that kernels use for
+// their tiles (cp_async's stores, ldmatrix, load_pair, store_pair; kernels/common) report each
+// lane's shared address with the caller's source location; after every block, the accesses of a
+// warp are grouped into instructions (the k-th call of a site, in one template instantiation of
+// its function, by each lane of the warp: a site that lanes skip unevenly is misgrouped) and each
+// instruction's wavefronts are counted as the hardware splits it: 16-byte accesses (cp.async 16,
+// ldmatrix rows) by quarter warps (8 lanes: one 8x8 matrix of ldmatrix), 8-byte ones by half
+// warps, narrower ones whole. A phase takes as many wavefronts as the most distinct words that
+// any bank holds; its ideal is its distinct words over 32. The sum over instructions, per kernel
+// and call site, is written to FILE as the process exits.
+//
+// A model, not a measurement: plain `a[i] = x` accesses are not seen, nor is the order in which
+// warps issue; the GPU's own count is ncu's l1tex__data_pipe_lsu_wavefronts_mem_shared. What it
+// answers without a GPU is whether a tile layout or a thread mapping conflicts, per call site.
+using Site = std::source_location;
+enum SmemOp : unsigned char { kSmemLoad, kSmemStore };
+
+struct SmemAccess {
+    const char* file;
+    const char* function;  // the caller's, template arguments and all: one site per instantiation
+    unsigned line, column;
+    unsigned offset;  // bytes from the start of the `__shared__` range (emu_shared.ld)
+    unsigned char bytes;
+    SmemOp op;
+};
+
+extern "C" char __start_emu_shared[] __attribute__((weak));
+extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+inline const char* banks_file() {
+    static const char* f = [] {
+        const char* e = std::getenv("EMU_BANKS");
+        return e != nullptr && *e != '\0' ? e : nullptr;
+    }();
+    return f;
+}
+
+// Records one lane's access of `bytes` at `p` when it is in shared memory and EMU_BANKS is set.
+inline void smem_access(const void* p, unsigned bytes, SmemOp op, const Site& site) {
+    if (banks_file() == nullptr || tctx.block == nullptr || __start_emu_shared == nullptr) return;
+    const char* at = static_cast<const char*>(p);
+    if (at < __start_emu_shared || at >= __stop_emu_shared) return;
+    tctx.block->smem_log[tctx.tid].push_back(
+        SmemAccess{site.file_name(), site.function_name(), site.line(), site.column(),
+                   static_cast<unsigned>(at - __start_emu_shared), static_cast<unsigned char>(bytes), op});
+}
+
+struct BankSite {
+    std::string kernel, file;
+    unsigned line, column;
+    int op, bytes;
+    auto operator<=>(const BankSite&) const = default;
+};
+struct BankCount {
+    unsigned long long instructions = 0, wavefronts = 0, ideal = 0;
+};
+
+struct BankReport {
+    std::mutex mutex;
+    std::map<BankSite, BankCount> sites;
+    ~BankReport() {
+        const char* path = banks_file();
+        if (path == nullptr || sites.empty()) return;
+        std::FILE* f = std::fopen(path, "w");
+        if (f == nullptr) {
+            std::fprintf(stderr, "EMU_BANKS=%s: cannot write the report\n", path);
+            return;
+        }
+        std::fprintf(f, "kernel\tsite\top\tbytes\tinstructions\twavefronts\tideal\n");
+        for (const auto& [k, c] : sites)
+            std::fprintf(f, "%s\t%s:%u:%u\t%s\t%d\t%llu\t%llu\t%llu\n", k.kernel.c_str(), k.file.c_str(),
+                         k.line, k.column, k.op == kSmemLoad ? "load" : "store", k.bytes, c.instructions,
+                         c.wavefronts, c.ideal);
+        std::fclose(f);
+    }
+};
+inline BankReport g_banks;
+
+// Wavefronts (and the ideal) of one warp instruction: lanes[l] = offset, or -1 where lane l took
+// no part.
+inline void count_wavefronts(const std::array<long long, 32>& lanes, unsigned bytes, BankCount& c) {
+    const int per_phase = bytes >= 16 ? 8 : bytes == 8 ? 16 : 32;
+    ++c.instructions;
+    for (int phase = 0; phase < 32 / per_phase; ++phase) {
+        unsigned words[128];
+        int n = 0;
+        for (int l = phase * per_phase; l < (phase + 1) * per_phase; ++l) {
+            if (lanes[l] < 0) continue;
+            const unsigned first = static_cast<unsigned>(lanes[l]) / 4;
+            const unsigned count = bytes >= 4 ? bytes / 4 : 1;
+            for (unsigned w = 0; w < count; ++w) words[n++] = first + w;
+        }
+        if (n == 0) continue;
+        std::sort(words, words + n);
+        n = static_cast<int>(std::unique(words, words + n) - words);
+        int per_bank[32] = {};
+        int most = 0;
+        for (int i = 0; i < n; ++i) most = std::max(most, ++per_bank[words[i] % 32]);
+        c.wavefronts += static_cast<unsigned long long>(most);
+        c.ideal += static_cast<unsigned long long>((n + 31) / 32);
+    }
+}
+
+// Runs between blocks (no CUDA thread runs): counts the finished block's accesses and clears them.
+inline void tally_block(BlockState& b) {
+    if (banks_file() == nullptr) return;
+    struct Key {
+        const char* file;
+        const char* function;
+        unsigned line, column;
+        SmemOp op;
+        unsigned char bytes;
+        unsigned seq;
+        auto operator<=>(const Key&) const = default;
+    };
+    std::map<BankSite, BankCount> local;
+    const int warps = static_cast<int>(b.warps.size());
+    for (int w = 0; w < warps; ++w) {
+        std::map<Key, std::array<long long, 32>> instructions;
+        for (int lane = 0; lane < 32; ++lane) {
+            std::vector<SmemAccess>& log = b.smem_log[w * 32 + lane];
+            std::map<std::tuple<const char*, const char*, unsigned, unsigned>, unsigned> seq;
+            for (const SmemAccess& a : log) {
+                const unsigned k = seq[{a.file, a.function, a.line, a.column}]++;
+                auto [it, fresh] =
+                    instructions.try_emplace(Key{a.file, a.function, a.line, a.column, a.op, a.bytes, k});
+                if (fresh) it->second.fill(-1);
+                it->second[lane] = a.offset;
+            }
+            log.clear();
+        }
+        for (const auto& [k, lanes] : instructions)
+            count_wavefronts(lanes, k.bytes,
+                             local[BankSite{b.kernel, k.file, k.line, k.column, k.op, k.bytes}]);
+    }
+    std::lock_guard<std::mutex> lock(g_banks.mutex);
+    for (const auto& [k, c] : local) {
+        BankCount& t = g_banks.sites[k];
+        t.instructions += c.instructions;
+        t.wavefronts += c.wavefronts;
+        t.ideal += c.ideal;
+    }
+}
 
 // cp.async: on a GPU the bytes land in shared memory at some moment before the issuing
 // thread's wait, so until then the destination holds neither its old contents nor the new. The
@@ -832,10 +985,9 @@ constexpr bool arg_matches() {
     }
 }
 
-// The kernels' `__shared__` variables (emu_shared.ld defines both ends; weak: without the linker
-// script they are null and nothing is poisoned).
-extern "C" char __start_emu_shared[] __attribute__((weak));
-extern "C" char __stop_emu_shared[] __attribute__((weak));
+// The kernels' `__shared__` variables are __start_emu_shared to __stop_emu_shared (declared above;
+// emu_shared.ld defines both ends; weak: without the linker script they are null and nothing is
+// poisoned).
 
 // Bytes of `__shared__` variables that poison_shared covers (0: the driver was linked without
 // emu_shared.ld, or EMU_SHARED_POISON=0).
@@ -899,6 +1051,7 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
     }
     st.block.init(threads);
     st.where = std::make_unique<std::atomic<int>[]>(threads);
+    st.smem_log.resize(static_cast<std::size_t>(threads));
     for (int i = 0; i < threads; ++i) st.where[i].store(kRunning);
     unsigned long long current = 0;
     auto block_of = [grid](unsigned long long b) {
@@ -907,6 +1060,7 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
     };
     // Runs once per block, after its last thread exited and before any thread goes on.
     auto next_block = [&]() noexcept {
+        tally_block(st);
         for (auto& w : st.warps) w->exited.store(0);
         st.block.exited.store(0);
         for (int i = 0; i < threads; ++i) st.where[i].store(kRunning);

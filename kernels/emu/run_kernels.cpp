@@ -34,6 +34,7 @@
 #include "cuda_host.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cinttypes>
 #include <fstream>
@@ -204,6 +205,47 @@ int run_async_copies() {
     return bad;
 }
 
+// The bank model (cuda_host.h, EMU_BANKS) on patterns whose wavefronts are known.
+int run_bank_model() {
+    struct Case {
+        const char* what;
+        unsigned bytes;
+        std::array<long long, 32> lanes;
+        unsigned long long wavefronts, ideal;
+    };
+    auto each = [](auto offset) {
+        std::array<long long, 32> a;
+        for (int l = 0; l < 32; ++l) a[l] = offset(l);
+        return a;
+    };
+    const Case cases[] = {
+        // ldmatrix .x4 of rows 144 B apart (64 elements + 8 of padding): conflict-free.
+        {"ldmatrix rows 144 B apart", 16, each([](int l) { return (l % 8) * 144LL + (l / 8) * 16; }), 4, 4},
+        // ... and 128 B apart (no padding): the 8 rows of a matrix in one bank group, 8-way.
+        {"ldmatrix rows 128 B apart", 16, each([](int l) { return (l % 8) * 128LL + (l / 8) * 16; }), 32, 4},
+        // Two adjacent lanes per 144-byte row, adjacent 16-byte chunks: 2-way in each quarter.
+        {"16-byte pairs of adjacent lanes", 16, each([](int l) { return (l / 2) * 144LL + (l % 2) * 16; }), 8, 4},
+        // The same chunks with a row's two lanes 8 apart (gather_slot in tc_slots.cuh).
+        {"16-byte pairs 8 lanes apart", 16,
+         each([](int l) { return ((l / 16) * 8 + l % 8) * 144LL + (l / 8 % 2) * 16; }), 4, 4},
+        {"4-byte words 8 B apart", 4, each([](int l) { return l * 8LL; }), 2, 1},
+        {"one word to every lane", 4, each([](int) { return 64LL; }), 1, 1},
+        {"8-byte words in a row", 8, each([](int l) { return l * 8LL; }), 2, 2},
+        {"lanes 0-7 only, 16 B", 16, each([](int l) { return l < 8 ? l * 16LL : -1LL; }), 1, 1},
+    };
+    int bad = 0;
+    for (const Case& c : cases) {
+        emu::BankCount got;
+        emu::count_wavefronts(c.lanes, c.bytes, got);
+        if (got.instructions != 1 || got.wavefronts != c.wavefronts || got.ideal != c.ideal) {
+            ++bad;
+            std::printf("self-test: bank model, %s: %llu wavefronts (ideal %llu), want %llu (%llu)\n",
+                        c.what, got.wavefronts, got.ideal, c.wavefronts, c.ideal);
+        }
+    }
+    return bad;
+}
+
 // Shared memory as a GPU leaves it to the next block, poisoned (cuda_host.h): every byte of a
 // `__shared__` array is 0xff when a block starts with an even index and 0x7f with an odd one,
 // whatever the block before wrote. A template's arrays and a plain function's go to different
@@ -346,8 +388,9 @@ int run() {
     bad += run_time_buckets();
     bad += run_math_models();
     bad += run_shared_poison();
-    std::printf("%s self-test of the emulated collectives, cp.async, time buckets, math models and "
-                "shared-memory poison\n",
+    bad += run_bank_model();
+    std::printf("%s self-test of the emulated collectives, cp.async, time buckets, math models, "
+                "shared-memory poison and bank model\n",
                 bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
 }
