@@ -55,13 +55,12 @@
 
 // Three blocks per SM (168 registers) where ptxas fits them without spills: this kernel is latency
 // bound (ncu on an H100: 71% of cycles with no eligible warp at two blocks), so more warps hide more
-// of each tile's loads. At D = 128 the cap spilled (NVRTC 13.0), and so did f16 at D = 64 on
-// sm_100 (4 B; bf16 fits). Where shared memory holds fewer blocks (two at D = 64 on sm_86, sm_89,
-// sm_12x), that many.
+// of each tile's loads. At D = 128 the cap spilled (NVRTC 13.0), and so did D = 64 on sm_100
+// (4 B in f16 and, since gather_slot's conflict-free gathers, in bf16: reloaded once per local
+// sub-tile). Where shared memory holds fewer blocks (two at D = 64 on sm_86, sm_89, sm_12x), that
+// many.
 template <typename T, int kHeadDim>
-constexpr int kForwardTcWantedBlocks = kHeadDim <= 64 ? 3 : 2;
-template <>
-constexpr int kForwardTcWantedBlocks<half_t, 64> = kArchSm10x ? 2 : 3;
+constexpr int kForwardTcWantedBlocks = kHeadDim <= 32 || (kHeadDim == 64 && !kArchSm10x) ? 3 : 2;
 template <typename T, int kHeadDim>
 constexpr int kForwardTcMinBlocks =
     min_blocks_per_sm(kForwardTcWantedBlocks<T, kHeadDim>,

@@ -17,10 +17,13 @@ constexpr int kDenseThreads = kDenseWarps * kWarpSize;
 constexpr int kDenseRows = 16 * kDenseWarps;  // rows of a block: 16 per warp, one MMA tile high
 
 // Elements of padding per shared-memory row: 16 bytes keep rows 16-byte aligned for vector
-// stores and put the 8 row-groups of a fragment load on different banks.
+// stores and put the 8 rows of an ldmatrix matrix (or a 16-bit fragment load) on different banks.
+// f32 rows take 32: the f32 fragments are 8-byte loads, served by half warps, whose 4 rows must
+// start 8 banks apart (with 16 bytes, 4 apart, two rows overlapped: 2-way conflicts on every
+// fragment load of the f32 dense kernels, under the CPU emulation's bank model).
 template <typename T>
 struct SmemPad {
-    static constexpr int kValue = 16 / static_cast<int>(sizeof(T));
+    static constexpr int kValue = sizeof(T) == 4 ? 8 : 16 / static_cast<int>(sizeof(T));
 };
 
 // Columns (keys, or queries for the key kernel) per inner tile, chosen so that every kernel's
@@ -127,7 +130,18 @@ __device__ __forceinline__ void tile_rows_async(const EvoParams& p, const T* __r
     // copies held more registers, and spilled at D = 32 and at D = 128 on sm_80).
     constexpr int kRowStep = kDenseThreads / kPerRow;
     constexpr int kSteps = (kRows + kRowStep - 1) / kRowStep;
-    const int r0 = threadIdx.x / kPerRow, c = threadIdx.x % kPerRow;
+    int r0 = threadIdx.x / kPerRow;
+    const int c = threadIdx.x % kPerRow;
+    if constexpr (kPerRow == 4) {
+        // 16-bit rows at D = 32 are 5 chunks of 16 bytes apart (4 and the padding), so the two
+        // rows of a quarter warp (the 8 lanes a 16-byte wavefront serves) overlapped in one bank
+        // group when adjacent: 2-way conflicts. Rows 4 apart start 20 = 4 (mod 8) chunks apart
+        // and fill the 8 groups: lanes 4i to 4i + 3 take row (i / 2) + 4 (i % 2) of the warp's 8.
+        // (In shifts and masks of the thread index, which ptxas rematerializes: as divisions of
+        // the lane it held them, and the tails kernel at D = 32 spilled 8 B on sm_90.)
+        const unsigned tid = threadIdx.x;
+        r0 = static_cast<int>(((tid >> 2) & ~7u) | ((tid >> 3) & 3u) | (tid & 4u));
+    }
 #pragma unroll
     for (int j = 0; j < kSteps; ++j) {
         const int r = r0 + j * kRowStep;

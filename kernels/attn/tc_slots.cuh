@@ -336,12 +336,42 @@ struct TcGatherThreads {
     static constexpr int kValue = kDenseThreads / kLoad;
 };
 
+// The slot of a gather that thread `tid` takes, and its part of that slot (of kPerSlot =
+// TcGatherThreads). A slot's threads are 8 lanes apart, so a quarter warp (the 8 lanes that one
+// wavefront serves for 16-byte accesses) stores into 8 consecutive rows, which start in 8
+// different bank groups (a row is an odd number of 16-byte chunks: SmemPad), in one wavefront.
+// With a slot's threads adjacent (tid / kPerSlot), a quarter warp stored adjacent chunks of 2 or
+// 4 rows, which overlapped: 2-way conflicts, twice the wavefronts of every cp.async of K and V
+// (the CPU emulation's bank model, EMU_BANKS). A warp holds the same slots and parts as before,
+// so its global sectors per instruction are the same. From 8 threads a slot on, a quarter warp
+// takes one slot's 8 adjacent chunks, which is conflict-free as it is.
+struct GatherSlot {
+    int slot, part;
+};
+template <int kPerSlot>
+__device__ __forceinline__ GatherSlot gather_slot(unsigned tid) {
+    static_assert(kPerSlot == 1 || kPerSlot == 2 || kPerSlot == 4 || kPerSlot % 8 == 0,
+                  "a warp holds whole slots");
+    if constexpr (kPerSlot >= 8) {
+        return {static_cast<int>(tid / kPerSlot), static_cast<int>(tid % kPerSlot)};
+    } else {
+        // Lanes 8i to 8i + 7 of a warp take part i % kPerSlot of 8 consecutive slots: slot
+        // 8 (tid / (8 kPerSlot)) + tid % 8. In shifts and masks, which ptxas recomputes where it
+        // needs them instead of holding them in registers through the forward's main loop (with
+        // the same in divisions and remainders of lanes, it held them, and the bf16 forward at
+        // D = 64 spilled 8 to 12 B at sm_90's 168-register cap).
+        constexpr unsigned kShift = kPerSlot == 1 ? 0 : kPerSlot == 2 ? 1 : 2;
+        return {static_cast<int>(((tid >> kShift) & ~7u) | (tid & 7u)),
+                static_cast<int>((tid >> 3) & (kPerSlot - 1u))};
+    }
+}
+
 // Issues one gather, slots [base, base + TcLoad) of a branch into `st`, and returns before the
 // copies land, so that the forward computes on its other stage meanwhile (forward_tc.cu).
-// TcGatherThreads threads take each slot: the first stores its row and aux and copies its time
-// (raw) by cp.async, and each works out the row itself (slot_row), once, and copies its share of
-// the slot's K and V pieces; token rows go by cp.async, summary rows (f32, split into two 16-bit
-// parts) are loaded and stored at once. Complete with land_gather and a barrier. Called by every
+// TcGatherThreads threads take each slot (gather_slot): part 0 stores its row and aux and copies
+// its time (raw) by cp.async, and each works out the row itself (slot_row), once, and copies its
+// share of the slot's K and V pieces; token rows go by cp.async, summary rows (f32, split into
+// two 16-bit parts) are loaded and stored at once. Complete with land_gather and a barrier. Called by every
 // thread of the block.
 template <int kBranch, typename T, int kHeadDim, int kRows>
 __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
@@ -352,7 +382,8 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
                                              const SlotTiles<T, kHeadDim, kRows>& st, unsigned* raw_time) {
     constexpr int kPerSlot = TcGatherThreads<kHeadDim, kBranch, kRows>::kValue;
     constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
-    const int r = threadIdx.x / kPerSlot, part = threadIdx.x % kPerSlot;
+    const GatherSlot me = gather_slot<kPerSlot>(threadIdx.x);
+    const int r = me.slot, part = me.part;
     int row = -1, aux = 0, time_token = -1;
     if (base + r < num_slots) row = slot_row<kBranch>(tt, si, p, chunk_base, chunk_ends, base + r, &aux, &time_token);
     if (part == 0) {
@@ -413,9 +444,9 @@ __device__ __forceinline__ void land_gather(int branch, const unsigned* raw_time
     constexpr int kSummary = TcGatherThreads<kHeadDim, 0, kRows>::kValue;
     constexpr int kToken = TcGatherThreads<kHeadDim, 1, kRows>::kValue;
     static_assert(kToken == TcGatherThreads<kHeadDim, 2, kRows>::kValue, "token branches gather alike");
-    const int per_slot = branch == 0 ? kSummary : kToken;
-    const int tid = threadIdx.x;
-    if (tid % per_slot == 0) time[tid / per_slot] = token_time_fast(raw_time[tid / per_slot], wd0);
+    // The thread that issued a slot's time copy (part 0, issue_gather) lands it.
+    const GatherSlot me = branch == 0 ? gather_slot<kSummary>(threadIdx.x) : gather_slot<kToken>(threadIdx.x);
+    if (me.part == 0) time[me.slot] = token_time_fast(raw_time[me.slot], wd0);
 }
 
 // One gather, slots [base, base + TcLoad<D, kBranch>) of a branch, into `st`, visible to the
