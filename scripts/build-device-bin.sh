@@ -8,12 +8,13 @@
 # the kernel sources of the commits in KERNEL_VERSIONS (scripts/kernel-sources.sh; oldest first,
 # listed in device-bin/kernels/ORDER), so that gpu-run.sh can test (`versions`) and time (`ab`)
 # earlier kernels behind the same binaries in the same device call. Default: 8d9eaeb, the kernels
-# that passed on an H100 on 2026-11-23, 007a1fd, the fastest forward + backward measured then
-# (before the query backward's sub-tile skip, which the build's own kernels take out again), and
-# 417e835, the saved branch outputs before the inner-loop instruction cuts after it (per-key
-# visibility as intervals and slot numbers, ldmatrix B fragments), and 8390b61, those cuts before
-# the prefix walks' two warp sets (key_tile.cuh), and 84ec198, the kernels before the softmax's
-# vote and the conversion-free bucket (session 16); none of the last three run on a GPU yet.
+# that passed on an H100 on 2026-11-23; 417e835, the saved branch outputs before the inner-loop
+# instruction cuts after it (per-key visibility as intervals and slot numbers, ldmatrix B
+# fragments); 8390b61, those cuts before the prefix walks' two warp sets (key_tile.cuh); 84ec198,
+# the kernels before the softmax's vote and the conversion-free bucket (session 16); da5d161,
+# before session 17's shared addresses by the compiler's conversion; 0ef2c27, session 20's
+# kernels, before the conflict-free gathers (gather_slot, tile_rows_async at D = 32). None after
+# 8d9eaeb has run on a GPU yet.
 # KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +65,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161}
+versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161 0ef2c27}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions

@@ -15,7 +15,9 @@
 //! documented error bound (`kernels/emu/cuda_host.h`); `EMU_EXACT_MATH=ex2,rcp,..|all` turns
 //! those models off, to find which approximation an error comes from. Shared memory is poisoned
 //! before every block (the driver links with `kernels/emu/emu_shared.ld`); `EMU_SHARED_POISON=0`
-//! turns that off.
+//! turns that off. Each run also writes the bank model's report (`EMU_BANKS`, cuda_host.h) to
+//! its folder, and the test fails if any call site of the shared-memory tile helpers takes more
+//! wavefronts than its conflict-free ideal.
 
 #[allow(dead_code)] // this test uses the folder writer, not the example's `main`
 #[path = "../examples/export_batch.rs"]
@@ -820,7 +822,11 @@ struct Outcome {
 
 fn run_driver(exe: &Path, run: &Run) -> Outcome {
     let started = Instant::now();
-    let out = Command::new(exe).arg(&run.dir).args(&run.flags).output();
+    let out = Command::new(exe)
+        .arg(&run.dir)
+        .args(&run.flags)
+        .env("EMU_BANKS", run.dir.join(BANKS_FILE))
+        .output();
     let seconds = started.elapsed().as_secs_f64();
     match out {
         Err(e) => Outcome {
@@ -955,7 +961,7 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         .expect("run the kernel emulation's self-test");
     assert!(
         self_test.status.success(),
-        "the emulation fails its self-test (collectives, cp.async, time buckets, math models, shared-memory poison):\n{}{}",
+        "the emulation fails its self-test (collectives, cp.async, time buckets, math models, shared-memory poison, bank model):\n{}{}",
         String::from_utf8_lossy(&self_test.stdout),
         String::from_utf8_lossy(&self_test.stderr)
     );
@@ -1056,5 +1062,73 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         failed.len(),
         results.len(),
         failed.join("\n")
+    );
+    check_bank_model(&runs);
+}
+
+/// Where each run's driver writes the bank model's report (`EMU_BANKS`).
+const BANKS_FILE: &str = "banks.tsv";
+
+/// A call site of the bank model's report: (kernel, file:line:column, load or store, bytes per
+/// lane). Its counts are (instructions, wavefronts, ideal wavefronts).
+type BankSite = (String, String, String, u32);
+
+/// The shared-memory bank model of every run (`kernels/emu/cuda_host.h`, `EMU_BANKS`): per kernel
+/// and call site of the tile helpers (cp.async stores, ldmatrix, load_pair, store_pair), the
+/// wavefronts its warp instructions took and the conflict-free ideal. Every site must take its
+/// ideal: a tile layout or thread mapping with bank conflicts fails here, with the sites and
+/// their ratios (the forward's and query backward's K and V gathers took twice their ideal
+/// before gather_slot in `kernels/attn/tc_slots.cuh`).
+fn check_bank_model(runs: &[Run]) {
+    let mut sites: BTreeMap<BankSite, (u64, u64, u64)> = BTreeMap::new();
+    for run in runs {
+        let path = run.dir.join(BANKS_FILE);
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue; // a run that put nothing in shared memory through the helpers
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split('\t').collect();
+            let parsed = (f.len() == 7)
+                .then(|| {
+                    let n = |i: usize| f[i].parse::<u64>().ok();
+                    Some((f[3].parse::<u32>().ok()?, n(4)?, n(5)?, n(6)?))
+                })
+                .flatten();
+            let Some((bytes, instructions, wavefronts, ideal)) = parsed else {
+                panic!("{}: unreadable line {line:?}", path.display());
+            };
+            let e = sites
+                .entry((f[0].to_string(), f[1].to_string(), f[2].to_string(), bytes))
+                .or_insert((0, 0, 0));
+            e.0 += instructions;
+            e.1 += wavefronts;
+            e.2 += ideal;
+        }
+    }
+    let kernels: std::collections::BTreeSet<&String> = sites.keys().map(|k| &k.0).collect();
+    let (instructions, wavefronts): (u64, u64) =
+        sites.values().fold((0, 0), |(i, w), v| (i + v.0, w + v.1));
+    say!(
+        "kernel emulation: bank model: {} call sites in {} kernels, {instructions} warp \
+         instructions, {wavefronts} wavefronts",
+        sites.len(),
+        kernels.len()
+    );
+    let conflicted: Vec<String> = sites
+        .iter()
+        .filter(|(_, v)| v.1 != v.2)
+        .map(|((kernel, site, op, bytes), (i, w, ideal))| {
+            format!(
+                "  {kernel} {site} ({bytes}-byte {op}): {w} wavefronts for {i} instructions, \
+                 ideal {ideal} ({:.2}x)",
+                *w as f64 / (*ideal).max(1) as f64
+            )
+        })
+        .collect();
+    assert!(
+        conflicted.is_empty(),
+        "shared-memory bank conflicts (kernels/emu/cuda_host.h, EMU_BANKS) at {} call sites:\n{}",
+        conflicted.len(),
+        conflicted.join("\n")
     );
 }
