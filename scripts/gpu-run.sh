@@ -133,15 +133,22 @@ for step in $steps; do
       # Per SASS instruction (stall samples, excess sectors and shared wavefronts): where the
       # forward and the query backward lose their time, which the summaries of `ncu` cannot
       # say (2026-11-23: 47% of the forward's global sectors and 40% of its shared wavefronts
-      # were excess, at unknown instructions). Each kernel's report is printed as CSV.
+      # were excess, at unknown instructions). Each kernel's report is printed as CSV, per SASS
+      # instruction and per line of the kernel sources: SPARSECTR_LINEINFO=1 (a dev-kernel-dir
+      # hook) compiles with -lineinfo, which leaves the SASS as it is, and build.rs's #line
+      # directives name kernels/attn/x.cuh:N, the lines that the CPU emulation's bank model
+      # (EMU_BANKS) reports for the tile helpers.
       if [ -x device-bin/bench-gpu_bench ]; then
         for regex in evo_forward_tc evo_backward_query_tc; do
-          run_logged "ncu-source-$regex.log" ncu --section SourceCounters --section WarpStateStats \
+          run_logged "ncu-source-$regex.log" env SPARSECTR_LINEINFO=1 ncu --section SourceCounters --section WarpStateStats \
             --section InstructionStats -k "regex:$regex" -c 1 -o "$out/ncu-$regex" \
             device-bin/bench-gpu_bench --workload "${NCU_WORKLOAD:-ctr-base}" --len 4096 --reps 1 --systems sparse \
             --out "$out/results/ncu-source.jsonl"
           run_logged "ncu-source-$regex.csv" ncu --import "$out/ncu-$regex.ncu-rep" --page source \
             --print-source sass --csv
+          ncu --import "$out/ncu-$regex.ncu-rep" --page source --print-source cuda --csv \
+            > "$out/ncu-source-$regex-lines.csv" 2>&1 ||
+            echo "(no per-line export from this ncu)" >> "$out/ncu-source-$regex-lines.csv"
           rm -f "$out/ncu-$regex.ncu-rep"
           pack
         done

@@ -141,6 +141,24 @@ fn dev_overrides() -> Result<&'static [ModuleSource]> {
     loaded.as_ref().map(Vec::as_slice).map_err(Clone::clone)
 }
 
+/// Whether `SPARSECTR_LINEINFO=1` asks for line information in the cubins (NVRTC `-lineinfo`),
+/// so that a profiler's per-instruction counts (ncu's source page) name the kernel source's file
+/// and line (build.rs's `#line` directives). A developer's hook like `SPARSECTR_KERNEL_DIR`, read
+/// once and said on stderr. Line information leaves the machine code as it is: NVRTC 13.0's SASS
+/// of `forward_tc` and `backward_query_tc` for sm_90 is the same instruction for instruction with
+/// and without it.
+#[cfg(feature = "dev-kernel-dir")]
+fn dev_lineinfo() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var_os("SPARSECTR_LINEINFO").is_some_and(|v| v == "1");
+        if on {
+            eprintln!("sparsectr-attn: SPARSECTR_LINEINFO=1: kernels compiled with -lineinfo");
+        }
+        on
+    })
+}
+
 /// Reads `<dir>/<module>.cu` for every module of MODULES that the folder has. Another `.cu` file
 /// is an error: a misspelt module would otherwise run the built-in kernel unnoticed. Files with
 /// other extensions (a `COMMIT` note) are ignored. The sources live for the process.
@@ -241,11 +259,16 @@ pub(crate) fn compile_module(module: &'static ModuleSource, arch: &str) -> Resul
         kernel: module.name.to_string(),
         log: format!("nvrtcCreateProgram: {e:?}"),
     })?;
-    let options = [
+    #[allow(unused_mut)] // only dev-kernel-dir builds add to it
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
         "--ptxas-options=--verbose".to_string(),
     ];
+    #[cfg(feature = "dev-kernel-dir")]
+    if dev_lineinfo() {
+        options.push("-lineinfo".to_string());
+    }
     // SAFETY: `prog` is live until destroyed below; `src` and `name` outlive it.
     let compiled = unsafe { nvrtc::compile_program(prog, &options) };
     let log = log_of(prog);
