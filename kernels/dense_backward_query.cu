@@ -5,7 +5,7 @@
 // per-(head, token) partial that coeffs_reduce.cu adds in a fixed order. No atomics: every output
 // element has one writer.
 //
-// Shared memory: K and V tiles [kCols][D + pad] and K^T [D][kCols + pad]: at most 27.6 KB.
+// Shared memory: K and V tiles [kCols][D + pad] and K^T [D][kCols + pad]: at most 29.2 KB.
 //
 // @instantiate SPARSECTR_DENSE_BACKWARD_QUERY dtype head_dim
 

@@ -4,7 +4,7 @@
 // O += P V run on tensor cores for bf16/f16 (kernels/common/mma.cuh); the mask (causal, candidate
 // isolation) and the RelTemporal bias are applied per element in registers. Nothing T x T exists.
 //
-// Shared memory: K tile [kCols][D + pad] and V^T tile [D][kCols + pad]: at most 35.8 KB
+// Shared memory: K tile [kCols][D + pad] and V^T tile [D][kCols + pad]: at most 37.5 KB
 // (16-bit D = 128 with 64 keys; f32 D = 128 takes 32 keys).
 //
 // @instantiate SPARSECTR_DENSE_FORWARD dtype head_dim

@@ -1081,12 +1081,26 @@ type BankSite = (String, String, String, u32);
 /// before gather_slot in `kernels/attn/tc_slots.cuh`).
 fn check_bank_model(runs: &[Run]) {
     let mut sites: BTreeMap<BankSite, (u64, u64, u64)> = BTreeMap::new();
+    const HEADER: &str = "kernel\tsite\top\tbytes\tinstructions\twavefronts\tideal";
     for run in runs {
+        // Every driver run writes one, with no site where nothing went through the helpers (the
+        // empty batches): a missing file is a model that recorded nothing, not a clean one.
         let path = run.dir.join(BANKS_FILE);
-        let Ok(text) = fs::read_to_string(&path) else {
-            continue; // a run that put nothing in shared memory through the helpers
-        };
-        for line in text.lines().skip(1) {
+        let text = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: no bank model report ({e})", path.display()));
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some(HEADER), "{}: header", path.display());
+        let shared = lines
+            .next()
+            .and_then(|l| l.strip_prefix("# shared bytes "))
+            .and_then(|n| n.parse::<u64>().ok());
+        assert!(
+            shared.is_some_and(|n| n > 0),
+            "{}: the model saw no shared memory ({shared:?} bytes): was the driver linked \
+             without kernels/emu/emu_shared.ld?",
+            path.display()
+        );
+        for line in lines {
             let f: Vec<&str> = line.split('\t').collect();
             let parsed = (f.len() == 7)
                 .then(|| {
@@ -1114,6 +1128,13 @@ fn check_bank_model(runs: &[Run]) {
         sites.len(),
         kernels.len()
     );
+    // Every case but the empty batches runs tensor-core kernels, which use the helpers.
+    if runs.iter().any(|r| !r.label.starts_with("empty-")) {
+        assert!(
+            !sites.is_empty(),
+            "the bank model recorded no shared-memory access"
+        );
+    }
     let conflicted: Vec<String> = sites
         .iter()
         .filter(|(_, v)| v.1 != v.2)

@@ -625,6 +625,9 @@ inline const char* banks_file() {
 
 // Records one lane's access of `bytes` at `p` when it is in shared memory and EMU_BANKS is set.
 inline void smem_access(const void* p, unsigned bytes, SmemOp op, const Site& site) {
+    if (bytes != 4 && bytes != 8 && bytes != 16)
+        fail("bank model: a %u-byte access at %s:%u (the model takes 4, 8 or 16)", bytes, site.file_name(),
+             site.line());
     if (banks_file() == nullptr || tctx.block == nullptr || __start_emu_shared == nullptr) return;
     const char* at = static_cast<const char*>(p);
     if (at < __start_emu_shared || at >= __stop_emu_shared) return;
@@ -647,14 +650,20 @@ struct BankReport {
     std::mutex mutex;
     std::map<BankSite, BankCount> sites;
     ~BankReport() {
+        // Written even with no site, so that a reader can tell "nothing conflicted" from "nothing
+        // was recorded" (the second line says how many shared bytes the model could see).
         const char* path = banks_file();
-        if (path == nullptr || sites.empty()) return;
+        if (path == nullptr) return;
         std::FILE* f = std::fopen(path, "w");
         if (f == nullptr) {
             std::fprintf(stderr, "EMU_BANKS=%s: cannot write the report\n", path);
             return;
         }
         std::fprintf(f, "kernel\tsite\top\tbytes\tinstructions\twavefronts\tideal\n");
+        const std::size_t range = __start_emu_shared == nullptr || __stop_emu_shared == nullptr
+                                      ? 0
+                                      : static_cast<std::size_t>(__stop_emu_shared - __start_emu_shared);
+        std::fprintf(f, "# shared bytes %zu\n", range);
         for (const auto& [k, c] : sites)
             std::fprintf(f, "%s\t%s:%u:%u\t%s\t%d\t%llu\t%llu\t%llu\n", k.kernel.c_str(), k.file.c_str(),
                          k.line, k.column, k.op == kSmemLoad ? "load" : "store", k.bytes, c.instructions,
@@ -692,9 +701,10 @@ inline void count_wavefronts(const std::array<long long, 32>& lanes, unsigned by
 // Runs between blocks (no CUDA thread runs): counts the finished block's accesses and clears them.
 inline void tally_block(BlockState& b) {
     if (banks_file() == nullptr) return;
+    // Sites by the addresses of their names (as integers: the order of unrelated pointers is
+    // unspecified); one name per site in this one translation unit.
     struct Key {
-        const char* file;
-        const char* function;
+        std::uintptr_t file, function;
         unsigned line, column;
         SmemOp op;
         unsigned char bytes;
@@ -707,11 +717,12 @@ inline void tally_block(BlockState& b) {
         std::map<Key, std::array<long long, 32>> instructions;
         for (int lane = 0; lane < 32; ++lane) {
             std::vector<SmemAccess>& log = b.smem_log[w * 32 + lane];
-            std::map<std::tuple<const char*, const char*, unsigned, unsigned>, unsigned> seq;
+            std::map<std::tuple<std::uintptr_t, std::uintptr_t, unsigned, unsigned>, unsigned> seq;
             for (const SmemAccess& a : log) {
-                const unsigned k = seq[{a.file, a.function, a.line, a.column}]++;
-                auto [it, fresh] =
-                    instructions.try_emplace(Key{a.file, a.function, a.line, a.column, a.op, a.bytes, k});
+                const auto file = reinterpret_cast<std::uintptr_t>(a.file);
+                const auto function = reinterpret_cast<std::uintptr_t>(a.function);
+                const unsigned k = seq[{file, function, a.line, a.column}]++;
+                auto [it, fresh] = instructions.try_emplace(Key{file, function, a.line, a.column, a.op, a.bytes, k});
                 if (fresh) it->second.fill(-1);
                 it->second[lane] = a.offset;
             }
@@ -719,7 +730,8 @@ inline void tally_block(BlockState& b) {
         }
         for (const auto& [k, lanes] : instructions)
             count_wavefronts(lanes, k.bytes,
-                             local[BankSite{b.kernel, k.file, k.line, k.column, k.op, k.bytes}]);
+                             local[BankSite{b.kernel, reinterpret_cast<const char*>(k.file), k.line,
+                                            k.column, k.op, k.bytes}]);
     }
     std::lock_guard<std::mutex> lock(g_banks.mutex);
     for (const auto& [k, c] : local) {

@@ -144,7 +144,9 @@ fn dev_overrides() -> Result<&'static [ModuleSource]> {
 /// Whether `SPARSECTR_LINEINFO=1` asks for line information in the cubins (NVRTC `-lineinfo`),
 /// so that a profiler's per-instruction counts (ncu's source page) name the kernel source's file
 /// and line (build.rs's `#line` directives). A developer's hook like `SPARSECTR_KERNEL_DIR`, read
-/// once and said on stderr. Line information leaves the machine code as it is: NVRTC 13.0's SASS
+/// once and said on stderr. It reaches only modules that NVRTC compiles: a build with nvcc's
+/// fatbins loads those as built (`scripts/build-device-bin.sh` builds with `SPARSECTR_NVCC=off`).
+/// Line information leaves the machine code as it is: NVRTC 13.0's SASS
 /// of `forward_tc` and `backward_query_tc` for sm_90 is the same instruction for instruction with
 /// and without it.
 #[cfg(feature = "dev-kernel-dir")]
