@@ -612,8 +612,15 @@ struct SmemAccess {
     SmemOp op;
 };
 
+// The kernels' `__shared__` variables: emu_shared.ld defines both ends (weak: without the
+// linker script they are null, and neither the poison nor this model sees shared memory).
 extern "C" char __start_emu_shared[] __attribute__((weak));
 extern "C" char __stop_emu_shared[] __attribute__((weak));
+
+inline std::size_t shared_range_bytes() {
+    if (__start_emu_shared == nullptr || __stop_emu_shared == nullptr) return 0;
+    return static_cast<std::size_t>(__stop_emu_shared - __start_emu_shared);
+}
 
 inline const char* banks_file() {
     static const char* f = [] {
@@ -660,10 +667,7 @@ struct BankReport {
             return;
         }
         std::fprintf(f, "kernel\tsite\top\tbytes\tinstructions\twavefronts\tideal\n");
-        const std::size_t range = __start_emu_shared == nullptr || __stop_emu_shared == nullptr
-                                      ? 0
-                                      : static_cast<std::size_t>(__stop_emu_shared - __start_emu_shared);
-        std::fprintf(f, "# shared bytes %zu\n", range);
+        std::fprintf(f, "# shared bytes %zu\n", shared_range_bytes());
         for (const auto& [k, c] : sites)
             std::fprintf(f, "%s\t%s:%u:%u\t%s\t%d\t%llu\t%llu\t%llu\n", k.kernel.c_str(), k.file.c_str(),
                          k.line, k.column, k.op == kSmemLoad ? "load" : "store", k.bytes, c.instructions,
@@ -684,8 +688,7 @@ inline void count_wavefronts(const std::array<long long, 32>& lanes, unsigned by
         for (int l = phase * per_phase; l < (phase + 1) * per_phase; ++l) {
             if (lanes[l] < 0) continue;
             const unsigned first = static_cast<unsigned>(lanes[l]) / 4;
-            const unsigned count = bytes >= 4 ? bytes / 4 : 1;
-            for (unsigned w = 0; w < count; ++w) words[n++] = first + w;
+            for (unsigned w = 0; w < bytes / 4; ++w) words[n++] = first + w;
         }
         if (n == 0) continue;
         std::sort(words, words + n);
@@ -997,10 +1000,6 @@ constexpr bool arg_matches() {
     }
 }
 
-// The kernels' `__shared__` variables are __start_emu_shared to __stop_emu_shared (declared above;
-// emu_shared.ld defines both ends; weak: without the linker script they are null and nothing is
-// poisoned).
-
 // Bytes of `__shared__` variables that poison_shared covers (0: the driver was linked without
 // emu_shared.ld, or EMU_SHARED_POISON=0).
 inline std::size_t shared_poison_range() {
@@ -1008,8 +1007,7 @@ inline std::size_t shared_poison_range() {
         const char* s = std::getenv("EMU_SHARED_POISON");
         return s != nullptr && std::strcmp(s, "0") == 0;
     }();
-    if (off || __start_emu_shared == nullptr || __stop_emu_shared == nullptr) return 0;
-    return static_cast<std::size_t>(__stop_emu_shared - __start_emu_shared);
+    return off ? 0 : shared_range_bytes();
 }
 
 // Fills every `__shared__` variable with the poison of block number `block` (see the top of this
