@@ -343,17 +343,22 @@ struct TcGatherThreads {
 // With a slot's threads adjacent (tid / kPerSlot), a quarter warp stored adjacent chunks of 2 or
 // 4 rows, which overlapped: 2-way conflicts, twice the wavefronts of every cp.async of K and V
 // (the CPU emulation's bank model, EMU_BANKS). A warp holds the same slots and parts as before,
-// so its global sectors per instruction are the same. From 8 threads a slot on, a quarter warp
-// takes one slot's 8 adjacent chunks, which is conflict-free as it is.
+// so its global sectors per instruction are the same. With 8 threads a slot (the forward's
+// summaries at D = 128), a quarter warp takes one slot's 8 adjacent chunks.
 struct GatherSlot {
     int slot, part;
 };
 template <int kPerSlot>
 __device__ __forceinline__ GatherSlot gather_slot(unsigned tid) {
-    static_assert(kPerSlot == 1 || kPerSlot == 2 || kPerSlot == 4 || kPerSlot % 8 == 0,
+    static_assert(kPerSlot == 1 || kPerSlot == 2 || kPerSlot == 4 || kPerSlot == 8,
                   "a warp holds whole slots");
-    if constexpr (kPerSlot >= 8) {
-        return {static_cast<int>(tid / kPerSlot), static_cast<int>(tid % kPerSlot)};
+    if constexpr (kPerSlot == 8) {
+        // A quarter warp takes one slot, and the warp slots w, w + 4, w + 8 and w + 12: rows 16
+        // banks apart (SlotTiles' stride is 4 banks mod 32), which store_split's order of words
+        // completes to 32 banks. With a warp's slots adjacent (tid / 8), they were 4 banks apart
+        // and a summary gather's stores at D = 128 took four times their wavefronts.
+        static_assert(kDenseThreads == 128, "four warps");
+        return {static_cast<int>((tid >> 5) | (((tid >> 3) & 3u) << 2)), static_cast<int>(tid & 7u)};
     } else {
         // Lanes 8i to 8i + 7 of a warp take part i % kPerSlot of 8 consecutive slots: slot
         // 8 (tid / (8 kPerSlot)) + tid % 8. In shifts and masks, which ptxas recomputes where it
@@ -363,6 +368,35 @@ __device__ __forceinline__ GatherSlot gather_slot(unsigned tid) {
         constexpr unsigned kShift = kPerSlot == 1 ? 0 : kPerSlot == 2 ? 1 : 2;
         return {static_cast<int>(((tid >> kShift) & ~7u) | (tid & 7u)),
                 static_cast<int>((tid >> 3) & (kPerSlot - 1u))};
+    }
+}
+
+// Stores four f32 values (`raw`) as their 16-bit roundings at `hi` and the roundings of what
+// those leave at `lo` (8-byte aligned): a summary row's piece in a gather. Two 4-byte stores to
+// each, where four 2-byte ones took twice the instructions and, in the warp's layout of slots
+// and parts (gather_slot), two or four times the wavefronts: a row is 4 banks (mod 32) after the
+// one before it, so the 32 lanes' words fell on half the banks or fewer. Lanes 16 to 31 store
+// their two words in the other order, so each store's 32 words take the 32 banks once (the
+// CPU emulation's bank model, EMU_BANKS, checks it).
+template <typename T>
+__device__ __forceinline__ void store_split(T* hi, T* lo, const uint4& raw) {
+    unsigned h[2], l[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const float a = vec_elem<float>(raw, 2 * i), b = vec_elem<float>(raw, 2 * i + 1);
+        const T ah = from_float<T>(a), bh = from_float<T>(b);
+        h[i] = static_cast<unsigned>(ah.bits) | (static_cast<unsigned>(bh.bits) << 16);
+        l[i] = static_cast<unsigned>(from_float<T>(a - to_float(ah)).bits) |
+               (static_cast<unsigned>(from_float<T>(b - to_float(bh)).bits) << 16);
+    }
+    const bool swap = (threadIdx.x >> 4) & 1u;
+    unsigned* hw = reinterpret_cast<unsigned*>(hi);
+    unsigned* lw = reinterpret_cast<unsigned*>(lo);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int w = i ^ static_cast<int>(swap);
+        hw[w] = swap ? h[i ^ 1] : h[i];
+        lw[w] = swap ? l[i ^ 1] : l[i];
     }
 }
 
@@ -407,16 +441,9 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
                 kraw = __ldg(krow + c);
                 vraw = __ldg(vrow + c);
             }
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int to = r * kStride + c * 4 + e;
-                const float x = vec_elem<float>(kraw, e), y = vec_elem<float>(vraw, e);
-                const T xh = from_float<T>(x), yh = from_float<T>(y);
-                st.k[to] = xh;
-                st.k_lo()[to] = from_float<T>(x - to_float(xh));
-                st.v[to] = yh;
-                st.v_lo()[to] = from_float<T>(y - to_float(yh));
-            }
+            const int to = r * kStride + c * 4;
+            store_split<T>(st.k + to, st.k_lo() + to, kraw);
+            store_split<T>(st.v + to, st.v_lo() + to, vraw);
         }
     } else {
         constexpr int kVec = VecWidth<T>::kValue;
