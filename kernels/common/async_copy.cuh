@@ -27,6 +27,7 @@ __device__ __forceinline__ void cp_async(void* dst, const void* src, bool valid 
                      : "memory");
     }
 #else
+    const emu::ModelledScope modelled;
     emu::cp_async_issue(dst, src, valid, kBytes);
     emu::smem_access(dst, kBytes, emu::kSmemStore, site);
 #endif
@@ -37,6 +38,7 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #ifdef __CUDA_ARCH__
     asm volatile("cp.async.wait_all;" ::: "memory");
 #else
+    const emu::ModelledScope modelled;  // the copies' stores were modelled at their issue
     emu::cp_async_wait();
 #endif
 }

@@ -52,6 +52,7 @@ template <typename T>
 __device__ __forceinline__ MmaPair<T> load_pair(const T* p SPARSECTR_SITE_PARAM) {
 #ifndef __CUDA_ARCH__
     emu::smem_access(p, 4, emu::kSmemLoad, site);
+    const emu::ModelledScope modelled;
 #endif
     return MmaPair<T>{*reinterpret_cast<const unsigned*>(p)};
 }
@@ -59,6 +60,7 @@ template <>
 __device__ __forceinline__ MmaPair<float> load_pair<float>(const float* p SPARSECTR_SITE_DECL) {
 #ifndef __CUDA_ARCH__
     emu::smem_access(p, 8, emu::kSmemLoad, site);
+    const emu::ModelledScope modelled;
 #endif
     return MmaPair<float>{p[0], p[1]};
 }
@@ -72,6 +74,7 @@ template <typename T>
 __device__ __forceinline__ void store_pair(T* p, float lo, float hi SPARSECTR_SITE_PARAM) {
 #ifndef __CUDA_ARCH__
     emu::smem_access(p, 4, emu::kSmemStore, site);
+    const emu::ModelledScope modelled;
 #endif
     *reinterpret_cast<unsigned*>(p) = make_pair<T>(lo, hi).bits;
 }
@@ -79,6 +82,7 @@ template <>
 __device__ __forceinline__ void store_pair<float>(float* p, float lo, float hi SPARSECTR_SITE_DECL) {
 #ifndef __CUDA_ARCH__
     emu::smem_access(p, 8, emu::kSmemStore, site);
+    const emu::ModelledScope modelled;
 #endif
     p[0] = lo;
     p[1] = hi;
@@ -154,6 +158,7 @@ __device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row,
                      : "=r"(r[0]), "=r"(r[1])
                      : "r"(at));
 #else
+    const emu::ModelledScope modelled;
     row += offset;
     const int lane = threadIdx.x % kWarpSize;
     if (lane < 8 * kMatrices) emu::smem_access(row, 16, emu::kSmemLoad, site);

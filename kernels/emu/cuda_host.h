@@ -61,6 +61,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <unistd.h>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -463,6 +464,7 @@ struct ThreadCtx {
         bool valid;
     };
     std::vector<AsyncCopy> async_copies;
+    int modelled = 0;  // ModelledScopes alive: the bank model has this thread's accesses already
 };
 inline thread_local ThreadCtx tctx;
 
@@ -597,9 +599,10 @@ inline std::atomic<int>& my_where() { return tctx.block->where[tctx.tid]; }
 // any bank holds; its ideal is its distinct words over 32. The sum over instructions, per kernel
 // and call site, is written to FILE as the process exits.
 //
-// A model, not a measurement: plain `a[i] = x` accesses are not seen, nor is the order in which
-// warps issue; the GPU's own count is ncu's l1tex__data_pipe_lsu_wavefronts_mem_shared. What it
-// answers without a GPU is whether a tile layout or a thread mapping conflicts, per call site.
+// A model, not a measurement: plain `a[i] = x` accesses are seen only in a driver built with
+// EMU_PLAIN_ACCESSES (below), and then with the host compile's widths; the order in which warps
+// issue is not modelled; the GPU's own count is ncu's l1tex__data_pipe_lsu_wavefronts_mem_shared.
+// What it answers without a GPU is whether a tile layout or a thread mapping conflicts, per site.
 using Site = std::source_location;
 enum SmemOp : unsigned char { kSmemLoad, kSmemStore };
 
@@ -643,10 +646,44 @@ inline void smem_access(const void* p, unsigned bytes, SmemOp op, const Site& si
                    static_cast<unsigned>(at - __start_emu_shared), static_cast<unsigned char>(bytes), op});
 }
 
+// Held by a helper that reported its access (smem_access) while it makes it: the plain-access
+// model (below) then leaves the host code's own loads and stores out (ldmatrix's host form, for
+// one, reads 2-byte elements of other lanes' rows).
+struct ModelledScope {
+    ModelledScope() { ++tctx.modelled; }
+    ~ModelledScope() { --tctx.modelled; }
+    ModelledScope(const ModelledScope&) = delete;
+    ModelledScope& operator=(const ModelledScope&) = delete;
+};
+
+#ifdef EMU_PLAIN_ACCESSES
+// Plain accesses (`a[i] = x`), which no helper reports: the driver is built with GCC's
+// kernel-address instrumentation and a call for every load and store (-fsanitize=kernel-address
+// --param=asan-instrumentation-with-call-threshold=0), whose hooks (below, after the namespace)
+// come here. Those in shared memory are logged under the instruction's address (file ==
+// nullptr, function == the address); the report names their source lines through addr2line.
+// The widths are the host compile's: where it splits or merges what the device does in one
+// access, the model sees the host's.
+extern "C" char __executable_start[];
+__attribute__((no_sanitize_address)) inline void plain_access(std::uintptr_t a, std::size_t bytes, SmemOp op,
+                                                              const void* pc) {
+    const char* at = reinterpret_cast<const char*>(a);
+    if (__start_emu_shared == nullptr || at < __start_emu_shared || at >= __stop_emu_shared) return;
+    if (banks_file() == nullptr || tctx.block == nullptr || tctx.modelled != 0) return;
+    // Wider than one access (a block copy): as the 16-byte accesses it would take on a GPU.
+    for (std::size_t done = 0; done < bytes; done += 16)
+        tctx.block->smem_log[tctx.tid].push_back(
+            SmemAccess{nullptr, static_cast<const char*>(pc), 0, 0,
+                       static_cast<unsigned>(at + done - __start_emu_shared),
+                       static_cast<unsigned char>(std::min<std::size_t>(16, bytes - done)), op});
+}
+#endif
+
 struct BankSite {
     std::string kernel, file;
     unsigned line, column;
     int op, bytes;
+    std::uintptr_t pc = 0;  // a plain access: its instruction, from the start of the executable
     auto operator<=>(const BankSite&) const = default;
 };
 struct BankCount {
@@ -668,27 +705,105 @@ struct BankReport {
         }
         std::fprintf(f, "kernel\tsite\top\tbytes\tinstructions\twavefronts\tideal\n");
         std::fprintf(f, "# shared bytes %zu\n", shared_range_bytes());
-        for (const auto& [k, c] : sites)
-            std::fprintf(f, "%s\t%s:%u:%u\t%s\t%d\t%llu\t%llu\t%llu\n", k.kernel.c_str(), k.file.c_str(),
-                         k.line, k.column, k.op == kSmemLoad ? "load" : "store", k.bytes, c.instructions,
+        std::map<std::tuple<std::string, std::string, int, int>, BankCount> rows;
+        const std::map<std::uintptr_t, std::string> lines = plain_sites();
+        for (const auto& [k, c] : sites) {
+            std::string site;
+            if (k.pc == 0) {
+                site = k.file + ":" + std::to_string(k.line) + ":" + std::to_string(k.column);
+            } else {
+                const auto it = lines.find(k.pc);
+                if (it == lines.end() || it->second.empty()) continue;  // the emulation's own code
+                site = it->second;
+            }
+            BankCount& r = rows[{k.kernel, site, k.op, k.bytes}];
+            r.instructions += c.instructions;
+            r.wavefronts += c.wavefronts;
+            r.ideal += c.ideal;
+        }
+        for (const auto& [k, c] : rows)
+            std::fprintf(f, "%s\t%s\t%s\t%d\t%llu\t%llu\t%llu\n", std::get<0>(k).c_str(), std::get<1>(k).c_str(),
+                         std::get<2>(k) == kSmemLoad ? "load" : "store", std::get<3>(k), c.instructions,
                          c.wavefronts, c.ideal);
         std::fclose(f);
+    }
+
+    // The source lines of the plain accesses' instructions, by addr2line: "file:line (plain)" and
+    // the lines it was inlined into, up to the kernel's own file; "" for the emulation's own code
+    // (kernels/emu/), whose accesses stand for a kernel line's that is logged besides.
+    std::map<std::uintptr_t, std::string> plain_sites() const {
+        std::map<std::uintptr_t, std::string> out;
+        for (const auto& [k, c] : sites)
+            if (k.pc != 0) out[k.pc];
+        if (out.empty()) return out;
+        char exe[4096];
+        const ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (n <= 0) fail("bank model: cannot find the driver's own executable for addr2line");
+        exe[n] = '\0';
+        char list[] = "/tmp/emu-banks-XXXXXX";
+        const int fd = mkstemp(list);
+        if (fd < 0) fail("bank model: cannot write addr2line's input");
+        std::string text;
+        for (const auto& [pc, _] : out) text += "0x" + to_hex(pc) + "\n";
+        const bool wrote = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+        close(fd);
+        const std::string cmd = std::string("addr2line -i -a -e '") + exe + "' < " + list;
+        std::FILE* p = wrote ? popen(cmd.c_str(), "r") : nullptr;
+        if (p == nullptr) fail("bank model: cannot run %s", cmd.c_str());
+        // addr2line -a -i: each address, then its innermost line and the lines it was inlined into.
+        std::string* cur = nullptr;
+        bool emulation = false;
+        char line[8192];
+        while (std::fgets(line, sizeof line, p) != nullptr) {
+            std::string l(line);
+            while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+            if (l.rfind("0x", 0) == 0) {
+                const auto it = out.find(std::stoull(l, nullptr, 16));
+                cur = it == out.end() ? nullptr : &it->second;
+                emulation = false;
+                continue;
+            }
+            if (cur == nullptr || emulation) continue;
+            if (const auto d = l.find(" (discriminator"); d != std::string::npos) l.resize(d);
+            if (const auto k = l.find("kernels/"); k != std::string::npos) l = l.substr(k);
+            if (cur->empty()) {
+                if (l.rfind("kernels/emu/", 0) == 0 || l.rfind("kernels/", 0) != 0) {
+                    emulation = true;  // "" stays
+                    continue;
+                }
+                *cur = l + " (plain)";
+            } else if (cur->find(" from ") == std::string::npos) {
+                *cur += " from " + l;
+            } else {
+                *cur += " < " + l;
+            }
+        }
+        pclose(p);
+        unlink(list);
+        return out;
+    }
+
+    static std::string to_hex(std::uintptr_t v) {
+        char b[32];
+        std::snprintf(b, sizeof b, "%lx", static_cast<unsigned long>(v));
+        return b;
     }
 };
 inline BankReport g_banks;
 
 // Wavefronts (and the ideal) of one warp instruction: lanes[l] = offset, or -1 where lane l took
-// no part.
+// no part. A lane's access covers the 4-byte words from its first byte to its last (a 2-byte
+// store touches one word, as a bank serves words).
 inline void count_wavefronts(const std::array<long long, 32>& lanes, unsigned bytes, BankCount& c) {
-    const int per_phase = bytes >= 16 ? 8 : bytes == 8 ? 16 : 32;
+    const int per_phase = bytes >= 16 ? 8 : bytes >= 8 ? 16 : 32;
     ++c.instructions;
     for (int phase = 0; phase < 32 / per_phase; ++phase) {
-        unsigned words[128];
+        unsigned words[32 * 5];
         int n = 0;
         for (int l = phase * per_phase; l < (phase + 1) * per_phase; ++l) {
             if (lanes[l] < 0) continue;
-            const unsigned first = static_cast<unsigned>(lanes[l]) / 4;
-            for (unsigned w = 0; w < bytes / 4; ++w) words[n++] = first + w;
+            const auto first = static_cast<unsigned>(lanes[l]);
+            for (unsigned w = first / 4; w <= (first + bytes - 1) / 4; ++w) words[n++] = w;
         }
         if (n == 0) continue;
         std::sort(words, words + n);
@@ -731,10 +846,14 @@ inline void tally_block(BlockState& b) {
             }
             log.clear();
         }
-        for (const auto& [k, lanes] : instructions)
-            count_wavefronts(lanes, k.bytes,
-                             local[BankSite{b.kernel, reinterpret_cast<const char*>(k.file), k.line,
-                                            k.column, k.op, k.bytes}]);
+        for (const auto& [k, lanes] : instructions) {
+            BankSite site{b.kernel, "", k.line, k.column, k.op, k.bytes};
+            if (k.file != 0) site.file = reinterpret_cast<const char*>(k.file);
+#ifdef EMU_PLAIN_ACCESSES
+            else site.pc = k.function - reinterpret_cast<std::uintptr_t>(__executable_start);
+#endif
+            count_wavefronts(lanes, k.bytes, local[site]);
+        }
     }
     std::lock_guard<std::mutex> lock(g_banks.mutex);
     for (const auto& [k, c] : local) {
@@ -774,6 +893,32 @@ inline void cp_async_wait() {
 }
 
 }  // namespace emu
+
+#ifdef EMU_PLAIN_ACCESSES
+// The instrumentation's entry points (GCC's kernel-address ABI, recovering variants): every load
+// and store of `n` bytes calls one with its address; the shared ones go to the bank model.
+extern "C" {
+#define EMU_HOOK(kind, n, op)                                                                       \
+    __attribute__((no_sanitize_address)) void __asan_##kind##n##_noabort(std::uintptr_t a) {       \
+        emu::plain_access(a, n, op, __builtin_return_address(0));                                  \
+    }
+EMU_HOOK(load, 1, emu::kSmemLoad) EMU_HOOK(load, 2, emu::kSmemLoad) EMU_HOOK(load, 4, emu::kSmemLoad)
+EMU_HOOK(load, 8, emu::kSmemLoad) EMU_HOOK(load, 16, emu::kSmemLoad)
+EMU_HOOK(store, 1, emu::kSmemStore) EMU_HOOK(store, 2, emu::kSmemStore) EMU_HOOK(store, 4, emu::kSmemStore)
+EMU_HOOK(store, 8, emu::kSmemStore) EMU_HOOK(store, 16, emu::kSmemStore)
+#undef EMU_HOOK
+__attribute__((no_sanitize_address)) void __asan_loadN_noabort(std::uintptr_t a, std::size_t n) {
+    emu::plain_access(a, n, emu::kSmemLoad, __builtin_return_address(0));
+}
+__attribute__((no_sanitize_address)) void __asan_storeN_noabort(std::uintptr_t a, std::size_t n) {
+    emu::plain_access(a, n, emu::kSmemStore, __builtin_return_address(0));
+}
+// The rest of the instrumentation's interface, which has nothing to do here.
+void __asan_handle_no_return() {}
+void __asan_before_dynamic_init(const char*) {}
+void __asan_after_dynamic_init() {}
+}
+#endif
 
 inline void __syncwarp(unsigned mask = emu::kFull) {
     emu::check_mask("__syncwarp", mask);
