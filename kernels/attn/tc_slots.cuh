@@ -376,8 +376,8 @@ __device__ __forceinline__ GatherSlot gather_slot(unsigned tid) {
 // each, where four 2-byte ones took twice the instructions and, in the warp's layout of slots
 // and parts (gather_slot), two or four times the wavefronts: a row is 4 banks (mod 32) after the
 // one before it, so the 32 lanes' words fell on half the banks or fewer. Lanes 16 to 31 store
-// their two words in the other order, so each store's 32 words take the 32 banks once (the
-// CPU emulation's bank model, EMU_BANKS, checks it).
+// their two words in the other order, so each store's 32 words take the 32 banks once at 2, 4
+// and 8 threads a slot (the CPU emulation's bank model with SPARSECTR_EMU_SANITIZE=plain).
 template <typename T>
 __device__ __forceinline__ void store_split(T* hi, T* lo, const uint4& raw) {
     unsigned h[2], l[2];
