@@ -10,7 +10,8 @@
 //!
 //! each with a learnable per-head RelTemporal bias (log time gap, hour of day, weekday/weekend),
 //! and the three outputs are gated and summed. The exact function is `SPEC.md`; this crate holds
-//! its f64 reference, the chunking and the bias, and (as they land) the CUDA kernels.
+//! its f64 reference, the chunking and the bias, and the CUDA kernels of the forward and the
+//! backward (module `cuda`).
 //!
 //! ```
 //! use sparsectr_attn::{reference, AttnConfig, Chunks, Dims, EvoAttention, Inputs, JaggedBatch};
@@ -59,3 +60,8 @@ pub use chunking::Chunks;
 pub use dtype::{rel_l2_error, DType, Element};
 pub use error::{Error, Result};
 pub use temporal::RelTemporal;
+
+// The README's Rust example, compiled and run by `cargo test` as a doctest so that it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,8 +1,9 @@
 //! The backward on the GPU (SPEC section 6): dQ, dK, dV through summaries, tails and window,
 //! dcoeffs and dgates, from `dO` and the forward's per-branch LSE.
 //!
-//! After pooling: the query kernel (dQ, dgates, per-query dcoeff partials; for 16-bit inputs it
-//! reads dgates from the forward's per-branch outputs when given them), the summary kernel
+//! After pooling: the query kernel (dQ, dgates, per-query dcoeff partials; for 16-bit inputs,
+//! given the forward's per-branch outputs, it centres each branch's `dz` on `<dO, O_b>` of them
+//! and skips a first pass over every pair), the summary kernel
 //! (dKbar, dVbar), the key side (dK, dV), and a fixed-order reduction of the dcoeff partials.
 //! The key side for 16-bit inputs runs on tensor cores in three kernels: the tail tokens'
 //! transition-branch gradients into an f32 buffer, then each 64-token tile's local-window
@@ -74,8 +75,9 @@ pub enum BackwardMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Saved {
     /// The per-branch LSE and each branch's output `O_b` (`3 * T * H * D` more elements): the
-    /// tensor-core query kernel (16-bit inputs) reads `dgates = <dO, O_b>` from them instead of
-    /// making a first pass over every pair for it.
+    /// tensor-core query kernel (16-bit inputs) centres each branch's `dz` on `<dO, O_b>` of
+    /// them instead of making a first pass over every pair for it (it still adds up the exact
+    /// `dgates` in its one pass).
     #[default]
     BranchOutputs,
     /// The per-branch LSE only: the query kernel recomputes `<dO, O_b>` in a first pass.
@@ -116,11 +118,12 @@ impl GpuDevice {
     /// Sparse EvoAttention backward into caller buffers, from `d_o` (`[T, H, D]`), the
     /// forward's `lse` (`[T, H, 3]`) and optionally its `branch_out` (`[T, H, 3, D]`, see
     /// [`DeviceOutputs::branch_out`](super::DeviceOutputs::branch_out)): with them the
-    /// tensor-core query kernel (16-bit inputs) takes `dgates = <dO, O_b>` from the saved
-    /// `O_b`, whose rounding to the input dtype moves each entry by at most `u * sum_i |dO_i
-    /// O_b,i|` (`u` = 2^-8 in bf16, 2^-11 in f16), and skips a pass over every pair; the warp
-    /// kernels (f32) do not read them. Scratch beyond the outputs, allocated per call:
-    /// summaries `2 * B * P * H * D` elements of T, their gradients `2 * B * P * H * D` f32,
+    /// tensor-core query kernel (16-bit inputs) centres each branch's `dz` on `<dO, O_b>` of the
+    /// saved `O_b` and skips a pass over every pair. It still adds up the exact `dgates` and
+    /// corrects dcoeffs by the difference, so only dQ keeps the saved `O_b`'s rounding to the
+    /// input dtype, as FlashAttention's dQ keeps its saved output's. The warp kernels (f32) do
+    /// not read them. Scratch beyond the outputs, allocated per call:
+    /// summaries `2 * B * P * H * D` f32, their gradients `2 * B * P * H * D` f32,
     /// `3 * T * H` f32 dcoeff partials and, for 16-bit inputs, the tail tokens' gradients
     /// `2 * B * P * m * H * D` f32 (m clamped to the longest sequence's behaviors). Nothing is
     /// `T x T`.

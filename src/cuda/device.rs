@@ -51,8 +51,8 @@ pub struct GpuDevice {
     sparse_kernels: AtomicU8,
 }
 
-/// Which kernels the sparse forward and the query side of the sparse backward run (the summary
-/// and key sides of the backward have one version each).
+/// Which kernels the sparse forward and backward run: the tensor-core kernels (forward, query
+/// side, summaries, key side) or the warp-per-query and warp-per-key ones, for every pass alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SparseKernels {
     /// Tensor cores for bf16 and f16, the warp-per-query kernels for f32.
