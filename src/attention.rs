@@ -91,6 +91,18 @@ impl Dims {
                 supported: SUPPORTED_HEAD_DIMS,
             });
         }
+        // Per-token lengths (H * D, H * 3, H * 3 * D) then never overflow, whatever T is.
+        if self
+            .heads
+            .checked_mul(NUM_BRANCHES * self.head_dim)
+            .is_none()
+        {
+            return Err(Error::OutOfRange {
+                field: "heads",
+                value: self.heads.to_string(),
+                expected: "H * 3 * D to fit in usize",
+            });
+        }
         Ok(())
     }
 }
@@ -297,8 +309,9 @@ impl<'a> EvoAttention<'a> {
             (Branch::Local, Key::Token(j)) if span.user == Some(j) => [b, c],
             (Branch::Local, Key::Token(j)) if b.contains(&j) => {
                 // Candidates see the last w - 1 behaviors.
-                let cands = if j + w > b.end { c } else { 0..0 };
-                [j..(j + w).min(b.end), cands]
+                let end = j.saturating_add(w); // w may be any positive usize
+                let cands = if end > b.end { c } else { 0..0 };
+                [j..end.min(b.end), cands]
             }
             (Branch::Local, Key::Token(j)) if c.contains(&j) => [j..j + 1, 0..0],
             _ => none,

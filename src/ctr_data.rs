@@ -58,6 +58,9 @@ const RECENT: usize = 3;
 /// Limits on what a file may declare, so that a corrupt header cannot ask for huge tables.
 const MAX_ITEMS: usize = 1_000_000;
 const MAX_CATEGORIES: usize = 100_000;
+/// Tokens of a whole data set, `users * (1 + max_behaviors + candidates)`: a bound on what
+/// `generate` allocates, far above any size it is meant for.
+const MAX_TOKENS: usize = 1 << 28;
 const MAX_PROFILE_FIELDS: usize = 64;
 const MAX_PROFILE_VALUES: usize = 1_000_000;
 
@@ -428,6 +431,18 @@ impl CtrDataset {
             return Err(DataError::Config(format!(
                 "categories * items_per_category must be at most {MAX_ITEMS} \
                  (and categories at most {MAX_CATEGORIES})"
+            )));
+        }
+        let tokens = cfg
+            .max_behaviors
+            .checked_add(cfg.candidates)
+            .and_then(|n| n.checked_add(1))
+            .and_then(|n| n.checked_mul(cfg.users));
+        if tokens.is_none_or(|n| n > MAX_TOKENS) {
+            return Err(DataError::Config(format!(
+                "users * (1 + max_behaviors + candidates) must be at most {MAX_TOKENS} \
+                 (users {}, max_behaviors {}, candidates {})",
+                cfg.users, cfg.max_behaviors, cfg.candidates
             )));
         }
         let mut rng = Rng::new(cfg.seed);
@@ -934,6 +949,32 @@ mod tests {
             ..CtrConfig::default()
         };
         CtrDataset::generate(&cfg).unwrap()
+    }
+
+    #[test]
+    fn sizes_too_large_to_exist_are_config_errors() {
+        for (users, max_behaviors, candidates) in [
+            (1, usize::MAX, 0),
+            (1, 0, usize::MAX),
+            (usize::MAX, 1, 1),
+            (1 << 20, 1 << 10, 0),
+        ] {
+            let cfg = CtrConfig {
+                users,
+                max_behaviors,
+                candidates,
+                ..CtrConfig::default()
+            };
+            match CtrDataset::generate(&cfg) {
+                Err(DataError::Config(msg)) => {
+                    assert!(msg.contains("users * (1 + max_behaviors"), "{msg}")
+                }
+                other => panic!(
+                    "{users} x ({max_behaviors} + {candidates}): {:?}",
+                    other.map(|_| ())
+                ),
+            }
+        }
     }
 
     #[test]

@@ -458,8 +458,11 @@ pub fn bce_with_logits(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 }
 
 /// Area under the ROC curve of `scores` against `labels` (ties count half); `None` when either
-/// class is missing.
+/// class is missing or the two lengths differ.
 pub fn auc(scores: &[f32], labels: &[f32]) -> Option<f64> {
+    if scores.len() != labels.len() {
+        return None;
+    }
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let positives = labels.iter().filter(|&&y| y > 0.5).count();
@@ -631,6 +634,9 @@ mod tests {
             Some(0.75)
         );
         assert_eq!(auc(&[0.1, 0.2], &[1.0, 1.0]), None);
+        // Lengths that differ are no AUC (they indexed past the labels).
+        assert_eq!(auc(&[0.1, 0.2, 0.3], &[0.0, 1.0]), None);
+        assert_eq!(auc(&[0.1], &[0.0, 1.0]), None);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use crate::attention::{AttnConfig, Dims};
 use crate::batch::JaggedBatch;
 use crate::dtype::Element;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::temporal::DAY;
 
 /// A small deterministic generator (xoshiro256**, seeded through splitmix64). Hand-written so that
@@ -57,7 +57,10 @@ impl Rng {
         if hi <= lo {
             return lo;
         }
-        lo + self.next_u64() % (hi - lo + 1)
+        match (hi - lo).checked_add(1) {
+            Some(span) => lo + self.next_u64() % span,
+            None => self.next_u64(), // [0, u64::MAX]: every value
+        }
     }
 
     /// True with probability `p`.
@@ -209,7 +212,8 @@ pub fn user_history(rng: &mut Rng, n: usize, request_time: i64) -> Vec<i64> {
 }
 
 /// A jagged batch of `num_seqs` users with `[0.75 n, n]` behaviors each and `candidates`
-/// candidates at the request time.
+/// candidates at the request time. At most `i32::MAX` tokens in all (the kernels' token index):
+/// `num_seqs * (1 + behaviors + candidates)` above that is an [`Error::OutOfRange`].
 pub fn generate_batch(
     rng: &mut Rng,
     num_seqs: usize,
@@ -217,6 +221,17 @@ pub fn generate_batch(
     candidates: usize,
     has_user_token: bool,
 ) -> Result<JaggedBatch> {
+    let most = behaviors
+        .checked_add(candidates)
+        .and_then(|n| n.checked_add(1))
+        .and_then(|n| n.checked_mul(num_seqs));
+    if most.is_none_or(|n| n > i32::MAX as usize) {
+        return Err(Error::OutOfRange {
+            field: "behaviors",
+            value: format!("{behaviors} (with {num_seqs} sequences, {candidates} candidates each)"),
+            expected: "num_seqs * (1 + behaviors + candidates) at most i32::MAX tokens",
+        });
+    }
     let mut offsets = vec![0usize];
     let mut timestamps = Vec::new();
     let lo = (3 * behaviors).div_ceil(4) as u64;

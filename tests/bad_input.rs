@@ -1350,6 +1350,65 @@ fn huge_heads_is_an_error_not_a_panic() {
 }
 
 #[test]
+#[cfg(target_pointer_width = "64")]
+fn huge_heads_on_an_empty_batch_is_an_error_not_a_panic() {
+    // T = 0 makes every T * H * D length 0, so only H * D itself can overflow (it did, in
+    // EvoAttention::new, before Dims::validate bounded H * 3 * D).
+    let empty = JaggedBatch::new(vec![0], vec![], false, vec![]).expect("valid");
+    let chunks = Chunks::personalized(&empty, 1).expect("valid P");
+    let dims = Dims {
+        heads: usize::MAX / 16,
+        head_dim: 32,
+    };
+    assert_err!(
+        no_panic("Dims::validate", || dims.validate()),
+        Error::OutOfRange { field: "heads", value, .. } if value == (usize::MAX / 16).to_string()
+    );
+    let result = no_panic("EvoAttention::new", || {
+        EvoAttention::new(&empty, &chunks, dims, AttnConfig::new(1, 1)).map(drop)
+    });
+    assert_err!(result, Error::OutOfRange { field: "heads", .. });
+}
+
+#[test]
+fn generated_batches_too_large_to_exist_are_errors() {
+    use sparsectr_attn::workload::{generate_batch, Rng};
+    for (seqs, behaviors, candidates) in [
+        (1, usize::MAX, 0),
+        (1, 0, usize::MAX),
+        (usize::MAX, 1, 1),
+        (2, i32::MAX as usize / 2, 1),
+    ] {
+        let result = no_panic("workload::generate_batch", || {
+            generate_batch(&mut Rng::new(1), seqs, behaviors, candidates, true)
+        });
+        assert_err!(
+            result,
+            Error::OutOfRange {
+                field: "behaviors",
+                ..
+            }
+        );
+    }
+    // The bound is the batch's size, not its parts: a small batch of the same parts is fine.
+    let batch = generate_batch(&mut Rng::new(1), 3, 40, 4, true).expect("small batch");
+    assert_eq!(batch.num_seqs(), 3);
+}
+
+#[test]
+fn rng_range_over_every_u64_is_not_a_panic() {
+    use sparsectr_attn::workload::Rng;
+    let mut rng = Rng::new(7);
+    // hi - lo + 1 overflowed here (a division by zero in a release build).
+    let draws: Vec<u64> = (0..64)
+        .map(|_| no_panic("Rng::range", || rng.range(0, u64::MAX)))
+        .collect();
+    assert!(draws.iter().any(|&x| x > u64::MAX / 2) && draws.iter().any(|&x| x <= u64::MAX / 2));
+    assert_eq!(rng.range(9, 9), 9);
+    assert!((0..256).all(|_| (3..=5).contains(&rng.range(3, 5))));
+}
+
+#[test]
 fn pack_and_unpack_with_a_huge_row_are_errors() {
     let (_batch, padded) = padded();
     // B * L = 8 padded and T = 6 packed positions: 8 * row and 6 * row both wrap to 0 in a

@@ -396,3 +396,112 @@ fn gpu_f32_peaked_logits_match_reference() {
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// An empty batch (T = 0) through the device API from end to end, sparse and dense: each forward
+/// validates the call and returns buffers of length 0, which its backward takes, writing zeros
+/// to the poisoned dcoeffs (no pair exists). The host entry points return before the device for
+/// T = 0, so only this test runs those paths.
+#[test]
+fn empty_batch_forward_and_backward_on_the_device() {
+    use sparsectr_attn::cuda::{DenseGrads, DeviceGrads, DeviceInputs};
+    let Some(gpu) = gpu("empty_batch_forward_and_backward_on_the_device") else {
+        return;
+    };
+    let batch = JaggedBatch::new(vec![0], vec![], true, vec![]).unwrap();
+    let dims = Dims {
+        heads: 2,
+        head_dim: 32,
+    };
+    let config = AttnConfig::new(2, 4);
+    let stream = gpu.stream();
+    let d_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
+    let d_chunks = gpu.chunk(&d_batch, 3).unwrap();
+    let empty = || stream.null::<bf16>().unwrap();
+    let (q, k, v, d_o) = (empty(), empty(), empty(), empty());
+    let coeffs = stream
+        .clone_htod(&[0.1f32, -0.2, 0.3, 0.4, 0.0, -0.1])
+        .unwrap();
+    let inputs = DeviceInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: None,
+    };
+    let poison = [f32::NAN; 2 * NUM_BRANCHES];
+
+    let (o, lse, branch_out) = gpu
+        .forward_for_backward(&d_batch, &d_chunks, dims, &config, &inputs)
+        .unwrap();
+    assert_eq!((o.len(), lse.len(), branch_out.len()), (0, 0, 0));
+    let (mut dq, mut dk, mut dv) = (empty(), empty(), empty());
+    let mut dcoeffs = stream.clone_htod(&poison).unwrap();
+    let mut dgates = stream.null::<f32>().unwrap();
+    let grads = DeviceGrads {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+        dcoeffs: &mut dcoeffs,
+        dgates: &mut dgates,
+    };
+    gpu.backward_into(
+        &d_batch,
+        &d_chunks,
+        dims,
+        &config,
+        &inputs,
+        &lse,
+        Some(&branch_out),
+        &d_o,
+        BackwardMode::Fast,
+        grads,
+    )
+    .unwrap();
+    assert_eq!(stream.clone_dtoh(&dcoeffs).unwrap(), vec![0.0; 6]);
+
+    let (o, lse) = gpu.dense_forward(&d_batch, dims, &config, &inputs).unwrap();
+    assert_eq!((o.len(), lse.len()), (0, 0));
+    let mut dcoeffs = stream.clone_htod(&poison).unwrap();
+    let grads = DenseGrads {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+        dcoeffs: &mut dcoeffs,
+    };
+    gpu.dense_backward_into(
+        &d_batch,
+        dims,
+        &config,
+        &inputs,
+        &o,
+        &lse,
+        &d_o,
+        BackwardMode::Fast,
+        grads,
+    )
+    .unwrap();
+    assert_eq!(stream.clone_dtoh(&dcoeffs).unwrap(), vec![0.0; 6]);
+
+    // A wrong coeffs length is still an error at T = 0, in both forwards.
+    let short = stream.clone_htod(&[0.1f32; 5]).unwrap();
+    let bad = DeviceInputs {
+        coeffs: &short,
+        ..inputs
+    };
+    for r in [
+        gpu.forward(&d_batch, &d_chunks, dims, &config, &bad)
+            .map(drop),
+        gpu.dense_forward(&d_batch, dims, &config, &bad).map(drop),
+    ] {
+        assert!(
+            matches!(
+                r,
+                Err(sparsectr_attn::Error::Length {
+                    field: "coeffs",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+}

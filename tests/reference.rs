@@ -273,7 +273,13 @@ fn queries_of_a_key_are_the_transpose_of_keys() {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(256));
     runner
         .run(
-            &(common::batch(4, 30, 3), 1usize..6, 1usize..4, 1usize..12),
+            // A window may be any positive usize: usize::MAX once overflowed j + w.
+            &(
+                common::batch(4, 30, 3),
+                1usize..6,
+                1usize..4,
+                prop_oneof![1usize..12, Just(usize::MAX)],
+            ),
             |(batch, p, m, w)| {
                 let chunks = Chunks::personalized(&batch, p).unwrap();
                 let dims = Dims {

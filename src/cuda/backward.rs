@@ -239,7 +239,15 @@ impl GpuDevice {
             (self.function(Entry::BackwardSummary, dtype, dim)?, cfg)
         };
         let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
-        let summary_rows = chunks.num_seqs * chunks.max_chunks * dims.heads * dims.head_dim;
+        let summary_rows = chunks
+            .num_seqs
+            .checked_mul(chunks.max_chunks)
+            .and_then(|n| n.checked_mul(dims.heads * dims.head_dim))
+            .ok_or(Error::OutOfRange {
+                field: "max_chunks",
+                value: chunks.max_chunks.to_string(),
+                expected: "B * P * H * D to fit in usize",
+            })?;
         let mut dkbar = zeros::<f32>(stream, summary_rows)?;
         let mut dvbar = zeros::<f32>(stream, summary_rows)?;
         let mut partial = zeros::<f32>(stream, branch_rows)?;
@@ -369,8 +377,17 @@ impl GpuDevice {
     ) -> Result<()> {
         let stream = &self.stream;
         let null = 0u64;
+        // P * m < 2^31 (launch_params); the scratch must still fit in usize.
         let slots = chunks.max_chunks * params.tail_tokens as usize;
-        let tail_rows = chunks.num_seqs * slots * dims.heads * dims.head_dim;
+        let tail_rows = chunks
+            .num_seqs
+            .checked_mul(slots)
+            .and_then(|n| n.checked_mul(dims.heads * dims.head_dim))
+            .ok_or(Error::OutOfRange {
+                field: "tail_tokens",
+                value: params.tail_tokens.to_string(),
+                expected: "B * P * m * H * D to fit in usize",
+            })?;
         let mut tail_dk = zeros::<f32>(stream, tail_rows)?;
         let mut tail_dv = zeros::<f32>(stream, tail_rows)?;
 

@@ -110,6 +110,23 @@ pub(crate) fn dense_grid(batch: &DeviceBatch, dims: Dims, parts: usize) -> Resul
     })
 }
 
+/// The lengths of a dense forward's inputs for `t` tokens (Q, K, V and coeffs).
+fn check_dense_inputs<T: GpuElement>(
+    inputs: &DeviceInputs<'_, T>,
+    dims: Dims,
+    t: usize,
+) -> Result<()> {
+    let rows = dims.tensor_len(t)?;
+    for (field, len) in [
+        ("q", inputs.q.len()),
+        ("k", inputs.k.len()),
+        ("v", inputs.v.len()),
+    ] {
+        check_len(field, len, rows)?;
+    }
+    check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)
+}
+
 impl GpuDevice {
     /// Dense forward into caller buffers. `inputs.gates` is ignored (the dense counterpart has
     /// none); `config` gives the scale and the temporal settings (its `tail_tokens` and `window`
@@ -125,16 +142,8 @@ impl GpuDevice {
         let DenseOutputs { o, lse } = out;
         let params = batch_params(batch, dims, config)?;
         let t = batch.num_tokens;
-        let rows = dims.tensor_len(t)?;
-        for (field, len) in [
-            ("q", inputs.q.len()),
-            ("k", inputs.k.len()),
-            ("v", inputs.v.len()),
-            ("o", o.len()),
-        ] {
-            check_len(field, len, rows)?;
-        }
-        check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
+        check_dense_inputs(inputs, dims, t)?;
+        check_len("o", o.len(), dims.tensor_len(t)?)?;
         check_len("lse", lse.len(), row_len(dims, t)?)?;
         if t == 0 {
             return Ok(());
@@ -160,7 +169,8 @@ impl GpuDevice {
         Ok(())
     }
 
-    /// Dense forward, allocating the outputs.
+    /// Dense forward, allocating the outputs. An empty batch (`T = 0`) is validated like any
+    /// other and gives buffers of length 0, as [`forward`](Self::forward) does.
     pub fn dense_forward<T: GpuElement>(
         &self,
         batch: &DeviceBatch,
@@ -169,13 +179,18 @@ impl GpuDevice {
         inputs: &DeviceInputs<'_, T>,
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
         let t = batch.num_tokens;
-        // At least one element each (zero-length allocations fail on some contexts).
+        if t == 0 {
+            // Still validate the call, then hand back cudarc's empty buffers, as the sparse
+            // forward does: the backward of an empty batch takes buffers of length 0.
+            batch_params(batch, dims, config)?;
+            check_dense_inputs(inputs, dims, t)?;
+            return Ok((
+                self.stream.null().map_err(driver("cuMemAlloc(o)"))?,
+                self.stream.null().map_err(driver("cuMemAlloc(lse)"))?,
+            ));
+        }
         let mut o = zeros::<T>(&self.stream, dims.tensor_len(t)?)?;
         let mut lse = zeros::<f32>(&self.stream, row_len(dims, t)?)?;
-        if t == 0 {
-            batch_params(batch, dims, config)?;
-            return Ok((o, lse));
-        }
         let out = DenseOutputs {
             o: &mut o,
             lse: &mut lse,

@@ -231,6 +231,35 @@ impl<T> HostUpload<T> {
     }
 }
 
+/// The lengths of a forward's inputs for `t` tokens (Q, K, V, coeffs and the gates when given),
+/// and how the kernel reads the gates.
+fn check_inputs<T: GpuElement>(
+    inputs: &DeviceInputs<'_, T>,
+    dims: Dims,
+    t: usize,
+) -> Result<GatesMode> {
+    let rows = dims.tensor_len(t)?;
+    for (field, len) in [
+        ("q", inputs.q.len()),
+        ("k", inputs.k.len()),
+        ("v", inputs.v.len()),
+    ] {
+        check_len(field, len, rows)?;
+    }
+    check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
+    Ok(match inputs.gates {
+        None => GatesMode::None,
+        Some(DeviceGates::Native(g)) => {
+            check_len("gates", g.len(), dims.branch_len(t)?)?;
+            GatesMode::Native
+        }
+        Some(DeviceGates::F32(g)) => {
+            check_len("gates", g.len(), dims.branch_len(t)?)?;
+            GatesMode::F32
+        }
+    })
+}
+
 impl GpuDevice {
     /// Uploads a validated host call: batch (times prepared for `config`), chunks and inputs.
     pub(crate) fn upload_call<T: GpuElement>(
@@ -320,31 +349,12 @@ impl GpuDevice {
         let DeviceOutputs { o, lse, branch_out } = out;
         let mut params = launch_params(batch, chunks, dims, config)?;
         let t = batch.num_tokens;
-        let rows = dims.tensor_len(t)?;
-        for (field, len) in [
-            ("q", inputs.q.len()),
-            ("k", inputs.k.len()),
-            ("v", inputs.v.len()),
-            ("o", o.len()),
-        ] {
-            check_len(field, len, rows)?;
-        }
-        check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
+        params.gates_mode = check_inputs(inputs, dims, t)? as i32;
+        check_len("o", o.len(), dims.tensor_len(t)?)?;
         check_len("lse", lse.len(), dims.branch_len(t)?)?;
         if let Some(b) = &branch_out {
             check_len("branch_out", b.len(), dims.branch_out_len(t)?)?;
         }
-        params.gates_mode = match inputs.gates {
-            None => GatesMode::None,
-            Some(DeviceGates::Native(g)) => {
-                check_len("gates", g.len(), dims.branch_len(t)?)?;
-                GatesMode::Native
-            }
-            Some(DeviceGates::F32(g)) => {
-                check_len("gates", g.len(), dims.branch_len(t)?)?;
-                GatesMode::F32
-            }
-        } as i32;
         if t == 0 {
             return Ok(());
         }
@@ -401,7 +411,9 @@ impl GpuDevice {
         Ok(())
     }
 
-    /// Sparse EvoAttention forward, allocating the outputs.
+    /// Sparse EvoAttention forward, allocating the outputs. An empty batch (`T = 0`) is validated
+    /// like any other and gives buffers of length 0 (a context that refuses zero-byte
+    /// allocations makes that an [`Error::Cuda`](crate::Error::Cuda)).
     pub fn forward<T: GpuElement>(
         &self,
         batch: &DeviceBatch,
@@ -451,6 +463,7 @@ impl GpuDevice {
         if t == 0 {
             // Still validate the call, then hand back cudarc's empty buffers.
             launch_params(batch, chunks, dims, config)?;
+            check_inputs(inputs, dims, t)?;
             let branch_out = if branches {
                 Some(stream.null().map_err(driver("cuMemAlloc(branch_out)"))?)
             } else {

@@ -255,8 +255,13 @@ pub(crate) fn compile_module(module: &'static ModuleSource, arch: &str) -> Resul
         });
     }
     probe_nvrtc()?;
-    let src = CString::new(module.source).expect("generated sources hold no NUL byte");
-    let name = CString::new(format!("{}.cu", module.name)).expect("module names hold no NUL");
+    // Built-in sources hold no NUL byte; a file of SPARSECTR_KERNEL_DIR (dev-kernel-dir) might.
+    let nul = |what: &str| Error::Compile {
+        kernel: module.name.to_string(),
+        log: format!("the module's {what} holds a NUL byte"),
+    };
+    let src = CString::new(module.source).map_err(|_| nul("source"))?;
+    let name = CString::new(format!("{}.cu", module.name)).map_err(|_| nul("name"))?;
     let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| Error::Compile {
         kernel: module.name.to_string(),
         log: format!("nvrtcCreateProgram: {e:?}"),
