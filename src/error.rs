@@ -100,7 +100,8 @@ pub enum Error {
     },
     /// The GPU's compute capability is below what the kernels need (sm_80).
     UnsupportedArch { major: i32, minor: i32 },
-    /// Device data built for one batch or setting used with another.
+    /// Device data built for one batch or setting used with another, or device buffers of another
+    /// GPU than the handle's.
     DeviceMismatch {
         field: &'static str,
         value: String,

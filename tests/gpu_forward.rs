@@ -400,3 +400,81 @@ fn entry_check_sees_one_lost_key() {
     nan[3] = f64::NAN;
     assert!(check_entries("LSE", &nan, &want).is_err());
 }
+
+/// Device buffers of another GPU are refused before any launch (this handle's kernels would read
+/// them at their addresses here). Needs two GPUs: prints SKIPPED with one.
+#[test]
+fn gpu_buffers_of_another_gpu_are_errors() {
+    let name = "gpu_buffers_of_another_gpu_are_errors";
+    let Some(gpu) = gpu(name) else {
+        return;
+    };
+    let other = match GpuDevice::new(1) {
+        Ok(other) => other,
+        Err(e) => {
+            eprintln!("SKIPPED {name}: no second GPU ({e})");
+            return;
+        }
+    };
+    let batch = workload::CTR_SMALL.batch(5, 64, 512).unwrap();
+    let temporal = RelTemporal::default();
+    let dims = Dims {
+        heads: 2,
+        head_dim: 32,
+    };
+    let config = AttnConfig::new(1, 4);
+    let n = batch.num_tokens() * 2 * 32;
+    let (here, there) = (gpu.stream(), other.stream());
+    let d_batch = gpu.upload_batch(&batch, &temporal).unwrap();
+    let d_chunks = gpu.chunk(&d_batch, 4).unwrap();
+    let x = here.clone_htod(&vec![0.5f32; n]).unwrap();
+    let coeffs = here.clone_htod(&[0.1f32; 6]).unwrap();
+    let x_there = there.clone_htod(&vec![0.5f32; n]).unwrap();
+    let inputs = DeviceInputs {
+        q: &x,
+        k: &x,
+        v: &x,
+        coeffs: &coeffs,
+        gates: None,
+    };
+    assert!(gpu
+        .forward(&d_batch, &d_chunks, dims, &config, &inputs)
+        .is_ok());
+    let mismatch = |r: Result<(), Error>, want: &str| {
+        assert!(
+            matches!(&r, Err(Error::DeviceMismatch { field, .. }) if *field == want),
+            "{want}: {r:?}"
+        );
+    };
+    let foreign_v = DeviceInputs {
+        v: &x_there,
+        ..inputs
+    };
+    mismatch(
+        gpu.forward(&d_batch, &d_chunks, dims, &config, &foreign_v)
+            .map(drop),
+        "v",
+    );
+    mismatch(
+        gpu.dense_forward(&d_batch, dims, &config, &foreign_v)
+            .map(drop),
+        "v",
+    );
+    let batch_there = other.upload_batch(&batch, &temporal).unwrap();
+    let chunks_there = other.chunk(&batch_there, 4).unwrap();
+    mismatch(gpu.chunk(&batch_there, 4).map(drop), "batch");
+    mismatch(
+        gpu.forward(&batch_there, &d_chunks, dims, &config, &inputs)
+            .map(drop),
+        "batch",
+    );
+    mismatch(
+        gpu.forward(&d_batch, &chunks_there, dims, &config, &inputs)
+            .map(drop),
+        "chunks",
+    );
+    mismatch(
+        gpu.download_chunks(&batch, &chunks_there).map(drop),
+        "chunks",
+    );
+}

@@ -165,6 +165,22 @@ impl GpuDevice {
             check_len("branch_out", b.len(), dims.branch_out_len(t)?)?;
         }
         check_len("dgates", grads.dgates.len(), branch_rows)?;
+        let mut buffers = inputs.contexts();
+        buffers.extend([
+            ("batch", batch.context()),
+            ("chunks", chunks.context()),
+            ("lse", lse.context()),
+            ("d_o", d_o.context()),
+            ("dq", grads.dq.context()),
+            ("dk", grads.dk.context()),
+            ("dv", grads.dv.context()),
+            ("dcoeffs", grads.dcoeffs.context()),
+            ("dgates", grads.dgates.context()),
+        ]);
+        if let Some(b) = branch_out {
+            buffers.push(("branch_out", b.context()));
+        }
+        self.check_contexts(&buffers)?;
         params.gates_mode = match inputs.gates {
             None => GatesMode::None,
             Some(DeviceGates::Native(g)) => {

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
 use super::device::{driver, GpuDevice};
@@ -70,6 +70,11 @@ pub struct DeviceBatch {
 }
 
 impl DeviceBatch {
+    /// The context (GPU) its buffers live in.
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        self.rel_time.context()
+    }
+
     /// Number of sequences `B`.
     pub fn num_seqs(&self) -> usize {
         self.num_seqs
@@ -98,6 +103,11 @@ pub struct DeviceChunks {
 }
 
 impl DeviceChunks {
+    /// The context (GPU) its buffers live in.
+    pub(crate) fn context(&self) -> &Arc<CudaContext> {
+        self.ends.context()
+    }
+
     /// The stride of the per-sequence chunk arrays: no sequence has more chunks.
     pub fn max_chunks(&self) -> usize {
         self.max_chunks
@@ -193,6 +203,7 @@ impl GpuDevice {
                 field: "num_chunks",
             });
         }
+        self.check_contexts(&[("batch", batch.context())])?;
         // A sequence never has more chunks than behaviors.
         let max_chunks = num_chunks.min(batch.max_behaviors.max(1));
         let slots = batch
@@ -278,6 +289,7 @@ impl GpuDevice {
                 expected: "chunks built for this batch".into(),
             });
         }
+        self.check_contexts(&[("chunks", chunks.context())])?;
         let ends = self
             .stream
             .clone_dtoh(&chunks.ends)

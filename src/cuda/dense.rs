@@ -143,6 +143,13 @@ impl GpuDevice {
         let params = batch_params(batch, dims, config)?;
         let t = batch.num_tokens;
         check_dense_inputs(inputs, dims, t)?;
+        let mut buffers = inputs.contexts();
+        buffers.extend([
+            ("batch", batch.context()),
+            ("o", o.context()),
+            ("lse", lse.context()),
+        ]);
+        self.check_contexts(&buffers)?;
         check_len("o", o.len(), dims.tensor_len(t)?)?;
         check_len("lse", lse.len(), row_len(dims, t)?)?;
         if t == 0 {
@@ -184,6 +191,9 @@ impl GpuDevice {
             // forward does: the backward of an empty batch takes buffers of length 0.
             batch_params(batch, dims, config)?;
             check_dense_inputs(inputs, dims, t)?;
+            let mut buffers = inputs.contexts();
+            buffers.push(("batch", batch.context()));
+            self.check_contexts(&buffers)?;
             return Ok((
                 self.stream.null().map_err(driver("cuMemAlloc(o)"))?,
                 self.stream.null().map_err(driver("cuMemAlloc(lse)"))?,
@@ -236,6 +246,18 @@ impl GpuDevice {
         check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
         check_len("dcoeffs", grads.dcoeffs.len(), dims.branch_len(1)?)?;
         check_len("lse", lse.len(), row_len(dims, t)?)?;
+        let mut buffers = inputs.contexts();
+        buffers.extend([
+            ("batch", batch.context()),
+            ("o", o.context()),
+            ("lse", lse.context()),
+            ("d_o", d_o.context()),
+            ("dq", grads.dq.context()),
+            ("dk", grads.dk.context()),
+            ("dv", grads.dv.context()),
+            ("dcoeffs", grads.dcoeffs.context()),
+        ]);
+        self.check_contexts(&buffers)?;
         let stream = &self.stream;
         if t == 0 {
             stream

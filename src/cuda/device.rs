@@ -120,6 +120,27 @@ impl GpuDevice {
         }
     }
 
+    /// Refuses device buffers that live in another GPU's context: this handle's kernels would
+    /// read them at their addresses here (an illegal address, which leaves the context unusable,
+    /// or a peer's memory). Handles of one GPU share its primary context and pass. Checked before
+    /// any launch of a call.
+    pub(crate) fn check_contexts(
+        &self,
+        buffers: &[(&'static str, &Arc<CudaContext>)],
+    ) -> Result<()> {
+        let own = self.stream.context();
+        for &(field, ctx) in buffers {
+            if ctx != own {
+                return Err(Error::DeviceMismatch {
+                    field,
+                    value: format!("a buffer of GPU {}", ctx.ordinal()),
+                    expected: format!("buffers of this handle's GPU {}", own.ordinal()),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The stream every call of this handle is enqueued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

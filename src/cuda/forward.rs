@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use half::{bf16, f16};
 
@@ -53,6 +53,24 @@ pub struct DeviceInputs<'a, T> {
     pub coeffs: &'a CudaSlice<f32>,
     /// `[T, H, 3]`; `None` means all ones.
     pub gates: Option<DeviceGates<'a, T>>,
+}
+
+impl<T> DeviceInputs<'_, T> {
+    /// Each buffer's context by field, for [`GpuDevice::check_contexts`].
+    pub(crate) fn contexts(&self) -> Vec<(&'static str, &Arc<CudaContext>)> {
+        let mut out = vec![
+            ("q", self.q.context()),
+            ("k", self.k.context()),
+            ("v", self.v.context()),
+            ("coeffs", self.coeffs.context()),
+        ];
+        match &self.gates {
+            Some(DeviceGates::Native(g)) => out.push(("gates", g.context())),
+            Some(DeviceGates::F32(g)) => out.push(("gates", g.context())),
+            None => {}
+        }
+        out
+    }
 }
 
 /// Caller buffers the forward writes, every element of them.
@@ -350,6 +368,17 @@ impl GpuDevice {
         let mut params = launch_params(batch, chunks, dims, config)?;
         let t = batch.num_tokens;
         params.gates_mode = check_inputs(inputs, dims, t)? as i32;
+        let mut buffers = inputs.contexts();
+        buffers.extend([
+            ("batch", batch.context()),
+            ("chunks", chunks.context()),
+            ("o", o.context()),
+            ("lse", lse.context()),
+        ]);
+        if let Some(b) = &branch_out {
+            buffers.push(("branch_out", b.context()));
+        }
+        self.check_contexts(&buffers)?;
         check_len("o", o.len(), dims.tensor_len(t)?)?;
         check_len("lse", lse.len(), dims.branch_len(t)?)?;
         if let Some(b) = &branch_out {
@@ -464,6 +493,9 @@ impl GpuDevice {
             // Still validate the call, then hand back cudarc's empty buffers.
             launch_params(batch, chunks, dims, config)?;
             check_inputs(inputs, dims, t)?;
+            let mut buffers = inputs.contexts();
+            buffers.extend([("batch", batch.context()), ("chunks", chunks.context())]);
+            self.check_contexts(&buffers)?;
             let branch_out = if branches {
                 Some(stream.null().map_err(driver("cuMemAlloc(branch_out)"))?)
             } else {
