@@ -26,7 +26,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::backward::{BackwardMode, HostGradients};
 use super::batch::{upload, zeros, DeviceBatch};
 use super::device::{driver, GpuDevice};
-use super::forward::{batch_params, DeviceInputs, GpuElement};
+use super::forward::{batch_params, check_tensors, DeviceInputs, GpuElement};
 use super::kernels::Entry;
 use super::params::EvoParams;
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Inputs};
@@ -110,23 +110,6 @@ pub(crate) fn dense_grid(batch: &DeviceBatch, dims: Dims, parts: usize) -> Resul
     })
 }
 
-/// The lengths of a dense forward's inputs for `t` tokens (Q, K, V and coeffs).
-fn check_dense_inputs<T: GpuElement>(
-    inputs: &DeviceInputs<'_, T>,
-    dims: Dims,
-    t: usize,
-) -> Result<()> {
-    let rows = dims.tensor_len(t)?;
-    for (field, len) in [
-        ("q", inputs.q.len()),
-        ("k", inputs.k.len()),
-        ("v", inputs.v.len()),
-    ] {
-        check_len(field, len, rows)?;
-    }
-    check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)
-}
-
 impl GpuDevice {
     /// Dense forward into caller buffers. `inputs.gates` is ignored (the dense counterpart has
     /// none); `config` gives the scale and the temporal settings (its `tail_tokens` and `window`
@@ -142,7 +125,7 @@ impl GpuDevice {
         let DenseOutputs { o, lse } = out;
         let params = batch_params(batch, dims, config)?;
         let t = batch.num_tokens;
-        check_dense_inputs(inputs, dims, t)?;
+        check_tensors(inputs, dims, t)?;
         let mut buffers = inputs.contexts();
         buffers.extend([
             ("batch", batch.context()),
@@ -190,7 +173,7 @@ impl GpuDevice {
             // Still validate the call, then hand back cudarc's empty buffers, as the sparse
             // forward does: the backward of an empty batch takes buffers of length 0.
             batch_params(batch, dims, config)?;
-            check_dense_inputs(inputs, dims, t)?;
+            check_tensors(inputs, dims, t)?;
             let mut buffers = inputs.contexts();
             buffers.push(("batch", batch.context()));
             self.check_contexts(&buffers)?;

@@ -249,13 +249,8 @@ impl<T> HostUpload<T> {
     }
 }
 
-/// The lengths of a forward's inputs for `t` tokens (Q, K, V, coeffs and the gates when given),
-/// and how the kernel reads the gates.
-fn check_inputs<T: GpuElement>(
-    inputs: &DeviceInputs<'_, T>,
-    dims: Dims,
-    t: usize,
-) -> Result<GatesMode> {
+/// The lengths of Q, K, V and coeffs for `t` tokens (all that the dense forward reads).
+pub(crate) fn check_tensors<T>(inputs: &DeviceInputs<'_, T>, dims: Dims, t: usize) -> Result<()> {
     let rows = dims.tensor_len(t)?;
     for (field, len) in [
         ("q", inputs.q.len()),
@@ -264,7 +259,17 @@ fn check_inputs<T: GpuElement>(
     ] {
         check_len(field, len, rows)?;
     }
-    check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
+    check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)
+}
+
+/// The lengths of a sparse forward's inputs for `t` tokens (those of check_tensors and the
+/// gates when given), and how the kernel reads the gates.
+fn check_inputs<T: GpuElement>(
+    inputs: &DeviceInputs<'_, T>,
+    dims: Dims,
+    t: usize,
+) -> Result<GatesMode> {
+    check_tensors(inputs, dims, t)?;
     Ok(match inputs.gates {
         None => GatesMode::None,
         Some(DeviceGates::Native(g)) => {
