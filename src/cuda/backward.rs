@@ -18,10 +18,10 @@ use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
 use super::dense::dense_grid;
 use super::device::{driver, GpuDevice};
 use super::forward::{
-    launch_params, push_gates, push_layout, DeviceGates, DeviceInputs, GpuElement,
+    check_inputs, launch_params, push_gates, push_layout, DeviceInputs, GpuElement,
 };
 use super::kernels::Entry;
-use super::params::{EvoParams, GatesMode};
+use super::params::EvoParams;
 use crate::attention::{check_len, AttnConfig, Dims, EvoAttention, Inputs};
 use crate::batch::JaggedBatch;
 use crate::chunking::Chunks;
@@ -147,10 +147,8 @@ impl GpuDevice {
         let t = batch.num_tokens;
         let rows = dims.tensor_len(t)?;
         let branch_rows = dims.branch_len(t)?;
+        params.gates_mode = check_inputs(inputs, dims, t)? as i32;
         for (field, len) in [
-            ("q", inputs.q.len()),
-            ("k", inputs.k.len()),
-            ("v", inputs.v.len()),
             ("d_o", d_o.len()),
             ("dq", grads.dq.len()),
             ("dk", grads.dk.len()),
@@ -158,7 +156,6 @@ impl GpuDevice {
         ] {
             check_len(field, len, rows)?;
         }
-        check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
         check_len("dcoeffs", grads.dcoeffs.len(), dims.branch_len(1)?)?;
         check_len("lse", lse.len(), branch_rows)?;
         if let Some(b) = branch_out {
@@ -181,17 +178,6 @@ impl GpuDevice {
             buffers.push(("branch_out", b.context()));
         }
         self.check_contexts(&buffers)?;
-        params.gates_mode = match inputs.gates {
-            None => GatesMode::None,
-            Some(DeviceGates::Native(g)) => {
-                check_len("gates", g.len(), branch_rows)?;
-                GatesMode::Native
-            }
-            Some(DeviceGates::F32(g)) => {
-                check_len("gates", g.len(), branch_rows)?;
-                GatesMode::F32
-            }
-        } as i32;
         let stream = &self.stream;
         if t == 0 {
             // No pair exists: dcoeffs is zero.

@@ -135,6 +135,20 @@ pub(crate) fn upload<T: DeviceRepr + ValidAsZeroBits>(
     stream.clone_htod(data).map_err(driver("cuMemcpyHtoD"))
 }
 
+/// A zeroed output buffer of exactly `len` elements: cudarc's empty buffer when `len` is 0 (on a
+/// context that refuses zero-byte allocations, an `Error::Cuda` naming `what`).
+pub(crate) fn output<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    len: usize,
+    what: &'static str,
+) -> Result<CudaSlice<T>> {
+    if len == 0 {
+        stream.null().map_err(driver(what))
+    } else {
+        stream.alloc_zeros(len).map_err(driver(what))
+    }
+}
+
 /// A zeroed device buffer made on the device; at least one element (see [`upload`]).
 pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,

@@ -24,7 +24,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::backward::{BackwardMode, HostGradients};
-use super::batch::{upload, zeros, DeviceBatch};
+use super::batch::{output, upload, zeros, DeviceBatch};
 use super::device::{driver, GpuDevice};
 use super::forward::{batch_params, check_tensors, DeviceInputs, GpuElement};
 use super::kernels::Entry;
@@ -168,22 +168,11 @@ impl GpuDevice {
         config: &AttnConfig,
         inputs: &DeviceInputs<'_, T>,
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
-        let t = batch.num_tokens;
-        if t == 0 {
-            // Still validate the call, then hand back cudarc's empty buffers, as the sparse
-            // forward does: the backward of an empty batch takes buffers of length 0.
-            batch_params(batch, dims, config)?;
-            check_tensors(inputs, dims, t)?;
-            let mut buffers = inputs.contexts();
-            buffers.push(("batch", batch.context()));
-            self.check_contexts(&buffers)?;
-            return Ok((
-                self.stream.null().map_err(driver("cuMemAlloc(o)"))?,
-                self.stream.null().map_err(driver("cuMemAlloc(lse)"))?,
-            ));
-        }
-        let mut o = zeros::<T>(&self.stream, dims.tensor_len(t)?)?;
-        let mut lse = zeros::<f32>(&self.stream, row_len(dims, t)?)?;
+        // Outputs of exactly their lengths (empty for T = 0, which the dense backward takes);
+        // dense_forward_into validates the call.
+        let (t, stream) = (batch.num_tokens, &self.stream);
+        let mut o = output::<T>(stream, dims.tensor_len(t)?, "cuMemAlloc(o)")?;
+        let mut lse = output::<f32>(stream, row_len(dims, t)?, "cuMemAlloc(lse)")?;
         let out = DenseOutputs {
             o: &mut o,
             lse: &mut lse,
@@ -213,11 +202,9 @@ impl GpuDevice {
         let _ = mode;
         let params = batch_params(batch, dims, config)?;
         let t = batch.num_tokens;
+        check_tensors(inputs, dims, t)?;
         let rows = dims.tensor_len(t)?;
         for (field, len) in [
-            ("q", inputs.q.len()),
-            ("k", inputs.k.len()),
-            ("v", inputs.v.len()),
             ("o", o.len()),
             ("d_o", d_o.len()),
             ("dq", grads.dq.len()),
@@ -226,7 +213,6 @@ impl GpuDevice {
         ] {
             check_len(field, len, rows)?;
         }
-        check_len("coeffs", inputs.coeffs.len(), dims.branch_len(1)?)?;
         check_len("dcoeffs", grads.dcoeffs.len(), dims.branch_len(1)?)?;
         check_len("lse", lse.len(), row_len(dims, t)?)?;
         let mut buffers = inputs.contexts();

@@ -8,7 +8,7 @@ use cudarc::driver::{
 };
 use half::{bf16, f16};
 
-use super::batch::{upload, DeviceBatch, DeviceChunks};
+use super::batch::{output, upload, DeviceBatch, DeviceChunks};
 use super::dense::dense_grid;
 use super::device::{driver, GpuDevice};
 use super::kernels::Entry;
@@ -264,7 +264,7 @@ pub(crate) fn check_tensors<T>(inputs: &DeviceInputs<'_, T>, dims: Dims, t: usiz
 
 /// The lengths of a sparse forward's inputs for `t` tokens (those of check_tensors and the
 /// gates when given), and how the kernel reads the gates.
-fn check_inputs<T: GpuElement>(
+pub(crate) fn check_inputs<T: GpuElement>(
     inputs: &DeviceInputs<'_, T>,
     dims: Dims,
     t: usize,
@@ -492,37 +492,19 @@ impl GpuDevice {
         inputs: &DeviceInputs<'_, T>,
         branches: bool,
     ) -> Result<Allocated<T>> {
-        let t = batch.num_tokens;
-        let stream = &self.stream;
-        if t == 0 {
-            // Still validate the call, then hand back cudarc's empty buffers.
-            launch_params(batch, chunks, dims, config)?;
-            check_inputs(inputs, dims, t)?;
-            let mut buffers = inputs.contexts();
-            buffers.extend([("batch", batch.context()), ("chunks", chunks.context())]);
-            self.check_contexts(&buffers)?;
-            let branch_out = if branches {
-                Some(stream.null().map_err(driver("cuMemAlloc(branch_out)"))?)
-            } else {
-                None
-            };
-            return Ok((
-                stream.null().map_err(driver("cuMemAlloc(o)"))?,
-                stream.null().map_err(driver("cuMemAlloc(lse)"))?,
-                branch_out,
-            ));
-        }
-        let alloc =
-            |len: usize, what: &'static str| stream.alloc_zeros::<T>(len).map_err(driver(what));
-        let mut o = alloc(dims.tensor_len(t)?, "cuMemAlloc(o)")?;
+        // Outputs of exactly their lengths (empty for T = 0); forward_into validates the call.
+        let (t, stream) = (batch.num_tokens, &self.stream);
+        let mut o = output::<T>(stream, dims.tensor_len(t)?, "cuMemAlloc(o)")?;
         let mut branch_out = if branches {
-            Some(alloc(dims.branch_out_len(t)?, "cuMemAlloc(branch_out)")?)
+            Some(output::<T>(
+                stream,
+                dims.branch_out_len(t)?,
+                "cuMemAlloc(branch_out)",
+            )?)
         } else {
             None
         };
-        let mut lse = stream
-            .alloc_zeros::<f32>(dims.branch_len(t)?)
-            .map_err(driver("cuMemAlloc(lse)"))?;
+        let mut lse = output::<f32>(stream, dims.branch_len(t)?, "cuMemAlloc(lse)")?;
         let out = DeviceOutputs {
             o: &mut o,
             lse: &mut lse,
