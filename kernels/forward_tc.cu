@@ -10,16 +10,21 @@
 //               query's visible end, and the tile's candidates (each visible to itself only)
 //
 // Each row masks the slots it does not see (the local ones by slot number: LocalSeen), adds the
-// RelTemporal bias per element, and keeps one online softmax per branch; the gated sum of the branches is written once (and, when
-// `branch_out` is given, each branch's O_b before gating, [T, H, 3, D], which the query backward
-// then reads <dO, O_b> from instead of making a pass over every pair for it). A warp skips the
-// local sub-tiles none of its 16 rows sees (LocalSpan): a ctr-base tile's window spans 128 local
-// slots, of which each warp sees at most 80 (5 or 6 of 8 sub-tiles). Per element the
-// work is the bias folded per row (RowBias: the bucket and four FMAs), one FMA for the scale and
-// one ex2 (logits in base 2), computed for every element and masked after: the inner loops went
-// from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static counts of
-// scripts/sass-loops.py), when the per-element bias, expf and branches were most of them, and the
-// local one from 392 to 350 by testing slots by number. Chunk
+// RelTemporal bias per element, and keeps one online softmax per branch; the gated sum of the
+// branches is written once (and, when `branch_out` is given, each branch's O_b before gating,
+// [T, H, 3, D], which the query backward then reads <dO, O_b> from instead of making a pass over
+// every pair for it). A warp skips the local sub-tiles none of its 16 rows sees (LocalSpan): a
+// ctr-base tile's window spans 128 local slots, of which each warp sees at most 80 (5 or 6 of 8
+// sub-tiles); and of those, the ones all 16 rows see whole (3 at w = 64, past a sequence's
+// first tile) take no per-element mask. Per element the work is the bias folded per row (RowBias: the bucket and
+// four FMAs; dt + 1 one add where no row of the warp sees a later key), one FMA for the scale
+// and one ex2 (logits in base 2), computed for every element and masked after: the inner loops
+// went from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static
+// counts of scripts/sass-loops.py), when the per-element bias, expf and branches were most of
+// them, the local one from 392 to 350 by testing slots by number, and then (with the one-add
+// dt, the user token's test on column 0 only, and the unmasked full sub-tiles) to about 305 on
+// a window's edges and 265 inside it; the tails' and summaries' from 280 and 311 to 261 and
+// 297. Chunk
 // summaries are f32: they are split into a 16-bit high part and the 16-bit rest, and both go
 // through the MMA, so summaries keep about 16 bits of mantissa (the backward recomputes their
 // logits in f32 against this forward's LSE).
@@ -73,9 +78,44 @@ struct TcResidentQ {
     static constexpr bool kValue = kHeadDim <= 64;
 };
 
+// The base-2 logits of one sub-tile in place (sc: raw scores in, -inf where masked out), slots
+// first + sub + 2 t + c of the lane's columns. kMasked: test each element's visibility (where
+// some row of the warp may not see some slot of the sub-tile); kRowLast: no visible key is later
+// than its row (RowBias).
+template <int kBranch, bool kRowLast, bool kMasked, int kKeyTiles, typename Tiles>
+__device__ __forceinline__ void tc_logits(FragC (&sc)[kKeyTiles], const EvoParams& p, const TcTile& tt,
+                                          const TcRow (&rw)[2], const RowBias (&rb)[2],
+                                          const LocalSeen (&ls)[2], const Tiles& st, int slot0) {
+    const float scale2 = p.scale * kLog2e;  // logits in base 2 (RowSoftmax)
+    LocalSeen::At at[2];
+    if (kBranch == 2 && kMasked) at[0] = ls[0].at(slot0), at[1] = ls[1].at(slot0);
+    // Slot 0 of the local branch is the user token, which has no time: only column 0 of the
+    // sub-tile at slot 0 can hold it.
+    const bool user_col = kBranch == 2 && slot0 < tt.user;
+    // Every element is computed and masked after: branching per element on its
+    // visibility cost a convergence barrier and a recomputed shared address for each.
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int r = i >> 1, c = n * 8 + (i & 1), col = c + 2 * (threadIdx.x % 4);
+            float bias = rb[r].template operator()<kRowLast>(st.time[col], p.num_time_buckets);
+            if (kBranch == 2 && c == 0 && user_col) bias = 0.f;
+            const float z = fmaf(sc[n].c[i], scale2, bias);
+            bool visible = true;
+            if constexpr (kBranch == 2) {
+                if (kMasked) visible = at[r](c);
+            } else {
+                visible = slot_visible<kBranch>(rw[r], st.row[col], st.aux[col]);
+            }
+            sc[n].c[i] = visible ? z : neg_inf();
+        }
+    }
+}
+
 // The sub-tiles of one gather (`slots` of them filled, block-uniform) of branch kBranch: adds
 // them to the branch's O_b (acc, unnormalized) and softmax state.
-template <typename T, int kHeadDim, int kBranch, int kRows>
+template <typename T, int kHeadDim, int kBranch, bool kRowLast, int kRows>
 __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
                                                 const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
                                                 const TcTile& tt, const TcRow (&rw)[2], const RowBias (&rb)[2],
@@ -88,12 +128,13 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
     constexpr bool kSummary = kBranch == 0;
     constexpr int kKeyTiles = kCols / 8;
     const int t = threadIdx.x % 4;
-    const float scale2 = p.scale * kLog2e;  // logits in base 2 (RowSoftmax)
     // Local sub-tiles no row of the warp sees are skipped: their elements would all be masked.
-    // (The other branches' slots are seen by most rows of a tile alike.)
+    // (The other branches' slots are seen by most rows of a tile alike.) Those every row sees
+    // whole skip the per-element mask: 3 of a ctr-base warp's 5 or 6 (w = 64).
     constexpr int kSubTiles = TcLoad<kHeadDim, kBranch, kRows>::kValue / kCols;
-    const unsigned seen =
-        kBranch == 2 ? span[threadIdx.x / kWarpSize].template sub_tiles<kSubTiles>(first, kCols) : 0u;
+    const LocalSpan& ws = span[threadIdx.x / kWarpSize];
+    const unsigned seen = kBranch == 2 ? ws.template sub_tiles<kSubTiles>(first, kCols) : 0u;
+    const unsigned full = kBranch == 2 ? ws.template full_tiles<kSubTiles>(first, kCols) : 0u;
     // The local slots each row sees, by number (the slots' rows and kinds are not read).
     LocalSeen ls[2];
     if (kBranch == 2) ls[0] = LocalSeen::make(tt, rw[0]), ls[1] = LocalSeen::make(tt, rw[1]);
@@ -106,26 +147,11 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
         const SlotTiles<T, kHeadDim, kRows> st = gathered.from(sub);
         rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
         if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
-        // The lane's columns are slots first + sub + 2 t + c of the branch.
         const int slot0 = first + sub + 2 * t;
-        LocalSeen::At at[2];
-        if (kBranch == 2) at[0] = ls[0].at(slot0), at[1] = ls[1].at(slot0);
-        // Every element is computed and masked after: branching per element on its
-        // visibility cost a convergence barrier and a recomputed shared address for each.
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1, c = n * 8 + (i & 1), col = c + 2 * t;
-                float bias = rb[r](st.time[col], p.num_time_buckets);
-                if (kBranch == 2 && c < tt.user - slot0) bias = 0.f;  // slot 0: the user token has no time
-                const float z = fmaf(sc[n].c[i], scale2, bias);
-                bool visible;
-                if constexpr (kBranch == 2) visible = at[r](c);
-                else visible = slot_visible<kBranch>(rw[r], st.row[col], st.aux[col]);
-                sc[n].c[i] = visible ? z : neg_inf();
-            }
-        }
+        if (kBranch == 2 && ((full >> (sub / kCols)) & 1u))  // warp-uniform
+            tc_logits<kBranch, kRowLast, false>(sc, p, tt, rw, rb, ls, st, slot0);
+        else
+            tc_logits<kBranch, kRowLast, true>(sc, p, tt, rw, rb, ls, st, slot0);
         float corr[2];
         if (sm.update(sc, corr)) scale_rows(acc, corr);
         probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
@@ -173,7 +199,9 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
                            RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
     // Whether the warp's rows attend, and its local span: read after land(0)'s barrier.
     __shared__ LocalSpan sSpan[kDenseThreads / kWarpSize];
-    store_local_span(tt, rw, &sSpan[warp]);
+    store_local_span(tt, rw,
+                     row_is_last(si, rw[0], row_time[0].t, rel_time) && row_is_last(si, rw[1], row_time[1].t, rel_time),
+                     &sSpan[warp]);
     RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue> qf;
     qf.init(q + dense_row<kHeadDim>(p, min(wq + g, si.end - 1), head),
             q + dense_row<kHeadDim>(p, min(wq + g + 8, si.end - 1), head));
@@ -266,12 +294,21 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
         if (sSpan[warp].live) {  // warp-uniform: none of its rows attends otherwise
             const auto st = gathered.stage(r & 1);
             const LocalSpan* span = sSpan;
-            if (branch == 0)
-                tc_gather_tiles<T, kHeadDim, 0>(p, qf, tt, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
+            // Warp-uniform: a warp with a candidate requested before its last behavior takes
+            // the |dt| form of the bias (and only such a warp: none in BENCH.md's workloads).
+            const bool row_last = sSpan[warp].row_last;
+            if (branch == 0 && row_last)
+                tc_gather_tiles<T, kHeadDim, 0, true>(p, qf, tt, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
+            else if (branch == 0)
+                tc_gather_tiles<T, kHeadDim, 0, false>(p, qf, tt, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
+            else if (branch == 1 && row_last)
+                tc_gather_tiles<T, kHeadDim, 1, true>(p, qf, tt, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
             else if (branch == 1)
-                tc_gather_tiles<T, kHeadDim, 1>(p, qf, tt, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 1, false>(p, qf, tt, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
+            else if (row_last)
+                tc_gather_tiles<T, kHeadDim, 2, true>(p, qf, tt, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
             else
-                tc_gather_tiles<T, kHeadDim, 2>(p, qf, tt, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 2, false>(p, qf, tt, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
         }
         if (r + 1 < rounds) land(r + 1);
     }

@@ -14,8 +14,9 @@
 # the kernels before the softmax's vote and the conversion-free bucket (session 16); da5d161,
 # before session 17's shared addresses by the compiler's conversion; 0ef2c27, session 20's
 # kernels, before the conflict-free gathers (gather_slot, tile_rows_async at D = 32); 64e71e3,
-# session 21's kernels, before the summary gathers' 4-byte split stores (store_split). None after
-# 8d9eaeb has run on a GPU yet.
+# session 21's kernels, before the summary gathers' 4-byte split stores (store_split); 37d4067,
+# session 22's kernels, before the forward's unmasked full local sub-tiles and one-add dt
+# (session 24). None after 8d9eaeb has run on a GPU yet.
 # KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,7 +70,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161 0ef2c27 64e71e3}
+versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161 0ef2c27 64e71e3 37d4067}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions

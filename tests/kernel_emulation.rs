@@ -178,6 +178,8 @@ fn build_driver(cxx: &str) -> Result<PathBuf, String> {
 struct Seq {
     behaviors: Vec<i64>,
     candidates: usize,
+    /// The candidates' request time after the last behavior (may be negative).
+    request_delay: i64,
 }
 
 /// Behaviors at `start` and then after each gap.
@@ -193,10 +195,12 @@ fn seq(behaviors: Vec<i64>, candidates: usize) -> Seq {
     Seq {
         behaviors,
         candidates,
+        request_delay: 90,
     }
 }
 
-/// Packs sequences; candidates come 90 s after the last behavior (or at an arbitrary time).
+/// Packs sequences; candidates come `request_delay` (90 s unless set) after the last behavior (or
+/// at an arbitrary time).
 fn pack(user: bool, seqs: &[Seq]) -> JaggedBatch {
     let mut offsets = vec![0usize];
     let mut ts = Vec::new();
@@ -205,7 +209,10 @@ fn pack(user: bool, seqs: &[Seq]) -> JaggedBatch {
             ts.push(i64::MIN); // ignored by the attention; absurd so that misuse shows
         }
         ts.extend(&s.behaviors);
-        let request = s.behaviors.last().map_or(1_700_000_000, |t| t + 90);
+        let request = s
+            .behaviors
+            .last()
+            .map_or(1_700_000_000, |t| t + s.request_delay);
         ts.extend(std::iter::repeat_n(request, s.candidates));
         offsets.push(ts.len());
     }
@@ -633,10 +640,17 @@ fn scenarios() -> Vec<Scenario> {
         ];
         scenario("", pack(user, &seqs), 6, 2, w)
     };
+    // The forward also skips the per-element mask on the sub-tiles that all 16 rows of a warp
+    // see whole (LocalSpan::full_tiles). With w = 31 and no user token, a sub-tile ends exactly
+    // where the first row's window ends in the tiles past a sequence's start, and one starts one
+    // slot before the last row's window in its first tile; with a user token, the second again.
+    // Checked: the full test one slot long at its start fails both, at its end the first.
     for (name, user, w) in [
         ("local-spans", true, 16),
         ("local-spans-no-user", false, 16),
         ("local-spans-w18", false, 18),
+        ("local-spans-w31", false, 31),
+        ("local-spans-w31-user", true, 31),
     ] {
         let mut s = spans(user, w);
         s.name = name;
@@ -647,6 +661,31 @@ fn scenarios() -> Vec<Scenario> {
         };
         v.push(s);
     }
+    // Candidates requested before their last behavior (SPEC allows it): they see keys later
+    // than themselves, which the forward's one-add dt of a warp's rows (RowBias, row_last) must
+    // not take; the warps of behaviors beside them and the sequences requested after still do.
+    // The request falls inside the history, before its first behavior, and at its last.
+    let early = |mut s: Seq, delay: i64| {
+        s.request_delay = delay;
+        s
+    };
+    let mut s = scenario(
+        "early-candidates",
+        pack(
+            true,
+            &[
+                early(seq(times(t0, &gaps(99, 3)), 5), -200_000),
+                early(seq(times(t0, &gaps(20, 5)), 3), -10_000_000),
+                early(seq(times(t0 + 9, &gaps(70, 1)), 2), 0),
+            ],
+        ),
+        8,
+        3,
+        40,
+    );
+    s.heads = 1;
+    s.runs = vec![(DType::BF16, 64), (DType::F16, 32)];
+    v.push(s);
     let mut s = scenario("long-tiles", long.clone(), 40, 3, 70);
     s.heads = 1;
     s.flags = vec!["--repeat-backward"];

@@ -123,7 +123,9 @@ struct LocalSeen {
         int lo, own, user;
         unsigned n;
         __device__ __forceinline__ bool operator()(int c) const {
-            return (static_cast<unsigned>(c - lo) < n) | (c == own) | (c < user);
+            // The user token is slot 0 and base >= 0, so only column 0 can hold it: c < user,
+            // which the compiler cannot narrow (it does not know user <= 1), tested every column.
+            return (static_cast<unsigned>(c - lo) < n) | (c == own) | (c == 0 && user > 0);
         }
     };
     __device__ __forceinline__ At at(int base) const { return At{lo - base, own - base, user - base, n}; }
@@ -137,9 +139,15 @@ struct LocalSeen {
 // hold nothing it sees and are skipped. Kept in shared memory and read once per gather as a bit
 // mask of its sub-tiles (sub_tiles): held in registers through the kernel (five of them,
 // 5f881f4), it made the D = 64 forward spill on sm_80 at its 168-register cap.
+//
+// Also kept per warp: the behavior slots [full_lo, full_hi) that every one of its 16 rows sees
+// (all live behaviors; empty otherwise), whose sub-tiles need no per-element mask (full_tiles),
+// and whether no key any row sees is later than the row (`row_last`: RowBias's one-add dt).
 struct LocalSpan {
     int live;  // some row of the warp attends (here too, not in a register through the kernel)
     int user, lo, hi;
+    int full_lo, full_hi;
+    int row_last;
 
     // Whether some slot of [s0, s0 + n) is in the span. Warp-uniform.
     __device__ __forceinline__ bool overlaps(int s0, int n) const {
@@ -156,29 +164,64 @@ struct LocalSpan {
         for (int i = 0; i < kSubTiles; ++i) bits |= overlaps(s0 + i * n, n) ? 1u << i : 0u;
         return bits;
     }
+
+    // Bit i set where every row of the warp sees every slot of sub-tile i (as sub_tiles).
+    template <int kSubTiles>
+    __device__ __forceinline__ unsigned full_tiles(int s0, int n) const {
+        static_assert(kSubTiles <= 32, "a bit per sub-tile");
+        unsigned bits = 0;
+#pragma unroll
+        for (int i = 0; i < kSubTiles; ++i)
+            bits |= (s0 + i * n >= full_lo) & (s0 + (i + 1) * n <= full_hi) ? 1u << i : 0u;
+        return bits;
+    }
 };
 
-// Stores the span of this lane's warp (rows rw, its two of them) into `span`. Called by every
-// lane of the warp; a __syncwarp (or a barrier) before the span is read.
-__device__ __forceinline__ void store_local_span(const TcTile& tt, const TcRow (&rw)[2], LocalSpan* span) {
-    int lo = 0x7fffffff, hi = 0;
+// Stores the span of this lane's warp (rows rw, its two of them) into `span`. `row_last`: this
+// lane's rows see no key later than themselves (false where unknown). Called by every lane of
+// the warp; a __syncwarp (or a barrier) before the span is read.
+__device__ __forceinline__ void store_local_span(const TcTile& tt, const TcRow (&rw)[2], bool row_last,
+                                                 LocalSpan* span) {
+    int lo = 0x7fffffff, hi = 0, full_lo = 0, full_hi = 0x7fffffff;
     const int cand_slot0 = tt.user + (tt.local_hi - tt.local_lo) - tt.cand_lo;  // + q: q's own slot
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        if (!rw[r].live) continue;
-        lo = min(lo, tt.user + rw[r].first_local - tt.local_lo);
         // A candidate (past its own visible end) sees its own slot; a behavior, up to itself.
         const bool candidate = rw[r].q >= rw[r].visible_end;
-        hi = max(hi, candidate ? cand_slot0 + rw[r].q + 1 : tt.user + rw[r].visible_end - tt.local_lo);
+        const int row_lo = tt.user + rw[r].first_local - tt.local_lo;
+        const int row_hi = tt.user + rw[r].visible_end - tt.local_lo;
+        if (rw[r].live && !candidate) {
+            full_lo = max(full_lo, row_lo);
+            full_hi = min(full_hi, row_hi);
+        } else {
+            full_hi = 0;  // a row that does not see its window: no sub-tile is full
+        }
+        if (!rw[r].live) continue;
+        lo = min(lo, row_lo);
+        hi = max(hi, candidate ? cand_slot0 + rw[r].q + 1 : row_hi);
     }
     // The four lanes of a group hold the same rows; the eight groups hold different ones.
 #pragma unroll
     for (int off = 4; off < kWarpSize; off <<= 1) {
         lo = min(lo, __shfl_xor_sync(kFullMask, lo, off));
         hi = max(hi, __shfl_xor_sync(kFullMask, hi, off));
+        full_lo = max(full_lo, __shfl_xor_sync(kFullMask, full_lo, off));
+        full_hi = min(full_hi, __shfl_xor_sync(kFullMask, full_hi, off));
     }
     const int live = __any_sync(kFullMask, rw[0].live || rw[1].live);
-    if (threadIdx.x % kWarpSize == 0) *span = LocalSpan{live, tt.user, lo, hi};
+    const int all_row_last = __all_sync(kFullMask, row_last);
+    if (threadIdx.x % kWarpSize == 0)
+        *span = LocalSpan{live, tt.user, lo, hi, full_lo, full_hi, all_row_last};
+}
+
+// Whether no key that row r sees is later than it: true for a behavior (behaviors are in time
+// order and it sees none after itself; its summaries' times are their chunks' last behaviors),
+// and for a candidate whose request time is no earlier than the last behavior's (a candidate
+// sees behaviors and itself). A row that sees nothing may say either.
+__device__ __forceinline__ bool row_is_last(const SeqInfo& si, const TcRow& r, unsigned row_time,
+                                            const unsigned* __restrict__ rel_time) {
+    if (!r.live || r.q < si.candidates || si.candidates == si.behaviors) return true;
+    return row_time >= rel_time[si.candidates - 1];
 }
 
 template <int kBranch>

@@ -24,10 +24,15 @@ __device__ __forceinline__ int time_bucket(unsigned dt) {
 // (I2FP) shares the quarter-rate pipe with ex2 and with the bucket's own conversion: a sub-tile's
 // bias and softmax made 16 conversions and 10 ex2 per thread (SASS of the forward, sm_90). Exact:
 // 2^23 + 254 + min(bucket, nb) is an integer in [2^23, 2^24) (no bucket passes 63).
-__device__ __forceinline__ float clamped_bucket(unsigned dt, int nb) {
+// `x` = dt + 1.
+__device__ __forceinline__ float clamped_bucket_of_next(unsigned x, int nb) {
     // The bucket + 254 + 2^23's bits in one shift-and-add.
-    const int bits = static_cast<int>((__float_as_uint(__uint2float_rz(dt + 1u)) >> 22) + 0x4B000000u);
+    const int bits = static_cast<int>((__float_as_uint(__uint2float_rz(x)) >> 22) + 0x4B000000u);
     return __int_as_float(min(bits, nb + (254 + 0x4B000000))) - (8388608.f + 254.f);
+}
+
+__device__ __forceinline__ float clamped_bucket(unsigned dt, int nb) {
+    return clamped_bucket_of_next(dt + 1u, nb);
 }
 
 __device__ __forceinline__ bool is_weekend(unsigned t, int weekday0) {
@@ -141,9 +146,13 @@ struct RowBias {
         return b;
     }
 
+    // kRowLast: the caller knows that no key it keeps is later than the row (k.t <= t), so dt + 1
+    // is one three-input add where |t - k.t| + 1 took two min/max and an add. For a key that is
+    // later it gives a wrong but finite bias, which the caller must mask.
+    template <bool kRowLast = false>
     __device__ __forceinline__ float operator()(const TokenTime& k, int num_time_buckets) const {
-        const unsigned dt = max(t, k.t) - min(t, k.t);
-        float z = fmaf(bucket, clamped_bucket(dt, num_time_buckets), base);
+        const unsigned next = kRowLast ? t - k.t + 1u : max(t, k.t) - min(t, k.t) + 1u;
+        float z = fmaf(bucket, clamped_bucket_of_next(next, num_time_buckets), base);
         z = fmaf(cos, k.c, z);
         z = fmaf(sin, k.s, z);
         return fmaf(weekend, k.weekend, z);

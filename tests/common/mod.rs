@@ -8,7 +8,8 @@ use sparsectr_attn::workload::{random_tensor, Rng};
 use sparsectr_attn::{JaggedBatch, Widened, NUM_BRANCHES};
 
 /// One sequence before packing: behavior gaps, candidate count, and offsets of the candidates'
-/// request time after the last behavior.
+/// request time after the last behavior (negative: before it, which SPEC allows, so candidates
+/// see keys later than themselves).
 #[derive(Debug, Clone)]
 pub struct SeqPlan {
     pub gaps: Vec<i64>,
@@ -38,7 +39,7 @@ pub fn seq_plan(max_behaviors: usize, max_candidates: usize) -> impl Strategy<Va
         0..=max_behaviors,
         0..=max_candidates,
         proptest::collection::vec(gap(), max_behaviors),
-        0i64..200_000,
+        -200_000i64..200_000,
         -100_000_000i64..4_000_000_000,
     )
         .prop_map(|(n, k, gaps, request_delay, start)| SeqPlan {
