@@ -684,7 +684,7 @@ fn scenarios() -> Vec<Scenario> {
         40,
     );
     s.heads = 1;
-    s.runs = vec![(DType::BF16, 64), (DType::F16, 32)];
+    s.runs = vec![(DType::BF16, 64), (DType::F16, 32), (DType::F16, 128)];
     v.push(s);
     let mut s = scenario("long-tiles", long.clone(), 40, 3, 70);
     s.heads = 1;
