@@ -15,8 +15,8 @@
 // [T, H, 3, D], which the query backward then reads <dO, O_b> from instead of making a pass over
 // every pair for it). A warp skips the local sub-tiles none of its 16 rows sees (LocalSpan): a
 // ctr-base tile's window spans 128 local slots, of which each warp sees at most 80 (5 or 6 of 8
-// sub-tiles); and of those, the ones all 16 rows see whole (3 at w = 64, past a sequence's
-// first tile) take no per-element mask. Per element the work is the bias folded per row (RowBias: the bucket and
+// sub-tiles); and of those, the ones all 16 rows see whole (3 at w = 64 with a user token, 2
+// without, past a sequence's first tile) take no per-element mask. Per element the work is the bias folded per row (RowBias: the bucket and
 // four FMAs; dt + 1 one add where no row of the warp sees a later key), one FMA for the scale
 // and one ex2 (logits in base 2), computed for every element and masked after: the inner loops
 // went from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static
@@ -130,7 +130,7 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
     const int t = threadIdx.x % 4;
     // Local sub-tiles no row of the warp sees are skipped: their elements would all be masked.
     // (The other branches' slots are seen by most rows of a tile alike.) Those every row sees
-    // whole skip the per-element mask: 3 of a ctr-base warp's 5 or 6 (w = 64).
+    // whole skip the per-element mask: 3 of a ctr-base warp's 5 or 6 (w = 64, a user token).
     constexpr int kSubTiles = TcLoad<kHeadDim, kBranch, kRows>::kValue / kCols;
     const LocalSpan& ws = span[threadIdx.x / kWarpSize];
     const unsigned seen = kBranch == 2 ? ws.template sub_tiles<kSubTiles>(first, kCols) : 0u;

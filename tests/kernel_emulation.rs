@@ -641,10 +641,12 @@ fn scenarios() -> Vec<Scenario> {
         scenario("", pack(user, &seqs), 6, 2, w)
     };
     // The forward also skips the per-element mask on the sub-tiles that all 16 rows of a warp
-    // see whole (LocalSpan::full_tiles). With w = 31 and no user token, a sub-tile ends exactly
-    // where the first row's window ends in the tiles past a sequence's start, and one starts one
-    // slot before the last row's window in its first tile; with a user token, the second again.
-    // Checked: the full test one slot long at its start fails both, at its end the first.
+    // see whole (LocalSpan::full_tiles). With w = 31 and no user token, a warp's full span is 16
+    // slots that no sub-tile fits: one ends one slot past it in the tiles after a sequence's
+    // first, and one starts one slot before it in the first tile, so only a full test one slot
+    // long takes them. With a user token, sub-tiles start exactly at the full span's start (and
+    // those are full). Checked: the full test one slot long at its start fails both, at its end
+    // the first. The unmasked sub-tiles themselves run in early-candidates and the long-* ones.
     for (name, user, w) in [
         ("local-spans", true, 16),
         ("local-spans-no-user", false, 16),
@@ -663,8 +665,9 @@ fn scenarios() -> Vec<Scenario> {
     }
     // Candidates requested before their last behavior (SPEC allows it): they see keys later
     // than themselves, which the forward's one-add dt of a warp's rows (RowBias, row_last) must
-    // not take; the warps of behaviors beside them and the sequences requested after still do.
-    // The request falls inside the history, before its first behavior, and at its last.
+    // not take; the warps of behaviors beside them, and the sequence requested at its last
+    // behavior, still do. The request falls inside the history, before its first behavior, and
+    // at its last.
     let early = |mut s: Seq, delay: i64| {
         s.request_delay = delay;
         s

@@ -123,8 +123,8 @@ struct LocalSeen {
         int lo, own, user;
         unsigned n;
         __device__ __forceinline__ bool operator()(int c) const {
-            // The user token is slot 0 and base >= 0, so only column 0 can hold it: c < user,
-            // which the compiler cannot narrow (it does not know user <= 1), tested every column.
+            // The user token is slot 0 and base >= 0, so only column 0 can hold it. (Written as
+            // c < user, the test ran on every column: the compiler does not know user <= 1.)
             return (static_cast<unsigned>(c - lo) < n) | (c == own) | (c == 0 && user > 0);
         }
     };
