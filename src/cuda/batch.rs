@@ -163,6 +163,8 @@ impl GpuDevice {
         temporal.validate()?;
         let num_tokens = batch.num_tokens();
         to_i32("num_tokens", num_tokens)?;
+        // Empty sequences take no tokens, so this bound is not implied by the one above.
+        to_i32("num_seqs", batch.num_seqs())?;
         let ts = batch.timestamps();
         let off = temporal.utc_offset as i128;
         let mut seqs = Vec::with_capacity(batch.num_seqs());

@@ -111,6 +111,23 @@ pub(crate) fn dense_grid(batch: &DeviceBatch, dims: Dims, parts: usize) -> Resul
 }
 
 impl GpuDevice {
+    /// The launch scalars of a dense call, once its batch, config and Q, K, V and coeffs are
+    /// checked.
+    fn dense_params<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+    ) -> Result<EvoParams> {
+        let params = batch_params(batch, dims, config)?;
+        check_tensors(inputs, dims, batch.num_tokens)?;
+        let mut buffers = inputs.contexts();
+        buffers.push(("batch", batch.context()));
+        self.check_contexts(&buffers)?;
+        Ok(params)
+    }
+
     /// Dense forward into caller buffers. `inputs.gates` is ignored (the dense counterpart has
     /// none); `config` gives the scale and the temporal settings (its `tail_tokens` and `window`
     /// are unused). Allocates nothing.
@@ -123,16 +140,9 @@ impl GpuDevice {
         out: DenseOutputs<'_, T>,
     ) -> Result<()> {
         let DenseOutputs { o, lse } = out;
-        let params = batch_params(batch, dims, config)?;
+        let params = self.dense_params(batch, dims, config, inputs)?;
         let t = batch.num_tokens;
-        check_tensors(inputs, dims, t)?;
-        let mut buffers = inputs.contexts();
-        buffers.extend([
-            ("batch", batch.context()),
-            ("o", o.context()),
-            ("lse", lse.context()),
-        ]);
-        self.check_contexts(&buffers)?;
+        self.check_contexts(&[("o", o.context()), ("lse", lse.context())])?;
         check_len("o", o.len(), dims.tensor_len(t)?)?;
         check_len("lse", lse.len(), row_len(dims, t)?)?;
         if t == 0 {
@@ -168,8 +178,10 @@ impl GpuDevice {
         config: &AttnConfig,
         inputs: &DeviceInputs<'_, T>,
     ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
-        // Outputs of exactly their lengths (empty for T = 0, which the dense backward takes);
-        // dense_forward_into validates the call.
+        // Checked before allocating, as in `forward`: a bad call names its field even where an
+        // empty output cannot be allocated.
+        self.dense_params(batch, dims, config, inputs)?;
+        // Outputs of exactly their lengths (empty for T = 0, which the dense backward takes).
         let (t, stream) = (batch.num_tokens, &self.stream);
         let mut o = output::<T>(stream, dims.tensor_len(t)?, "cuMemAlloc(o)")?;
         let mut lse = output::<f32>(stream, row_len(dims, t)?, "cuMemAlloc(lse)")?;

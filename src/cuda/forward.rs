@@ -357,6 +357,24 @@ impl GpuDevice {
         Ok((kbar, vbar))
     }
 
+    /// The launch scalars of a forward call, once its batch, chunks, config and inputs are
+    /// checked (everything but the outputs).
+    fn forward_params<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        config: &AttnConfig,
+        inputs: &DeviceInputs<'_, T>,
+    ) -> Result<EvoParams> {
+        let mut params = launch_params(batch, chunks, dims, config)?;
+        params.gates_mode = check_inputs(inputs, dims, batch.num_tokens)? as i32;
+        let mut buffers = inputs.contexts();
+        buffers.extend([("batch", batch.context()), ("chunks", chunks.context())]);
+        self.check_contexts(&buffers)?;
+        Ok(params)
+    }
+
     /// Sparse EvoAttention forward into caller buffers (`out.o`, `out.lse` and, when given,
     /// `out.branch_out`); every element of them is written. Chunk summaries take
     /// `2 * B * P * H * D` elements of scratch, allocated per call.
@@ -370,16 +388,9 @@ impl GpuDevice {
         out: DeviceOutputs<'_, T>,
     ) -> Result<()> {
         let DeviceOutputs { o, lse, branch_out } = out;
-        let mut params = launch_params(batch, chunks, dims, config)?;
+        let params = self.forward_params(batch, chunks, dims, config, inputs)?;
         let t = batch.num_tokens;
-        params.gates_mode = check_inputs(inputs, dims, t)? as i32;
-        let mut buffers = inputs.contexts();
-        buffers.extend([
-            ("batch", batch.context()),
-            ("chunks", chunks.context()),
-            ("o", o.context()),
-            ("lse", lse.context()),
-        ]);
+        let mut buffers = vec![("o", o.context()), ("lse", lse.context())];
         if let Some(b) = &branch_out {
             buffers.push(("branch_out", b.context()));
         }
@@ -492,7 +503,10 @@ impl GpuDevice {
         inputs: &DeviceInputs<'_, T>,
         branches: bool,
     ) -> Result<Allocated<T>> {
-        // Outputs of exactly their lengths (empty for T = 0); forward_into validates the call.
+        // Checked before allocating, so that a bad call names its field even where an empty
+        // output cannot be allocated (T = 0 on a context without stream-ordered allocation).
+        self.forward_params(batch, chunks, dims, config, inputs)?;
+        // Outputs of exactly their lengths (empty for T = 0).
         let (t, stream) = (batch.num_tokens, &self.stream);
         let mut o = output::<T>(stream, dims.tensor_len(t)?, "cuMemAlloc(o)")?;
         let mut branch_out = if branches {
