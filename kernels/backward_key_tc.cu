@@ -40,6 +40,13 @@ constexpr int kKeyTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 3 : 2, KeyTil
 // query tile outside its keys' windows.
 constexpr int kKeyTcSub = 16;
 
+// Whether the behaviors' walk compiles the bias in two forms and leaves the per-pair mask out of
+// the sub-tiles every row of a warp sees whole (3 of a warp's 5 at w = 64; KeyTile::walk). At
+// D = 128 either spilled 4-8 B at 255 registers on sm_80 (NVRTC 13.0). The candidates' walk (a
+// few tiles at a sequence's end) keeps one form.
+template <int kHeadDim>
+constexpr bool kKeyTcForms = kHeadDim <= 64;
+
 struct LocalRows {
     int key[2];  // the lane's rows g and g + 8; -1 for the user token and past the sequence
     int candidates, window, end;
@@ -54,6 +61,9 @@ struct LocalRows {
         __device__ __forceinline__ bool operator()(int query, int r) const {
             return static_cast<unsigned>(query - from[r]) < count[r];
         }
+        // Row r's queries as an interval [lo_of(r), hi_of(r)) (empty where the row is none).
+        __device__ __forceinline__ int lo_of(int r) const { return from[r]; }
+        __device__ __forceinline__ int hi_of(int r) const { return from[r] + static_cast<int>(count[r]); }
     };
     __device__ __forceinline__ Seen seen(int lo, int hi) const {
         Seen s;
@@ -109,6 +119,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     kt.kf.init(k + at[0], k + at[1]);
     kt.vf.init(v + at[0], v + at[1]);
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 2);
+    if (kKeyTcForms<kHeadDim>) kt.find_order(si);
 
     // Block-uniform ranges. The block's behaviors are [b_lo, b_hi]; the warp's [wb_lo, wb_hi].
     const int b_lo = max(k0, si.behaviors), b_hi = min(k0 + kDenseRows, si.candidates) - 1;
@@ -116,8 +127,8 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     const bool warp_behaviors = wb_lo <= wb_hi;
     // 1. Behaviors.
     if (b_lo <= b_hi)
-        kt.template walk<kKeyTcSub>(rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey,
-                                    wb_hi + w - 1);
+        kt.template walk<kKeyTcSub, kKeyTcForms<kHeadDim>, kKeyTcForms<kHeadDim>>(
+            rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1);
     // 2. Candidates: all of them when a behavior of the block is within w of the first, else
     // only the block's own.
     const bool block_seen_by_all = b_lo <= b_hi && b_hi + w > si.candidates;
@@ -128,7 +139,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
         const int wc_lo = max(wk, si.candidates), wc_hi = min(wk + 16, si.end) - 1;
         const int first = warp_seen_by_all ? 0 : (wc_lo <= wc_hi ? wc_lo : kNoKey);
         const int last = warp_seen_by_all ? kNoKey : wc_hi;
-        kt.template walk<kKeyTcSub>(rows, c_lo, c_hi, first, last);
+        kt.template walk<kKeyTcSub, false, false>(rows, c_lo, c_hi, first, last);
     }
 
     // Each row's other uses: its chunk (the chunks ending at or before it), tail slot, summary.

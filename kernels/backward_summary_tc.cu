@@ -80,7 +80,7 @@ __device__ void backward_summary_tc(const EvoParams& p, const T* __restrict__ q,
         kt.fv[r] = vbar + at;
     }
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 0);
-    kt.walk_prefix(rows, first, si.end, sets);
+    kt.walk_prefix(rows, first, si.end, sets, si);
     if (ws.set > 0) return;  // set 0 holds the sums
 
 #pragma unroll

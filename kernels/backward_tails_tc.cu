@@ -91,7 +91,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
     kt.kf.init(k + at[0], k + at[1]);
     kt.vf.init(v + at[0], v + at[1]);
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 1);
-    kt.walk_prefix(rows, first, si.end, sets);
+    kt.walk_prefix(rows, first, si.end, sets, si);
     if (ws.set > 0) return;  // set 0 holds the sums
 
 #pragma unroll

@@ -16,7 +16,8 @@
 # kernels, before the conflict-free gathers (gather_slot, tile_rows_async at D = 32); 64e71e3,
 # session 21's kernels, before the summary gathers' 4-byte split stores (store_split); 37d4067,
 # session 22's kernels, before the forward's unmasked full local sub-tiles and one-add dt
-# (session 24). None after 8d9eaeb has run on a GPU yet.
+# (session 24); 3e95d9c, session 24's kernels, before the same cuts in the key side's walks
+# (session 25). None after 8d9eaeb has run on a GPU yet.
 # KERNEL_VERSIONS="" builds none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -70,7 +71,7 @@ for line in sys.stdin:
         | xz --lzma2=preset=6,dict=128MiB > device-bin/candle-cuda.tar.xz
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
-versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161 0ef2c27 64e71e3 37d4067}
+versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161 0ef2c27 64e71e3 37d4067 3e95d9c}
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
   scripts/kernel-sources.sh device-bin/kernels $versions

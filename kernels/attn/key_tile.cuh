@@ -12,7 +12,12 @@
 // Which (query, key) pairs count is the caller's `Rows::seen(lo, hi)`, a test `(query, r)` of the
 // queries of a walk's [lo, hi) against the lane's rows r = 0 (g) and 1 (g + 8), made once per
 // walk: every branch's rows are seen by one interval of queries each, so a pair costs a compare
-// or two. Every key and query here has a time: the user token never enters a tile.
+// or two; in the local window's walk a sub-tile inside all of a warp's intervals (its rows' keys
+// all seen by all its queries: 3 of a warp's 5 at w = 64) takes no test at all. Every key and
+// query here has a time: the user token never enters a tile. Every pair that counts has its query
+// at or after its key in the sequence, so where a sequence's candidates were requested no earlier
+// than its last behavior (every sequence of BENCH.md's workloads), no query is earlier than a key
+// it sees and dt + 1 is one add (RowBias, kRowFirst).
 //
 // A prefix walk (tails, summaries) whose block holds 32 key rows or fewer would leave warps with
 // no row idle at every tile's barrier: a sequence's P chunk summaries (32 in ctr-base, 16 in
@@ -50,6 +55,9 @@ struct PrefixRows {
         int from[2];  // kNoKey where the row is none
         int hi;
         __device__ __forceinline__ bool operator()(int query, int r) const { return (query >= from[r]) & (query < hi); }
+        // Row r's queries as an interval [lo_of(r), hi_of(r)) (empty where the row is none).
+        __device__ __forceinline__ int lo_of(int r) const { return from[r]; }
+        __device__ __forceinline__ int hi_of(int) const { return hi; }
     };
     __device__ __forceinline__ Seen seen(int lo, int hi) const {
         (void)lo;
@@ -105,6 +113,11 @@ struct KeyTile {
     // One instantiation serves one and two sets: two (whole tiles for one set) pushed the tails
     // kernel to 255 registers and spills at D = 64, and to spills at D = 32 (NVRTC 13.0, sm_90).
     static constexpr int kPrefixSub = kCols >= 32 ? kCols / 2 : kCols;
+    // What the prefix walks compile (walk()): the bias in two forms at D >= 64 only, and every
+    // sub-tile masked. More spilled at the 128- and 168-register caps (NVRTC 13.0: summaries at
+    // D = 32 and 64, tails at D = 32).
+    static constexpr bool kPrefixSplitFull = false;
+    static constexpr bool kPrefixTwoForms = kHeadDim >= 64;
 
     // What a walk reads.
     struct Inputs {
@@ -136,6 +149,10 @@ struct KeyTile {
     const EvoParams* p;
     Inputs in;
     int head, weekday0, branch;
+    // No candidate of the sequence was requested before its last behavior: then no query is
+    // earlier than a key it sees (keys are behaviors, summaries timed by their chunk's last
+    // behavior, or candidates seen only by themselves). Block-uniform.
+    bool later;
     TemporalCoeffs coeffs;
     RowOperand<T, kHeadDim, kResident> kf, vf;  // token rows (!kF32Rows)
     const float* fk[2];                          // summary rows g and g + 8 (kF32Rows)
@@ -150,8 +167,22 @@ struct KeyTile {
         head = h;
         weekday0 = wd0;
         branch = b;
+        later = false;
         coeffs = TemporalCoeffs{all_coeffs[h * 3], all_coeffs[h * 3 + 1], all_coeffs[h * 3 + 2]};
         clear_acc();
+    }
+
+    // Sets `later` for sequence si, for walks of two forms. Called by every thread. Once per block,
+    // not per query tile: a test in every tile's barrier kept two more registers through the walk,
+    // which spilled the prefix walks at their caps (NVRTC 13.0).
+    __device__ __forceinline__ void find_order(const SeqInfo& si) {
+        bool ok = true;
+        if (si.candidates > si.behaviors) {
+            const unsigned last = in.rel_time[si.candidates - 1];
+            for (int c = si.candidates + static_cast<int>(threadIdx.x); c < si.end; c += kDenseThreads)
+                ok = ok && in.rel_time[c] >= last;
+        }
+        later = __syncthreads_and(ok) != 0;
     }
 
     __device__ __forceinline__ void clear_acc() {
@@ -195,6 +226,34 @@ struct KeyTile {
         __syncthreads();
     }
 
+    // P^T (gated) and dz^T of one sub-tile in place, from the raw K Q^T in pt and V dO^T in dst.
+    // kLater: no query of the sub-tile is earlier than a key it sees (`later`); kMasked: test
+    // each pair (the sub-tile is not inside every row's interval of the warp).
+    template <bool kLater, bool kMasked, int kSubTiles, typename Seen>
+    __device__ __forceinline__ void sub_tile_probs(FragC (&pt)[kSubTiles], FragC (&dst)[kSubTiles],
+                                                   const RowBias (&kb)[2], const Seen& seen, int qs,
+                                                   const float* tLse, const float* tDg, const float* tGate,
+                                                   const TokenTime* tTime) const {
+        const EvoParams& pp = *p;
+        const int t = threadIdx.x % 4;
+        const float scale2 = pp.scale * kLog2e;
+#pragma unroll
+        for (int n = 0; n < kSubTiles; ++n) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                // Computed for every element and masked after: a branch per element costs more
+                // than the work it skips.
+                const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qs + col;
+                const float bias = kb[r].template operator()<false, kLater>(tTime[col], pp.num_time_buckets);
+                const float z = fmaf(pt[n].c[e], scale2, bias);
+                float gp = tGate[col] * fast_exp2(fmaf(tLse[col], -kLog2e, z));
+                if (kMasked && !seen(query, r)) gp = 0.f;
+                pt[n].c[e] = gp;
+                dst[n].c[e] = gp * (dst[n].c[e] - tDg[col]);
+            }
+        }
+    }
+
     // Queries [lo, hi). A warp skips the tiles entirely before `warp_first` (its smallest key: no
     // query there sees any of its rows) or after `warp_last` (its last visible query), and within
     // a tile the sub-tiles of kSub queries outside them: a local window's walk (backward_key_tc)
@@ -204,26 +263,47 @@ struct KeyTile {
     // query after a key sees it. The tiles are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
     // With `sets` warp sets (walk_sets), kSub * sets must divide kCols; the sums are partial
     // until reduce_sets().
-    template <int kSub = kCols, typename Rows>
+    template <int kSub = kCols, bool kSplitFull = true, bool kTwoForms = true, typename Rows>
     __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last,
                                          int sets = 1) {
+        // The bias's form is chosen for the whole walk (two copies of it, block-uniform): chosen
+        // per query tile, its test and flag through the walk spilled the prefix walks at their
+        // caps (NVRTC 13.0).
+        if (kTwoForms && later)
+            walk_form<kSub, true, kSplitFull>(rows, lo, hi, warp_first, warp_last, sets);
+        else
+            walk_form<kSub, false, kSplitFull>(rows, lo, hi, warp_first, warp_last, sets);
+    }
+
+    // walk() with the bias's form fixed (kLater) and, with kSplitFull, the sub-tiles inside every
+    // row's interval of the warp unmasked.
+    template <int kSub, bool kLater, bool kSplitFull, typename Rows>
+    __device__ __forceinline__ void walk_form(const Rows& rows, int lo, int hi, int warp_first, int warp_last,
+                                              int sets) {
         static_assert(kCols % kSub == 0 && kSub % 16 == 0, "sub-tiles of whole MMA k-steps");
         constexpr int kSubTiles = kSub / 8;
         const EvoParams& pp = *p;
         const int lane = threadIdx.x % kWarpSize;
-        const int g = lane >> 2, t = lane & 3;
+        const int g = lane >> 2;
         const WalkSet ws = WalkSet::of(sets);
         const int key_slot[2] = {ws.row_warp * 16 + g, ws.row_warp * 16 + g + 8};
         // Logits in base 2 against LSE * log2 e: one ex2 per pair instead of expf's eight
         // instructions. The bias is symmetric in query and key (dt = |tq - tk|, and Hr, Wk), so
         // each of the lane's two keys folds it once, as a query row does in the forward.
-        const float scale2 = pp.scale * kLog2e;
         __syncthreads();  // the caller's sKeyTime is written, and an earlier walk is done
         const RowBias kb[2] = {RowBias::make(sKeyTime[key_slot[0]], coeffs, pp.num_time_buckets, kLog2e),
                                RowBias::make(sKeyTime[key_slot[1]], coeffs, pp.num_time_buckets, kLog2e)};
         // Testing the branch's rule per pair compiled to two branches and a convergence barrier
         // each, about 15 of the local walk's 443 SASS instructions per pair (sm_90, D = 64).
         const typename Rows::Seen seen = rows.seen(lo, hi);
+        // The queries that see every row of the warp: the intersection [full_lo, full_hi) of its
+        // rows' intervals.
+        int full_lo = max(seen.lo_of(0), seen.lo_of(1)), full_hi = min(seen.hi_of(0), seen.hi_of(1));
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            full_lo = max(full_lo, __shfl_xor_sync(kFullMask, full_lo, off));
+            full_hi = min(full_hi, __shfl_xor_sync(kFullMask, full_hi, off));
+        }
         if (lo < hi) land(0, issue(lo, lo, hi, 0));
         int i = 0;
 #pragma unroll 1
@@ -254,20 +334,10 @@ struct KeyTile {
                     rows_times_tile<T, kHeadDim, kSub, kReads>(pt, kf, tQ);
                     rows_times_tile<T, kHeadDim, kSub, kReads>(dst, vf, tdO);
                 }
-#pragma unroll
-                for (int n = 0; n < kSubTiles; ++n) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        // Computed for every element and masked after: a branch per element
-                        // costs more than the work it skips.
-                        const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qs + col;
-                        const float z = fmaf(pt[n].c[e], scale2, kb[r](tTime[col], pp.num_time_buckets));
-                        float gp = tGate[col] * fast_exp2(fmaf(tLse[col], -kLog2e, z));
-                        if (!seen(query, r)) gp = 0.f;
-                        pt[n].c[e] = gp;
-                        dst[n].c[e] = gp * (dst[n].c[e] - tDg[col]);
-                    }
-                }
+                if (kSplitFull && qs >= full_lo && qs + kSub <= full_hi)  // warp-uniform
+                    sub_tile_probs<kLater, false>(pt, dst, kb, seen, qs, tLse, tDg, tGate, tTime);
+                else
+                    sub_tile_probs<kLater, true>(pt, dst, kb, seen, qs, tLse, tDg, tGate, tTime);
                 probs_times_rows<T, kHeadDim, kSub>(dv, pt, tdO, 0);
                 probs_times_rows<T, kHeadDim, kSub>(dk, dst, tQ, 0);
             }
@@ -278,8 +348,9 @@ struct KeyTile {
     // A prefix walk of queries [lo, hi) (tails, summaries: PrefixRows) in `sets` warp sets
     // (walk_sets), dK and dV whole in set 0 on return.
     template <typename Rows>
-    __device__ __forceinline__ void walk_prefix(const Rows& rows, int lo, int hi, int sets) {
-        walk<kPrefixSub>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
+    __device__ __forceinline__ void walk_prefix(const Rows& rows, int lo, int hi, int sets, const SeqInfo& si) {
+        if (kPrefixTwoForms) find_order(si);
+        walk<kPrefixSub, kPrefixSplitFull, kPrefixTwoForms>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
         reduce_sets(sets);
     }
 

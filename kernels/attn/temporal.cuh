@@ -147,11 +147,15 @@ struct RowBias {
     }
 
     // kRowLast: the caller knows that no key it keeps is later than the row (k.t <= t), so dt + 1
-    // is one three-input add where |t - k.t| + 1 took two min/max and an add. For a key that is
-    // later it gives a wrong but finite bias, which the caller must mask.
-    template <bool kRowLast = false>
+    // is one three-input add where |t - k.t| + 1 took two min/max and an add. kRowFirst: none is
+    // earlier (the key side, whose rows are keys and whose columns are later queries). For a key
+    // on the wrong side it gives a wrong but finite bias, which the caller must mask.
+    template <bool kRowLast = false, bool kRowFirst = false>
     __device__ __forceinline__ float operator()(const TokenTime& k, int num_time_buckets) const {
-        const unsigned next = kRowLast ? t - k.t + 1u : max(t, k.t) - min(t, k.t) + 1u;
+        static_assert(!(kRowLast && kRowFirst), "one order at most");
+        const unsigned next = kRowLast    ? t - k.t + 1u
+                              : kRowFirst ? k.t - t + 1u
+                                          : max(t, k.t) - min(t, k.t) + 1u;
         float z = fmaf(bucket, clamped_bucket_of_next(next, num_time_buckets), base);
         z = fmaf(cos, k.c, z);
         z = fmaf(sin, k.s, z);

@@ -7,7 +7,7 @@
 // - Warp collectives (`__syncwarp`, `__shfl_sync`, `__shfl_xor_sync`, `__shfl_up_sync`,
 //   `__shfl_down_sync`, `__ballot_sync`, `__any_sync`, `__all_sync`) exchange
 //   values through a per-warp slot array and a barrier of the warp's 32 lanes; `__syncthreads` is
-//   a barrier of the whole block. As on a GPU, every lane must reach the same collectives: a lane
+//   a barrier of the whole block, and `__syncthreads_and` one that also ANDs a predicate. As on a GPU, every lane must reach the same collectives: a lane
 //   that reaches a different kind of collective, a collective reached after a lane of the warp
 //   exited, or a partial mask stops the run with a message (all are undefined behavior or a hang on
 //   a GPU). A watchdog stops a run that makes no progress for EMU_WATCHDOG_SECONDS (default 20)
@@ -401,6 +401,7 @@ enum Op : int {
     kShflDown,
     kVote,
     kSyncThreads,
+    kSyncThreadsAnd,
     kMma,
     kExited,
 };
@@ -416,6 +417,7 @@ inline const char* op_name(int op) {
         case kShflDown: return "__shfl_down_sync";
         case kVote: return "__any_sync/__all_sync";
         case kSyncThreads: return "__syncthreads";
+        case kSyncThreadsAnd: return "__syncthreads_and";
         case kMma: return "mma.sync";
         case kExited: return "exited";
         default: return "?";
@@ -931,6 +933,19 @@ inline void __syncthreads() {
     if (t.block == nullptr) emu::fail("__syncthreads outside a kernel launch");
     emu::exchange(t.block->block, t.block_gen, t.tid, emu::kSyncThreads, emu::kFull, 0, 0,
                   emu::my_where());
+}
+
+// A barrier (a kind of its own: the hardware's bar.red may not meet a bar.sync) that also returns
+// whether every thread's predicate was non-zero.
+inline int __syncthreads_and(int predicate) {
+    emu::ThreadCtx& t = emu::tctx;
+    if (t.block == nullptr) emu::fail("__syncthreads_and outside a kernel launch");
+    emu::Exchange& b = t.block->block;
+    const int parity = emu::exchange(b, t.block_gen, t.tid, emu::kSyncThreadsAnd, emu::kFull, 0,
+                                     predicate != 0 ? 1u : 0u, emu::my_where());
+    for (int i = 0; i < b.count; ++i)
+        if (b.slots[parity][i] == 0) return 0;
+    return 1;
 }
 
 template <typename T>
