@@ -40,12 +40,14 @@ constexpr int kKeyTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 3 : 2, KeyTil
 // query tile outside its keys' windows.
 constexpr int kKeyTcSub = 16;
 
-// Whether the behaviors' walk compiles the bias in two forms and leaves the per-pair mask out of
-// the sub-tiles every row of a warp sees whole (3 of a warp's 5 at w = 64; KeyTile::walk). At
-// D = 128 either spilled 4-8 B at 255 registers on sm_80 (NVRTC 13.0). The candidates' walk (a
-// few tiles at a sequence's end) keeps one form.
+// Whether the behaviors' walk leaves the per-pair mask out of the sub-tiles every row of a warp
+// sees whole (3 of a warp's 5 at w = 64; KeyTile::walk): not at D = 128, where it spilled 12 B
+// at 255 registers on sm_80 (NVRTC 13.0). Its queries are all behaviors, so none is earlier than
+// a key it sees, and its bias always takes dt + 1 as one add (kGapLater). The candidates' walk
+// (a few tiles at a sequence's end, where candidates may have been requested before the keys)
+// keeps |dt| and every mask.
 template <int kHeadDim>
-constexpr bool kKeyTcForms = kHeadDim <= 64;
+constexpr bool kKeyTcSplitFull = kHeadDim <= 64;
 
 struct LocalRows {
     int key[2];  // the lane's rows g and g + 8; -1 for the user token and past the sequence
@@ -119,7 +121,6 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     kt.kf.init(k + at[0], k + at[1]);
     kt.vf.init(v + at[0], v + at[1]);
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 2);
-    if (kKeyTcForms<kHeadDim>) kt.find_order(si);
 
     // Block-uniform ranges. The block's behaviors are [b_lo, b_hi]; the warp's [wb_lo, wb_hi].
     const int b_lo = max(k0, si.behaviors), b_hi = min(k0 + kDenseRows, si.candidates) - 1;
@@ -127,7 +128,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     const bool warp_behaviors = wb_lo <= wb_hi;
     // 1. Behaviors.
     if (b_lo <= b_hi)
-        kt.template walk<kKeyTcSub, kKeyTcForms<kHeadDim>, kKeyTcForms<kHeadDim>>(
+        kt.template walk<kKeyTcSub, kKeyTcSplitFull<kHeadDim>, kGapLater>(
             rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1);
     // 2. Candidates: all of them when a behavior of the block is within w of the first, else
     // only the block's own.
@@ -139,7 +140,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
         const int wc_lo = max(wk, si.candidates), wc_hi = min(wk + 16, si.end) - 1;
         const int first = warp_seen_by_all ? 0 : (wc_lo <= wc_hi ? wc_lo : kNoKey);
         const int last = warp_seen_by_all ? kNoKey : wc_hi;
-        kt.template walk<kKeyTcSub, false, false>(rows, c_lo, c_hi, first, last);
+        kt.template walk<kKeyTcSub, false, kGapAbs>(rows, c_lo, c_hi, first, last);
     }
 
     // Each row's other uses: its chunk (the chunks ending at or before it), tail slot, summary.

@@ -12,12 +12,13 @@
 // Which (query, key) pairs count is the caller's `Rows::seen(lo, hi)`, a test `(query, r)` of the
 // queries of a walk's [lo, hi) against the lane's rows r = 0 (g) and 1 (g + 8), made once per
 // walk: every branch's rows are seen by one interval of queries each, so a pair costs a compare
-// or two; in the local window's walk a sub-tile inside all of a warp's intervals (its rows' keys
-// all seen by all its queries: 3 of a warp's 5 at w = 64) takes no test at all. Every key and
-// query here has a time: the user token never enters a tile. Every pair that counts has its query
-// at or after its key in the sequence, so where a sequence's candidates were requested no earlier
-// than its last behavior (every sequence of BENCH.md's workloads), no query is earlier than a key
-// it sees and dt + 1 is one add (RowBias, kRowFirst).
+// or two; in the behaviors' walk of backward_key_tc (D <= 64) a sub-tile inside all of a warp's
+// intervals (its rows' keys all seen by all its queries: 3 of a warp's 5 at w = 64) takes no test
+// at all. Every key and query here has a time: the user token never enters a tile. Every pair
+// that counts has its query at or after its key in the sequence, so no query is earlier than a
+// key it sees, and dt + 1 is one add (RowBias, kRowFirst), wherever the queries are behaviors
+// (that walk) or the sequence's candidates were requested no earlier than its last behavior
+// (every sequence of BENCH.md's workloads; the prefix walks at D >= 64 test it per block).
 //
 // A prefix walk (tails, summaries) whose block holds 32 key rows or fewer would leave warps with
 // no row idle at every tile's barrier: a sequence's P chunk summaries (32 in ctr-base, 16 in
@@ -42,6 +43,10 @@
 
 // Larger than any token index: "no bound" for a walk's warp limits.
 constexpr int kNoKey = 0x7fffffff;
+
+// How a walk's bias takes dt + 1 (KeyTile::walk): |t_q - t_k| + 1 always; t_q - t_k + 1 always
+// (no query of the walk is earlier than a key it sees); or either, per block (KeyTile::later).
+constexpr int kGapAbs = 0, kGapLater = 1, kGapPerBlock = 2;
 
 // Rows seen by every query at or after their key token: tail tokens (transition branch) and
 // chunk summaries, keyed by their chunk's last behavior (global branch).
@@ -117,7 +122,7 @@ struct KeyTile {
     // sub-tile masked. More spilled at the 128- and 168-register caps (NVRTC 13.0: summaries at
     // D = 32 and 64, tails at D = 32).
     static constexpr bool kPrefixSplitFull = false;
-    static constexpr bool kPrefixTwoForms = kHeadDim >= 64;
+    static constexpr int kPrefixGap = kHeadDim >= 64 ? kGapPerBlock : kGapAbs;
 
     // What a walk reads.
     struct Inputs {
@@ -151,7 +156,7 @@ struct KeyTile {
     int head, weekday0, branch;
     // No candidate of the sequence was requested before its last behavior: then no query is
     // earlier than a key it sees (keys are behaviors, summaries timed by their chunk's last
-    // behavior, or candidates seen only by themselves). Block-uniform.
+    // behavior, or candidates seen only by themselves). Block-uniform; set by find_order().
     bool later;
     TemporalCoeffs coeffs;
     RowOperand<T, kHeadDim, kResident> kf, vf;  // token rows (!kF32Rows)
@@ -172,7 +177,7 @@ struct KeyTile {
         clear_acc();
     }
 
-    // Sets `later` for sequence si, for walks of two forms. Called by every thread. Once per block,
+    // Sets `later` for sequence si, for walks of kGapPerBlock. Called by every thread. Once per block,
     // not per query tile: a test in every tile's barrier kept two more registers through the walk,
     // which spilled the prefix walks at their caps (NVRTC 13.0).
     __device__ __forceinline__ void find_order(const SeqInfo& si) {
@@ -260,19 +265,29 @@ struct KeyTile {
     // covers 64 + w - 1 queries of which a warp's 16 keys are seen by 16 + w - 1 (79 of 128 at
     // w = 64), so 16-query sub-tiles skip about a third of its MMAs, where a whole 64-query tile
     // skipped none. The prefix walks (tails, summaries) take half tiles (walk_prefix): every
-    // query after a key sees it. The tiles are pipelined: tile qt + kCols is in flight during tile qt's MMAs.
-    // With `sets` warp sets (walk_sets), kSub * sets must divide kCols; the sums are partial
-    // until reduce_sets().
-    template <int kSub = kCols, bool kSplitFull = true, bool kTwoForms = true, typename Rows>
+    // query at or after a key sees it. The tiles are pipelined: tile qt + kCols is in flight
+    // during tile qt's MMAs. With `sets` warp sets (walk_sets), kSub * sets must divide kCols; the
+    // sums are partial until reduce_sets().
+    //
+    // kSplitFull: the sub-tiles inside every row's interval of the warp go unmasked. kGap: how the
+    // bias takes dt + 1 (kGapAbs, kGapLater where no query is earlier than a key it sees, or
+    // kGapPerBlock: either, as `later` says).
+    template <int kSub = kCols, bool kSplitFull = false, int kGap = kGapAbs, typename Rows>
     __device__ __forceinline__ void walk(const Rows& rows, int lo, int hi, int warp_first, int warp_last,
                                          int sets = 1) {
-        // The bias's form is chosen for the whole walk (two copies of it, block-uniform): chosen
-        // per query tile, its test and flag through the walk spilled the prefix walks at their
-        // caps (NVRTC 13.0).
-        if (kTwoForms && later)
+        // With kGapPerBlock the form is chosen for the whole walk (two copies of it): chosen per
+        // query tile, its test and flag through the walk spilled the prefix walks at their caps
+        // (NVRTC 13.0).
+        if constexpr (kGap == kGapLater) {
             walk_form<kSub, true, kSplitFull>(rows, lo, hi, warp_first, warp_last, sets);
-        else
+        } else if constexpr (kGap == kGapPerBlock) {
+            if (later)
+                walk_form<kSub, true, kSplitFull>(rows, lo, hi, warp_first, warp_last, sets);
+            else
+                walk_form<kSub, false, kSplitFull>(rows, lo, hi, warp_first, warp_last, sets);
+        } else {
             walk_form<kSub, false, kSplitFull>(rows, lo, hi, warp_first, warp_last, sets);
+        }
     }
 
     // walk() with the bias's form fixed (kLater) and, with kSplitFull, the sub-tiles inside every
@@ -349,8 +364,8 @@ struct KeyTile {
     // (walk_sets), dK and dV whole in set 0 on return.
     template <typename Rows>
     __device__ __forceinline__ void walk_prefix(const Rows& rows, int lo, int hi, int sets, const SeqInfo& si) {
-        if (kPrefixTwoForms) find_order(si);
-        walk<kPrefixSub, kPrefixSplitFull, kPrefixTwoForms>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
+        if (kPrefixGap == kGapPerBlock) find_order(si);
+        walk<kPrefixSub, kPrefixSplitFull, kPrefixGap>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
         reduce_sets(sets);
     }
 

@@ -7,11 +7,12 @@
 // - Warp collectives (`__syncwarp`, `__shfl_sync`, `__shfl_xor_sync`, `__shfl_up_sync`,
 //   `__shfl_down_sync`, `__ballot_sync`, `__any_sync`, `__all_sync`) exchange
 //   values through a per-warp slot array and a barrier of the warp's 32 lanes; `__syncthreads` is
-//   a barrier of the whole block, and `__syncthreads_and` one that also ANDs a predicate. As on a GPU, every lane must reach the same collectives: a lane
-//   that reaches a different kind of collective, a collective reached after a lane of the warp
-//   exited, or a partial mask stops the run with a message (all are undefined behavior or a hang on
-//   a GPU). A watchdog stops a run that makes no progress for EMU_WATCHDOG_SECONDS (default 20)
-//   and prints where every thread waits: a deadlock of the emulation is a deadlock of the kernel.
+//   a barrier of the whole block, and `__syncthreads_and` one that also ANDs a predicate. As on a
+//   GPU, every lane must reach the same collectives: a lane that reaches a different kind of
+//   collective, a collective reached after a lane of the warp exited, or a partial mask stops the
+//   run with a message (all are undefined behavior or a hang on a GPU). A watchdog stops a run
+//   that makes no progress for EMU_WATCHDOG_SECONDS (default 20) and prints where every thread
+//   waits: a deadlock of the emulation is a deadlock of the kernel.
 // - `__ldg` of a 16-byte vector checks 16-byte alignment, as the hardware requires.
 // - The device's approximate math (ex2, rcp and lg2 `.approx`, `__sincosf`, `expf`, `logf`,
 //   `sincospif`) returns the exact value moved by the function's whole documented error bound,
@@ -1275,8 +1276,8 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
                              "for it",
                              w.arrived.load());
                     if (st.block.arrived.load(std::memory_order_seq_cst) != 0)
-                        fail("thread exited while %d threads of its block wait in __syncthreads "
-                             "for it",
+                        fail("thread exited while %d threads of its block wait in "
+                             "__syncthreads(_and) for it",
                              st.block.arrived.load());
                     g_progress.fetch_add(1, std::memory_order_relaxed);
                     between_blocks.arrive_and_wait();
