@@ -60,9 +60,6 @@ struct PrefixRows {
         int from[2];  // kNoKey where the row is none
         int hi;
         __device__ __forceinline__ bool operator()(int query, int r) const { return (query >= from[r]) & (query < hi); }
-        // Row r's queries as an interval [lo_of(r), hi_of(r)) (empty where the row is none).
-        __device__ __forceinline__ int lo_of(int r) const { return from[r]; }
-        __device__ __forceinline__ int hi_of(int) const { return hi; }
     };
     __device__ __forceinline__ Seen seen(int lo, int hi) const {
         (void)lo;
@@ -118,10 +115,9 @@ struct KeyTile {
     // One instantiation serves one and two sets: two (whole tiles for one set) pushed the tails
     // kernel to 255 registers and spills at D = 64, and to spills at D = 32 (NVRTC 13.0, sm_90).
     static constexpr int kPrefixSub = kCols >= 32 ? kCols / 2 : kCols;
-    // What the prefix walks compile (walk()): the bias in two forms at D >= 64 only, and every
-    // sub-tile masked. More spilled at the 128- and 168-register caps (NVRTC 13.0: summaries at
-    // D = 32 and 64, tails at D = 32).
-    static constexpr bool kPrefixSplitFull = false;
+    // The bias of the prefix walks (walk()): in two forms at D >= 64 only. Every sub-tile of
+    // theirs is masked (no kSplitFull). More spilled at the 128- and 168-register caps (NVRTC
+    // 13.0: summaries at D = 32 and 64, tails at D = 32).
     static constexpr int kPrefixGap = kHeadDim >= 64 ? kGapPerBlock : kGapAbs;
 
     // What a walk reads.
@@ -312,12 +308,16 @@ struct KeyTile {
         // each, about 15 of the local walk's 443 SASS instructions per pair (sm_90, D = 64).
         const typename Rows::Seen seen = rows.seen(lo, hi);
         // The queries that see every row of the warp: the intersection [full_lo, full_hi) of its
-        // rows' intervals.
-        int full_lo = max(seen.lo_of(0), seen.lo_of(1)), full_hi = min(seen.hi_of(0), seen.hi_of(1));
+        // rows' intervals (Rows::Seen::lo_of, hi_of). Empty without kSplitFull.
+        int full_lo = kNoKey, full_hi = 0;
+        if constexpr (kSplitFull) {
+            full_lo = max(seen.lo_of(0), seen.lo_of(1));
+            full_hi = min(seen.hi_of(0), seen.hi_of(1));
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            full_lo = max(full_lo, __shfl_xor_sync(kFullMask, full_lo, off));
-            full_hi = min(full_hi, __shfl_xor_sync(kFullMask, full_hi, off));
+            for (int off = 16; off > 0; off >>= 1) {
+                full_lo = max(full_lo, __shfl_xor_sync(kFullMask, full_lo, off));
+                full_hi = min(full_hi, __shfl_xor_sync(kFullMask, full_hi, off));
+            }
         }
         if (lo < hi) land(0, issue(lo, lo, hi, 0));
         int i = 0;
@@ -365,7 +365,7 @@ struct KeyTile {
     template <typename Rows>
     __device__ __forceinline__ void walk_prefix(const Rows& rows, int lo, int hi, int sets, const SeqInfo& si) {
         if (kPrefixGap == kGapPerBlock) find_order(si);
-        walk<kPrefixSub, kPrefixSplitFull, kPrefixGap>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
+        walk<kPrefixSub, false, kPrefixGap>(rows, lo, hi, rows.warp_first(), kNoKey, sets);
         reduce_sets(sets);
     }
 
