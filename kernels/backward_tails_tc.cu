@@ -101,7 +101,7 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
             const int r = i >> 1;
             if (rows.key[r] < 0) continue;
             const int slot = row0 + 8 * r;
-            const size_t idx = (static_cast<size_t>(s * slots + slot) * p.heads + head) * kHeadDim + dt * 8 + 2 * t + (i & 1);
+            const size_t idx = ((static_cast<size_t>(s) * slots + slot) * p.heads + head) * kHeadDim + dt * 8 + 2 * t + (i & 1);
             tail_dk[idx] = kt.dk[dt].c[i] * p.scale;
             tail_dv[idx] = kt.dv[dt].c[i];
         }

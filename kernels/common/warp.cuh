@@ -70,7 +70,8 @@ template <typename SeqInfoT>
 __device__ __forceinline__ int find_seq(const SeqInfoT* __restrict__ seqs, int num_seqs, int t) {
     int lo = 0, hi = num_seqs - 1;
     while (lo < hi) {
-        int mid = (lo + hi + 1) >> 1;
+        // lo + hi + 1 would pass i32::MAX past 2^30 sequences (empty ones cost no tokens).
+        int mid = lo + ((hi - lo + 1) >> 1);
         if (seqs[mid].start <= t) lo = mid; else hi = mid - 1;
     }
     return lo;

@@ -12,7 +12,9 @@
 //! kernel gathers each token's uses. No kernel scatters with
 //! atomics, so every mode gives the same bits from run to run.
 
-use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
 use super::dense::dense_grid;
@@ -59,6 +61,31 @@ enum KeySide {
         local: CudaFunction,
         user: CudaFunction,
     },
+}
+
+/// The tails kernel's f32 scratch of the tensor-core key side: dK and dV of every tail slot,
+/// `2 * B * P * m * H * D` f32.
+fn tail_scratch(
+    stream: &Arc<CudaStream>,
+    chunks: &DeviceChunks,
+    dims: Dims,
+    params: &EvoParams,
+) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    // P * m < 2^31 (launch_params); the scratch must still fit in usize.
+    let slots = chunks.max_chunks * params.tail_tokens as usize;
+    let tail_rows = chunks
+        .num_seqs
+        .checked_mul(slots)
+        .and_then(|n| n.checked_mul(dims.heads * dims.head_dim))
+        .ok_or(Error::OutOfRange {
+            field: "tail_tokens",
+            value: params.tail_tokens.to_string(),
+            expected: "B * P * m * H * D to fit in usize",
+        })?;
+    Ok((
+        zeros::<f32>(stream, tail_rows)?,
+        zeros::<f32>(stream, tail_rows)?,
+    ))
 }
 
 /// How the backward may order its floating-point sums.
@@ -240,6 +267,12 @@ impl GpuDevice {
             };
             (self.function(Entry::BackwardSummary, dtype, dim)?, cfg)
         };
+        // Every buffer of the call is allocated before its first launch (the pooling), so that
+        // a failed allocation returns with no kernel of this call queued.
+        let mut tail_scratch = match key_side {
+            KeySide::TensorCore { .. } => Some(tail_scratch(stream, chunks, dims, &params)?),
+            KeySide::Warp(_) => None,
+        };
         let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
         let summary_rows = chunks
             .num_seqs
@@ -300,9 +333,12 @@ impl GpuDevice {
         unsafe { launch.launch(summary_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
 
-        if let KeySide::TensorCore { tails, local, user } = &key_side {
+        if let (KeySide::TensorCore { tails, local, user }, Some(tail)) =
+            (&key_side, tail_scratch.as_mut())
+        {
             self.backward_key_tc(
                 [tails, local, user],
+                tail,
                 batch,
                 chunks,
                 dims,
@@ -357,13 +393,14 @@ impl GpuDevice {
     }
 
     /// The key side on tensor cores (16-bit inputs): the tails kernel writes each tail token's
-    /// transition-branch dK and dV in f32 to a compact buffer (`2 * B * P * m * H * D` f32 of
-    /// scratch), the local-window kernel adds them and the summary share to the token's local
-    /// gradient, and a warp kernel takes each sequence's user token.
+    /// transition-branch dK and dV in f32 to `tail` (see [`tail_scratch`]), the local-window
+    /// kernel adds them and the summary share to the token's local gradient, and a warp kernel
+    /// takes each sequence's user token.
     #[allow(clippy::too_many_arguments)]
     fn backward_key_tc<T: GpuElement>(
         &self,
         [tails_fn, key_fn, user_fn]: [&CudaFunction; 3],
+        (tail_dk, tail_dv): &mut (CudaSlice<f32>, CudaSlice<f32>),
         batch: &DeviceBatch,
         chunks: &DeviceChunks,
         dims: Dims,
@@ -379,20 +416,7 @@ impl GpuDevice {
     ) -> Result<()> {
         let stream = &self.stream;
         let null = 0u64;
-        // P * m < 2^31 (launch_params); the scratch must still fit in usize.
         let slots = chunks.max_chunks * params.tail_tokens as usize;
-        let tail_rows = chunks
-            .num_seqs
-            .checked_mul(slots)
-            .and_then(|n| n.checked_mul(dims.heads * dims.head_dim))
-            .ok_or(Error::OutOfRange {
-                field: "tail_tokens",
-                value: params.tail_tokens.to_string(),
-                expected: "B * P * m * H * D to fit in usize",
-            })?;
-        let mut tail_dk = zeros::<f32>(stream, tail_rows)?;
-        let mut tail_dv = zeros::<f32>(stream, tail_rows)?;
-
         let groups = slots.div_ceil(TAIL_ROWS);
         if groups > 0 && chunks.num_seqs > 0 {
             let blocks =
@@ -409,8 +433,8 @@ impl GpuDevice {
                 .arg(d_o)
                 .arg(lse)
                 .arg(dgates)
-                .arg(&mut tail_dk)
-                .arg(&mut tail_dv);
+                .arg(&mut *tail_dk)
+                .arg(&mut *tail_dv);
             let cfg = LaunchConfig {
                 grid_dim: (blocks, dims.heads as u32, 1),
                 block_dim: (TILE_THREADS, 1, 1),
@@ -432,8 +456,8 @@ impl GpuDevice {
             .arg(dgates)
             .arg(dkbar)
             .arg(dvbar)
-            .arg(&tail_dk)
-            .arg(&tail_dv)
+            .arg(&*tail_dk)
+            .arg(&*tail_dv)
             .arg(&mut *dk)
             .arg(&mut *dv)
             .arg(&batch.tiles);

@@ -198,16 +198,7 @@ pub(crate) fn launch_params(
         });
     }
     let base = batch_params(batch, dims, config)?;
-    // Beyond these, larger values select the same keys; clamping keeps the kernel's int math safe.
-    let tail_tokens = config.tail_tokens.min(batch.max_behaviors.max(1));
-    // The tensor-core kernels step through these slots 64 at a time in an int: keep headroom.
-    if tail_tokens.saturating_mul(chunks.max_chunks) > (i32::MAX - 64) as usize {
-        return Err(Error::OutOfRange {
-            field: "tail_tokens",
-            value: config.tail_tokens.to_string(),
-            expected: "tail_tokens * P at most i32::MAX - 64 on the GPU path",
-        });
-    }
+    let tail_tokens = gpu_tail_tokens(config.tail_tokens, batch.max_behaviors, chunks.max_chunks)?;
     let window = config.window.min(batch.max_behaviors + 1);
     Ok(EvoParams {
         max_chunks: chunks.max_chunks as i32,
@@ -562,6 +553,23 @@ impl GpuDevice {
     }
 }
 
+/// The tail tokens per chunk `m` the kernels take: beyond the longest sequence's behaviors, larger
+/// values select the same keys, so `m` is clamped to that, which keeps the kernels' int math
+/// safe. The kernels walk a query's `m * P` transition slots in an int, one gather at a time (128
+/// slots in the tensor-core query backward at D <= 64), so `m * P` keeps a headroom of 256 below
+/// `i32::MAX` that no gather step reaches.
+fn gpu_tail_tokens(tail_tokens: usize, max_behaviors: usize, max_chunks: usize) -> Result<usize> {
+    let clamped = tail_tokens.min(max_behaviors.max(1));
+    if clamped.saturating_mul(max_chunks) > (i32::MAX - 256) as usize {
+        return Err(Error::OutOfRange {
+            field: "tail_tokens",
+            value: tail_tokens.to_string(),
+            expected: "tail_tokens * P at most i32::MAX - 256 on the GPU path",
+        });
+    }
+    Ok(clamped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,6 +585,27 @@ mod tests {
                     assert_eq!(value, nb.to_string());
                 }
                 other => panic!("num_time_buckets = {nb}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tail_slots_keep_headroom_below_i32_max() {
+        // m is clamped to the longest sequence's behaviors before the bound applies.
+        assert_eq!(gpu_tail_tokens(1000, 7, 3).unwrap(), 7);
+        assert_eq!(gpu_tail_tokens(0, 0, 3).unwrap(), 0);
+        let limit = (i32::MAX - 256) as usize;
+        // P * m at the limit passes; one slot more (m * P = limit + 1 with P = 1) is refused.
+        assert_eq!(gpu_tail_tokens(limit, usize::MAX, 1).unwrap(), limit);
+        // The finding that set the headroom: P * m within 128 of i32::MAX, which a 128-slot
+        // gather step walked past in an int (backward_query_tc, D <= 64).
+        for (m, p) in [(limit + 1, 1), (46_779, 45_907), (usize::MAX, 2)] {
+            match gpu_tail_tokens(m, usize::MAX, p) {
+                Err(Error::OutOfRange { field, value, .. }) => {
+                    assert_eq!(field, "tail_tokens");
+                    assert_eq!(value, m.to_string());
+                }
+                other => panic!("m = {m}, P = {p}: {other:?}"),
             }
         }
     }
