@@ -267,13 +267,13 @@ impl GpuDevice {
             };
             (self.function(Entry::BackwardSummary, dtype, dim)?, cfg)
         };
-        // Every buffer of the call is allocated before its first launch (the pooling), so that
-        // a failed allocation returns with no kernel of this call queued.
+        // Every buffer of the call is allocated before its first launch (the pooling, which
+        // allocates its own outputs first), so that a failed allocation returns with no kernel
+        // of this call queued.
         let mut tail_scratch = match key_side {
             KeySide::TensorCore { .. } => Some(tail_scratch(stream, chunks, dims, &params)?),
             KeySide::Warp(_) => None,
         };
-        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
         let summary_rows = chunks
             .num_seqs
             .checked_mul(chunks.max_chunks)
@@ -286,6 +286,7 @@ impl GpuDevice {
         let mut dkbar = zeros::<f32>(stream, summary_rows)?;
         let mut dvbar = zeros::<f32>(stream, summary_rows)?;
         let mut partial = zeros::<f32>(stream, branch_rows)?;
+        let (kbar, vbar) = self.pool(batch, chunks, dims, &params, inputs.k, inputs.v)?;
 
         let mut launch = stream.launch_builder(&func);
         launch
