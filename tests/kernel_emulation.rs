@@ -10,8 +10,9 @@
 //! `SPARSECTR_EMU_SANITIZE=address` (AddressSanitizer + UBSan: out-of-bounds accesses) or `thread`
 //! (ThreadSanitizer: races) builds a sanitized driver (slow to build); `SPARSECTR_EMU_CASES=name,..`
 //! runs only the named cases; `SPARSECTR_EMU_JOBS=n` sets the number of drivers run at once;
-//! `SPARSECTR_EMU_RANDOM=n` sets the number of random small scenarios (default 6, seed
-//! `SPARSECTR_EMU_SEED`, default 7). The device's approximate math is computed off by its whole
+//! `SPARSECTR_EMU_RANDOM=n` sets the number of random scenarios (default 6, seed
+//! `SPARSECTR_EMU_SEED`, default 7) and `SPARSECTR_EMU_RANDOM_MAX_N` their longest sequence
+//! (default 16). The device's approximate math is computed off by its whole
 //! documented error bound (`kernels/emu/cuda_host.h`); `EMU_EXACT_MATH=ex2,rcp,..|all` turns
 //! those models off, to find which approximation an error comes from. Shared memory is poisoned
 //! before every block (the driver links with `kernels/emu/emu_shared.ld`); `EMU_SHARED_POISON=0`
@@ -721,11 +722,14 @@ fn scenarios() -> Vec<Scenario> {
         }
     }
 
-    // Random small scenarios, one run each (SPARSECTR_EMU_RANDOM=n, seed SPARSECTR_EMU_SEED).
+    // Random scenarios, one run each (SPARSECTR_EMU_RANDOM=n, seed SPARSECTR_EMU_SEED), of
+    // sequences up to SPARSECTR_EMU_RANDOM_MAX_N behaviors (16: small and quick; a few hundred
+    // take minutes each).
     let extra: usize = env_number("SPARSECTR_EMU_RANDOM").unwrap_or(6);
+    let max_n: u64 = env_number("SPARSECTR_EMU_RANDOM_MAX_N").unwrap_or(16);
     let mut rng = Rng::new(env_number("SPARSECTR_EMU_SEED").unwrap_or(7));
     for _ in 0..extra {
-        v.push(random_scenario(&mut rng));
+        v.push(random_scenario(&mut rng, max_n));
     }
     v
 }
@@ -734,21 +738,23 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// A random small scenario with one random (dtype, head dim) run.
-fn random_scenario(rng: &mut Rng) -> Scenario {
+/// A random scenario of sequences up to `max_n` behaviors with one random (dtype, head dim) run.
+/// Window, chunk count and tail length grow with `max_n` past 16 (the default), so that long
+/// draws cross tiles in every branch; at 16 the draws are those of the small scenarios.
+fn random_scenario(rng: &mut Rng, max_n: u64) -> Scenario {
     let count = rng.range(1, 5) as usize;
     let user = rng.chance(0.5);
-    let seqs = random_seqs(rng, count, 16);
+    let seqs = random_seqs(rng, count, max_n);
     let window = if rng.chance(0.2) {
-        rng.range(10, 40)
+        rng.range(10, max_n.max(40))
     } else {
-        rng.range(1, 6)
+        rng.range(1, (max_n / 4).max(6))
     } as usize;
     let mut s = scenario(
         "random",
         pack(user, &seqs),
-        rng.range(1, 8) as usize,
-        rng.range(1, 5) as usize,
+        rng.range(1, (max_n / 4).max(8)) as usize,
+        rng.range(1, (max_n / 10).max(5)) as usize,
         window,
     );
     s.heads = rng.range(1, 3) as usize;
