@@ -212,8 +212,9 @@ pub fn user_history(rng: &mut Rng, n: usize, request_time: i64) -> Vec<i64> {
 }
 
 /// A jagged batch of `num_seqs` users with `[0.75 n, n]` behaviors each and `candidates`
-/// candidates at the request time. At most `i32::MAX` tokens in all (the kernels' token index):
-/// `num_seqs * (1 + behaviors + candidates)` above that is an [`Error::OutOfRange`].
+/// candidates at the request time. At most `i32::MAX` tokens in all:
+/// `num_seqs * (1 + behaviors + candidates)` above that is an [`Error::OutOfRange`] (the GPU
+/// path takes at most [`GPU_MAX_TOKENS`](crate::cuda::GPU_MAX_TOKENS), `2^30 - 64`).
 pub fn generate_batch(
     rng: &mut Rng,
     num_seqs: usize,

@@ -64,28 +64,44 @@ enum KeySide {
 }
 
 /// The tails kernel's f32 scratch of the tensor-core key side: dK and dV of every tail slot,
-/// `2 * B * P * m * H * D` f32.
+/// `2 * B * P * m * H * D` f32, and the kernel's grid x (0: no tail slot, no launch).
+struct TailScratch {
+    dk: CudaSlice<f32>,
+    dv: CudaSlice<f32>,
+    blocks: u32,
+}
+
+/// Sizes and allocates the [`TailScratch`], so that a call too large for it fails before its
+/// first launch.
 fn tail_scratch(
     stream: &Arc<CudaStream>,
     chunks: &DeviceChunks,
     dims: Dims,
     params: &EvoParams,
-) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+) -> Result<TailScratch> {
     // P * m < 2^31 (launch_params); the scratch must still fit in usize.
     let slots = chunks.max_chunks * params.tail_tokens as usize;
+    let too_large = |expected| Error::OutOfRange {
+        field: "tail_tokens",
+        value: params.tail_tokens.to_string(),
+        expected,
+    };
     let tail_rows = chunks
         .num_seqs
         .checked_mul(slots)
         .and_then(|n| n.checked_mul(dims.heads * dims.head_dim))
-        .ok_or(Error::OutOfRange {
-            field: "tail_tokens",
-            value: params.tail_tokens.to_string(),
-            expected: "B * P * m * H * D to fit in usize",
-        })?;
-    Ok((
-        zeros::<f32>(stream, tail_rows)?,
-        zeros::<f32>(stream, tail_rows)?,
-    ))
+        .ok_or_else(|| too_large("B * P * m * H * D to fit in usize"))?;
+    // One block per 64 slots of a sequence; the kernel reads blockIdx.x as an int.
+    let blocks = chunks
+        .num_seqs
+        .checked_mul(slots.div_ceil(TAIL_ROWS))
+        .filter(|&b| b <= i32::MAX as usize)
+        .ok_or_else(|| too_large("B * ceil(P * m / 64) at most i32::MAX tail blocks"))?;
+    Ok(TailScratch {
+        dk: zeros::<f32>(stream, tail_rows)?,
+        dv: zeros::<f32>(stream, tail_rows)?,
+        blocks: blocks as u32,
+    })
 }
 
 /// How the backward may order its floating-point sums.
@@ -394,14 +410,14 @@ impl GpuDevice {
     }
 
     /// The key side on tensor cores (16-bit inputs): the tails kernel writes each tail token's
-    /// transition-branch dK and dV in f32 to `tail` (see [`tail_scratch`]), the local-window
+    /// transition-branch dK and dV in f32 to `tail` (see [`TailScratch`]), the local-window
     /// kernel adds them and the summary share to the token's local gradient, and a warp kernel
     /// takes each sequence's user token.
     #[allow(clippy::too_many_arguments)]
     fn backward_key_tc<T: GpuElement>(
         &self,
         [tails_fn, key_fn, user_fn]: [&CudaFunction; 3],
-        (tail_dk, tail_dv): &mut (CudaSlice<f32>, CudaSlice<f32>),
+        tail: &mut TailScratch,
         batch: &DeviceBatch,
         chunks: &DeviceChunks,
         dims: Dims,
@@ -417,15 +433,7 @@ impl GpuDevice {
     ) -> Result<()> {
         let stream = &self.stream;
         let null = 0u64;
-        let slots = chunks.max_chunks * params.tail_tokens as usize;
-        let groups = slots.div_ceil(TAIL_ROWS);
-        if groups > 0 && chunks.num_seqs > 0 {
-            let blocks =
-                u32::try_from(chunks.num_seqs * groups).map_err(|_| Error::OutOfRange {
-                    field: "tail_tokens",
-                    value: params.tail_tokens.to_string(),
-                    expected: "B * ceil(P * m / 64) below 2^32 tail blocks",
-                })?;
+        if tail.blocks > 0 {
             let mut launch = stream.launch_builder(tails_fn);
             launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
             push_gates(&mut launch, &inputs.gates, &null);
@@ -434,15 +442,15 @@ impl GpuDevice {
                 .arg(d_o)
                 .arg(lse)
                 .arg(dgates)
-                .arg(&mut *tail_dk)
-                .arg(&mut *tail_dv);
+                .arg(&mut tail.dk)
+                .arg(&mut tail.dv);
             let cfg = LaunchConfig {
-                grid_dim: (blocks, dims.heads as u32, 1),
+                grid_dim: (tail.blocks, dims.heads as u32, 1),
                 block_dim: (TILE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: argument types and order match SPARSECTR_BACKWARD_TAILS_TC; tail_dk and
-            // tail_dv hold B * P * m * H * D f32, the slots the kernel indexes.
+            // SAFETY: argument types and order match SPARSECTR_BACKWARD_TAILS_TC; tail.dk and
+            // tail.dv hold B * P * m * H * D f32, the slots the kernel indexes.
             unsafe { launch.launch(cfg) }
                 .map_err(driver("cuLaunchKernel(evo_backward_tails_tc)"))?;
         }
@@ -457,8 +465,8 @@ impl GpuDevice {
             .arg(dgates)
             .arg(dkbar)
             .arg(dvbar)
-            .arg(&*tail_dk)
-            .arg(&*tail_dv)
+            .arg(&tail.dk)
+            .arg(&tail.dv)
             .arg(&mut *dk)
             .arg(&mut *dv)
             .arg(&batch.tiles);

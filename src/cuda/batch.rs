@@ -114,6 +114,46 @@ impl DeviceChunks {
     }
 }
 
+/// The most tokens a batch may have on the GPU path, `2^30 - 64`. The kernels hold token
+/// indices in an int and add to them a local window (at most the longest sequence plus one
+/// token) or a 64-row tile (`j + w`, `k0 + 64`), and the tile list holds two ints per tile
+/// (`tiles[2 * i]`): this bound keeps every such value below `i32::MAX`. Q, K and V of 2^30
+/// tokens take `2^31 H D` bytes each in 16 bits, beyond the memory of any GPU today.
+pub const GPU_MAX_TOKENS: usize = (1 << 30) - 64;
+
+/// The most chunk slots `B * P` on the GPU path: the summary kernel's warps index
+/// `block * 4 + warp` past the last slot, which this keeps below `i32::MAX`.
+pub const GPU_MAX_CHUNK_SLOTS: usize = (i32::MAX - 64) as usize;
+
+/// `num_tokens` as the kernels take it, or an error that names it.
+fn gpu_num_tokens(num_tokens: usize) -> Result<i32> {
+    if num_tokens > GPU_MAX_TOKENS {
+        return Err(Error::OutOfRange {
+            field: "num_tokens",
+            value: num_tokens.to_string(),
+            expected: "at most 2^30 - 64 tokens on the GPU path (the kernels' int indices)",
+        });
+    }
+    Ok(num_tokens as i32)
+}
+
+/// `B * P` chunk slots as the kernels take them, or an error that names `field` and `value`.
+fn gpu_chunk_slots(
+    num_seqs: usize,
+    max_chunks: usize,
+    field: &'static str,
+    value: impl FnOnce() -> String,
+) -> Result<usize> {
+    num_seqs
+        .checked_mul(max_chunks)
+        .filter(|&s| s <= GPU_MAX_CHUNK_SLOTS)
+        .ok_or_else(|| Error::OutOfRange {
+            field,
+            value: value(),
+            expected: "B * P at most i32::MAX - 64 chunk slots on the GPU path",
+        })
+}
+
 fn to_i32(field: &'static str, value: usize) -> Result<i32> {
     i32::try_from(value).map_err(|_| Error::OutOfRange {
         field,
@@ -162,7 +202,7 @@ impl GpuDevice {
     pub fn upload_batch(&self, batch: &JaggedBatch, temporal: &RelTemporal) -> Result<DeviceBatch> {
         temporal.validate()?;
         let num_tokens = batch.num_tokens();
-        to_i32("num_tokens", num_tokens)?;
+        gpu_num_tokens(num_tokens)?;
         // Empty sequences take no tokens, so this bound is not implied by the one above.
         to_i32("num_seqs", batch.num_seqs())?;
         let ts = batch.timestamps();
@@ -222,15 +262,9 @@ impl GpuDevice {
         self.check_contexts(&[("batch", batch.context())])?;
         // A sequence never has more chunks than behaviors.
         let max_chunks = num_chunks.min(batch.max_behaviors.max(1));
-        let slots = batch
-            .num_seqs
-            .checked_mul(max_chunks)
-            .filter(|&s| s <= i32::MAX as usize)
-            .ok_or(Error::OutOfRange {
-                field: "num_chunks",
-                value: num_chunks.to_string(),
-                expected: "B * P at most i32::MAX on the GPU path",
-            })?;
+        let slots = gpu_chunk_slots(batch.num_seqs, max_chunks, "num_chunks", || {
+            num_chunks.to_string()
+        })?;
         let mut ends = zeros(&self.stream, slots)?;
         let mut counts = zeros(&self.stream, batch.num_seqs)?;
         if batch.num_seqs > 0 {
@@ -269,15 +303,16 @@ impl GpuDevice {
     /// Uploads chunks computed on the host or supplied by the caller.
     pub fn upload_chunks(&self, batch: &JaggedBatch, chunks: &Chunks) -> Result<DeviceChunks> {
         chunks.check_matches(batch)?;
-        to_i32("num_tokens", batch.num_tokens())?;
+        gpu_num_tokens(batch.num_tokens())?;
         let num_seqs = batch.num_seqs();
         let max_chunks = (0..num_seqs)
             .map(|s| chunks.of_seq(s).len())
             .max()
             .unwrap_or(0)
             .max(1);
-        let slots = num_seqs.saturating_mul(max_chunks);
-        to_i32("chunks", slots)?;
+        let slots = gpu_chunk_slots(num_seqs, max_chunks, "chunks", || {
+            format!("{max_chunks} chunks in the longest of {num_seqs} sequences")
+        })?;
         let mut ends = vec![0i32; slots];
         let mut counts = vec![0i32; num_seqs];
         for (s, count) in counts.iter_mut().enumerate() {
@@ -333,7 +368,7 @@ impl GpuDevice {
 
 #[cfg(test)]
 mod tests {
-    use super::{tile_list, TILE_ROWS};
+    use super::*;
 
     /// Every (sequence, tile) once, later tiles first, then by sequence.
     #[test]
@@ -367,6 +402,49 @@ mod tests {
             tiles.sort();
             let expect: Vec<i32> = (0..n.div_ceil(TILE_ROWS) as i32).collect();
             assert_eq!(tiles, expect, "sequence {s}");
+        }
+    }
+
+    #[test]
+    fn token_bound_leaves_the_kernels_int_headroom() {
+        // The largest sums the kernels form: a token index plus the clamped window (at most the
+        // longest sequence plus one) plus a 64-row tile, and the tile list's 2 * tile + 1 (< 2 t).
+        let t = GPU_MAX_TOKENS as i64;
+        assert!((t - 1) + (t + 1) + TILE_ROWS as i64 <= i32::MAX as i64);
+        assert!(2 * t < i32::MAX as i64);
+        assert_eq!(
+            gpu_num_tokens(GPU_MAX_TOKENS).unwrap(),
+            GPU_MAX_TOKENS as i32
+        );
+        for n in [GPU_MAX_TOKENS + 1, i32::MAX as usize, usize::MAX] {
+            match gpu_num_tokens(n) {
+                Err(Error::OutOfRange { field, value, .. }) => {
+                    assert_eq!(field, "num_tokens");
+                    assert_eq!(value, n.to_string());
+                }
+                other => panic!("num_tokens = {n}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn chunk_slots_leave_the_summary_warps_headroom() {
+        // One block of 4 warps past the last slot stays below i32::MAX.
+        assert!(GPU_MAX_CHUNK_SLOTS as i64 + 4 <= i32::MAX as i64);
+        let ok = gpu_chunk_slots(1, GPU_MAX_CHUNK_SLOTS, "num_chunks", || "x".into());
+        assert_eq!(ok.unwrap(), GPU_MAX_CHUNK_SLOTS);
+        assert_eq!(
+            gpu_chunk_slots(0, usize::MAX, "num_chunks", String::new).unwrap(),
+            0
+        );
+        for (b, p) in [(1, GPU_MAX_CHUNK_SLOTS + 1), (2, 1 << 30), (usize::MAX, 2)] {
+            match gpu_chunk_slots(b, p, "num_chunks", || p.to_string()) {
+                Err(Error::OutOfRange { field, value, .. }) => {
+                    assert_eq!(field, "num_chunks");
+                    assert_eq!(value, p.to_string());
+                }
+                other => panic!("B = {b}, P = {p}: {other:?}"),
+            }
         }
     }
 }

@@ -1,6 +1,20 @@
 //! The GPU path: runtime probe, kernel table and NVRTC, device handle, batch upload, chunking,
 //! pooling, the fused forward and the backward, and the dense counterpart.
 //!
+//! # Size limits
+//!
+//! The kernels index in 32-bit ints, so the GPU path takes less than the CPU reference; beyond
+//! these a call returns [`Error::OutOfRange`](crate::Error::OutOfRange) naming the field, and
+//! no kernel runs:
+//! - at most [`GPU_MAX_TOKENS`] (`2^30 - 64`) tokens and `i32::MAX` sequences in a batch;
+//! - at most [`GPU_MAX_CHUNK_SLOTS`] (`i32::MAX - 64`) chunk slots `B * P`;
+//! - `m * P` at most `i32::MAX - 256` (`m` clamped to the longest sequence's behaviors first);
+//! - at most `2^24` time buckets, and at most 65535 heads (fewer for the tiled kernels, which
+//!   put several blocks per head in grid y).
+//!
+//! Tensors of these sizes need hundreds of GiB, beyond any GPU's memory today: the limits exist
+//! so that no size reaches a kernel whose int arithmetic it would overflow.
+//!
 //! ```no_run
 //! use sparsectr_attn::cuda::GpuDevice;
 //! use sparsectr_attn::{workload, AttnConfig, Chunks, Inputs};
@@ -33,7 +47,7 @@ mod params;
 mod timing;
 
 pub use backward::{BackwardMode, DeviceGrads, HostGradients, Saved};
-pub use batch::{DeviceBatch, DeviceChunks};
+pub use batch::{DeviceBatch, DeviceChunks, GPU_MAX_CHUNK_SLOTS, GPU_MAX_TOKENS};
 pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
 pub use device::{GpuDevice, SparseKernels};
 pub use forward::{DeviceGates, DeviceInputs, DeviceOutputs, GpuElement, HostForward};
