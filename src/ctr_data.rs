@@ -662,7 +662,12 @@ pub enum DataError {
     /// The underlying reader or writer failed.
     Io(io::Error),
     /// Line `line` (1-based) of the file is not valid: `message` says why.
-    Parse { line: usize, message: String },
+    Parse {
+        /// The line, 1-based.
+        line: usize,
+        /// What is wrong with it.
+        message: String,
+    },
     /// The file has no header line.
     MissingHeader,
     /// A generator size is out of range.

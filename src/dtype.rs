@@ -5,8 +5,11 @@ use half::{bf16, f16};
 /// The storage type of an attention tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32.
     F32,
+    /// IEEE binary16 (`half::f16`).
     F16,
+    /// bfloat16 (`half::bf16`).
     BF16,
     /// Accepted by the CPU reference only (finite differences need it); no kernel takes it.
     F64,

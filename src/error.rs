@@ -16,101 +16,179 @@ pub enum Error {
     /// `seq_offsets` is empty: it needs `B + 1` entries, at least `[0]`.
     SeqOffsetsEmpty,
     /// `seq_offsets[0]` is not 0.
-    SeqOffsetsStart { value: usize },
+    SeqOffsetsStart {
+        /// `seq_offsets[0]`.
+        value: usize,
+    },
     /// `seq_offsets[index] < seq_offsets[index - 1]`.
     SeqOffsetsDecreasing {
+        /// The entry that decreases.
         index: usize,
+        /// `seq_offsets[index]`.
         value: usize,
+        /// `seq_offsets[index - 1]`.
         previous: usize,
     },
     /// `seq_offsets[B]` is not the number of tokens `T` (the length of `timestamps`).
-    SeqOffsetsEnd { value: usize, num_tokens: usize },
+    SeqOffsetsEnd {
+        /// `seq_offsets[B]`.
+        value: usize,
+        /// `T`, the length of `timestamps`.
+        num_tokens: usize,
+    },
     /// A per-sequence or per-token array has the wrong length.
     Length {
+        /// The array, as the docs name it.
         field: &'static str,
+        /// Its length.
         len: usize,
+        /// The length it must have.
         expected: usize,
     },
     /// Sequence `seq` is too short for its `num_candidates[seq]` candidates (plus the user token).
     TooManyCandidates {
+        /// The sequence.
         seq: usize,
+        /// `num_candidates[seq]`.
         num_candidates: usize,
+        /// Its tokens, the user token's included.
         seq_len: usize,
+        /// Whether its first token is a user token.
         has_user_token: bool,
     },
     /// `timestamps[index]` (a behavior of sequence `seq`) is earlier than the behavior before it.
     DecreasingTimestamp {
+        /// The sequence.
         seq: usize,
+        /// The token, an index into `timestamps`.
         index: usize,
+        /// `timestamps[index]`.
         value: i64,
+        /// `timestamps[index - 1]`.
         previous: i64,
     },
     /// The behaviors and candidates of sequence `seq` span more than `i32::MAX` seconds.
-    TimeSpanTooLarge { seq: usize, span: i128 },
+    TimeSpanTooLarge {
+        /// The sequence.
+        seq: usize,
+        /// Its last timestamp minus its first behavior's, in seconds.
+        span: i128,
+    },
     /// A size parameter that must be at least 1 is 0 (`heads`, `num_chunks`, `tail_tokens`,
     /// `window`, `num_time_buckets`).
-    Zero { field: &'static str },
+    Zero {
+        /// The parameter.
+        field: &'static str,
+    },
     /// The head dimension is not one the kernels are built for.
     UnsupportedHeadDim {
+        /// The head dimension asked for.
         value: usize,
+        /// The ones there are kernels for.
         supported: &'static [usize],
     },
     /// A scalar parameter is out of its domain (`scale` not finite and positive, `utc_offset`
     /// beyond a day, ...).
     OutOfRange {
+        /// The parameter or size.
         field: &'static str,
+        /// Its value, printed.
         value: String,
+        /// The domain it must be in.
         expected: &'static str,
     },
     /// Caller-supplied chunk boundaries do not partition the behaviors of sequence `seq`.
     ChunkBoundaries {
+        /// The array of boundaries or lengths.
         field: &'static str,
+        /// The sequence.
         seq: usize,
+        /// The entry at fault, an index into `field`.
         index: usize,
+        /// That entry.
         value: usize,
+        /// What is wrong with it.
         reason: &'static str,
     },
     /// Chunks were built for a different batch than the one they are used with.
     ChunksMismatch {
+        /// The first sequence whose behaviors the chunks do not partition.
         seq: usize,
+        /// Its behaviors when chunked.
         chunked_behaviors: usize,
+        /// Its behaviors in the batch given.
         batch_behaviors: usize,
     },
     /// A padded `[B, L]` conversion cannot be done (`max_len` or `row` overflow); wrong `mask` or
     /// `timestamps` lengths are [`Error::Length`].
     Padded {
+        /// The argument at fault.
         field: &'static str,
+        /// The index at fault (0 for a size).
         index: usize,
+        /// Its value.
         value: usize,
+        /// What is wrong with it.
         reason: &'static str,
     },
     /// No CUDA driver library (`libcuda`) could be loaded.
     NoCudaDriver,
     /// The driver loaded but reports no GPU (or not the requested ordinal).
-    NoGpu { ordinal: usize, detail: String },
+    NoGpu {
+        /// The device ordinal asked for.
+        ordinal: usize,
+        /// What the driver said.
+        detail: String,
+    },
     /// No NVRTC library could be loaded.
     NoNvrtc,
     /// A kernel failed to compile; the log is NVRTC's.
-    Compile { kernel: String, log: String },
+    Compile {
+        /// The kernel module.
+        kernel: String,
+        /// NVRTC's log.
+        log: String,
+    },
     /// No kernel was built for this combination (the instantiation list in build.rs).
     NoKernel {
+        /// The kernel module.
         entry: &'static str,
+        /// The element type asked for (`none` for kernels without one).
         dtype: &'static str,
+        /// The head dimension asked for, for kernels built per head dimension.
         head_dim: Option<usize>,
     },
     /// The GPU's compute capability is below what the kernels need (sm_80).
-    UnsupportedArch { major: i32, minor: i32 },
+    UnsupportedArch {
+        /// The GPU's compute capability, major part.
+        major: i32,
+        /// Its minor part.
+        minor: i32,
+    },
     /// Device data built for one batch or setting used with another, or device buffers of another
     /// GPU than the handle's.
     DeviceMismatch {
+        /// The argument at fault.
         field: &'static str,
+        /// What it was built for, printed.
         value: String,
+        /// What this call needs.
         expected: String,
     },
     /// A CUDA driver call failed.
-    Cuda { call: &'static str, detail: String },
+    Cuda {
+        /// The driver call (or what it was for).
+        call: &'static str,
+        /// The driver's error.
+        detail: String,
+    },
     /// A kernel source of `SPARSECTR_KERNEL_DIR` (feature `dev-kernel-dir`) could not be used.
-    KernelSource { path: String, detail: String },
+    KernelSource {
+        /// The file or folder.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
 }
 
 impl Error {

@@ -36,6 +36,9 @@
 //! # Ok::<(), sparsectr_attn::Error>(())
 //! ```
 
+// Every public item is documented; clippy's -D warnings in CI holds it.
+#![warn(missing_docs)]
+
 pub mod attention;
 pub mod batch;
 #[cfg(feature = "candle")]
