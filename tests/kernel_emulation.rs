@@ -246,6 +246,20 @@ fn random_seqs(rng: &mut Rng, count: usize, max_n: u64) -> Vec<Seq> {
         .collect()
 }
 
+/// A request time at or before the last behavior, as a delay after it: at the last behavior,
+/// inside the history, or before its first behavior.
+fn early_delay(rng: &mut Rng, behaviors: &[i64]) -> i64 {
+    let span = match behaviors {
+        [first, .., last] => last - first,
+        _ => 0,
+    };
+    match rng.range(0, 2) {
+        0 => 0,
+        1 => -(rng.range(0, span as u64) as i64),
+        _ => -span - rng.range(1, 10_000_000) as i64,
+    }
+}
+
 #[derive(Clone, Copy)]
 enum GatesKind {
     None,
@@ -744,7 +758,15 @@ fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
 fn random_scenario(rng: &mut Rng, max_n: u64) -> Scenario {
     let count = rng.range(1, 5) as usize;
     let user = rng.chance(0.5);
-    let seqs = random_seqs(rng, count, max_n);
+    let mut seqs = random_seqs(rng, count, max_n);
+    // A third of the sequences have their candidates requested at or before their last behavior
+    // (SPEC allows it): then candidates see keys later than themselves, and the kernels' one-add
+    // time gap (forward rows, key-side walks) must give way to |dt| for that sequence alone.
+    for s in &mut seqs {
+        if rng.chance(1.0 / 3.0) {
+            s.request_delay = early_delay(rng, &s.behaviors);
+        }
+    }
     let window = if rng.chance(0.2) {
         rng.range(10, max_n.max(40))
     } else {
