@@ -14,7 +14,8 @@
 // Then each row adds its other uses, all computed before: the transition branch from the tails
 // kernel's f32 buffer (backward_tails_tc.cu) when the token is a tail, and its chunk's summary
 // gradient / |C| (backward_summary.cu). Each dK, dV element is rounded once, by its one writer.
-// The user token is left to backward_user_key.cu: one row seen by every query is no MMA tile.
+// The user token is left to backward_user_reduce.cu (over the query kernel's partials): one
+// row seen by every query is no MMA tile.
 //
 // Grid: (tiles, H), block kDenseThreads.
 //

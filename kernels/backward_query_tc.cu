@@ -19,7 +19,14 @@
 // pass 1's sum itself and the correction is zero.
 //
 // Outputs as the warp kernel's (dQ, dgates [T, H, 3], per-(head, token) dcoeff partials), so the
-// summary and key kernels and the reduction run unchanged. Chunk summaries enter the MMAs as a
+// summary and key kernels and the reduction run unchanged, and the user token's share of dK and
+// dV from this tile's queries: every query's local window holds the user token (slot 0), so this
+// kernel already has its P, dP' and each query's Q and dO rows. The block adds them up over its
+// 64 queries, `scale^-1 dK_u = sum_q dz_qu Q_q` and `dV_u = sum_q gate P_qu dO_q`, into one
+// partial per (sequence tile, head) (user_partial_tile), and backward_user_reduce.cu adds a
+// sequence's partials in tile order: a separate pass over every query's Q and dO for one key
+// row per sequence read 2 GB at ctr-base n = 4096 (backward_user_key.cu, 1.65 ms in ncu before
+// it took 16 warps per sequence). Chunk summaries enter the MMAs as a
 // 16-bit high part plus the 16-bit rest. Each output element has one writer: no atomics.
 //
 // The kernel is latency bound (ncu on an H100 at bbd2154: 18.6% occupancy, SM 33%, memory 36%).
@@ -57,13 +64,19 @@ constexpr bool kBwdQueryTcSm90 = !kArchSm10x;
 #else
 constexpr bool kBwdQueryTcSm90 = false;
 #endif
-// Floats of the shared per-thread dcoeffs sums (QueryCtx::pf): four per row, two rows a thread.
-constexpr int kBwdQueryPfFloats = 8 * kDenseThreads;
+// Floats of the shared per-thread sums and values (BwdTcContext::pf), two rows a thread: the
+// dcoeffs sums, four per row; then, in the threads that hold a row's first column, the row's
+// gate P of the user slot (kPfUser + r) and its dP', then dz (kPfUser + 2 + r). Beside the sums,
+// the user slot's values take no register of their own: at the D = 64 kernel's 168-register cap,
+// a shared row array's address through the pair loop spilled 16 B on sm_90 (NVRTC 13.0).
+constexpr int kPfUser = 8;
+constexpr int kBwdQueryPfFloats = (kPfUser + 4) * kDenseThreads;
 
 template <typename T, int kHeadDim>
 constexpr int kBwdQueryTcMinBlocks =
     min_blocks_per_sm(kHeadDim == 32 || (kHeadDim == 64 && kBwdQueryTcSm90) ? 3 : 2,
-                      kSlotTilesSmemBytes<T, kHeadDim> + kBwdQueryPfFloats * static_cast<int>(sizeof(float)));
+                      kSlotTilesSmemBytes<T, kHeadDim> +
+                          kBwdQueryPfFloats * static_cast<int>(sizeof(float)));
 
 // Slots per MMA sub-tile: wider tiles spilled (NVRTC 13.0) at D >= 64, and at D = 32 once every
 // element's logit is computed unconditionally (32 slots: 8 B in f16 on sm_90).
@@ -114,7 +127,8 @@ struct BwdTcContext {
     const int* chunk_ends;
     const unsigned* rel_time;
     unsigned* raw_time;  // shared: the slots' times as their copies land
-    float* pf;           // shared [8][kDenseThreads]: each thread's sum_j P_j (Bk, Hr, Wk) sums
+    float* pf;           // shared [kPfUser + 4][kDenseThreads]: each thread's sum_j P_j
+                         // (Bk, Hr, Wk) sums, and its rows' user-slot values
 };
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots, the
@@ -224,6 +238,13 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                             dcoef[r].add(untimed ? 0.f : dz, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             pt[r].add(untimed ? 0.f : pr, c.row_time[r], st.time[col], c.p->num_time_buckets);
                             sc[n].c[i] = dz;
+                            // The user slot's gate P and dP' for the user token's dK and dV
+                            // (user_partial_tile): its dz needs the exact dgates_b, known only
+                            // after this pass.
+                            if (untimed) {
+                                pf[(kPfUser + r) * kDenseThreads] = gate[r] * pr;
+                                pf[(kPfUser + 2 + r) * kDenseThreads] = dp[n].c[i];
+                            }
                         }
                     }
                 }
@@ -259,6 +280,44 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
     }
 }
 
+// The block's partial of the user token's dK / scale and dV over its queries [q0, q_end): dims
+// [dim0, dim0 + D / kParts) of row `tile` of user_partial ([tiles, H, 2, D] f32, dK's then dV's),
+// from `coef` (shared [2][kDenseRows]: each row's gate P of the user slot, then its dz; 0 for
+// rows that do not see it). One output element a thread, rows in a fixed order: the same bits
+// every run. The rows' Q and dO were read by this block already (L1 or L2). Called by every
+// thread, after a barrier.
+template <typename T, int kHeadDim, int kParts>
+__device__ __forceinline__ void user_partial_tile(const EvoParams& p, const T* __restrict__ q,
+                                                  const T* __restrict__ d_o, const float* coef, int q0,
+                                                  int q_end, int head, int dim0, size_t tile,
+                                                  float* __restrict__ user_partial) {
+    constexpr int kDims = kHeadDim / kParts;
+    const int rows = q_end - q0;
+    const size_t stride = static_cast<size_t>(p.heads) * kHeadDim;
+    for (int x = threadIdx.x; x < 2 * kDims; x += kDenseThreads) {
+        const bool dv = x >= kDims;  // dV from gate P and dO; dK from dz and Q
+        const int d = dim0 + x % kDims;
+        const T* src = (dv ? d_o : q) + dense_row<kHeadDim>(p, q0, head) + d;
+        const float* c = coef + (dv ? 0 : kDenseRows);
+        float sum = 0.f;
+        if (rows == kDenseRows) {  // every tile but a sequence's last: 64 loads in flight
+#pragma unroll
+            for (int row = 0; row < kDenseRows; ++row) sum = fmaf(c[row], to_float(src[row * stride]), sum);
+        } else {
+            for (int row = 0; row < rows; ++row) sum = fmaf(c[row], to_float(src[row * stride]), sum);
+        }
+        user_partial[((tile * p.heads + head) * 2 + (dv ? 1 : 0)) * kHeadDim + d] = sum;
+    }
+}
+
+// Row of user_partial for tile `tile` of sequence s starting at token `start`: s + start / 64 +
+// tile. Unique, since a sequence of n tokens has at most ceil(n / 64) tiles and its successor
+// starts n tokens later; the rows number fewer than B + ceil(T / 64)
+// (src/cuda/backward.rs: user_partial_rows).
+__device__ __forceinline__ size_t user_partial_row(int s, int start, int tile) {
+    return static_cast<size_t>(s) + static_cast<size_t>(start / kDenseRows) + static_cast<size_t>(tile);
+}
+
 template <typename T, int kHeadDim>
 __device__ void evo_backward_query_tc(
     const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -268,7 +327,7 @@ __device__ void evo_backward_query_tc(
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
     float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles,
-    const T* __restrict__ branch_out) {
+    const T* __restrict__ branch_out, float* __restrict__ user_partial) {
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
     constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
     SPARSECTR_SLOT_TILES(sm, T, kHeadDim);
@@ -292,6 +351,9 @@ __device__ void evo_backward_query_tc(
     c.raw_time = sRawTime_;
     __shared__ float sPf[kBwdQueryPfFloats];
     c.pf = sPf;
+    // Rows that never see the user slot keep 0 (each thread's own slots).
+#pragma unroll
+    for (int x = kPfUser; x < kPfUser + 4; ++x) sPf[x * kDenseThreads + threadIdx.x] = 0.f;
 
     {
         const int s = blk.seq;
@@ -390,6 +452,31 @@ __device__ void evo_backward_query_tc(
                 }
             }
         }
+        if (c.tt.user) {  // block-uniform: the sequence has a user token
+            // The user slot's gate P and exact dz = gate P (dP' - dgates_b), from the lane that
+            // holds the row's first column, into [2][kDenseRows] by row at the start of sPf
+            // (its dcoeffs sums are read: the barrier orders those reads before these writes).
+            float vals[2][2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float* const at = sPf + threadIdx.x + (kPfUser + r) * kDenseThreads;
+                vals[r][0] = at[0];
+                vals[r][1] = at[0] * (at[2 * kDenseThreads] - dg[2][r]);
+            }
+            __syncthreads();
+            if (t == 0) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const int row = warp * 16 + g + 8 * r;
+                    sPf[row] = vals[r][0];
+                    sPf[kDenseRows + row] = vals[r][1];
+                }
+            }
+            __syncthreads();
+            user_partial_tile<T, kHeadDim, kParts>(p, q, d_o, sPf, q0, c.q_end, c.head, dim0,
+                                                   user_partial_row(blk.seq, c.si.start, blk.tile),
+                                                   user_partial);
+        }
     }
 }
 
@@ -403,8 +490,9 @@ __device__ void evo_backward_query_tc(
              const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,           \
              const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,       \
              float* __restrict__ dgates, float* __restrict__ coeff_partial,                      \
-             const int* __restrict__ tiles, const T* __restrict__ branch_out) {                  \
+             const int* __restrict__ tiles, const T* __restrict__ branch_out,                    \
+             float* __restrict__ user_partial) {                                                 \
         evo_backward_query_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs,       \
                                     weekday0, chunk_ends, chunk_counts, d_o, lse, dq, dgates,    \
-                                    coeff_partial, tiles, branch_out);                           \
+                                    coeff_partial, tiles, branch_out, user_partial);             \
     }

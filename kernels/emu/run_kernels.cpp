@@ -81,8 +81,8 @@ namespace k_bwd_tails_tc {
 namespace k_bwd_key_tc {
 #include "backward_key_tc.cu"
 }
-namespace k_bwd_user_key {
-#include "backward_user_key.cu"
+namespace k_bwd_user_reduce {
+#include "backward_user_reduce.cu"
 }
 namespace k_coeffs {
 #include "coeffs_reduce.cu"
@@ -441,7 +441,7 @@ struct Elem {
     using bwd_key = Pick<D, float, k_bwd_key::half_t, k_bwd_key::bf16_t>;
     using bwd_tails_tc = Pick<D, float, k_bwd_tails_tc::half_t, k_bwd_tails_tc::bf16_t>;
     using bwd_key_tc = Pick<D, float, k_bwd_key_tc::half_t, k_bwd_key_tc::bf16_t>;
-    using bwd_user_key = Pick<D, float, k_bwd_user_key::half_t, k_bwd_user_key::bf16_t>;
+    using bwd_user_reduce = Pick<D, float, k_bwd_user_reduce::half_t, k_bwd_user_reduce::bf16_t>;
     using dense_fwd = Pick<D, float, k_dense_fwd::half_t, k_dense_fwd::bf16_t>;
     using dense_bq = Pick<D, float, k_dense_bq::half_t, k_dense_bq::bf16_t>;
     using dense_bk = Pick<D, float, k_dense_bk::half_t, k_dense_bk::bf16_t>;
@@ -499,8 +499,8 @@ struct TcKernels;
         static constexpr const char* bwd_tails_name = "evo_backward_tails_tc_" #dn "_d" #HD; \
         static constexpr auto bwd_key = k_bwd_key_tc::evo_backward_key_tc_##dn##_d##HD; \
         static constexpr const char* bwd_key_name = "evo_backward_key_tc_" #dn "_d" #HD; \
-        static constexpr auto bwd_user = k_bwd_user_key::evo_backward_user_key_##dn##_d##HD; \
-        static constexpr const char* bwd_user_name = "evo_backward_user_key_" #dn "_d" #HD; \
+        static constexpr auto bwd_user = k_bwd_user_reduce::evo_backward_user_reduce_##dn##_d##HD; \
+        static constexpr const char* bwd_user_name = "evo_backward_user_reduce_" #dn "_d" #HD; \
     };
 EMU_TC_KERNELS(F16, f16, 32)
 EMU_TC_KERNELS(F16, f16, 64)
@@ -520,9 +520,9 @@ static_assert(kBwdWarps == k_bwd_query::kBwdQueryWarps && kBwdThreads == k_bwd_q
 static_assert(kBwdWarps == k_bwd_summary::kBwdSummaryWarps && kBwdThreads == k_bwd_summary::kBwdSummaryThreads);
 static_assert(kBwdWarps == k_bwd_key::kBwdKeyWarps && kBwdThreads == k_bwd_key::kBwdKeyThreads);
 static_assert(kReduceThreads == k_coeffs::kReduceThreads);
-// src/cuda/backward.rs: USER_KEY_THREADS.
-constexpr unsigned kUserKeyThreads = 512;
-static_assert(kUserKeyThreads == k_bwd_user_key::kUserKeyThreads);
+// src/cuda/backward.rs: USER_REDUCE_THREADS.
+constexpr unsigned kUserReduceThreads = 128;
+static_assert(kUserReduceThreads == k_bwd_user_reduce::kUserReduceThreads);
 // src/cuda/dense.rs: DENSE_THREADS, DENSE_ROWS.
 constexpr unsigned kDenseThreads = 128, kDenseRows = 64;
 static_assert(kDenseThreads == k_dense_fwd::kDenseThreads && kDenseRows == k_dense_fwd::kDenseRows);
@@ -1261,7 +1261,11 @@ int run(const Folder& f, const Options& opt) {
             const Buf d_o_d = to_device<DT>(d_o, &inexact);
             // The query side alone, into out.dq, out.dgates and partial: the tensor-core kernel
             // reads dgates from the forward's O_b when `saved` (backward_into given them).
-            auto query_side = [&](bool saved, Out& out, Buf& partial) {
+            // The tensor-core query kernel's partials of the user tokens' dK and dV, one row per
+            // 64-query tile (src/cuda/backward.rs: user_partial_rows); rows of sequences without
+            // a user token are never written, nor read.
+            const size_t user_rows = (static_cast<size_t>(B) + (static_cast<size_t>(T) + 63) / 64) * H * 2 * HD;
+            auto query_side = [&](bool saved, Out& out, Buf& partial, Buf& user_partial) {
                 const dim3 token_grid((T + kBwdWarps - 1) / kBwdWarps, H), block(kBwdThreads);
                 if constexpr (DT == DType::F32) {
                     emu::launch_named(
@@ -1274,6 +1278,7 @@ int run(const Folder& f, const Options& opt) {
                         lse.as<const float>(), out.dq.as<TQ>(), out.dgates.as<float>(),
                         partial.as<float>());
                     (void)saved;  // the warp kernel always makes its own first pass
+                    (void)user_partial;
                 } else {
                     // backward_into's default for 16-bit inputs: the tensor-core query side.
                     using TB = typename Elem<DT>::bwd_query_tc;
@@ -1288,7 +1293,7 @@ int run(const Folder& f, const Options& opt) {
                         ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TB>(),
                         lse.as<const float>(), out.dq.as<TB>(), out.dgates.as<float>(),
                         partial.as<float>(), tiles_d.as<const int>(),
-                        saved ? ob.as<const TB>() : nullptr);
+                        saved ? ob.as<const TB>() : nullptr, user_partial.as<float>());
                 }
             };
             auto reduce_coeffs = [&](const Buf& partial, Out& out) {
@@ -1301,8 +1306,9 @@ int run(const Folder& f, const Options& opt) {
                         poisoned<float>(branch_rows), poisoned<float>(static_cast<size_t>(H) * 3)};
                 Buf dkbar = poisoned<float>(summary_rows), dvbar = poisoned<float>(summary_rows);
                 Buf partial = poisoned<float>(branch_rows);
+                Buf user_partial = poisoned<float>(DT == DType::F32 ? 1 : user_rows);
                 const dim3 token_grid((T + kBwdWarps - 1) / kBwdWarps, H), block(kBwdThreads);
-                query_side(true, out, partial);
+                query_side(true, out, partial, user_partial);
                 if constexpr (DT == DType::F32) {
                     const dim3 summary_grid(
                         (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
@@ -1346,7 +1352,7 @@ int run(const Folder& f, const Options& opt) {
                     using KT = TcKernels<DT, HD>;
                     using TT = typename Elem<DT>::bwd_tails_tc;
                     using TKC = typename Elem<DT>::bwd_key_tc;
-                    using TU = typename Elem<DT>::bwd_user_key;
+                    using TU = typename Elem<DT>::bwd_user_reduce;
                     const size_t tail_slots = static_cast<size_t>(p.max_chunks) * p.tail_tokens;
                     const size_t tail_rows = static_cast<size_t>(B) * tail_slots * H * HD;
                     Buf tail_dk = poisoned<float>(tail_rows), tail_dv = poisoned<float>(tail_rows);
@@ -1370,14 +1376,13 @@ int run(const Folder& f, const Options& opt) {
                         dkbar.as<const float>(), dvbar.as<const float>(), tail_dk.as<const float>(),
                         tail_dv.as<const float>(), out.dk.as<TKC>(), out.dv.as<TKC>(),
                         tiles_d.as<const int>());
-                    emu::launch_named(
-                        KT::bwd_user_name, KT::bwd_user,
-                        dim3(static_cast<unsigned>(B), H), dim3(kUserKeyThreads),
-                        cast_params<k_bwd_user_key::EvoParams>(p), q_d.as<const TU>(),
-                        k_d.as<const TU>(), v_d.as<const TU>(), gates_ptr, coeffs_d.as<const float>(),
-                        rel_d.as<const unsigned>(), seqs_d.as<const k_bwd_user_key::SeqInfo>(),
-                        wd0_d.as<const int>(), d_o_d.as<const TU>(), lse.as<const float>(),
-                        out.dgates.as<const float>(), out.dk.as<TU>(), out.dv.as<TU>());
+                    if (B > 0)
+                        emu::launch_named(
+                            KT::bwd_user_name, KT::bwd_user,
+                            dim3(static_cast<unsigned>(B), H), dim3(kUserReduceThreads),
+                            cast_params<k_bwd_user_reduce::EvoParams>(p),
+                            seqs_d.as<const k_bwd_user_reduce::SeqInfo>(),
+                            user_partial.as<const float>(), out.dk.as<TU>(), out.dv.as<TU>());
                 }
                 reduce_coeffs(partial, out);
                 return out;
@@ -1411,7 +1416,8 @@ int run(const Folder& f, const Options& opt) {
                 Out two{poisoned<TQ>(rows), Buf(1), Buf(1), poisoned<float>(branch_rows),
                         poisoned<float>(static_cast<size_t>(H) * 3)};
                 Buf partial = poisoned<float>(branch_rows);
-                query_side(false, two, partial);
+                Buf user_partial = poisoned<float>(user_rows);
+                query_side(false, two, partial, user_partial);
                 reduce_coeffs(partial, two);
                 const size_t at = rep.errors.size();
                 compare(rep, "two_pass_dq", widen<DT>(two.dq, rows), ref("dq", rows), tol);

@@ -8,15 +8,16 @@
 //! The key side for 16-bit inputs runs on tensor cores in three kernels: the tail tokens'
 //! transition-branch gradients into an f32 buffer, then each 64-token tile's local-window
 //! gradients plus that buffer and the chunk's summary gradient / |C|, and one block per
-//! (sequence, head) for the user tokens (its warps' sums added in a fixed order); for f32 one warp
-//! kernel gathers each token's uses. No kernel scatters with
-//! atomics, so every mode gives the same bits from run to run.
+//! (sequence, head) that adds up, in tile order, the user token's dK and dV from the partials
+//! the query kernel left per 64-query tile (every query sees the user token, and the query
+//! kernel has its P and dz in hand); for f32 one warp kernel gathers each token's uses. No
+//! kernel scatters with atomics, so every mode gives the same bits from run to run.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use super::batch::{upload, zeros, DeviceBatch, DeviceChunks};
+use super::batch::{upload, zeros, DeviceBatch, DeviceChunks, TILE_ROWS};
 use super::dense::dense_grid;
 use super::device::{driver, GpuDevice};
 use super::forward::{
@@ -32,8 +33,8 @@ use crate::error::{Error, Result};
 /// Warps (one (token, head) or (chunk, head) each) per block of the backward kernels.
 const BWD_WARPS: u32 = 4;
 const BWD_THREADS: u32 = BWD_WARPS * 32;
-/// backward_user_key.cu's kUserKeyThreads: one block per (sequence, head).
-const USER_KEY_THREADS: u32 = 16 * 32;
+/// backward_user_reduce.cu's kUserReduceThreads: one block per (sequence, head).
+const USER_REDUCE_THREADS: u32 = 128;
 /// Threads per block of the tensor-core key kernels (`kDenseThreads`), and tail slots or chunk
 /// slots per block of the tails and summary kernels (`kDenseRows`).
 const TILE_THREADS: u32 = 128;
@@ -63,22 +64,34 @@ enum KeySide {
     },
 }
 
-/// The tails kernel's f32 scratch of the tensor-core key side: dK and dV of every tail slot,
-/// `2 * B * P * m * H * D` f32, and the kernel's grid x (0: no tail slot, no launch).
-struct TailScratch {
-    dk: CudaSlice<f32>,
-    dv: CudaSlice<f32>,
-    blocks: u32,
+/// The f32 scratch of the tensor-core key side: the tails kernel's dK and dV of every tail slot
+/// (`2 * B * P * m * H * D`) and its grid x (0: no tail slot, no launch), and the query kernel's
+/// partials of the user tokens' dK and dV (`(B + ceil(T / 64)) * H * 2 * D`,
+/// [`user_partial_rows`]).
+struct KeyScratch {
+    tail_dk: CudaSlice<f32>,
+    tail_dv: CudaSlice<f32>,
+    tail_blocks: u32,
+    user: CudaSlice<f32>,
 }
 
-/// Sizes and allocates the [`TailScratch`], so that a call too large for it fails before its
+/// Rows of the user-token partials: the query kernel writes tile `i` of sequence `s` (starting
+/// at token `start`) to row `s + start / 64 + i` (`user_partial_row` in backward_query_tc.cu),
+/// below `B + ceil(T / 64)`: a sequence of `n` tokens has `ceil(n / 64)` tiles, and the next one
+/// starts `n` tokens later.
+fn user_partial_rows(num_seqs: usize, num_tokens: usize) -> usize {
+    num_seqs + num_tokens.div_ceil(TILE_ROWS)
+}
+
+/// Sizes and allocates the [`KeyScratch`], so that a call too large for it fails before its
 /// first launch.
-fn tail_scratch(
+fn key_scratch(
     stream: &Arc<CudaStream>,
+    batch: &DeviceBatch,
     chunks: &DeviceChunks,
     dims: Dims,
     params: &EvoParams,
-) -> Result<TailScratch> {
+) -> Result<KeyScratch> {
     // P * m < 2^31 (launch_params); the scratch must still fit in usize.
     let slots = chunks.max_chunks * params.tail_tokens as usize;
     let too_large = |expected| Error::OutOfRange {
@@ -97,10 +110,20 @@ fn tail_scratch(
         .checked_mul(slots.div_ceil(TAIL_ROWS))
         .filter(|&b| b <= i32::MAX as usize)
         .ok_or_else(|| too_large("B * ceil(P * m / 64) at most i32::MAX tail blocks"))?;
-    Ok(TailScratch {
-        dk: zeros::<f32>(stream, tail_rows)?,
-        dv: zeros::<f32>(stream, tail_rows)?,
-        blocks: blocks as u32,
+    // The row index stays far inside the kernels' size_t (B + T / 64 < 2^31 by GPU_MAX_TOKENS);
+    // only the element count can overflow, on a 32-bit host.
+    let user_rows = user_partial_rows(batch.num_seqs, batch.num_tokens)
+        .checked_mul(2 * dims.heads * dims.head_dim)
+        .ok_or(Error::OutOfRange {
+            field: "num_tokens",
+            value: batch.num_tokens.to_string(),
+            expected: "(B + ceil(T / 64)) * H * 2 * D to fit in usize",
+        })?;
+    Ok(KeyScratch {
+        tail_dk: zeros::<f32>(stream, tail_rows)?,
+        tail_dv: zeros::<f32>(stream, tail_rows)?,
+        tail_blocks: blocks as u32,
+        user: zeros::<f32>(stream, user_rows)?,
     })
 }
 
@@ -168,8 +191,9 @@ impl GpuDevice {
     /// not read them. Scratch beyond the outputs, allocated per call:
     /// summaries `2 * B * P * H * D` f32, their gradients `2 * B * P * H * D` f32,
     /// `3 * T * H` f32 dcoeff partials and, for 16-bit inputs, the tail tokens' gradients
-    /// `2 * B * P * m * H * D` f32 (m clamped to the longest sequence's behaviors). Nothing is
-    /// `T x T`.
+    /// `2 * B * P * m * H * D` f32 (m clamped to the longest sequence's behaviors) and the user
+    /// tokens' partial gradients `2 * (B + ceil(T / 64)) * H * D` f32 (one per 64 queries).
+    /// Nothing is `T x T`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: GpuElement>(
         &self,
@@ -243,7 +267,7 @@ impl GpuDevice {
             KeySide::TensorCore {
                 tails: self.function(Entry::BackwardTailsTc, dtype, dim)?,
                 local: self.function(Entry::BackwardKeyTc, dtype, dim)?,
-                user: self.function(Entry::BackwardUserKey, dtype, dim)?,
+                user: self.function(Entry::BackwardUserReduce, dtype, dim)?,
             }
         } else {
             KeySide::Warp(self.function(Entry::BackwardKey, dtype, dim)?)
@@ -286,8 +310,8 @@ impl GpuDevice {
         // Every buffer of the call is allocated before its first launch (the pooling, which
         // allocates its own outputs first), so that a failed allocation returns with no kernel
         // of this call queued.
-        let mut tail_scratch = match key_side {
-            KeySide::TensorCore { .. } => Some(tail_scratch(stream, chunks, dims, &params)?),
+        let mut key_scratch = match key_side {
+            KeySide::TensorCore { .. } => Some(key_scratch(stream, batch, chunks, dims, &params)?),
             KeySide::Warp(_) => None,
         };
         let summary_rows = chunks
@@ -320,17 +344,18 @@ impl GpuDevice {
             .arg(&mut *grads.dq)
             .arg(&mut *grads.dgates)
             .arg(&mut partial);
-        if tiled {
+        if let Some(scratch) = key_scratch.as_mut() {
             launch.arg(&batch.tiles);
-            // Last, as in forward_into: earlier kernel folders (`ab`) ignore it.
             match branch_out {
                 Some(b) => launch.arg(b),
                 None => launch.arg(&null),
             };
+            launch.arg(&mut scratch.user);
         }
         // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY, or
-        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters, the tile list and branch_out, null
-        // or 3 T H D elements); lengths checked above.
+        // SPARSECTR_BACKWARD_QUERY_TC (the same parameters, the tile list, branch_out, null or
+        // 3 T H D elements, and the user partials, user_partial_rows * H * 2 * D f32); lengths
+        // checked above.
         unsafe { launch.launch(query_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
 
@@ -350,12 +375,12 @@ impl GpuDevice {
         unsafe { launch.launch(summary_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_summary)"))?;
 
-        if let (KeySide::TensorCore { tails, local, user }, Some(tail)) =
-            (&key_side, tail_scratch.as_mut())
+        if let (KeySide::TensorCore { tails, local, user }, Some(scratch)) =
+            (&key_side, key_scratch.as_mut())
         {
             self.backward_key_tc(
                 [tails, local, user],
-                tail,
+                scratch,
                 batch,
                 chunks,
                 dims,
@@ -410,14 +435,14 @@ impl GpuDevice {
     }
 
     /// The key side on tensor cores (16-bit inputs): the tails kernel writes each tail token's
-    /// transition-branch dK and dV in f32 to `tail` (see [`TailScratch`]), the local-window
-    /// kernel adds them and the summary share to the token's local gradient, and a warp kernel
-    /// takes each sequence's user token.
+    /// transition-branch dK and dV in f32 to `scratch` (see [`KeyScratch`]), the local-window
+    /// kernel adds them and the summary share to the token's local gradient, and one block per
+    /// (sequence, head) adds up the user token's from the query kernel's partials.
     #[allow(clippy::too_many_arguments)]
     fn backward_key_tc<T: GpuElement>(
         &self,
         [tails_fn, key_fn, user_fn]: [&CudaFunction; 3],
-        tail: &mut TailScratch,
+        scratch: &mut KeyScratch,
         batch: &DeviceBatch,
         chunks: &DeviceChunks,
         dims: Dims,
@@ -433,7 +458,7 @@ impl GpuDevice {
     ) -> Result<()> {
         let stream = &self.stream;
         let null = 0u64;
-        if tail.blocks > 0 {
+        if scratch.tail_blocks > 0 {
             let mut launch = stream.launch_builder(tails_fn);
             launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
             push_gates(&mut launch, &inputs.gates, &null);
@@ -442,15 +467,15 @@ impl GpuDevice {
                 .arg(d_o)
                 .arg(lse)
                 .arg(dgates)
-                .arg(&mut tail.dk)
-                .arg(&mut tail.dv);
+                .arg(&mut scratch.tail_dk)
+                .arg(&mut scratch.tail_dv);
             let cfg = LaunchConfig {
-                grid_dim: (tail.blocks, dims.heads as u32, 1),
+                grid_dim: (scratch.tail_blocks, dims.heads as u32, 1),
                 block_dim: (TILE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: argument types and order match SPARSECTR_BACKWARD_TAILS_TC; tail.dk and
-            // tail.dv hold B * P * m * H * D f32, the slots the kernel indexes.
+            // SAFETY: argument types and order match SPARSECTR_BACKWARD_TAILS_TC; tail_dk and
+            // tail_dv hold B * P * m * H * D f32, the slots the kernel indexes.
             unsafe { launch.launch(cfg) }
                 .map_err(driver("cuLaunchKernel(evo_backward_tails_tc)"))?;
         }
@@ -465,8 +490,8 @@ impl GpuDevice {
             .arg(dgates)
             .arg(dkbar)
             .arg(dvbar)
-            .arg(&tail.dk)
-            .arg(&tail.dv)
+            .arg(&scratch.tail_dk)
+            .arg(&scratch.tail_dv)
             .arg(&mut *dk)
             .arg(&mut *dv)
             .arg(&batch.tiles);
@@ -476,26 +501,22 @@ impl GpuDevice {
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key_tc)"))?;
 
         let mut launch = stream.launch_builder(user_fn);
-        launch.arg(params).arg(inputs.q).arg(inputs.k).arg(inputs.v);
-        push_gates(&mut launch, &inputs.gates, &null);
         launch
-            .arg(inputs.coeffs)
-            .arg(&batch.rel_time)
+            .arg(params)
             .arg(&batch.seqs)
-            .arg(&batch.weekday0)
-            .arg(d_o)
-            .arg(lse)
-            .arg(dgates)
+            .arg(&scratch.user)
             .arg(&mut *dk)
             .arg(&mut *dv);
         let cfg = LaunchConfig {
             grid_dim: (batch.num_seqs as u32, dims.heads as u32, 1),
-            block_dim: (USER_KEY_THREADS, 1, 1),
+            block_dim: (USER_REDUCE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: argument types and order match SPARSECTR_BACKWARD_USER_KEY; it writes the
-        // user token rows only, which backward_key_tc leaves.
-        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_user_key)"))?;
+        // SAFETY: argument types and order match SPARSECTR_BACKWARD_USER_REDUCE; it reads the
+        // partial rows the query kernel wrote for sequences with a user token (user_partial_rows)
+        // and writes those tokens' rows only, which backward_key_tc leaves.
+        unsafe { launch.launch(cfg) }
+            .map_err(driver("cuLaunchKernel(evo_backward_user_reduce)"))?;
         Ok(())
     }
 
@@ -579,5 +600,44 @@ impl GpuDevice {
                 .clone_dtoh(&dgates)
                 .map_err(down("cuMemcpyDtoH(dgates)"))?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The query kernel's row of tile `i` of sequence `s` (`user_partial_row` in
+    /// backward_query_tc.cu) is unique and inside the scratch, over every layout of short and
+    /// long sequences, empty ones and tile-aligned starts included.
+    #[test]
+    fn user_partial_rows_are_unique_and_inside() {
+        let mut rng = crate::workload::Rng::new(28);
+        for case in 0..2000 {
+            let num_seqs = rng.range(1, 12) as usize;
+            let lens: Vec<usize> = (0..num_seqs)
+                .map(|_| match rng.range(0, 3) {
+                    0 => 0,
+                    1 => 64 * rng.range(1, 3) as usize,
+                    _ => rng.range(1, 200) as usize,
+                })
+                .collect();
+            let num_tokens: usize = lens.iter().sum();
+            let rows = user_partial_rows(num_seqs, num_tokens);
+            let mut seen = vec![false; rows];
+            let mut start = 0;
+            for (s, &n) in lens.iter().enumerate() {
+                for tile in 0..n.div_ceil(TILE_ROWS) {
+                    let row = s + start / TILE_ROWS + tile;
+                    assert!(
+                        row < rows,
+                        "case {case}: row {row} of {rows}, lengths {lens:?}"
+                    );
+                    assert!(!seen[row], "case {case}: row {row} twice, lengths {lens:?}");
+                    seen[row] = true;
+                }
+                start += n;
+            }
+        }
     }
 }

@@ -43,7 +43,7 @@ pub(crate) enum Entry {
     BackwardKey,
     BackwardKeyTc,
     BackwardTailsTc,
-    BackwardUserKey,
+    BackwardUserReduce,
     CoeffsReduce,
     DenseForward,
     DenseBackwardQuery,
@@ -64,7 +64,7 @@ impl Entry {
             Entry::BackwardKey => "backward_key",
             Entry::BackwardKeyTc => "backward_key_tc",
             Entry::BackwardTailsTc => "backward_tails_tc",
-            Entry::BackwardUserKey => "backward_user_key",
+            Entry::BackwardUserReduce => "backward_user_reduce",
             Entry::CoeffsReduce => "coeffs_reduce",
             Entry::DenseForward => "dense_forward",
             Entry::DenseBackwardQuery => "dense_backward_query",
@@ -525,7 +525,7 @@ mod tests {
             Entry::BackwardSummaryTc,
             Entry::BackwardKeyTc,
             Entry::BackwardTailsTc,
-            Entry::BackwardUserKey,
+            Entry::BackwardUserReduce,
         ] {
             for d in crate::SUPPORTED_HEAD_DIMS {
                 for dtype in [DType::F16, DType::BF16] {
