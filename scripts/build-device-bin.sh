@@ -19,6 +19,15 @@
 # (session 24); 3e95d9c, session 24's kernels, before the same cuts in the key side's walks
 # (session 25). None after 8d9eaeb has run on a GPU yet.
 # KERNEL_VERSIONS="" builds none.
+#
+# Those folders predate the user token's dK and dV in the query kernel, which changed what the
+# backward launches (no user-key pass; a reduction of the query kernel's partials), so they run
+# behind binaries built from PREV_COMMIT (default bda23bc, the last commit before it):
+# device-bin/prev/ holds its benchmark and GPU forward and backward tests, the folders are
+# written against its kernels (KERNEL_BASE), and ORDER ends with PREV_COMMIT's own folder (no
+# module: those binaries' built-in kernels, the step right before this tree's). gpu-run.sh runs
+# every folder with device-bin/prev/ where it exists. PREV_COMMIT="" builds none: the folders
+# then run behind this tree's binaries, which only kernels with this tree's parameters can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf device-bin && mkdir -p device-bin
@@ -72,9 +81,36 @@ for line in sys.stdin:
     rm device-bin/test-candle_cuda device-bin/example-sparsectr_train
 fi
 versions=${KERNEL_VERSIONS-8d9eaeb 417e835 8390b61 84ec198 da5d161 0ef2c27 64e71e3 37d4067 3e95d9c}
+prev=${PREV_COMMIT-bda23bc}
+if [ -n "$prev" ]; then
+  mkdir -p device-bin/prev
+  wt=$(mktemp -d)/prev
+  git worktree add --quiet --detach "$wt" "$prev"
+  # The same target folder: the dependencies are built once (the worktree's crate is another
+  # package to cargo, so nothing of this tree's build is overwritten).
+  target=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  msg_prev=$(cd "$wt" && export CARGO_TARGET_DIR="$target" &&
+    cargo test --release --no-run "${features[@]}" --test gpu_forward --test gpu_backward --message-format=json 2>/dev/null &&
+    cargo bench --no-run "${features[@]}" --bench gpu_bench --message-format=json 2>/dev/null)
+  printf '%s\n' "$msg_prev" | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        kind = m["target"]["kind"][0]
+        if kind in ("test", "bench"):
+            shutil.copy(m["executable"], "device-bin/prev/%s-%s" % (kind, m["target"]["name"]))
+'
+  git worktree remove --force "$wt"
+  git rev-parse "$prev^{commit}" > device-bin/prev/COMMIT
+  versions="$versions $prev"
+fi
 if [ -n "$versions" ]; then
   # shellcheck disable=SC2086 # a list of commits
-  scripts/kernel-sources.sh device-bin/kernels $versions
+  KERNEL_BASE=$prev scripts/kernel-sources.sh device-bin/kernels $versions
   for c in $versions; do git rev-parse --short=7 "$c"; done > device-bin/kernels/ORDER
 fi
 git rev-parse HEAD > device-bin/COMMIT

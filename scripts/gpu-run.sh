@@ -17,8 +17,9 @@
 #   NCU_BACKWARD_KERNELS=5 (backward launches profiled), NCU_WORKLOAD=ctr-base (n = 4096; the
 #   ncu and ncu-source steps)
 #
-# Earlier kernels (device-bin/kernels/<hash>/, from scripts/build-device-bin.sh), run behind
-# the same binaries through SPARSECTR_KERNEL_DIR (feature `dev-kernel-dir`):
+# Earlier kernels (device-bin/kernels/<hash>/, from scripts/build-device-bin.sh), run through
+# SPARSECTR_KERNEL_DIR (feature `dev-kernel-dir`) behind the binaries of device-bin/prev/ where
+# the build made them (PREV_COMMIT: launch code that calls those kernels), else behind these:
 #   versions   the GPU forward and backward tests for each of them (VERSION_CASES=8 cases a
 #              test), to find which one broke a test the build's own kernels fail
 #   ab         the benchmark's sparse passes (AB_WORKLOAD=ctr-base, n = 4096, AB_REPS=10) for each of them and
@@ -71,6 +72,16 @@ run_logged() {
   fi
   [ "$rc" -eq 0 ] || status=1
   tail -3 "$out/$log"
+}
+
+# The binary $1 (e.g. bench-gpu_bench) that runs the kernel folders, and the commit it was built
+# from: device-bin/prev/'s where there is one (build-device-bin.sh, PREV_COMMIT).
+folder_bin() {
+  if [ -x "device-bin/prev/$1" ]; then
+    echo "device-bin/prev/$1 $(cat device-bin/prev/COMMIT)"
+  else
+    echo "device-bin/$1 $SPARSECTR_COMMIT"
+  fi
 }
 
 if [ -f device-bin/candle-cuda.tar.xz ]; then
@@ -157,10 +168,11 @@ for step in $steps; do
     versions)
       export SPARSECTR_GPU_CASES=${VERSION_CASES:-8}
       for v in $(cat device-bin/kernels/ORDER 2>/dev/null); do
-        for bin in device-bin/test-gpu_forward device-bin/test-gpu_backward; do
+        for name in test-gpu_forward test-gpu_backward; do
+          read -r bin commit <<< "$(folder_bin "$name")"
           [ -x "$bin" ] || continue
-          SPARSECTR_KERNEL_DIR=device-bin/kernels/$v \
-            run_logged "versions-$v-$(basename "$bin").log" "$bin" --test-threads 1
+          SPARSECTR_KERNEL_DIR=device-bin/kernels/$v SPARSECTR_COMMIT=$commit \
+            run_logged "versions-$v-$name.log" "$bin" --test-threads 1
           pack
         done
       done
@@ -171,8 +183,9 @@ for step in $steps; do
         for round in $(seq "${AB_ROUNDS:-2}"); do
           for v in $(cat device-bin/kernels/ORDER 2>/dev/null) built-in; do
             dir=device-bin/kernels/$v
-            [ "$v" = built-in ] && dir=
-            SPARSECTR_KERNEL_DIR=$dir run_logged "ab-$round-$v.log" device-bin/bench-gpu_bench \
+            read -r bin commit <<< "$(folder_bin bench-gpu_bench)"
+            [ "$v" = built-in ] && dir= bin=device-bin/bench-gpu_bench commit=$SPARSECTR_COMMIT
+            SPARSECTR_KERNEL_DIR=$dir SPARSECTR_COMMIT=$commit run_logged "ab-$round-$v.log" "$bin" \
               --workload "${AB_WORKLOAD:-ctr-base}" --len 4096 --reps "${AB_REPS:-10}" --systems sparse \
               --out "$out/results/ab.jsonl"
             [ -f "$out/results/ab.jsonl" ] &&

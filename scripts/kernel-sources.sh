@@ -16,6 +16,10 @@
 # arguments as the kernel declares, so a kernel without them ignores them: branch_out, added
 # after 8d9eaeb, is null-safe that way). A kernel the commit does not instantiate fails at load
 # time (cuModuleGetFunction).
+#
+# KERNEL_BASE=COMMIT compares against that commit's kernels instead of the working tree's: the
+# folders are then for binaries built from it (scripts/build-device-bin.sh, PREV_COMMIT), whose
+# launch code calls kernels this tree no longer has.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { sed -n 2,15p "$0"; exit 2; }
@@ -33,7 +37,11 @@ gen() {  # gen TREE DEST: the generated sources of TREE/kernels into DEST
   rm -f "$2/kernels.rs"
 }
 mkdir -p "$work/head"
-cp -r kernels "$work/head/"
+if [ -n "${KERNEL_BASE:-}" ]; then
+  git archive "$(git rev-parse --verify "$KERNEL_BASE^{commit}")" kernels | tar -x -C "$work/head"
+else
+  cp -r kernels "$work/head/"
+fi
 gen "$work/head" "$work/head/out"
 # The kernels' parameter lists: each instantiation macro that declares an extern "C" kernel,
 # with the parameters of its NAME(...), whitespace dropped.
