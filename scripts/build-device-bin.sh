@@ -35,23 +35,28 @@ rm -rf device-bin && mkdir -p device-bin
 # build.rs), even where this machine has an nvcc; and SPARSECTR_LINEINFO reaches only those.
 export SPARSECTR_NVCC=off
 features=(--features dev-kernel-dir)
-msg_tests=$(cargo test --release --no-run "${features[@]}" --message-format=json 2>/dev/null)
-msg_bench=$(cargo bench --no-run "${features[@]}" --message-format=json 2>/dev/null)
-msg_main=$(cargo build --release --example evoattention "${features[@]}" --message-format=json 2>/dev/null)
-printf '%s\n%s\n%s\n' "$msg_tests" "$msg_bench" "$msg_main" | python3 -c '
+# Copies the executables that cargo's JSON messages on stdin name into folder $1, as
+# <kind>-<name>, where the Python condition $2 over kind, name and the message m holds.
+copy_artifacts() {
+  python3 -c '
 import json, shutil, sys
+dest, keep = sys.argv[1], sys.argv[2]
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
     if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        name = m["target"]["name"]
-        kind = m["target"]["kind"][0]
-        if kind in ("test", "bench") or (kind == "lib" and m["profile"]["test"]) \
-                or (kind, name) == ("example", "evoattention"):
-            shutil.copy(m["executable"], "device-bin/%s-%s" % (kind, name))
-'
+        name, kind = m["target"]["name"], m["target"]["kind"][0]
+        if eval(keep, {}, {"kind": kind, "name": name, "m": m}):
+            shutil.copy(m["executable"], "%s/%s-%s" % (dest, kind, name))
+' "$1" "$2"
+}
+msg_tests=$(cargo test --release --no-run "${features[@]}" --message-format=json 2>/dev/null)
+msg_bench=$(cargo bench --no-run "${features[@]}" --message-format=json 2>/dev/null)
+msg_main=$(cargo build --release --example evoattention "${features[@]}" --message-format=json 2>/dev/null)
+printf '%s\n%s\n%s\n' "$msg_tests" "$msg_bench" "$msg_main" | copy_artifacts device-bin \
+  'kind in ("test", "bench") or (kind == "lib" and m["profile"]["test"]) or (kind, name) == ("example", "evoattention")'
 if [ "${CANDLE_CUDA:-0}" = 1 ]; then
     # The candle op's CUDA path: candle's `cuda` feature needs nvcc and CUDA's libraries to link
     # (installed from the Python package index by the env script). These binaries load
@@ -60,19 +65,8 @@ if [ "${CANDLE_CUDA:-0}" = 1 ]; then
     source scripts/candle-cuda-env.sh
     msg_cuda=$(cargo test --release --features candle-cuda --test candle_cuda --no-run --message-format=json 2>/dev/null)
     msg_train=$(cargo build --release --features candle-cuda --example sparsectr_train --message-format=json 2>/dev/null)
-    printf '%s\n%s\n' "$msg_cuda" "$msg_train" | python3 -c '
-import json, shutil, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        name = m["target"]["name"]
-        kind = m["target"]["kind"][0]
-        if (kind, name) in (("test", "candle_cuda"), ("example", "sparsectr_train")):
-            shutil.copy(m["executable"], "device-bin/%s-%s" % (kind, name))
-'
+    printf '%s\n%s\n' "$msg_cuda" "$msg_train" | copy_artifacts device-bin \
+      '(kind, name) in (("test", "candle_cuda"), ("example", "sparsectr_train"))'
     # ~60 MB each after strip, mostly candle's kernels (the same in both): one xz archive with a
     # window that spans both is ~8 MB, inside what a GPU run can carry. gpu-run.sh unpacks it.
     strip device-bin/test-candle_cuda device-bin/example-sparsectr_train
@@ -92,18 +86,7 @@ if [ -n "$prev" ]; then
   msg_prev=$(cd "$wt" && export CARGO_TARGET_DIR="$target" &&
     cargo test --release --no-run "${features[@]}" --test gpu_forward --test gpu_backward --message-format=json 2>/dev/null &&
     cargo bench --no-run "${features[@]}" --bench gpu_bench --message-format=json 2>/dev/null)
-  printf '%s\n' "$msg_prev" | python3 -c '
-import json, shutil, sys
-for line in sys.stdin:
-    try:
-        m = json.loads(line)
-    except ValueError:
-        continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        kind = m["target"]["kind"][0]
-        if kind in ("test", "bench"):
-            shutil.copy(m["executable"], "device-bin/prev/%s-%s" % (kind, m["target"]["name"]))
-'
+  printf '%s\n' "$msg_prev" | copy_artifacts device-bin/prev 'kind in ("test", "bench")'
   git worktree remove --force "$wt"
   git rev-parse "$prev^{commit}" > device-bin/prev/COMMIT
   versions="$versions $prev"
