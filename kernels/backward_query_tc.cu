@@ -310,14 +310,6 @@ __device__ __forceinline__ void user_partial_tile(const EvoParams& p, const T* _
     }
 }
 
-// Row of user_partial for tile `tile` of sequence s starting at token `start`: s + start / 64 +
-// tile. Unique, since a sequence of n tokens has at most ceil(n / 64) tiles and its successor
-// starts n tokens later; the rows number fewer than B + ceil(T / 64)
-// (src/cuda/backward.rs: user_partial_rows).
-__device__ __forceinline__ size_t user_partial_row(int s, int start, int tile) {
-    return static_cast<size_t>(s) + static_cast<size_t>(start / kDenseRows) + static_cast<size_t>(tile);
-}
-
 template <typename T, int kHeadDim>
 __device__ void evo_backward_query_tc(
     const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

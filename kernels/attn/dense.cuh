@@ -86,6 +86,15 @@ __device__ __forceinline__ size_t dense_row(const EvoParams& p, int token, int h
     return (static_cast<size_t>(token) * p.heads + head) * kHeadDim;
 }
 
+// Row of the user-token partials (backward_query_tc.cu writes them, backward_user_reduce.cu adds
+// them up) for tile `tile` of sequence s starting at token `start`: s + start / 64 + tile.
+// Unique, since a sequence of n tokens has at most ceil(n / 64) tiles and its successor starts n
+// tokens later; the rows number fewer than B + ceil(T / 64) (src/cuda/backward.rs:
+// user_partial_rows).
+__device__ __forceinline__ size_t user_partial_row(int s, int start, int tile) {
+    return static_cast<size_t>(s) + static_cast<size_t>(start / kDenseRows) + static_cast<size_t>(tile);
+}
+
 // Copies rows [first, first + kRows) of a [T, H, D] tensor into shared memory as rows
 // (sRow[kRows][kHeadDim + pad], unless null) and transposed (sCol[kHeadDim][kRows + pad], unless
 // null: an operand whose k runs over rows is then read as pairs). Rows at or past `end` become

@@ -76,7 +76,7 @@ struct KeyScratch {
 }
 
 /// Rows of the user-token partials: the query kernel writes tile `i` of sequence `s` (starting
-/// at token `start`) to row `s + start / 64 + i` (`user_partial_row` in backward_query_tc.cu),
+/// at token `start`) to row `s + start / 64 + i` (`user_partial_row` in attn/dense.cuh),
 /// below `B + ceil(T / 64)`: a sequence of `n` tokens has `ceil(n / 64)` tiles, and the next one
 /// starts `n` tokens later.
 fn user_partial_rows(num_seqs: usize, num_tokens: usize) -> usize {
@@ -607,8 +607,8 @@ impl GpuDevice {
 mod tests {
     use super::*;
 
-    /// The query kernel's row of tile `i` of sequence `s` (`user_partial_row` in
-    /// backward_query_tc.cu) is unique and inside the scratch, over every layout of short and
+    /// The kernels' row of tile `i` of sequence `s` (`user_partial_row` in attn/dense.cuh) is
+    /// unique and inside the scratch, over every layout of short and
     /// long sequences, empty ones and tile-aligned starts included.
     #[test]
     fn user_partial_rows_are_unique_and_inside() {
