@@ -6,8 +6,8 @@ mod common;
 use proptest::prelude::*;
 use sparsectr_attn::workload::{random_tensor, Rng};
 use sparsectr_attn::{
-    reference, rel_l2_error, AttnConfig, Chunks, Dims, EvoAttention, Inputs, JaggedBatch,
-    RelTemporal, Widened,
+    reference, rel_l2_error, AttnConfig, Chunks, Dims, Element, EvoAttention, Gates, Inputs,
+    JaggedBatch, RelTemporal, Widened,
 };
 
 /// Fourth-order central differences in f64 with h = 1e-5. Their truncation error, ~h^4 f^(5) / 30,
@@ -234,10 +234,10 @@ proptest! {
 }
 
 /// The generic entry points widen f32, f16 and bf16 exactly: each gives the f64 result of its
-/// rounded inputs.
-#[test]
-fn generic_inputs_widen_exactly() {
-    let mut rng = Rng::new(77);
+/// rounded inputs. The expected inputs are widened here, element by element through f32 (exact
+/// for all three), not by the crate's own conversion; gates in the input dtype and in f32.
+fn check_generic_widening<T: Element>(seed: u64, to_f32: fn(T) -> f32) {
+    let mut rng = Rng::new(seed);
     let batch = sparsectr_attn::workload::generate_batch(&mut rng, 3, 20, 2, true).unwrap();
     let chunks = Chunks::personalized(&batch, 4).unwrap();
     let dims = Dims {
@@ -246,24 +246,51 @@ fn generic_inputs_widen_exactly() {
     };
     let attn = EvoAttention::new(&batch, &chunks, dims, AttnConfig::new(2, 5)).unwrap();
     let n = batch.num_tokens() * 2 * 64;
-    let q: Vec<half::bf16> = random_tensor(&mut rng, n, 1.0);
-    let k: Vec<half::bf16> = random_tensor(&mut rng, n, 1.0);
-    let v: Vec<half::bf16> = random_tensor(&mut rng, n, 1.0);
-    let g: Vec<f32> = random_tensor(&mut rng, batch.num_tokens() * 6, 1.0);
+    let gates_n = batch.num_tokens() * 6;
+    let q: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let k: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let v: Vec<T> = random_tensor(&mut rng, n, 1.0);
+    let g_native: Vec<T> = random_tensor(&mut rng, gates_n, 1.0);
+    let g_f32: Vec<f32> = random_tensor(&mut rng, gates_n, 1.0);
     let coeffs = [0.1f32, 0.2, 0.3, -0.1, -0.2, -0.3];
-    let inputs = Inputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        coeffs: &coeffs,
-        gates: Some(sparsectr_attn::Gates::F32(&g)),
-    };
-    let widened = inputs.widen(&attn).unwrap();
-    assert_eq!(widened.q[3], q[3].to_f64());
-    let a = reference::forward(&attn, &inputs).unwrap();
-    let b = reference::forward_f64(&attn, &widened).unwrap();
-    assert_eq!(a, b);
-    assert!(a.o.iter().all(|x| x.is_finite()));
+    let by_hand = |x: &[T]| -> Vec<f64> { x.iter().map(|&e| f64::from(to_f32(e))).collect() };
+    let gate_cases = [
+        (Some(Gates::Native(&g_native[..])), Some(by_hand(&g_native))),
+        (
+            Some(Gates::F32(&g_f32[..])),
+            Some(g_f32.iter().map(|&e| f64::from(e)).collect()),
+        ),
+        (None, None),
+    ];
+    for (gates, want_gates) in gate_cases {
+        let inputs = Inputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            coeffs: &coeffs,
+            gates,
+        };
+        let want = Widened {
+            q: by_hand(&q),
+            k: by_hand(&k),
+            v: by_hand(&v),
+            coeffs: coeffs.iter().map(|&c| f64::from(c)).collect(),
+            gates: want_gates,
+        };
+        assert_eq!(inputs.widen(&attn).unwrap(), want, "{:?}", T::DTYPE);
+        let a = reference::forward(&attn, &inputs).unwrap();
+        let b = reference::forward_f64(&attn, &want).unwrap();
+        assert_eq!(a, b, "{:?}", T::DTYPE);
+        assert!(a.o.iter().all(|x| x.is_finite()));
+        assert!(a.o.iter().any(|&x| x != 0.0));
+    }
+}
+
+#[test]
+fn generic_inputs_widen_exactly() {
+    check_generic_widening::<f32>(77, |x| x);
+    check_generic_widening::<half::f16>(78, half::f16::to_f32);
+    check_generic_widening::<half::bf16>(79, half::bf16::to_f32);
 }
 
 /// `EvoAttention::queries` (which the GPU backward iterates per key) is exactly the transpose
