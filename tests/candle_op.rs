@@ -283,20 +283,50 @@ fn bad_shapes_and_dtypes_are_errors() {
     let coeffs = Tensor::zeros((H, 3), CDType::F32, &dev).unwrap();
     let gates = Tensor::ones((t, H, 3), CDType::F32, &dev).unwrap();
     let short = Tensor::zeros((t - 1, 3, H, D), CDType::F32, &dev).unwrap();
-    assert!(evo_attention(&short, &coeffs, &gates, &layout).is_err());
+    // Each error names the tensor and what was wrong with it.
+    let wrong = |result: candle_core::Result<Tensor>, words: &[&str]| {
+        let message = result.expect_err("an error").to_string();
+        for word in words {
+            assert!(message.contains(word), "{message:?} does not say {word:?}");
+        }
+    };
+    let short_shape = format!("{:?}", [t - 1, 3, H, D]);
+    wrong(
+        evo_attention(&short, &coeffs, &gates, &layout),
+        &["qkv", &short_shape],
+    );
     let bad_coeffs = Tensor::zeros((H, 2), CDType::F32, &dev).unwrap();
-    assert!(evo_attention(&qkv, &bad_coeffs, &gates, &layout).is_err());
+    wrong(
+        evo_attention(&qkv, &bad_coeffs, &gates, &layout),
+        &["coeffs", &format!("{:?}", [H, 2])],
+    );
     let f64_qkv = qkv.to_dtype(CDType::F64).unwrap();
     let f64_gates = gates.to_dtype(CDType::F64).unwrap();
-    assert!(evo_attention(&f64_qkv, &coeffs, &f64_gates, &layout).is_err());
-    let bf16_gates = gates.to_dtype(CDType::BF16).unwrap();
-    assert!(
-        evo_attention(&qkv, &coeffs, &bf16_gates, &layout).is_err(),
-        "gates of a third dtype"
+    wrong(
+        evo_attention(&f64_qkv, &coeffs, &f64_gates, &layout),
+        &["qkv", "F64"],
     );
-    assert!(dense_attention(&short, &coeffs, &layout).is_err());
+    let bf16_gates = gates.to_dtype(CDType::BF16).unwrap();
+    // Gates of a third dtype.
+    wrong(
+        evo_attention(&qkv, &coeffs, &bf16_gates, &layout),
+        &["gates", "BF16"],
+    );
+    wrong(
+        dense_attention(&short, &coeffs, &layout),
+        &["qkv", &short_shape],
+    );
     // A layout whose parts do not fit is an error when built.
     let other = sparsectr_attn::workload::generate_batch(&mut rng, 2, 12, 1, false).unwrap();
     let other_chunks = Chunks::personalized(&other, 2).unwrap();
-    assert!(EvoLayout::new(batch, other_chunks, dims, AttnConfig::new(1, 3)).is_err());
+    let want = batch.seq(0).behaviors.len();
+    let got: usize = other_chunks
+        .of_seq(0)
+        .map(|c| other_chunks.span(c).len())
+        .sum();
+    assert!(matches!(
+        EvoLayout::new(batch, other_chunks, dims, AttnConfig::new(1, 3)),
+        Err(sparsectr_attn::Error::ChunksMismatch { seq: 0, chunked_behaviors, batch_behaviors })
+            if chunked_behaviors == got && batch_behaviors == want
+    ));
 }
