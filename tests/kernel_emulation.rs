@@ -1005,8 +1005,25 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         .join("kernel_emulation")
         .join("cases");
     let _ = fs::remove_dir_all(&root);
+    let all = scenarios();
+    // A misspelt name would select nothing and pass.
+    if let Some(names) = &only {
+        let unknown: Vec<&String> = names
+            .iter()
+            .filter(|n| !all.iter().any(|s| s.name == n.as_str()))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "SPARSECTR_EMU_CASES names no scenario {unknown:?}; the scenarios are {:?}",
+            {
+                let mut names: Vec<&str> = all.iter().map(|s| s.name).collect();
+                names.dedup();
+                names
+            }
+        );
+    }
     let mut runs = Vec::new();
-    for (i, s) in scenarios().iter().enumerate() {
+    for (i, s) in all.iter().enumerate() {
         if only
             .as_ref()
             .is_some_and(|o| !o.iter().any(|n| n == s.name))

@@ -23,12 +23,16 @@ pub fn gpu(test: &str) -> Option<&'static GpuDevice> {
 }
 
 /// Property-test cases for a GPU test: `SPARSECTR_GPU_CASES` if set (compute-sanitizer runs use
-/// a few), else `default`.
+/// a few), else `default`. A value that is not a positive count is refused: zero cases, or a
+/// typo read as the default, would pass having checked nothing asked for.
 pub fn cases(default: u32) -> u32 {
-    std::env::var("SPARSECTR_GPU_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    match std::env::var("SPARSECTR_GPU_CASES") {
+        Err(_) => default,
+        Ok(v) => match v.parse::<u32>() {
+            Ok(n) if n > 0 => n,
+            _ => panic!("SPARSECTR_GPU_CASES={v:?}: expected a positive number of cases"),
+        },
+    }
 }
 
 /// Runs `check` on the GPU over `cases(default_cases)` values of `strategy` for every supported
