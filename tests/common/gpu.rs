@@ -164,3 +164,116 @@ pub fn check_entries(name: &str, got: &[f64], want: &[f64]) -> Result<(), String
         ))
     }
 }
+
+/// [`GpuDevice::backward_host`] with every output NaN before the kernels run (SPEC section 8:
+/// poison outputs in tests), where `backward_host` itself zero-fills them: a kernel that skipped
+/// the elements whose gradient is zero (the user token's dQ, keys no query sees) would pass
+/// through it. The forward runs first on the device, saving the branch outputs as `saved` says.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_poisoned<T: sparsectr_attn::cuda::GpuElement>(
+    gpu: &GpuDevice,
+    batch: &sparsectr_attn::JaggedBatch,
+    chunks: &sparsectr_attn::Chunks,
+    dims: sparsectr_attn::Dims,
+    config: &sparsectr_attn::AttnConfig,
+    inputs: &sparsectr_attn::Inputs<'_, T>,
+    d_o: &[T],
+    mode: sparsectr_attn::cuda::BackwardMode,
+    saved: sparsectr_attn::cuda::Saved,
+) -> Result<sparsectr_attn::cuda::HostGradients<T>, String> {
+    use sparsectr_attn::cuda::{DeviceGates, DeviceGrads, DeviceInputs, HostGradients, Saved};
+    use sparsectr_attn::Gates;
+    let t = batch.num_tokens();
+    let e = |what: &'static str| move |err: Error| format!("{what}: {err}");
+    let stream = gpu.stream();
+    let up = |x: &[T]| {
+        stream
+            .clone_htod(x)
+            .map_err(|err| format!("upload: {err:?}"))
+    };
+    let up_f32 = |x: &[f32]| {
+        stream
+            .clone_htod(x)
+            .map_err(|err| format!("upload: {err:?}"))
+    };
+    let d_batch = gpu
+        .upload_batch(batch, &config.temporal)
+        .map_err(e("upload_batch"))?;
+    let d_chunks = gpu
+        .upload_chunks(batch, chunks)
+        .map_err(e("upload_chunks"))?;
+    let (q, k, v, d_o) = (up(inputs.q)?, up(inputs.k)?, up(inputs.v)?, up(d_o)?);
+    let coeffs = up_f32(inputs.coeffs)?;
+    let (g_native, g_f32) = match inputs.gates {
+        Some(Gates::Native(g)) => (Some(up(g)?), None),
+        Some(Gates::F32(g)) => (None, Some(up_f32(g)?)),
+        None => (None, None),
+    };
+    let d_inputs = DeviceInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: match (&g_native, &g_f32) {
+            (Some(g), _) => Some(DeviceGates::Native(g)),
+            (_, Some(g)) => Some(DeviceGates::F32(g)),
+            _ => None,
+        },
+    };
+    let (lse, branch_out) = match saved {
+        Saved::BranchOutputs => {
+            let (_, lse, b) = gpu
+                .forward_for_backward(&d_batch, &d_chunks, dims, config, &d_inputs)
+                .map_err(e("forward_for_backward"))?;
+            (lse, Some(b))
+        }
+        Saved::LseOnly => {
+            let (_, lse) = gpu
+                .forward(&d_batch, &d_chunks, dims, config, &d_inputs)
+                .map_err(e("forward"))?;
+            (lse, None)
+        }
+    };
+    let rows = t * dims.heads * dims.head_dim;
+    let nan = vec![T::from_f64(f64::NAN); rows];
+    let (mut dq, mut dk, mut dv) = (up(&nan)?, up(&nan)?, up(&nan)?);
+    let mut dcoeffs = up_f32(&vec![f32::NAN; dims.heads * 3])?;
+    let mut dgates = up_f32(&vec![f32::NAN; t * dims.heads * 3])?;
+    let grads = DeviceGrads {
+        dq: &mut dq,
+        dk: &mut dk,
+        dv: &mut dv,
+        dcoeffs: &mut dcoeffs,
+        dgates: &mut dgates,
+    };
+    gpu.backward_into(
+        &d_batch,
+        &d_chunks,
+        dims,
+        config,
+        &d_inputs,
+        &lse,
+        branch_out.as_ref(),
+        &d_o,
+        mode,
+        grads,
+    )
+    .map_err(e("backward_into"))?;
+    let down = |x| {
+        stream
+            .clone_dtoh(x)
+            .map_err(|err| format!("download: {err:?}"))
+    };
+    let down_f32 = |x| {
+        stream
+            .clone_dtoh(x)
+            .map_err(|err| format!("download: {err:?}"))
+    };
+    Ok(HostGradients {
+        dq: down(&dq)?,
+        dk: down(&dk)?,
+        dv: down(&dv)?,
+        dcoeffs: down_f32(&dcoeffs)?,
+        dgates: down_f32(&dgates)?,
+    })
+}
