@@ -18,7 +18,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::batch::{upload, zeros, DeviceBatch, DeviceChunks, TILE_ROWS};
-use super::dense::dense_grid;
+use super::dense::{dense_grid, reduce_coeffs};
 use super::device::{driver, GpuDevice};
 use super::forward::{
     check_inputs, launch_params, push_gates, push_layout, DeviceInputs, GpuElement,
@@ -39,8 +39,6 @@ const USER_REDUCE_THREADS: u32 = 128;
 /// slots per block of the tails and summary kernels (`kDenseRows`).
 const TILE_THREADS: u32 = 128;
 const TAIL_ROWS: usize = 64;
-/// Threads per block of the dcoeffs reduction (`kReduceThreads`).
-const REDUCE_THREADS: u32 = 256;
 
 /// Blocks per tile of the tensor-core query kernel, each taking part of dQ's dimensions
 /// (`BwdTcParts` in backward_query_tc.cu).
@@ -92,6 +90,28 @@ fn key_scratch(
     dims: Dims,
     params: &EvoParams,
 ) -> Result<KeyScratch> {
+    let sizes = key_scratch_sizes(batch, chunks, dims, params)?;
+    Ok(KeyScratch {
+        tail_dk: zeros::<f32>(stream, sizes.tail_rows)?,
+        tail_dv: zeros::<f32>(stream, sizes.tail_rows)?,
+        tail_blocks: sizes.tail_blocks,
+        user: zeros::<f32>(stream, sizes.user_rows)?,
+    })
+}
+
+/// Elements of [`KeyScratch`]'s buffers and the tails kernel's blocks.
+struct KeyScratchSizes {
+    tail_rows: usize,
+    tail_blocks: u32,
+    user_rows: usize,
+}
+
+fn key_scratch_sizes(
+    batch: &DeviceBatch,
+    chunks: &DeviceChunks,
+    dims: Dims,
+    params: &EvoParams,
+) -> Result<KeyScratchSizes> {
     // P * m < 2^31 (launch_params); the scratch must still fit in usize.
     let slots = chunks.max_chunks * params.tail_tokens as usize;
     let too_large = |expected| Error::OutOfRange {
@@ -119,12 +139,27 @@ fn key_scratch(
             value: batch.num_tokens.to_string(),
             expected: "(B + ceil(T / 64)) * H * 2 * D to fit in usize",
         })?;
-    Ok(KeyScratch {
-        tail_dk: zeros::<f32>(stream, tail_rows)?,
-        tail_dv: zeros::<f32>(stream, tail_rows)?,
+    Ok(KeyScratchSizes {
+        tail_rows,
         tail_blocks: blocks as u32,
-        user: zeros::<f32>(stream, user_rows)?,
+        user_rows,
     })
+}
+
+/// The warp kernels' grid over `rows` rows (tokens or summary slots) and the heads: a warp per
+/// (row, head). `rows` < 2^31 (GPU_MAX_TOKENS, GPU_MAX_CHUNK_SLOTS).
+fn warp_grid(rows: usize, dims: Dims) -> (u32, u32, u32) {
+    ((rows as u32).div_ceil(BWD_WARPS), dims.heads as u32, 1)
+}
+
+/// Every kernel of one backward call and the grids that depend only on the layout, resolved
+/// and checked before anything is launched (or, in `backward_host`, before its forward), so
+/// that a missing variant or a grid past the device's limits is an error, not half a backward.
+struct BackwardPlan {
+    key_side: KeySide,
+    query: (CudaFunction, LaunchConfig),
+    summary: (CudaFunction, LaunchConfig),
+    reduce: CudaFunction,
 }
 
 /// How the backward may order its floating-point sums.
@@ -254,59 +289,12 @@ impl GpuDevice {
             return Ok(());
         }
         let null = 0u64;
-        let dtype = Some(T::DTYPE);
-        let dim = Some(dims.head_dim);
-        let token_grid = ((t as u32).div_ceil(BWD_WARPS), dims.heads as u32, 1);
-        let block = (BWD_THREADS, 1, 1);
-        // The query side on tensor cores for 16-bit inputs (see SparseKernels); both versions
-        // take the same arguments and write the same outputs.
-        // Resolved before any launch: a missing variant is an error, not half a backward.
-        let tiled = !self.sparse_uses_warp_kernels(T::DTYPE);
-        // The key side's kernels, resolved here with the query side's for the same reason.
-        let key_side = if tiled {
-            KeySide::TensorCore {
-                tails: self.function(Entry::BackwardTailsTc, dtype, dim)?,
-                local: self.function(Entry::BackwardKeyTc, dtype, dim)?,
-                user: self.function(Entry::BackwardUserReduce, dtype, dim)?,
-            }
-        } else {
-            KeySide::Warp(self.function(Entry::BackwardKey, dtype, dim)?)
-        };
-        let (func, query_cfg) = if !tiled {
-            let cfg = LaunchConfig {
-                grid_dim: token_grid,
-                block_dim: block,
-                shared_mem_bytes: 0,
-            };
-            (self.function(Entry::BackwardQuery, dtype, dim)?, cfg)
-        } else {
-            let cfg = dense_grid(batch, dims, backward_query_parts(dims.head_dim))?;
-            (self.function(Entry::BackwardQueryTc, dtype, dim)?, cfg)
-        };
-        // The chunk summaries' gradients: one warp per (slot, head), or for 16-bit inputs 64
-        // slots of a sequence per block as MMA rows (backward_summary_tc.cu).
-        let slots = chunks.num_seqs * chunks.max_chunks;
-        let (summary_fn, summary_cfg) = if tiled {
-            let groups = chunks.num_seqs * chunks.max_chunks.div_ceil(TAIL_ROWS);
-            let blocks = u32::try_from(groups).map_err(|_| Error::OutOfRange {
-                field: "max_chunks",
-                value: chunks.max_chunks.to_string(),
-                expected: "B * ceil(P / 64) below 2^32 summary blocks",
-            })?;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, dims.heads as u32, 1),
-                block_dim: (TILE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (self.function(Entry::BackwardSummaryTc, dtype, dim)?, cfg)
-        } else {
-            let cfg = LaunchConfig {
-                grid_dim: ((slots as u32).div_ceil(BWD_WARPS), dims.heads as u32, 1),
-                block_dim: block,
-                shared_mem_bytes: 0,
-            };
-            (self.function(Entry::BackwardSummary, dtype, dim)?, cfg)
-        };
+        let BackwardPlan {
+            key_side,
+            query: (func, query_cfg),
+            summary: (summary_fn, summary_cfg),
+            reduce,
+        } = self.backward_plan::<T>(batch, chunks, dims, &params)?;
         // Every buffer of the call is allocated before its first launch (the pooling, which
         // allocates its own outputs first), so that a failed allocation returns with no kernel
         // of this call queued.
@@ -412,8 +400,8 @@ impl GpuDevice {
                 .arg(&mut *grads.dk)
                 .arg(&mut *grads.dv);
             let cfg = LaunchConfig {
-                grid_dim: token_grid,
-                block_dim: block,
+                grid_dim: warp_grid(t, dims),
+                block_dim: (BWD_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: argument types and order match SPARSECTR_BACKWARD_KEY; lengths checked
@@ -421,17 +409,75 @@ impl GpuDevice {
             unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key)"))?;
         }
 
-        let func = self.function(Entry::CoeffsReduce, None, None)?;
-        let mut launch = stream.launch_builder(&func);
-        launch.arg(&params).arg(&partial).arg(&mut *grads.dcoeffs);
-        let cfg = LaunchConfig {
-            grid_dim: (dims.heads as u32, 1, 1),
-            block_dim: (REDUCE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
+        reduce_coeffs(self, &reduce, &params, &partial, grads.dcoeffs, dims)
+    }
+
+    /// The kernels and grids of a backward over this layout ([`BackwardPlan`]).
+    fn backward_plan<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        chunks: &DeviceChunks,
+        dims: Dims,
+        params: &EvoParams,
+    ) -> Result<BackwardPlan> {
+        let dtype = Some(T::DTYPE);
+        let dim = Some(dims.head_dim);
+        // The query side on tensor cores for 16-bit inputs (see SparseKernels); both versions
+        // take the same arguments and write the same outputs.
+        let tiled = !self.sparse_uses_warp_kernels(T::DTYPE);
+        let key_side = if tiled {
+            KeySide::TensorCore {
+                tails: self.function(Entry::BackwardTailsTc, dtype, dim)?,
+                local: self.function(Entry::BackwardKeyTc, dtype, dim)?,
+                user: self.function(Entry::BackwardUserReduce, dtype, dim)?,
+            }
+        } else {
+            KeySide::Warp(self.function(Entry::BackwardKey, dtype, dim)?)
         };
-        // SAFETY: matches SPARSECTR_COEFFS_REDUCE; partial holds H * T * 3 f32, dcoeffs H * 3.
-        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_coeffs_reduce)"))?;
-        Ok(())
+        let (func, query_cfg) = if !tiled {
+            let cfg = LaunchConfig {
+                grid_dim: warp_grid(batch.num_tokens, dims),
+                block_dim: (BWD_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (self.function(Entry::BackwardQuery, dtype, dim)?, cfg)
+        } else {
+            let cfg = dense_grid(batch, dims, backward_query_parts(dims.head_dim))?;
+            (self.function(Entry::BackwardQueryTc, dtype, dim)?, cfg)
+        };
+        // The chunk summaries' gradients: one warp per (slot, head), or for 16-bit inputs 64
+        // slots of a sequence per block as MMA rows (backward_summary_tc.cu).
+        let slots = chunks.num_seqs * chunks.max_chunks;
+        let (summary_fn, summary_cfg) = if tiled {
+            let groups = chunks.num_seqs * chunks.max_chunks.div_ceil(TAIL_ROWS);
+            let blocks = u32::try_from(groups).map_err(|_| Error::OutOfRange {
+                field: "max_chunks",
+                value: chunks.max_chunks.to_string(),
+                expected: "B * ceil(P / 64) below 2^32 summary blocks",
+            })?;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, dims.heads as u32, 1),
+                block_dim: (TILE_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (self.function(Entry::BackwardSummaryTc, dtype, dim)?, cfg)
+        } else {
+            let cfg = LaunchConfig {
+                grid_dim: warp_grid(slots, dims),
+                block_dim: (BWD_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (self.function(Entry::BackwardSummary, dtype, dim)?, cfg)
+        };
+        if tiled {
+            key_scratch_sizes(batch, chunks, dims, params)?;
+        }
+        Ok(BackwardPlan {
+            key_side,
+            query: (func, query_cfg),
+            summary: (summary_fn, summary_cfg),
+            reduce: self.function(Entry::CoeffsReduce, None, None)?,
+        })
     }
 
     /// The key side on tensor cores (16-bit inputs): the tails kernel writes each tail token's
@@ -549,6 +595,9 @@ impl GpuDevice {
             });
         }
         let up = self.upload_call(batch, chunks, config, inputs)?;
+        // The backward's own limits (its grids, its scratch), before the forward runs.
+        let params = launch_params(&up.batch, &up.chunks, dims, config)?;
+        self.backward_plan::<T>(&up.batch, &up.chunks, dims, &params)?;
         let stream = &self.stream;
         let d_o = upload(stream, d_o)?;
         let d_inputs = up.inputs();

@@ -21,7 +21,7 @@
 //! # Ok::<(), sparsectr_attn::Error>(())
 //! ```
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::backward::{BackwardMode, HostGradients};
 use super::batch::{output, upload, zeros, DeviceBatch};
@@ -71,6 +71,16 @@ pub struct HostDenseForward<T> {
     pub o: Vec<T>,
     /// `[T, H]`.
     pub lse: Vec<f32>,
+}
+
+/// The dense backward's kernels and grid, resolved and checked before anything is launched (or,
+/// in `dense_backward_host`, before its forward): a missing variant or a grid past the device's
+/// limits is an error, not dQ written and dK, dV and dcoeffs not.
+struct DenseBackwardPlan {
+    cfg: LaunchConfig,
+    query: CudaFunction,
+    key: CudaFunction,
+    reduce: CudaFunction,
 }
 
 /// Parts of the head dimension a dense backward kernel splits its accumulators into
@@ -246,13 +256,12 @@ impl GpuDevice {
                 .map_err(driver("cuMemsetD8(dcoeffs)"))?;
             return Ok(());
         }
-        let cfg = dense_grid(batch, dims, dense_parts(T::DTYPE, dims.head_dim))?;
+        let plan = self.dense_backward_plan::<T>(batch, dims)?;
+        let cfg = plan.cfg;
         let mut delta = zeros::<f32>(stream, row_len(dims, t)?)?;
         let mut partial = zeros::<f32>(stream, dims.branch_len(t)?)?;
-        let (dtype, dim) = (Some(T::DTYPE), Some(dims.head_dim));
 
-        let func = self.function(Entry::DenseBackwardQuery, dtype, dim)?;
-        let mut launch = stream.launch_builder(&func);
+        let mut launch = stream.launch_builder(&plan.query);
         launch
             .arg(&params)
             .arg(inputs.q)
@@ -274,8 +283,7 @@ impl GpuDevice {
         unsafe { launch.launch(cfg) }
             .map_err(driver("cuLaunchKernel(evo_dense_backward_query)"))?;
 
-        let func = self.function(Entry::DenseBackwardKey, dtype, dim)?;
-        let mut launch = stream.launch_builder(&func);
+        let mut launch = stream.launch_builder(&plan.key);
         launch
             .arg(&params)
             .arg(inputs.q)
@@ -294,7 +302,22 @@ impl GpuDevice {
         // SAFETY: argument types and order match SPARSECTR_DENSE_BACKWARD_KEY; lengths as above.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_dense_backward_key)"))?;
 
-        reduce_coeffs(self, &params, &partial, grads.dcoeffs, dims)
+        reduce_coeffs(self, &plan.reduce, &params, &partial, grads.dcoeffs, dims)
+    }
+
+    /// The dense backward's kernels and grid ([`DenseBackwardPlan`]).
+    fn dense_backward_plan<T: GpuElement>(
+        &self,
+        batch: &DeviceBatch,
+        dims: Dims,
+    ) -> Result<DenseBackwardPlan> {
+        let (dtype, dim) = (Some(T::DTYPE), Some(dims.head_dim));
+        Ok(DenseBackwardPlan {
+            cfg: dense_grid(batch, dims, dense_parts(T::DTYPE, dims.head_dim))?,
+            query: self.function(Entry::DenseBackwardQuery, dtype, dim)?,
+            key: self.function(Entry::DenseBackwardKey, dtype, dim)?,
+            reduce: self.function(Entry::CoeffsReduce, None, None)?,
+        })
     }
 
     /// Convenience: host slices in, host forward out. Validates like the reference.
@@ -350,6 +373,8 @@ impl GpuDevice {
             });
         }
         let up = self.upload_call(batch, &chunks, config, inputs)?;
+        // The backward's own limits (its grid at D = 128 in f32), before the forward runs.
+        self.dense_backward_plan::<T>(&up.batch, dims)?;
         let stream = &self.stream;
         let d_o = upload(stream, d_o)?;
         let d_inputs = up.inputs();
@@ -412,16 +437,17 @@ fn validate_host<T: GpuElement>(
     Ok(chunks)
 }
 
-/// dcoeffs from the per-(head, token) partials, in a fixed order.
-fn reduce_coeffs(
+/// dcoeffs from the per-(head, token) partials, in a fixed order, by `func` (the
+/// `CoeffsReduce` entry, resolved by the caller before its first launch).
+pub(super) fn reduce_coeffs(
     gpu: &GpuDevice,
+    func: &CudaFunction,
     params: &EvoParams,
     partial: &CudaSlice<f32>,
     dcoeffs: &mut CudaSlice<f32>,
     dims: Dims,
 ) -> Result<()> {
-    let func = gpu.function(Entry::CoeffsReduce, None, None)?;
-    let mut launch = gpu.stream.launch_builder(&func);
+    let mut launch = gpu.stream.launch_builder(func);
     launch.arg(params).arg(partial).arg(dcoeffs);
     let cfg = LaunchConfig {
         grid_dim: (dims.heads as u32, 1, 1),
