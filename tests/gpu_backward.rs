@@ -538,3 +538,117 @@ fn empty_batch_forward_and_backward_on_the_device() {
         );
     }
 }
+
+/// Every device buffer of `backward_into` one element short is an `Error::Length` naming it, its
+/// length and the expected one, and no kernel runs: the outputs keep their poison.
+#[test]
+fn gpu_backward_short_buffers_are_errors_before_any_launch() {
+    use sparsectr_attn::cuda::{DeviceGrads, DeviceInputs};
+    use sparsectr_attn::Error;
+    let Some(gpu) = gpu("gpu_backward_short_buffers_are_errors_before_any_launch") else {
+        return;
+    };
+    let wl = workload::CTR_SMALL;
+    let batch = wl.batch(5, 64, 512).unwrap();
+    let chunks = Chunks::personalized(&batch, wl.num_chunks).unwrap();
+    let (dims, config) = (wl.dims(), wl.config());
+    let t = batch.num_tokens();
+    let data = Data::<bf16>::new(13, t, dims.heads, dims.head_dim);
+    let stream = gpu.stream();
+    let d_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
+    let d_chunks = gpu.upload_chunks(&batch, &chunks).unwrap();
+    let up = |x: &[bf16]| stream.clone_htod(x).unwrap();
+    let (q, k, v, d_o) = (up(&data.q), up(&data.k), up(&data.v), up(&data.d_o));
+    let coeffs = stream.clone_htod(&data.coeffs).unwrap();
+    let inputs = DeviceInputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: None,
+    };
+    let (_, lse, branch_out) = gpu
+        .forward_for_backward(&d_batch, &d_chunks, dims, &config, &inputs)
+        .unwrap();
+    let rows = t * dims.heads * dims.head_dim;
+    let lens = [
+        ("d_o", rows),
+        ("lse", t * dims.heads * 3),
+        ("branch_out", 3 * rows),
+        ("dq", rows),
+        ("dk", rows),
+        ("dv", rows),
+        ("dcoeffs", dims.heads * 3),
+        ("dgates", t * dims.heads * 3),
+    ];
+    for (field, expected) in lens {
+        let len = |f: &str, n: usize| if f == field { n - 1 } else { n };
+        let nan = |n: usize| up(&vec![bf16::NAN; n]);
+        let (mut dq, mut dk, mut dv) = (
+            nan(len("dq", rows)),
+            nan(len("dk", rows)),
+            nan(len("dv", rows)),
+        );
+        let f32_nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).unwrap();
+        let mut dcoeffs = f32_nan(len("dcoeffs", dims.heads * 3));
+        let mut dgates = f32_nan(len("dgates", t * dims.heads * 3));
+        let short_do = up(&data.d_o[..len("d_o", rows)]);
+        let short_lse = stream
+            .clone_htod(&vec![0.0f32; len("lse", t * dims.heads * 3)])
+            .unwrap();
+        let short_branch = up(&vec![bf16::ZERO; len("branch_out", 3 * rows)]);
+        let grads = DeviceGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+            dcoeffs: &mut dcoeffs,
+            dgates: &mut dgates,
+        };
+        let r = gpu.backward_into(
+            &d_batch,
+            &d_chunks,
+            dims,
+            &config,
+            &inputs,
+            if field == "lse" { &short_lse } else { &lse },
+            Some(if field == "branch_out" {
+                &short_branch
+            } else {
+                &branch_out
+            }),
+            if field == "d_o" { &short_do } else { &d_o },
+            BackwardMode::Fast,
+            grads,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(Error::Length { field: f, len: l, expected: e })
+                    if f == field && l == expected - 1 && e == expected
+            ),
+            "{field}: {r:?}"
+        );
+        let all_nan_16 = |x| {
+            stream
+                .clone_dtoh(x)
+                .unwrap()
+                .iter()
+                .all(|v: &bf16| v.is_nan())
+        };
+        let all_nan_32 = |x| {
+            stream
+                .clone_dtoh(x)
+                .unwrap()
+                .iter()
+                .all(|v: &f32| v.is_nan())
+        };
+        assert!(
+            all_nan_16(&dq) && all_nan_16(&dk) && all_nan_16(&dv),
+            "{field}: a kernel ran"
+        );
+        assert!(
+            all_nan_32(&dcoeffs) && all_nan_32(&dgates),
+            "{field}: a kernel ran"
+        );
+    }
+}

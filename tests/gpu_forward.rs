@@ -491,3 +491,68 @@ fn gpu_buffers_of_another_gpu_are_errors() {
         "chunks",
     );
 }
+
+/// Every output buffer of `forward_into` one element short is an `Error::Length` naming it, its
+/// length and the expected one, and no kernel runs: the outputs keep their poison.
+#[test]
+fn gpu_forward_short_outputs_are_errors_before_any_launch() {
+    let Some(gpu) = gpu("gpu_forward_short_outputs_are_errors_before_any_launch") else {
+        return;
+    };
+    let wl = workload::CTR_SMALL;
+    let batch = wl.batch(5, 64, 512).unwrap();
+    let chunks = Chunks::personalized(&batch, wl.num_chunks).unwrap();
+    let (dims, config) = (wl.dims(), wl.config());
+    let t = batch.num_tokens();
+    let rows = t * dims.heads * dims.head_dim;
+    let mut rng = Rng::new(14);
+    let x: Vec<bf16> = random_tensor(&mut rng, rows, 1.0);
+    let coeffs: Vec<f32> = random_tensor(&mut rng, dims.heads * 3, 1.0);
+    let stream = gpu.stream();
+    let d_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
+    let d_chunks = gpu.upload_chunks(&batch, &chunks).unwrap();
+    let d_x = stream.clone_htod(&x).unwrap();
+    let d_coeffs = stream.clone_htod(&coeffs).unwrap();
+    let inputs = DeviceInputs {
+        q: &d_x,
+        k: &d_x,
+        v: &d_x,
+        coeffs: &d_coeffs,
+        gates: None,
+    };
+    for (field, expected) in [
+        ("o", rows),
+        ("lse", t * dims.heads * 3),
+        ("branch_out", 3 * rows),
+    ] {
+        let len = |f: &str, n: usize| if f == field { n - 1 } else { n };
+        let mut o = stream.clone_htod(&vec![bf16::NAN; len("o", rows)]).unwrap();
+        let mut lse = stream
+            .clone_htod(&vec![f32::NAN; len("lse", t * dims.heads * 3)])
+            .unwrap();
+        let mut branch_out = stream
+            .clone_htod(&vec![bf16::NAN; len("branch_out", 3 * rows)])
+            .unwrap();
+        let out = DeviceOutputs {
+            o: &mut o,
+            lse: &mut lse,
+            branch_out: Some(&mut branch_out),
+        };
+        let r = gpu.forward_into(&d_batch, &d_chunks, dims, &config, &inputs, out);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Length { field: f, len: l, expected: e })
+                    if f == field && l == expected - 1 && e == expected
+            ),
+            "{field}: {r:?}"
+        );
+        let o = stream.clone_dtoh(&o).unwrap();
+        let b = stream.clone_dtoh(&branch_out).unwrap();
+        let lse = stream.clone_dtoh(&lse).unwrap();
+        assert!(
+            o.iter().chain(&b).all(|v| v.is_nan()) && lse.iter().all(|v| v.is_nan()),
+            "{field}: a kernel ran"
+        );
+    }
+}
