@@ -185,6 +185,12 @@ pub fn backward_poisoned<T: sparsectr_attn::cuda::GpuElement>(
     use sparsectr_attn::Gates;
     let t = batch.num_tokens();
     let e = |what: &'static str| move |err: Error| format!("{what}: {err}");
+    if t == 0 {
+        // No gradient but dcoeffs (zero, from the host call): nothing to poison.
+        return gpu
+            .backward_host(batch, chunks, dims, config, inputs, d_o, mode, saved)
+            .map_err(e("backward_host"));
+    }
     let stream = gpu.stream();
     let up = |x: &[T]| {
         stream
