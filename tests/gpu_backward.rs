@@ -30,7 +30,7 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        common::batch(4, 50, 4),
+        common::nonempty_batch(4, 50, 4),
         1usize..8,
         1usize..5,
         prop_oneof![1usize..8, 8usize..80],

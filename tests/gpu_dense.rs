@@ -31,7 +31,7 @@ struct Case {
 fn case() -> impl Strategy<Value = Case> {
     (
         // Up to 150 behaviors: three 64-row tiles, and a candidate tile of its own.
-        common::batch(4, 150, 5),
+        common::nonempty_batch(4, 150, 5),
         1usize..4,
         prop_oneof![Just(0i64), -43_200i64..43_200],
         any::<u64>(),

@@ -87,7 +87,7 @@ struct Case {
 
 fn case() -> impl Strategy<Value = Case> {
     (
-        common::batch(5, 70, 4),
+        common::nonempty_batch(5, 70, 4),
         1usize..8,
         1usize..5,
         prop_oneof![1usize..8, 8usize..100],

@@ -87,6 +87,16 @@ pub fn batch(
         .prop_map(|(plans, user)| pack(&plans, user))
 }
 
+/// [`batch`] with at least one token: for the GPU property tests, where an empty batch launches
+/// nothing and would only use up a case (the empty batch has a test of its own).
+pub fn nonempty_batch(
+    max_seqs: usize,
+    max_behaviors: usize,
+    max_candidates: usize,
+) -> impl Strategy<Value = JaggedBatch> {
+    batch(max_seqs, max_behaviors, max_candidates).prop_filter("a token", |b| b.num_tokens() > 0)
+}
+
 /// Random f64 inputs for `t` tokens (never zeros): Q, K, V ~ N(0, 1), coefficients ~ N(0, 1),
 /// gates uniform in [-0.5, 1.5] when asked for.
 pub fn widened(seed: u64, t: usize, heads: usize, d: usize, gates: bool) -> Widened {
