@@ -519,11 +519,13 @@ fn empty_batch_forward_and_backward_on_the_device() {
     }
 }
 
-/// Every device buffer of `backward_into` one element short is an `Error::Length` naming it, its
-/// length and the expected one, and no kernel runs: the outputs keep their poison.
+/// Every device buffer of `backward_into` one element short (inputs, saved forward outputs and
+/// gradients) is an `Error::Length` naming it, its length and the expected one, and no kernel
+/// runs: the gradients keep their poison. The call must fail before reading any buffer, so
+/// their contents are arbitrary.
 #[test]
 fn gpu_backward_short_buffers_are_errors_before_any_launch() {
-    use sparsectr_attn::cuda::{DeviceGrads, DeviceInputs};
+    use sparsectr_attn::cuda::{DeviceGates, DeviceGrads, DeviceInputs};
     use sparsectr_attn::Error;
     let Some(gpu) = gpu("gpu_backward_short_buffers_are_errors_before_any_launch") else {
         return;
@@ -533,50 +535,57 @@ fn gpu_backward_short_buffers_are_errors_before_any_launch() {
     let chunks = Chunks::personalized(&batch, wl.num_chunks).unwrap();
     let (dims, config) = (wl.dims(), wl.config());
     let t = batch.num_tokens();
-    let data = Data::<bf16>::new(13, t, dims.heads, dims.head_dim);
     let stream = gpu.stream();
     let d_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
     let d_chunks = gpu.upload_chunks(&batch, &chunks).unwrap();
-    let up = |x: &[bf16]| stream.clone_htod(x).unwrap();
-    let (q, k, v, d_o) = (up(&data.q), up(&data.k), up(&data.v), up(&data.d_o));
-    let coeffs = stream.clone_htod(&data.coeffs).unwrap();
-    let inputs = DeviceInputs {
-        q: &q,
-        k: &k,
-        v: &v,
-        coeffs: &coeffs,
-        gates: None,
-    };
-    let (_, lse, branch_out) = gpu
-        .forward_for_backward(&d_batch, &d_chunks, dims, &config, &inputs)
-        .unwrap();
     let rows = t * dims.heads * dims.head_dim;
+    let branch_rows = t * dims.heads * 3;
     let lens = [
+        ("q", rows),
+        ("k", rows),
+        ("v", rows),
+        ("coeffs", dims.heads * 3),
+        ("gates", branch_rows),
         ("d_o", rows),
-        ("lse", t * dims.heads * 3),
+        ("lse", branch_rows),
         ("branch_out", 3 * rows),
         ("dq", rows),
         ("dk", rows),
         ("dv", rows),
         ("dcoeffs", dims.heads * 3),
-        ("dgates", t * dims.heads * 3),
+        ("dgates", branch_rows),
     ];
     for (field, expected) in lens {
         let len = |f: &str, n: usize| if f == field { n - 1 } else { n };
-        let nan = |n: usize| up(&vec![bf16::NAN; n]);
-        let (mut dq, mut dk, mut dv) = (
-            nan(len("dq", rows)),
-            nan(len("dk", rows)),
-            nan(len("dv", rows)),
+        let b16 = |f: &str, n: usize, x: bf16| stream.clone_htod(&vec![x; len(f, n)]).unwrap();
+        let b32 = |f: &str, n: usize, x: f32| stream.clone_htod(&vec![x; len(f, n)]).unwrap();
+        let one = bf16::ONE;
+        let (q, k, v) = (
+            b16("q", rows, one),
+            b16("k", rows, one),
+            b16("v", rows, one),
         );
-        let f32_nan = |n: usize| stream.clone_htod(&vec![f32::NAN; n]).unwrap();
-        let mut dcoeffs = f32_nan(len("dcoeffs", dims.heads * 3));
-        let mut dgates = f32_nan(len("dgates", t * dims.heads * 3));
-        let short_do = up(&data.d_o[..len("d_o", rows)]);
-        let short_lse = stream
-            .clone_htod(&vec![0.0f32; len("lse", t * dims.heads * 3)])
-            .unwrap();
-        let short_branch = up(&vec![bf16::ZERO; len("branch_out", 3 * rows)]);
+        let (coeffs, gates) = (
+            b32("coeffs", dims.heads * 3, 0.5),
+            b16("gates", branch_rows, one),
+        );
+        let inputs = DeviceInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            coeffs: &coeffs,
+            gates: Some(DeviceGates::Native(&gates)),
+        };
+        let d_o = b16("d_o", rows, one);
+        let lse = b32("lse", branch_rows, 0.0);
+        let branch_out = b16("branch_out", 3 * rows, one);
+        let (mut dq, mut dk, mut dv) = (
+            b16("dq", rows, bf16::NAN),
+            b16("dk", rows, bf16::NAN),
+            b16("dv", rows, bf16::NAN),
+        );
+        let mut dcoeffs = b32("dcoeffs", dims.heads * 3, f32::NAN);
+        let mut dgates = b32("dgates", branch_rows, f32::NAN);
         let grads = DeviceGrads {
             dq: &mut dq,
             dk: &mut dk,
@@ -590,13 +599,9 @@ fn gpu_backward_short_buffers_are_errors_before_any_launch() {
             dims,
             &config,
             &inputs,
-            if field == "lse" { &short_lse } else { &lse },
-            Some(if field == "branch_out" {
-                &short_branch
-            } else {
-                &branch_out
-            }),
-            if field == "d_o" { &short_do } else { &d_o },
+            &lse,
+            Some(&branch_out),
+            &d_o,
             BackwardMode::Fast,
             grads,
         );

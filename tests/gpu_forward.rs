@@ -492,11 +492,12 @@ fn gpu_buffers_of_another_gpu_are_errors() {
     );
 }
 
-/// Every output buffer of `forward_into` one element short is an `Error::Length` naming it, its
-/// length and the expected one, and no kernel runs: the outputs keep their poison.
+/// Every device buffer of `forward_into` one element short (inputs and outputs) is an
+/// `Error::Length` naming it, its length and the expected one, and no kernel runs: the outputs
+/// keep their poison.
 #[test]
-fn gpu_forward_short_outputs_are_errors_before_any_launch() {
-    let Some(gpu) = gpu("gpu_forward_short_outputs_are_errors_before_any_launch") else {
+fn gpu_forward_short_buffers_are_errors_before_any_launch() {
+    let Some(gpu) = gpu("gpu_forward_short_buffers_are_errors_before_any_launch") else {
         return;
     };
     let wl = workload::CTR_SMALL;
@@ -505,30 +506,41 @@ fn gpu_forward_short_outputs_are_errors_before_any_launch() {
     let (dims, config) = (wl.dims(), wl.config());
     let t = batch.num_tokens();
     let rows = t * dims.heads * dims.head_dim;
+    let branch_rows = t * dims.heads * 3;
     let mut rng = Rng::new(14);
     let x: Vec<bf16> = random_tensor(&mut rng, rows, 1.0);
-    let coeffs: Vec<f32> = random_tensor(&mut rng, dims.heads * 3, 1.0);
     let stream = gpu.stream();
     let d_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
     let d_chunks = gpu.upload_chunks(&batch, &chunks).unwrap();
-    let d_x = stream.clone_htod(&x).unwrap();
-    let d_coeffs = stream.clone_htod(&coeffs).unwrap();
-    let inputs = DeviceInputs {
-        q: &d_x,
-        k: &d_x,
-        v: &d_x,
-        coeffs: &d_coeffs,
-        gates: None,
-    };
     for (field, expected) in [
+        ("q", rows),
+        ("k", rows),
+        ("v", rows),
+        ("coeffs", dims.heads * 3),
+        ("gates", branch_rows),
         ("o", rows),
-        ("lse", t * dims.heads * 3),
+        ("lse", branch_rows),
         ("branch_out", 3 * rows),
     ] {
         let len = |f: &str, n: usize| if f == field { n - 1 } else { n };
+        let input = |f: &str| stream.clone_htod(&x[..len(f, rows)]).unwrap();
+        let (q, k, v) = (input("q"), input("k"), input("v"));
+        let coeffs = stream
+            .clone_htod(&vec![0.5f32; len("coeffs", dims.heads * 3)])
+            .unwrap();
+        let gates = stream
+            .clone_htod(&vec![bf16::ONE; len("gates", branch_rows)])
+            .unwrap();
+        let inputs = DeviceInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            coeffs: &coeffs,
+            gates: Some(DeviceGates::Native(&gates)),
+        };
         let mut o = stream.clone_htod(&vec![bf16::NAN; len("o", rows)]).unwrap();
         let mut lse = stream
-            .clone_htod(&vec![f32::NAN; len("lse", t * dims.heads * 3)])
+            .clone_htod(&vec![f32::NAN; len("lse", branch_rows)])
             .unwrap();
         let mut branch_out = stream
             .clone_htod(&vec![bf16::NAN; len("branch_out", 3 * rows)])
