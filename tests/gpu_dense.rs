@@ -338,3 +338,96 @@ fn gpu_dense_bad_calls_are_errors() {
         "{r:?}"
     );
 }
+
+/// Every device buffer of `dense_backward_into` one element short is an `Error::Length` naming
+/// it, its length and the expected one, and no kernel runs: the gradients keep their poison.
+#[test]
+fn gpu_dense_backward_short_buffers_are_errors_before_any_launch() {
+    let Some(gpu) = gpu("gpu_dense_backward_short_buffers_are_errors_before_any_launch") else {
+        return;
+    };
+    let wl = workload::CTR_SMALL;
+    let batch = wl.batch(5, 64, 512).unwrap();
+    let (dims, config) = (wl.dims(), wl.config());
+    let t = batch.num_tokens();
+    let rows = t * dims.heads * dims.head_dim;
+    let stream = gpu.stream();
+    let d_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
+    for (field, expected) in [
+        ("q", rows),
+        ("k", rows),
+        ("v", rows),
+        ("coeffs", dims.heads * 3),
+        ("o", rows),
+        ("lse", t * dims.heads),
+        ("d_o", rows),
+        ("dq", rows),
+        ("dk", rows),
+        ("dv", rows),
+        ("dcoeffs", dims.heads * 3),
+    ] {
+        let len = |f: &str, n: usize| if f == field { n - 1 } else { n };
+        let b16 = |f: &str, n: usize, x: bf16| stream.clone_htod(&vec![x; len(f, n)]).unwrap();
+        let b32 = |f: &str, n: usize, x: f32| stream.clone_htod(&vec![x; len(f, n)]).unwrap();
+        let one = bf16::ONE;
+        let (q, k, v) = (
+            b16("q", rows, one),
+            b16("k", rows, one),
+            b16("v", rows, one),
+        );
+        let coeffs = b32("coeffs", dims.heads * 3, 0.5);
+        let inputs = DeviceInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            coeffs: &coeffs,
+            gates: None,
+        };
+        let (o, d_o) = (b16("o", rows, one), b16("d_o", rows, one));
+        let lse = b32("lse", t * dims.heads, 0.0);
+        let (mut dq, mut dk, mut dv) = (
+            b16("dq", rows, bf16::NAN),
+            b16("dk", rows, bf16::NAN),
+            b16("dv", rows, bf16::NAN),
+        );
+        let mut dcoeffs = b32("dcoeffs", dims.heads * 3, f32::NAN);
+        let grads = DenseGrads {
+            dq: &mut dq,
+            dk: &mut dk,
+            dv: &mut dv,
+            dcoeffs: &mut dcoeffs,
+        };
+        let r = gpu.dense_backward_into(
+            &d_batch,
+            dims,
+            &config,
+            &inputs,
+            &o,
+            &lse,
+            &d_o,
+            BackwardMode::Fast,
+            grads,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(Error::Length { field: f, len: l, expected: e })
+                    if f == field && l == expected - 1 && e == expected
+            ),
+            "{field}: {r:?}"
+        );
+        let nan_16 = |x| {
+            stream
+                .clone_dtoh(x)
+                .unwrap()
+                .iter()
+                .all(|v: &bf16| v.is_nan())
+        };
+        assert!(
+            nan_16(&dq) && nan_16(&dk) && nan_16(&dv),
+            "{field}: a kernel ran"
+        );
+        let dc = stream.clone_dtoh(&dcoeffs).unwrap();
+        assert!(dc.iter().all(|v| v.is_nan()), "{field}: a kernel ran");
+    }
+}
