@@ -45,9 +45,9 @@ fn roundoff(dtype: DType) -> f64 {
 }
 
 /// The CUDA path against the CPU path. The CPU path is the f64 reference rounded once to the
-/// output dtype, so the CUDA path, within SPEC section 8's `tol` of the reference, is within
-/// `tol + 2u` of it (its own rounding and the CPU path's, `u` the unit roundoff). NaN never
-/// passes.
+/// output dtype, within `u` of it (`u` the unit roundoff), and the CUDA path's outputs, rounded
+/// to the dtype too, are within SPEC section 8's `tol` of the reference (the kernels' own tests
+/// hold them to it), so the two are within `tol + u` of each other. NaN never passes.
 fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
     if gpu.dims() != cpu.dims() || gpu.dtype() != cpu.dtype() {
         return Err(format!(
@@ -60,7 +60,7 @@ fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), S
     }
     let got = to_f64(gpu);
     let want = to_f64(cpu);
-    let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
+    let tol = dtype.tolerance() + roundoff(dtype);
     if let Some(zero) = common::gpu::zero_reference(name, &got, &want, tol) {
         return zero;
     }
@@ -73,10 +73,24 @@ fn compare(name: &str, gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), S
 }
 
 /// dcoeffs on the CUDA path against the CPU path, with `common::gpu::compare_dcoeffs`'s floor
-/// and the two-roundings tolerance of `compare`.
+/// and the tolerance of `compare`.
 fn compare_dcoeffs(gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
-    let tol = dtype.tolerance() + 2.0 * roundoff(dtype);
+    let tol = dtype.tolerance() + roundoff(dtype);
     common::gpu::compare_dcoeffs(&to_f64(gpu), &to_f64(cpu), tol)
+}
+
+/// The `[T, 3, H, D]` gradient of qkv compared as dQ, dK and dV, each against its own norm: a
+/// small one's error does not hide in the others'.
+fn compare_dqkv(gpu: &Tensor, cpu: &Tensor, dtype: DType) -> Result<(), String> {
+    for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        let part = |t: &Tensor| {
+            t.narrow(1, i, 1)
+                .and_then(|x| x.contiguous())
+                .map_err(|e| format!("{name}: {e}"))
+        };
+        compare(name, &part(gpu)?, &part(cpu)?, dtype)?;
+    }
+    Ok(())
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
@@ -179,7 +193,7 @@ fn evo_case<T: Element + WithDType>(
     let gpu = evo_run(&data, &layout, f32_gates, dev).map_err(|e| format!("CUDA path: {e}"))?;
     let dtype = <T as Element>::DTYPE;
     compare("O", &gpu[0], &cpu[0], dtype)?;
-    compare("dqkv", &gpu[1], &cpu[1], dtype)?;
+    compare_dqkv(&gpu[1], &cpu[1], dtype)?;
     compare_dcoeffs(&gpu[2], &cpu[2], dtype)?;
     compare("dgates", &gpu[3], &cpu[3], dtype)
 }
@@ -272,7 +286,7 @@ fn dense_matches_cpu<T: Element + WithDType>(test: &str) {
             let gpu = dense_run(&data, &layout, &dev).unwrap();
             let check = || -> Result<(), String> {
                 compare("O", &gpu[0], &cpu[0], <T as Element>::DTYPE)?;
-                compare("dqkv", &gpu[1], &cpu[1], <T as Element>::DTYPE)?;
+                compare_dqkv(&gpu[1], &cpu[1], <T as Element>::DTYPE)?;
                 compare_dcoeffs(&gpu[2], &cpu[2], <T as Element>::DTYPE)
             };
             if let Err(e) = check() {
