@@ -283,3 +283,30 @@ pub fn backward_poisoned<T: sparsectr_attn::cuda::GpuElement>(
         dgates: down_f32(&dgates)?,
     })
 }
+
+/// For the short-buffer tests: `r` is the `Error::Length` of `field`, one element short of
+/// `expected`, and every one of `outputs` (the call's poisoned outputs, as f64) is still NaN,
+/// so no kernel ran.
+pub fn assert_one_short(r: Result<(), Error>, field: &str, expected: usize, outputs: &[Vec<f64>]) {
+    assert!(
+        matches!(
+            &r,
+            Err(Error::Length { field: f, len, expected: e })
+                if *f == field && *len == expected - 1 && *e == expected
+        ),
+        "{field}: {r:?}"
+    );
+    assert!(
+        outputs.iter().flatten().all(|v| v.is_nan()),
+        "{field}: a kernel ran"
+    );
+}
+
+/// A device buffer on the host as f64.
+pub fn down_f64<T: sparsectr_attn::cuda::GpuElement>(
+    gpu: &GpuDevice,
+    x: &cudarc::driver::CudaSlice<T>,
+) -> Vec<f64> {
+    let host = gpu.stream().clone_dtoh(x).expect("download");
+    host.iter().map(|v| v.to_f64()).collect()
+}
