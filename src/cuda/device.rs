@@ -37,15 +37,17 @@ fn probe_driver() -> Result<()> {
     Ok(())
 }
 
-/// One GPU, a stream on it, and the kernel modules loaded so far.
+/// One GPU, a stream on it, and the kernels loaded so far.
 ///
-/// Kernels are compiled at first use (by NVRTC for this GPU's architecture, once per process)
-/// unless nvcc built them with the crate. Every call is enqueued on [`stream`](Self::stream).
+/// Kernels are compiled at first use (by NVRTC for this GPU's architecture, once per process,
+/// each kernel alone: a process pays for the dtypes and head dims it runs) unless nvcc built them
+/// with the crate. Every call is enqueued on [`stream`](Self::stream).
 #[derive(Debug)]
 pub struct GpuDevice {
     ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     arch: String,
+    /// Loaded modules by module name (an nvcc fatbin) or kernel name (one kernel from NVRTC).
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// A [`SparseKernels`] as u8: which sparse kernels this handle runs.
     sparse_kernels: AtomicU8,
@@ -156,7 +158,8 @@ impl GpuDevice {
         self.ctx.name().map_err(driver("cuDeviceGetName"))
     }
 
-    /// The kernel of `entry` for these template arguments, loading its module on first use.
+    /// The kernel of `entry` for these template arguments, loaded on first use: its module's
+    /// fatbin where nvcc built one, else that kernel alone compiled by NVRTC.
     pub(crate) fn function(
         &self,
         entry: Entry,
@@ -164,27 +167,35 @@ impl GpuDevice {
         head_dim: Option<usize>,
     ) -> Result<CudaFunction> {
         let k: &KernelEntry = kernels::kernel(entry, dtype, head_dim)?;
-        let module = self.module(k.module)?;
+        let module = self.module(k)?;
         module
             .load_function(k.function)
             .map_err(driver("cuModuleGetFunction"))
     }
 
-    fn module(&self, name: &'static str) -> Result<Arc<CudaModule>> {
+    fn module(&self, k: &'static KernelEntry) -> Result<Arc<CudaModule>> {
+        let source = kernels::module_source(k.module)?;
+        // nvcc's fatbin holds the whole module; NVRTC compiles each kernel alone.
+        let key = match source.prebuilt {
+            Some(_) => source.name,
+            None => k.function,
+        };
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = modules.get(name) {
+        if let Some(m) = modules.get(key) {
             return Ok(m.clone());
         }
-        let source = kernels::module_source(name)?;
         let image = match source.prebuilt {
             Some(fatbin) => fatbin.to_vec(),
-            None => kernels::cached_image(source, &self.arch)?.as_ref().clone(),
+            None => {
+                let unit = kernels::Unit::kernel(source, k.function);
+                kernels::cached_image(&unit, &self.arch)?.as_ref().clone()
+            }
         };
         let module = self
             .ctx
             .load_module(Ptx::from_binary(image))
             .map_err(driver("cuModuleLoadData"))?;
-        modules.insert(name, module.clone());
+        modules.insert(key, module.clone());
         Ok(module)
     }
 }
