@@ -294,6 +294,8 @@ struct Check {
 
 struct Timings {
     chunking: Duration,
+    /// Compiling and loading the GPU kernels (kernels loaded, time); none on the CPU.
+    kernels: Option<(usize, Duration)>,
     forward: Duration,
     backward: Option<Duration>,
 }
@@ -326,6 +328,16 @@ fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<
         gates: Some(Gates::Native(&gates)),
     };
 
+    // Once per process, and apart from the timed calls, which would otherwise include it.
+    let kernels = match backend {
+        Backend::Gpu(gpu) => {
+            let start = Instant::now();
+            let n = gpu.load_kernels(T::DTYPE, d)?;
+            Some((n, start.elapsed()))
+        }
+        Backend::CpuReference { .. } => None,
+    };
+
     let start = Instant::now();
     let fwd = backend.forward(&attn, &inputs)?;
     let forward = start.elapsed();
@@ -345,6 +357,7 @@ fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<
         &chunks,
         &Timings {
             chunking,
+            kernels,
             forward,
             backward,
         },
@@ -423,6 +436,12 @@ fn print_summary(
         c_max
     );
     println!("time      chunking  {}", fmt_duration(timings.chunking));
+    if let Some((n, t)) = timings.kernels {
+        println!(
+            "          kernels   {} ({n} compiled and loaded, once per process)",
+            fmt_duration(t)
+        );
+    }
     println!("          forward   {}", fmt_duration(timings.forward));
     match timings.backward {
         Some(t) => println!(

@@ -1,7 +1,8 @@
 //! The GPU backward against the f64 reference backward (SPEC section 8 tolerances, and each
 //! dgates entry within 1e-3: one row's lost key shows there) on awkward batches, its determinism (50 runs, bitwise), and a gradient check of the whole GPU path
 //! against finite differences of the GPU forward in f32, and f32 on peaked logits (sparse and
-//! dense, forward and backward). Without a GPU these print SKIPPED.
+//! dense, forward and backward), and `load_kernels` against what the calls load. Without a GPU
+//! these print SKIPPED.
 
 mod common;
 
@@ -614,4 +615,103 @@ fn gpu_backward_short_buffers_are_errors_before_any_launch() {
         ];
         common::gpu::assert_one_short(r, field, expected, &outputs);
     }
+}
+
+/// Runs every call that `load_kernels` prepares for `T` at head dim `d`: the GPU chunking, the
+/// sparse forward and backward (both modes, both saved forms) and the dense forward and backward.
+fn run_every_call<T: GpuElement>(gpu: &GpuDevice, d: usize) {
+    let mut rng = Rng::new(d as u64);
+    let batch = workload::generate_batch(&mut rng, 2, 24, 3, true).unwrap();
+    let chunks = Chunks::personalized(&batch, 4).unwrap();
+    let dims = Dims {
+        heads: 2,
+        head_dim: d,
+    };
+    let config = AttnConfig::new(1, 6);
+    let device_batch = gpu.upload_batch(&batch, &config.temporal).unwrap();
+    gpu.chunk(&device_batch, 4).unwrap();
+    let n = dims.tensor_len(batch.num_tokens()).unwrap();
+    let (q, k, v, d_o): (Vec<T>, Vec<T>, Vec<T>, Vec<T>) = (
+        random_tensor(&mut rng, n, 1.0),
+        random_tensor(&mut rng, n, 1.0),
+        random_tensor(&mut rng, n, 1.0),
+        random_tensor(&mut rng, n, 1.0),
+    );
+    let coeffs: Vec<f32> = random_tensor(&mut rng, dims.heads * NUM_BRANCHES, 0.5);
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        coeffs: &coeffs,
+        gates: None,
+    };
+    gpu.forward_host(&batch, &chunks, dims, &config, &inputs)
+        .unwrap();
+    for mode in [BackwardMode::Fast, BackwardMode::Deterministic] {
+        for saved in [Saved::BranchOutputs, Saved::LseOnly] {
+            gpu.backward_host(&batch, &chunks, dims, &config, &inputs, &d_o, mode, saved)
+                .unwrap();
+        }
+    }
+    gpu.dense_forward_host(&batch, dims, &config, &inputs)
+        .unwrap();
+    gpu.dense_backward_host(&batch, dims, &config, &inputs, &d_o)
+        .unwrap();
+}
+
+/// `load_kernels` loads every kernel that the calls of its dtype and head dim run, and nothing
+/// more: after it, those calls load nothing. Each case on a handle of its own (the kernel choice
+/// differs, and a handle's loaded kernels are its own).
+#[test]
+fn gpu_load_kernels_loads_what_the_calls_run() {
+    if gpu("gpu_load_kernels_loads_what_the_calls_run").is_none() {
+        return;
+    }
+    fn check<T: GpuElement>(kernels: SparseKernels) {
+        for &d in sparsectr_attn::SUPPORTED_HEAD_DIMS {
+            let h = own_handle("gpu_load_kernels_loads_what_the_calls_run", kernels).unwrap();
+            let n = h.load_kernels(T::DTYPE, d).unwrap();
+            let loaded = h.loaded_kernels();
+            assert!(n > 0 && loaded.len() == n, "{n} loaded, {loaded:?}");
+            assert_eq!(h.load_kernels(T::DTYPE, d).unwrap(), 0, "a second time");
+            run_every_call::<T>(&h, d);
+            assert_eq!(
+                h.loaded_kernels(),
+                loaded,
+                "{:?} D = {d} {kernels:?}: the calls loaded more than load_kernels",
+                T::DTYPE
+            );
+        }
+    }
+    check::<f32>(SparseKernels::Auto);
+    check::<bf16>(SparseKernels::Auto);
+    check::<f16>(SparseKernels::Auto);
+    check::<bf16>(SparseKernels::Warp);
+}
+
+#[test]
+fn gpu_load_kernels_refuses_what_has_no_kernel() {
+    let Some(gpu) = gpu("gpu_load_kernels_refuses_what_has_no_kernel") else {
+        return;
+    };
+    let r = gpu.load_kernels(DType::F32, 48);
+    assert!(
+        matches!(
+            r,
+            Err(sparsectr_attn::Error::UnsupportedHeadDim { value: 48, .. })
+        ),
+        "{r:?}"
+    );
+    let r = gpu.load_kernels(DType::F64, 64);
+    assert!(
+        matches!(
+            r,
+            Err(sparsectr_attn::Error::NoKernel {
+                dtype: "f64",
+                head_dim: _,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
 }

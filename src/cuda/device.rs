@@ -173,13 +173,18 @@ impl GpuDevice {
             .map_err(driver("cuModuleGetFunction"))
     }
 
+    /// The key of `k`'s module in `modules`: nvcc's fatbin holds the whole module; NVRTC
+    /// compiles each kernel alone.
+    fn module_key(&self, k: &'static KernelEntry) -> &'static str {
+        match kernels::module_source(k.module) {
+            Ok(source) if source.prebuilt.is_some() => source.name,
+            _ => k.function,
+        }
+    }
+
     fn module(&self, k: &'static KernelEntry) -> Result<Arc<CudaModule>> {
         let source = kernels::module_source(k.module)?;
-        // nvcc's fatbin holds the whole module; NVRTC compiles each kernel alone.
-        let key = match source.prebuilt {
-            Some(_) => source.name,
-            None => k.function,
-        };
+        let key = self.module_key(k);
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = modules.get(key) {
             return Ok(m.clone());
@@ -201,6 +206,93 @@ impl GpuDevice {
 }
 
 impl GpuDevice {
+    /// Compiles and loads, ahead of the first call, every kernel that calls on `dtype` inputs
+    /// with `head_dim` run on this handle under its current [`SparseKernels`]: the sparse forward
+    /// and backward, the dense counterpart's, and [`chunk`](Self::chunk). Calls compile what they
+    /// need at first use anyway (with NVRTC, where nvcc did not build the crate); this moves the
+    /// cost ahead, e.g. before a server takes requests, and compiles the kernels in parallel, one
+    /// thread per core. Returns the number of kernels it compiled or loaded (0 when all were
+    /// loaded already).
+    ///
+    /// A `head_dim` outside [`SUPPORTED_HEAD_DIMS`](crate::SUPPORTED_HEAD_DIMS) is an
+    /// [`Error::UnsupportedHeadDim`]; f64, and f32 under [`SparseKernels::TensorCore`], are an
+    /// [`Error::NoKernel`], as the calls would be.
+    pub fn load_kernels(&self, dtype: DType, head_dim: usize) -> Result<usize> {
+        if !crate::SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+            return Err(Error::UnsupportedHeadDim {
+                value: head_dim,
+                supported: crate::SUPPORTED_HEAD_DIMS,
+            });
+        }
+        let wanted = self.kernels_for(dtype, head_dim)?;
+        let missing: Vec<&'static KernelEntry> = {
+            let modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+            wanted
+                .into_iter()
+                .filter(|k| !modules.contains_key(self.module_key(k)))
+                .collect()
+        };
+        // NVRTC's images first, in parallel (each into the process's image cache); the loads
+        // below then find them there.
+        let mut units = Vec::new();
+        for k in &missing {
+            let source = kernels::module_source(k.module)?;
+            if source.prebuilt.is_none() {
+                units.push(kernels::Unit::kernel(source, k.function));
+            }
+        }
+        for r in kernels::parallel_map(&units, |u| kernels::cached_image(u, &self.arch)) {
+            r?;
+        }
+        for k in &missing {
+            self.module(k)?;
+        }
+        Ok(missing.len())
+    }
+
+    /// What this handle has loaded, sorted: kernel names where NVRTC compiled each kernel alone
+    /// (`evo_forward_tc_bf16_d64`), module names where nvcc built the crate (`forward_tc`).
+    pub fn loaded_kernels(&self) -> Vec<&'static str> {
+        let modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<&'static str> = modules.keys().copied().collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The kernels that calls on `dtype` with `head_dim` run (see [`load_kernels`](Self::load_kernels)).
+    fn kernels_for(&self, dtype: DType, head_dim: usize) -> Result<Vec<&'static KernelEntry>> {
+        let (d, dim) = (Some(dtype), Some(head_dim));
+        let mut entries = vec![
+            (Entry::Chunking, None, None),
+            (Entry::Pooling, d, None),
+            (Entry::CoeffsReduce, None, None),
+            (Entry::DenseForward, d, dim),
+            (Entry::DenseBackwardQuery, d, dim),
+            (Entry::DenseBackwardKey, d, dim),
+        ];
+        if self.sparse_uses_warp_kernels(dtype) {
+            entries.extend([
+                (Entry::Forward, d, dim),
+                (Entry::BackwardQuery, d, dim),
+                (Entry::BackwardSummary, d, dim),
+                (Entry::BackwardKey, d, dim),
+            ]);
+        } else {
+            entries.extend([
+                (Entry::ForwardTc, d, dim),
+                (Entry::BackwardQueryTc, d, dim),
+                (Entry::BackwardSummaryTc, d, dim),
+                (Entry::BackwardTailsTc, d, dim),
+                (Entry::BackwardKeyTc, d, dim),
+                (Entry::BackwardUserReduce, d, dim),
+            ]);
+        }
+        entries
+            .into_iter()
+            .map(|(entry, dtype, dim)| kernels::kernel(entry, dtype, dim))
+            .collect()
+    }
+
     /// Whether a sparse call on dtype `dtype` runs the warp-per-query kernels (else tensor cores).
     pub(crate) fn sparse_uses_warp_kernels(&self, dtype: DType) -> bool {
         match self.sparse_kernels() {

@@ -371,6 +371,29 @@ pub(crate) fn compile_unit(unit: &Unit, arch: &str) -> Result<CompiledModule> {
     })
 }
 
+/// `f` of every item, in order, on up to one thread per core: NVRTC compiles distinct programs
+/// concurrently (its user guide: only calls on the same program race), one core each.
+pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(items.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done: Mutex<Vec<(usize, R)>> = Mutex::new(Vec::with_capacity(items.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let r = f(item);
+                done.lock().unwrap_or_else(|p| p.into_inner()).push((i, r));
+            });
+        }
+    });
+    let mut done = done.into_inner().unwrap_or_else(|p| p.into_inner());
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
 /// Compiled images, once per process, unit and architecture.
 pub(crate) fn cached_image(unit: &Unit, arch: &str) -> Result<Arc<Vec<u8>>> {
     type Cache = Mutex<HashMap<(&'static str, String), Arc<Vec<u8>>>>;
@@ -404,22 +427,25 @@ pub struct KernelReport {
 }
 
 /// Compiles every kernel with NVRTC for `arch`, each alone as the GPU path loads it (see
-/// `GpuDevice`), and returns ptxas's report of each. Needs NVRTC, not a GPU: CI uses it to check
+/// `GpuDevice`; in parallel, one thread per core), and returns ptxas's report of each. Needs NVRTC, not a GPU: CI uses it to check
 /// that every variant compiles without register spills.
 ///
 /// NVRTC 12.9+ keeps a compile cache where a CUDA driver is installed, and a program it serves
 /// from there comes with an empty log: such a program is an error here rather than a report that
 /// silently lacks its kernels. Run with `CUDA_CACHE_DISABLE=1` for a full report.
 pub fn compile_report(arch: &str) -> Result<Vec<KernelReport>> {
-    let mut reports = Vec::new();
-    let mut done = std::collections::HashSet::new();
+    let mut units = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for k in KERNELS {
         let unit = Unit::kernel(module_source(k.module)?, k.function);
         // A module compiled whole (a SPARSECTR_KERNEL_DIR source) reports all its kernels.
-        if !done.insert(unit.name) {
-            continue;
+        if seen.insert(unit.name) {
+            units.push(unit);
         }
-        let m = compile_unit(&unit, arch)?;
+    }
+    let mut reports = Vec::new();
+    for m in parallel_map(&units, |u| compile_unit(u, arch)) {
+        let m = m?;
         let parsed = parse_ptxas_log(&m.log, arch);
         if parsed.is_empty() {
             return Err(Error::Compile {
