@@ -185,10 +185,17 @@ impl GpuDevice {
     fn module(&self, k: &'static KernelEntry) -> Result<Arc<CudaModule>> {
         let source = kernels::module_source(k.module)?;
         let key = self.module_key(k);
-        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = modules.get(key) {
+        if let Some(m) = self
+            .modules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
             return Ok(m.clone());
         }
+        // Compiled and loaded outside the lock, so that threads needing other kernels compile
+        // theirs at the same time; two threads after the same kernel both load it, and the
+        // first to finish is kept.
         let image = match source.prebuilt {
             Some(fatbin) => fatbin.to_vec(),
             None => {
@@ -200,8 +207,8 @@ impl GpuDevice {
             .ctx
             .load_module(Ptx::from_binary(image))
             .map_err(driver("cuModuleLoadData"))?;
-        modules.insert(key, module.clone());
-        Ok(module)
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(modules.entry(key).or_insert(module).clone())
     }
 }
 

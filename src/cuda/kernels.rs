@@ -394,19 +394,22 @@ pub(crate) fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + 
     done.into_iter().map(|(_, r)| r).collect()
 }
 
-/// Compiled images, once per process, unit and architecture.
+/// Compiled images, once per process, unit and architecture. Each unit compiles in a slot of
+/// its own: a thread that needs a unit being compiled waits for that compile, and the compiles
+/// of different units run at the same time. A failed compile is kept too (the sources are
+/// fixed for the process, so it would fail again).
 pub(crate) fn cached_image(unit: &Unit, arch: &str) -> Result<Arc<Vec<u8>>> {
-    type Cache = Mutex<HashMap<(&'static str, String), Arc<Vec<u8>>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    let cache = CACHE.get_or_init(Default::default);
-    let key = (unit.name, arch.to_string());
-    if let Some(image) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-        return Ok(image.clone());
-    }
-    // Compile outside the lock: a slow compile of one unit must not block others.
-    let image = Arc::new(compile_unit(unit, arch)?.cubin);
-    let mut guard = cache.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(guard.entry(key).or_insert(image).clone())
+    type Slot = Arc<OnceLock<Result<Arc<Vec<u8>>>>>;
+    static CACHE: OnceLock<Mutex<HashMap<(&'static str, String), Slot>>> = OnceLock::new();
+    let slot = CACHE
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry((unit.name, arch.to_string()))
+        .or_default()
+        .clone();
+    slot.get_or_init(|| compile_unit(unit, arch).map(|m| Arc::new(m.cubin)))
+        .clone()
 }
 
 /// Register and spill figures ptxas reported for one kernel.
@@ -607,6 +610,37 @@ mod tests {
                 assert!(!list.contains(&format!("({},", other.function)));
                 assert!(!list.contains(&format!("({})", other.function)));
             }
+        }
+    }
+
+    /// Needs NVRTC (`source scripts/nvrtc-env.sh`), not a GPU.
+    #[test]
+    fn threads_after_one_unit_share_one_compile_and_its_failure() {
+        let k = kernel(Entry::CoeffsReduce, None, None).unwrap();
+        let unit = Unit::kernel(module_source(k.module).unwrap(), k.function);
+        let images = parallel_map(&[0, 1, 2, 3], |_| cached_image(&unit, "sm_90"));
+        let first = images[0].as_ref().expect("NVRTC compiles coeffs_reduce");
+        assert!(!first.is_empty());
+        for image in &images {
+            assert!(
+                Arc::ptr_eq(first, image.as_ref().unwrap()),
+                "compiled twice"
+            );
+        }
+        // Another architecture is another image.
+        let sm80 = cached_image(&unit, "sm_80").unwrap();
+        assert!(!Arc::ptr_eq(first, &sm80));
+        let bad = Unit {
+            name: "evo_test_does_not_compile",
+            source: "extern \"C\" __global__ void evo_test_does_not_compile() { nope; }".into(),
+        };
+        let errors = parallel_map(&[0, 1], |_| cached_image(&bad, "sm_90"));
+        for e in errors {
+            assert!(
+                matches!(&e, Err(Error::Compile { kernel, log })
+                    if kernel.contains("evo_test_does_not_compile") && log.contains("nope")),
+                "{e:?}"
+            );
         }
     }
 
