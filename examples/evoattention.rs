@@ -438,7 +438,7 @@ fn print_summary(
     println!("time      chunking  {}", fmt_duration(timings.chunking));
     if let Some((n, t)) = timings.kernels {
         println!(
-            "          kernels   {} ({n} compiled and loaded, once per process)",
+            "          kernels   {} (load_kernels: {n} loaded, dense ones too; once per process)",
             fmt_duration(t)
         );
     }

@@ -659,27 +659,40 @@ fn run_every_call<T: GpuElement>(gpu: &GpuDevice, d: usize) {
         .unwrap();
 }
 
-/// `load_kernels` loads every kernel that the calls of its dtype and head dim run, and nothing
-/// more: after it, those calls load nothing. Each case on a handle of its own (the kernel choice
-/// differs, and a handle's loaded kernels are its own).
+/// `load_kernels` loads exactly the kernels that the calls of its dtype and head dim run: a
+/// handle that only ran the calls has loaded the same list, and after `load_kernels` the calls
+/// load nothing more. Each case on handles of their own (the kernel choice differs, and a
+/// handle's loaded kernels are its own).
 #[test]
 fn gpu_load_kernels_loads_what_the_calls_run() {
-    if gpu("gpu_load_kernels_loads_what_the_calls_run").is_none() {
+    const NAME: &str = "gpu_load_kernels_loads_what_the_calls_run";
+    if gpu(NAME).is_none() {
         return;
     }
     fn check<T: GpuElement>(kernels: SparseKernels) {
         for &d in sparsectr_attn::SUPPORTED_HEAD_DIMS {
-            let h = own_handle("gpu_load_kernels_loads_what_the_calls_run", kernels).unwrap();
-            let n = h.load_kernels(T::DTYPE, d).unwrap();
-            let loaded = h.loaded_kernels();
-            assert!(n > 0 && loaded.len() == n, "{n} loaded, {loaded:?}");
-            assert_eq!(h.load_kernels(T::DTYPE, d).unwrap(), 0, "a second time");
-            run_every_call::<T>(&h, d);
+            let what = format!("{:?} D = {d} {kernels:?}", T::DTYPE);
+            let lazy = own_handle(NAME, kernels).unwrap();
+            run_every_call::<T>(&lazy, d);
+            let ahead = own_handle(NAME, kernels).unwrap();
+            let n = ahead.load_kernels(T::DTYPE, d).unwrap();
+            let loaded = ahead.loaded_kernels();
+            assert_eq!(loaded.len(), n, "{what}: {n} loaded, {loaded:?}");
             assert_eq!(
-                h.loaded_kernels(),
                 loaded,
-                "{:?} D = {d} {kernels:?}: the calls loaded more than load_kernels",
-                T::DTYPE
+                lazy.loaded_kernels(),
+                "{what}: load_kernels vs the calls"
+            );
+            assert_eq!(
+                ahead.load_kernels(T::DTYPE, d).unwrap(),
+                0,
+                "{what}: a second time"
+            );
+            run_every_call::<T>(&ahead, d);
+            assert_eq!(
+                ahead.loaded_kernels(),
+                loaded,
+                "{what}: the calls loaded more"
             );
         }
     }

@@ -6,8 +6,9 @@
 // zero). Every output and every scratch buffer a kernel claims to fill is poisoned with NaN first.
 //
 // The kernels are the sources build.rs generates (kernels/*.cu with their headers inlined and the
-// `// @instantiate` lines expanded), i.e. exactly what NVRTC compiles; each goes in a namespace of
-// its own so that one translation unit holds them all and every launch is type-checked:
+// `// @instantiate` lines expanded), i.e. the code NVRTC compiles (there one instantiation at a
+// time); each goes in a namespace of its own so that one translation unit holds them all and
+// every launch is type-checked:
 //
 //   cd kernels/emu && OUT=$(ls -td ../../target/release/build/sparsectr-attn-*/out | head -1)
 //   g++ -O2 -std=c++20 -pthread -fno-strict-aliasing -fdata-sections -Wl,-T,emu_shared.ld \

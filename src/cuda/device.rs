@@ -174,7 +174,9 @@ impl GpuDevice {
     }
 
     /// The key of `k`'s module in `modules`: nvcc's fatbin holds the whole module; NVRTC
-    /// compiles each kernel alone.
+    /// compiles each kernel alone. (A `SPARSECTR_KERNEL_DIR` source that NVRTC compiles whole is
+    /// then loaded once per kernel used: a developer's hook, not worth scanning every source on
+    /// every call to tell.)
     fn module_key(&self, k: &'static KernelEntry) -> &'static str {
         match kernels::module_source(k.module) {
             Ok(source) if source.prebuilt.is_some() => source.name,
@@ -217,9 +219,9 @@ impl GpuDevice {
     /// with `head_dim` run on this handle under its current [`SparseKernels`]: the sparse forward
     /// and backward, the dense counterpart's, and [`chunk`](Self::chunk). Calls compile what they
     /// need at first use anyway (with NVRTC, where nvcc did not build the crate); this moves the
-    /// cost ahead, e.g. before a server takes requests, and compiles the kernels in parallel, one
-    /// thread per core. Returns the number of kernels it compiled or loaded (0 when all were
-    /// loaded already).
+    /// cost ahead, e.g. before a server takes requests, and compiles the kernels in parallel (up
+    /// to 8 threads). Returns how many it loaded, 0 when all were loaded already: kernels, or
+    /// modules where nvcc built the crate (each holds all the kernels of one entry point).
     ///
     /// A `head_dim` outside [`SUPPORTED_HEAD_DIMS`](crate::SUPPORTED_HEAD_DIMS) is an
     /// [`Error::UnsupportedHeadDim`]; f64, and f32 under [`SparseKernels::TensorCore`], are an
@@ -266,7 +268,8 @@ impl GpuDevice {
         names
     }
 
-    /// The kernels that calls on `dtype` with `head_dim` run (see [`load_kernels`](Self::load_kernels)).
+    /// The kernels that calls on `dtype` with `head_dim` run (see
+    /// [`load_kernels`](Self::load_kernels)).
     fn kernels_for(&self, dtype: DType, head_dim: usize) -> Result<Vec<&'static KernelEntry>> {
         let (d, dim) = (Some(dtype), Some(head_dim));
         let mut entries = vec![
