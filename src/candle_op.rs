@@ -119,6 +119,12 @@ fn check_dims(what: &str, t: &Tensor, want: &[usize]) -> candle_core::Result<()>
 /// Sparse EvoAttention: `qkv` `[T, 3, H, D]` (f32, f16 or bf16; Q, K, V stacked), `coeffs`
 /// `[H, 3]` f32, `gates` `[T, H, 3]` (the dtype of `qkv`, or f32). Returns `O` `[T, H, D]`.
 /// Differentiable with respect to all three inputs.
+///
+/// On CUDA tensors, a call with an input that candle tracks (a `Var`, or computed from one)
+/// keeps for its backward, as long as the output lives: the forward's LSE (f32 `[T, H, 3]`)
+/// and each branch's output (`[T, H, 3, D]` of the dtype, three times `O`), which spare the
+/// backward a pass over every pair. A call on untracked tensors (inference) keeps nothing and
+/// writes no branch outputs.
 pub fn evo_attention(
     qkv: &Tensor,
     coeffs: &Tensor,
@@ -136,6 +142,7 @@ pub fn evo_attention(
         EvoOp {
             layout: layout.clone(),
             lse: LseStash::default(),
+            for_backward: qkv.track_op() || coeffs.track_op() || gates.track_op(),
         },
     )
 }
@@ -155,6 +162,7 @@ pub fn dense_attention(
         DenseOp {
             layout: layout.clone(),
             lse: LseStash::default(),
+            for_backward: qkv.track_op() || coeffs.track_op(),
         },
     )
 }
@@ -197,6 +205,10 @@ struct EvoOp {
     /// The CUDA forward's LSE, for the backward.
     #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
     lse: LseStash,
+    /// Whether candle records the op for a backward (some input is tracked). Where it does
+    /// not, no backward can reach the op, and the CUDA forward keeps nothing for one.
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    for_backward: bool,
 }
 
 impl EvoOp {
@@ -338,7 +350,8 @@ impl CustomOp3 for EvoOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         with_dtype!(s1.dtype(), T => {
-            gpu::evo_forward::<T>(&self.layout, &self.lse, (s1, l1), (s2, l2), (s3, l3))
+            let stash = self.for_backward.then_some(&self.lse);
+            gpu::evo_forward::<T>(&self.layout, stash, (s1, l1), (s2, l2), (s3, l3))
         })
     }
 
@@ -367,6 +380,9 @@ struct DenseOp {
     /// The CUDA forward's LSE, for the backward.
     #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
     lse: LseStash,
+    /// As [`EvoOp::for_backward`].
+    #[cfg_attr(not(feature = "candle-cuda"), allow(dead_code))]
+    for_backward: bool,
 }
 
 impl DenseOp {
@@ -414,7 +430,8 @@ impl CustomOp2 for DenseOp {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         with_dtype!(s1.dtype(), T => {
-            gpu::dense_forward::<T>(&self.layout, &self.lse, (s1, l1), (s2, l2))
+            let stash = self.for_backward.then_some(&self.lse);
+            gpu::dense_forward::<T>(&self.layout, stash, (s1, l1), (s2, l2))
         })
     }
 

@@ -372,3 +372,43 @@ fn cuda_views_with_offsets_give_the_same_bits() {
     let d_whole = dense_attention(&qkv_view.copy().unwrap(), &coeffs, &layout).unwrap();
     assert_eq!(to_f64(&d_view), to_f64(&d_whole), "dense O, view vs whole");
 }
+
+/// A call on untracked tensors (inference: nothing kept for a backward, no branch outputs
+/// written) gives the bits of the same call on `Var`s, for the tensor-core (bf16) and warp
+/// (f32) forwards and the dense one.
+#[test]
+fn cuda_untracked_calls_give_the_tracked_bits() {
+    fn check<T: Element + WithDType>(dev: &Device) {
+        let mut rng = Rng::new(11);
+        let batch = sparsectr_attn::workload::generate_batch(&mut rng, 3, 30, 3, true).unwrap();
+        let dims = Dims {
+            heads: 2,
+            head_dim: 64,
+        };
+        let chunks = Chunks::personalized(&batch, 4).unwrap();
+        let layout =
+            Arc::new(EvoLayout::new(batch.clone(), chunks, dims, AttnConfig::new(2, 5)).unwrap());
+        let t = batch.num_tokens();
+        let data = Data::<T>::new(5, t, dims);
+        let qkv = Tensor::from_vec(data.qkv.clone(), (t, 3, 2, 64), dev).unwrap();
+        let gates = Tensor::from_vec(data.gates.clone(), (t, 2, 3), dev).unwrap();
+        let coeffs = Tensor::from_vec(data.coeffs.clone(), (2, 3), dev).unwrap();
+        let (qkv_var, coeffs_var) = (
+            Var::from_tensor(&qkv).unwrap(),
+            Var::from_tensor(&coeffs).unwrap(),
+        );
+        assert!(!qkv.track_op() && qkv_var.as_tensor().track_op());
+        let untracked = evo_attention(&qkv, &coeffs, &gates, &layout).unwrap();
+        let tracked = evo_attention(qkv_var.as_tensor(), &coeffs, &gates, &layout).unwrap();
+        let what = <T as Element>::DTYPE;
+        assert_eq!(to_f64(&untracked), to_f64(&tracked), "sparse O {what:?}");
+        let dense = dense_attention(&qkv, &coeffs, &layout).unwrap();
+        let dense_tracked = dense_attention(&qkv, coeffs_var.as_tensor(), &layout).unwrap();
+        assert_eq!(to_f64(&dense), to_f64(&dense_tracked), "dense O {what:?}");
+    }
+    let Some(dev) = cuda("cuda_untracked_calls_give_the_tracked_bits") else {
+        return;
+    };
+    check::<bf16>(&dev);
+    check::<f32>(&dev);
+}

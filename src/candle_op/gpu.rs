@@ -257,10 +257,11 @@ fn out_shape(layout: &EvoLayout) -> Shape {
     Shape::from((layout.num_tokens(), layout.dims.heads, layout.dims.head_dim))
 }
 
-/// Sparse forward: `O` `[T, H, D]`; the LSE goes to `stash`.
+/// Sparse forward: `O` `[T, H, D]`; the LSE and the branch outputs go to `stash`, where there
+/// is one (none: no backward can follow, and the forward writes no branch outputs).
 pub(super) fn evo_forward<T: CudaElement>(
     layout: &EvoLayout,
-    stash: &LseStash,
+    stash: Option<&LseStash>,
     qkv: (&CudaStorage, &Layout),
     coeffs: (&CudaStorage, &Layout),
     gates: (&CudaStorage, &Layout),
@@ -274,20 +275,25 @@ pub(super) fn evo_forward<T: CudaElement>(
     let up = layout.on(&gpu)?;
     let mut o = dev.alloc_zeros::<T>(shape.elem_count())?;
     let mut lse = dev.alloc_zeros::<f32>(t * dims.heads * NUM_BRANCHES)?;
-    let mut branch_out = dev.alloc_zeros::<T>(3 * shape.elem_count())?;
+    let mut branch_out = match stash {
+        Some(_) => Some(dev.alloc_zeros::<T>(3 * shape.elem_count())?),
+        None => None,
+    };
     with_inputs::<T, _>(dims, t, qkv, coeffs, Some(gates), |inputs| {
         let out = DeviceOutputs {
             o: &mut o,
             lse: &mut lse,
-            branch_out: Some(&mut branch_out),
+            branch_out: branch_out.as_mut(),
         };
         gpu.forward_into(&up.batch, &up.chunks, dims, &layout.config, inputs, out)
             .map_err(err)
     })?;
-    *stash.0.lock().map_err(poisoned)? = Some(Stashed {
-        lse,
-        branch_out: Some(BranchOut(Box::new(branch_out))),
-    });
+    if let Some(stash) = stash {
+        *stash.0.lock().map_err(poisoned)? = Some(Stashed {
+            lse,
+            branch_out: branch_out.map(|b| BranchOut(Box::new(b))),
+        });
+    }
     Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), shape))
 }
 
@@ -397,10 +403,10 @@ pub(super) fn evo_backward<T: CudaElement>(
     Ok((dqkv, dcoeffs, dgates))
 }
 
-/// Dense forward: `O` `[T, H, D]`; the `[T, H]` LSE goes to `stash`.
+/// Dense forward: `O` `[T, H, D]`; the `[T, H]` LSE goes to `stash`, where there is one.
 pub(super) fn dense_forward<T: CudaElement>(
     layout: &EvoLayout,
-    stash: &LseStash,
+    stash: Option<&LseStash>,
     qkv: (&CudaStorage, &Layout),
     coeffs: (&CudaStorage, &Layout),
 ) -> CResult<(CudaStorage, Shape)> {
@@ -421,10 +427,12 @@ pub(super) fn dense_forward<T: CudaElement>(
         gpu.dense_forward_into(&up.batch, dims, &layout.config, inputs, out)
             .map_err(err)
     })?;
-    *stash.0.lock().map_err(poisoned)? = Some(Stashed {
-        lse,
-        branch_out: None,
-    });
+    if let Some(stash) = stash {
+        *stash.0.lock().map_err(poisoned)? = Some(Stashed {
+            lse,
+            branch_out: None,
+        });
+    }
     Ok((CudaStorage::wrap_cuda_slice(o, dev.clone()), shape))
 }
 
