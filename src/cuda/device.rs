@@ -241,20 +241,10 @@ impl GpuDevice {
                 .filter(|k| !modules.contains_key(self.module_key(k)))
                 .collect()
         };
-        // NVRTC's images first, in parallel (each into the process's image cache); the loads
-        // below then find them there.
-        let mut units = Vec::new();
-        for k in &missing {
-            let source = kernels::module_source(k.module)?;
-            if source.prebuilt.is_none() {
-                units.push(kernels::Unit::kernel(source, k.function));
-            }
-        }
-        for r in kernels::parallel_map(&units, |u| kernels::cached_image(u, &self.arch)) {
+        // `module` compiles and loads outside the handle's lock (cudarc binds the context to
+        // each thread that loads).
+        for r in kernels::parallel_map(&missing, |k| self.module(k)) {
             r?;
-        }
-        for k in &missing {
-            self.module(k)?;
         }
         Ok(missing.len())
     }
