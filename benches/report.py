@@ -61,7 +61,16 @@ def load(path):
                 sys.exit(f"{path}:{number}: not JSON ({e})")
             key = (obj["workload"], obj["len"])
             if obj["source"] == "torch_baselines":
+                # torch_baselines.py checks and times against the batch that the cell's last
+                # crate line exported: each row remembers that line, so that a ratio to a later
+                # crate line (another run, maybe another commit) is marked as not side by side.
+                crate = cells.get(key, {}).get("gpu_bench")
+                for r in obj["rows"]:
+                    r["crate_line"] = crate["line"] if crate else None
+                    r["crate_commit"] = crate.get("commit") if crate else None
                 obj = torch_line(obj, cells.get(key, {}).get("torch_baselines"))
+            else:
+                obj["line"] = number
             cells.setdefault(key, {})[obj["source"]] = obj
     return cells
 
@@ -114,13 +123,16 @@ def merge(cells):
                                          f"{row['compiled_while_timed']} frames while it was timed, so its "
                                          "time includes compilation")
                 ms, spread = figure(row)
-                cell["systems"].setdefault(row["system"], {})[row["pass"]] = {
-                    "ms": ms, "runs_ms": row["ms"], "spread": spread, "reps": row["reps"],
-                    "peak_bytes": row.get("peak_bytes")}
+                entry = {"ms": ms, "runs_ms": row["ms"], "spread": spread, "reps": row["reps"],
+                         "peak_bytes": row.get("peak_bytes")}
+                if src is torch and rust and row.get("crate_line") != rust["line"]:
+                    entry["other_run_commit"] = row.get("crate_commit") or "unknown"
+                cell["systems"].setdefault(row["system"], {})[row["pass"]] = entry
         if rust and torch and rust["num_tokens"] != torch["num_tokens"]:
             cell["notes"].append(f"token counts differ: crate {rust['num_tokens']}, "
                                  f"PyTorch {torch['num_tokens']} (not the same batch)")
         if rust:
+            cell["commit"] = rust.get("commit")
             copy = [c for c in rust["copy_bytes_per_s"] if c]
             cell["copy_bytes_per_s"] = rust["copy_bytes_per_s"]
             cell["min_bytes_sparse_fwd"] = rust["min_bytes_sparse_fwd"]
@@ -142,9 +154,12 @@ def merge(cells):
             for p in ("fwd", "fwd_bwd"):
                 ours = sparse.get(p, {}).get("ms")
                 flex_form = base == "flex-evo" and cell.get("flex_speedup_form") == "exact64"
-                theirs = cell["systems"].get(FLEX_EXACT64 if flex_form else base, {}).get(p, {}).get("ms")
+                row = cell["systems"].get(FLEX_EXACT64 if flex_form else base, {}).get(p, {})
+                theirs = row.get("ms")
                 if ours and theirs:
                     cell["speedups"].setdefault(base, {})[p] = theirs / ours
+                    if "other_run_commit" in row:
+                        cell.setdefault("other_run", {}).setdefault(base, {})[p] = row["other_run_commit"]
         merged.append(cell)
     return merged
 
@@ -265,7 +280,8 @@ def markdown(stem, head, merged, notes=None):
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     for c in merged:
         s = c["speedups"]
-        g = lambda b, p: fmt_x(s.get(b, {}).get(p))
+        other = c.get("other_run", {})
+        g = lambda b, p: fmt_x(s.get(b, {}).get(p)) + (" (b)" if p in other.get(b, {}) else "")
         mark = " (a)" if c.get("flex_speedup_form") == "exact64" else ""
         f = lambda p: g("flex-evo", p) + (mark if s.get("flex-evo", {}).get(p) else "")
         out.append(f"| {c['workload']} | {c['len']} | {c.get('num_tokens', '-')} | {g('dense-ours', 'fwd')} | "
@@ -276,6 +292,14 @@ def markdown(stem, head, merged, notes=None):
         out += ["", "(a) Against FlexAttention with the bias computed as SPEC writes it, in int64 and f64 "
                 "per element (the only form timed before 2026-11-23); `torch_baselines.py` now times a form "
                 "in 32-bit operations (flex-evo) by default, and this cell has no row of it yet."]
+    crossed = sorted({(c["workload"], c["len"], commit) for c in merged
+                      for by_pass in c.get("other_run", {}).values() for commit in by_pass.values()})
+    if crossed:
+        runs = "; ".join(f"{w} n = {n}: PyTorch timed beside the crate at {commit[:7]}"
+                         for w, n, commit in crossed)
+        out += ["", "(b) Not side by side: the PyTorch row was timed in an earlier run than the sparse "
+                f"row it is divided by ({runs}); the sparse rows are the cell's latest. Read it as an "
+                "estimate until both are timed again in one run."]
     out += ["", f"![speed-up against n]({stem}-speedup.svg)", ""]
     out.append("## Every measurement")
     for c in merged:
@@ -283,6 +307,8 @@ def markdown(stem, head, merged, notes=None):
         out.append(f"B = {c.get('num_seqs', '-')}, T = {c.get('num_tokens', '-')}, H = {c.get('heads', '-')}, "
                    f"D = {c.get('head_dim', '-')}, P = {c.get('num_chunks', '-')}, m = {c.get('tail_tokens', '-')}, "
                    f"w = {c.get('window', '-')}, {c.get('candidates', '-')} candidates per user.")
+        if len(head["commit"]) > 1 and c.get("commit"):
+            out.append(f"Crate rows at commit {c['commit'][:7]}.")
         copy = c.get("copy_bytes_per_s")
         if copy:
             out.append(f"Device-to-device copy: {sum(copy) / len(copy) / 1e9:.0f} GB/s "
@@ -302,6 +328,11 @@ def markdown(stem, head, merged, notes=None):
                        f"{c.get('num_tokens')} real ones.")
         for note in c["notes"]:
             out.append(f"**Note:** {note}.")
+        earlier = sorted({r["other_run_commit"][:7] for sys_rows in c["systems"].values()
+                          for r in sys_rows.values() if "other_run_commit" in r})
+        if earlier:
+            out.append(f"**Note:** the PyTorch rows come from an earlier run (crate at {', '.join(earlier)}) "
+                       "than the crate's rows above them.")
         out += ["", "| system | pass | ms | spread | reps | peak GiB |", "|---|---|---|---|---|---|"]
         for system in [SPARSE] + [b for b, _ in BASELINES] + [FLEX_EXACT64]:
             for p, r in c["systems"].get(system, {}).items():
