@@ -298,6 +298,9 @@ struct Timings {
     kernels: Option<(usize, Duration)>,
     forward: Duration,
     backward: Option<Duration>,
+    /// The same calls once more on the GPU (forward, backward): the first calls also pay for
+    /// the process's first allocations and each kernel's first launch.
+    again: Option<(Duration, Option<Duration>)>,
 }
 
 fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<bool> {
@@ -350,6 +353,23 @@ fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<
         (None, None)
     };
 
+    let again = match backend {
+        Backend::Gpu(_) => {
+            let start = Instant::now();
+            backend.forward(&attn, &inputs)?;
+            let forward = start.elapsed();
+            let backward = if args.backward {
+                let start = Instant::now();
+                backend.backward(&attn, &inputs, &d_o)?;
+                Some(start.elapsed())
+            } else {
+                None
+            };
+            Some((forward, backward))
+        }
+        Backend::CpuReference { .. } => None,
+    };
+
     print_summary(
         args,
         backend,
@@ -360,6 +380,7 @@ fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<
             kernels,
             forward,
             backward,
+            again,
         },
     );
     let checks = check_outputs(&attn, &fwd, grads.as_ref());
@@ -449,6 +470,15 @@ fn print_summary(
             fmt_duration(t)
         ),
         None => println!("          backward  skipped (--no-backward)"),
+    }
+    if let Some((forward, backward)) = timings.again {
+        let backward =
+            backward.map_or(String::new(), |t| format!(", backward {}", fmt_duration(t)));
+        println!(
+            "          again     forward {}{backward} (the same calls once more: the first pay for \
+             first allocations and launches)",
+            fmt_duration(forward)
+        );
     }
 }
 
