@@ -418,6 +418,20 @@ fn run(args: &Args, threads: &str) -> Result<(), String> {
     let device = if args.cuda {
         let device = Device::new_cuda(0).map_err(|e| format!("--cuda: {e}"))?;
         println!("device    GPU 0 (candle's CUDA backend; the attention runs through the crate's kernels)");
+        // The model is f32. Loaded here in parallel, the kernels stay out of the first step,
+        // which would otherwise compile them one after another.
+        let start = Instant::now();
+        let n = sparsectr_attn::candle_op::load_kernels(
+            &device,
+            candle_core::DType::F32,
+            args.head_dim,
+        )
+        .map_err(|e| format!("--cuda: loading the kernels: {e}"))?;
+        println!(
+            "kernels   {n} loaded in {:.2} s (candle_op::load_kernels: f32, D = {}, sparse and dense)",
+            start.elapsed().as_secs_f64(),
+            args.head_dim
+        );
         device
     } else {
         println!(

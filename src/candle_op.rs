@@ -147,6 +147,72 @@ pub fn evo_attention(
     )
 }
 
+/// Compiles and loads ahead of time every kernel that [`evo_attention`] and [`dense_attention`]
+/// (forward and backward) run on `device` for `dtype` (f32, f16 or bf16) and `head_dim`, in
+/// parallel: otherwise each compiles at its first use (with NVRTC, where nvcc did not build the
+/// crate), one after another inside the first training step. Returns how many it loaded, 0
+/// when all were loaded already. On a CPU device there is nothing to load: `Ok(0)`.
+///
+/// A head dim the kernels do not take, a dtype other than f32, f16 and bf16, and a device this
+/// build has no kernels for (CUDA without the feature `candle-cuda`, Metal) are errors.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// let dev = candle_core::Device::Cpu;
+/// assert_eq!(sparsectr_attn::candle_op::load_kernels(&dev, candle_core::DType::BF16, 64)?, 0);
+/// # Ok(())
+/// # }
+/// ```
+pub fn load_kernels(
+    device: &candle_core::Device,
+    dtype: CDType,
+    head_dim: usize,
+) -> candle_core::Result<usize> {
+    let kernel_dtype = match dtype {
+        CDType::F32 => crate::DType::F32,
+        CDType::F16 => crate::DType::F16,
+        CDType::BF16 => crate::DType::BF16,
+        d => candle_core::bail!("sparsectr-attn: no kernels for dtype {d:?} (f32, f16 or bf16)"),
+    };
+    if !crate::SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(err(crate::Error::UnsupportedHeadDim {
+            value: head_dim,
+            supported: crate::SUPPORTED_HEAD_DIMS,
+        }));
+    }
+    match device {
+        candle_core::Device::Cpu => Ok(0),
+        #[cfg(feature = "candle-cuda")]
+        candle_core::Device::Cuda(dev) => gpu::load_kernels(dev, kernel_dtype, head_dim),
+        d => {
+            // Checked above all the same, so that a bad dtype is named on every build.
+            let _ = kernel_dtype;
+            candle_core::bail!(
+                "sparsectr-attn: no kernels for device {:?} in this build (CUDA needs the \
+                 feature candle-cuda)",
+                d.location()
+            )
+        }
+    }
+}
+
+/// What the ops on `device` have loaded so far, sorted (see [`GpuDevice::loaded_kernels`]): one
+/// handle per candle stream holds them. Empty on a CPU device.
+///
+/// [`GpuDevice::loaded_kernels`]: crate::cuda::GpuDevice::loaded_kernels
+pub fn loaded_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<&'static str>> {
+    match device {
+        candle_core::Device::Cpu => Ok(Vec::new()),
+        #[cfg(feature = "candle-cuda")]
+        candle_core::Device::Cuda(dev) => gpu::loaded_kernels(dev),
+        d => candle_core::bail!(
+            "sparsectr-attn: no kernels for device {:?} in this build (CUDA needs the feature \
+             candle-cuda)",
+            d.location()
+        ),
+    }
+}
+
 /// The dense counterpart (SPEC section 5, no gates): `qkv` `[T, 3, H, D]`, `coeffs` `[H, 3]`
 /// f32. Returns `O` `[T, H, D]`; differentiable with respect to both inputs.
 pub fn dense_attention(

@@ -412,3 +412,45 @@ fn cuda_untracked_calls_give_the_tracked_bits() {
     check::<bf16>(&dev);
     check::<f32>(&dev);
 }
+
+/// After `load_kernels`, the ops' forward and backward (sparse and dense) of that dtype and head
+/// dim load nothing more on that device, and a second `load_kernels` loads nothing.
+#[test]
+fn cuda_load_kernels_loads_what_the_ops_run() {
+    use sparsectr_attn::candle_op::{load_kernels, loaded_kernels};
+    fn check<T: Element + WithDType>(dev: &Device, head_dim: usize) {
+        let what = format!("{:?} D = {head_dim}", <T as Element>::DTYPE);
+        let n = load_kernels(dev, <T as WithDType>::DTYPE, head_dim).unwrap();
+        assert!(n > 0, "{what}: nothing loaded on a device of its own");
+        let before = loaded_kernels(dev).unwrap();
+        let mut rng = Rng::new(3);
+        let batch = sparsectr_attn::workload::generate_batch(&mut rng, 3, 30, 3, true).unwrap();
+        let dims = Dims { heads: 2, head_dim };
+        let chunks = Chunks::personalized(&batch, 4).unwrap();
+        let layout = Arc::new(EvoLayout::new(batch, chunks, dims, AttnConfig::new(2, 5)).unwrap());
+        let data = Data::<T>::new(7, layout.num_tokens(), dims);
+        evo_run(&data, &layout, false, dev).unwrap();
+        evo_run(&data, &layout, true, dev).unwrap();
+        dense_run(&data, &layout, dev).unwrap();
+        assert_eq!(
+            loaded_kernels(dev).unwrap(),
+            before,
+            "{what}: the ops loaded more"
+        );
+        assert_eq!(
+            load_kernels(dev, <T as WithDType>::DTYPE, head_dim).unwrap(),
+            0,
+            "{what}"
+        );
+    }
+    if cuda("cuda_load_kernels_loads_what_the_ops_run").is_none() {
+        return;
+    }
+    // A stream of its own, hence a kernel handle of its own (one per candle stream): the other
+    // tests' kernels are not in it.
+    let dev = Device::new_cuda_with_stream(0).unwrap();
+    assert_eq!(loaded_kernels(&dev).unwrap(), Vec::<&str>::new());
+    check::<f32>(&dev, 32);
+    check::<bf16>(&dev, 64);
+    check::<f16>(&dev, 128);
+}

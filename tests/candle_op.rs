@@ -330,3 +330,39 @@ fn bad_shapes_and_dtypes_are_errors() {
             if chunked_behaviors == got && batch_behaviors == want
     ));
 }
+
+#[test]
+fn load_kernels_on_the_cpu_loads_nothing_and_bad_requests_are_errors() {
+    use sparsectr_attn::candle_op::{load_kernels, loaded_kernels};
+    let dev = Device::Cpu;
+    for dtype in [CDType::F32, CDType::F16, CDType::BF16] {
+        for &d in sparsectr_attn::SUPPORTED_HEAD_DIMS {
+            assert_eq!(
+                load_kernels(&dev, dtype, d).unwrap(),
+                0,
+                "{dtype:?} D = {d}"
+            );
+        }
+    }
+    assert_eq!(loaded_kernels(&dev).unwrap(), Vec::<&str>::new());
+    // The request is checked on every device, so a CPU run already names what a GPU would refuse.
+    let message = |dtype, d| {
+        load_kernels(&dev, dtype, d)
+            .expect_err("an error")
+            .to_string()
+    };
+    for dtype in [CDType::F64, CDType::U8, CDType::I64] {
+        let m = message(dtype, D);
+        assert!(
+            m.contains(&format!("{dtype:?}")) && m.contains("bf16"),
+            "{m:?}"
+        );
+    }
+    for d in [0, 48, 256] {
+        let m = message(CDType::BF16, d);
+        assert!(
+            m.contains("head") && m.contains(&d.to_string()),
+            "{m:?} does not name head dim {d}"
+        );
+    }
+}

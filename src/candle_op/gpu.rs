@@ -55,6 +55,21 @@ fn gpu_for(dev: &CudaDevice) -> CResult<Arc<GpuDevice>> {
     Ok(gpu)
 }
 
+/// [`super::load_kernels`] on candle's CUDA device: the kernels load into the handle that the
+/// ops on this device's stream use.
+pub(super) fn load_kernels(
+    dev: &CudaDevice,
+    dtype: crate::DType,
+    head_dim: usize,
+) -> CResult<usize> {
+    gpu_for(dev)?.load_kernels(dtype, head_dim).map_err(err)
+}
+
+/// [`super::loaded_kernels`] on candle's CUDA device.
+pub(super) fn loaded_kernels(dev: &CudaDevice) -> CResult<Vec<&'static str>> {
+    Ok(gpu_for(dev)?.loaded_kernels())
+}
+
 /// A layout's batch and chunks on one stream.
 #[derive(Debug)]
 pub(super) struct GpuLayout {
