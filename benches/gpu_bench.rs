@@ -43,7 +43,7 @@ use half::bf16;
 use sparsectr_attn::cuda::BackwardMode::{self, Fast};
 use sparsectr_attn::cuda::{
     DenseGrads, DenseOutputs, DeviceBatch, DeviceChunks, DeviceGates, DeviceGrads, DeviceInputs,
-    DeviceOutputs, GpuDevice, Saved, SparseKernels,
+    DeviceOutputs, GpuDevice, LocalPairs, Saved, SparseKernels,
 };
 use sparsectr_attn::workload::{Rng, Workload, WORKLOADS};
 use sparsectr_attn::{Chunks, Error, Gates, Inputs, JaggedBatch, Result, NUM_BRANCHES};
@@ -593,6 +593,10 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
     if args.sparse {
         peaks.push(("sparse-ours", "fwd", cell.sparse_peak(&hosts[0], false)?));
         peaks.push(("sparse-ours", "fwd_bwd", cell.sparse_peak(&hosts[0], true)?));
+        gpu.set_local_pairs(LocalPairs::Stored);
+        let stored = cell.sparse_peak(&hosts[0], true);
+        gpu.set_local_pairs(LocalPairs::Recompute);
+        peaks.push(("sparse-ours", "fwd_bwd_stored", stored?));
     }
     if args.dense {
         peaks.push(("dense-ours", "fwd", cell.dense_peak(&hosts[0], false)?));
@@ -604,6 +608,7 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
         let measured = match pass {
             "fwd" => "fwd",
             "fwd_bwd" | "fwd_bwd_det" | "e2e_fwd_bwd" => "fwd_bwd",
+            "fwd_bwd_stored" => "fwd_bwd_stored",
             _ => return None,
         };
         peaks
@@ -690,6 +695,24 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                 })?;
                 timed.push(("sparse-ours", pass, reps, ms));
             }
+            // fwd_bwd_stored: the key side reading the pairs the query kernel stored
+            // (LocalPairs::Stored), beside fwd_bwd's recomputing key side in the same run.
+            gpu.set_local_pairs(LocalPairs::Stored);
+            let stored_ms = gpu.time_median_ms(WARMUP, reps, |i| {
+                let bufs = (&mut *f, &mut *g);
+                let saved = Saved::BranchOutputs;
+                c.sparse_forward_backward(
+                    &d_batch,
+                    &chunks,
+                    &sets[i % 2],
+                    &coeffs,
+                    bufs,
+                    Fast,
+                    saved,
+                )
+            });
+            gpu.set_local_pairs(LocalPairs::Recompute);
+            timed.push(("sparse-ours", "fwd_bwd_stored", reps, stored_ms?));
             timed.push((
                 "sparse-ours",
                 "e2e_fwd_bwd",

@@ -6,6 +6,12 @@
 //   1. the behaviors [k0, k0 + 64 + w - 1), cut at the first candidate;
 //   2. the candidates, where a row is seen by them.
 //
+// With stored pairs (`pairs` not null: LocalPairs::Stored in src/cuda/backward.rs) the
+// behaviors' walk reads each query's gate P and dz~ of the block's keys, stored by the query
+// kernel, instead of computing them (stored_walk): two MMAs of four per sub-tile, and no bias,
+// exp or mask. The candidates' walk always computes its pairs (a few tiles a sequence, and the
+// query kernel stores only behaviors' rows).
+//
 // Each walk takes its 64-query tiles in 16-query sub-tiles (kKeyTcSub), and a warp skips those
 // outside its keys' windows: a warp's 16 behaviors are seen by 16 + w - 1 of the 64 + w - 1
 // queries walked. The 8-column-tile fragments of a whole 64-query tile also held the kernel at
@@ -30,12 +36,33 @@
 #include "attn/query.cuh"
 #include "attn/dense.cuh"
 #include "attn/key_tile.cuh"
+#include "attn/stored_pairs.cuh"
+
+// The behaviors' walk from stored pairs (attn/stored_pairs.cuh): per stage of kCols queries,
+// their Q and dO rows, and their rows of gate P and dz~ over the block's 64 keys, in 16-byte
+// pieces of 8 keys ([query][key], 72 keys a row: 144 B, an odd number of 16-byte chunks, so
+// ldmatrix .trans reads the A fragments (gate P)^T and dz~^T without bank conflicts). Two stages
+// in the KeyTile's Q and dO arrays (kHalf elements each: a stage's Q and gate P rows in one,
+// dO and dz~ rows in the other), and each query's delta in its LSE array (2 kCols floats, at
+// least a stage pair of kCols here: KeyTile's tiles are as wide or wider).
+template <typename T, int kHeadDim>
+struct StoredStage {
+    static constexpr int kCols = kHeadDim == 128 ? 16 : 32;
+    static constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
+    static constexpr int kPairStride = kDenseRows + 8;
+    // In each array, per stage: kCols token rows, then kCols pair rows.
+    static constexpr int kPairs = kCols * kRowStride;
+    static constexpr int kStage = kPairs + kCols * kPairStride;
+    static constexpr int kHalf = 2 * kStage;
+};
 
 // Three blocks per SM at D = 32 (156-162 registers, no spills on sm_80 or sm_90 with NVRTC 13.0
 // since the walk takes 16-query sub-tiles), two above: D = 64 spilled 28-32 B at three, and
 // D = 128 needs over 250 registers (the dK and dV accumulators of 16 rows).
 template <typename T, int kHeadDim>
-constexpr int kKeyTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 3 : 2, KeyTile<T, kHeadDim>::kSmemBytes);
+using KeyTcTile = KeyTile<T, kHeadDim, false, kLdsmX4, DenseCols<T, kHeadDim>::kKey, StoredStage<T, kHeadDim>::kHalf>;
+template <typename T, int kHeadDim>
+constexpr int kKeyTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 3 : 2, KeyTcTile<T, kHeadDim>::kSmemBytes);
 
 // Queries per MMA sub-tile of the local walk (KeyTile::walk): a warp skips the sub-tiles of a
 // query tile outside its keys' windows.
@@ -82,6 +109,90 @@ struct LocalRows {
     }
 };
 
+// The behaviors' walk over queries [lo, hi) (behaviors) from stored pairs: dV += (gate P)^T dO
+// and dK += dz^T Q with dz = dz~ + gate P delta, into kt's sums. A warp skips the 16-query
+// sub-tiles outside [warp_first, warp_last], as KeyTile::walk. No bias, exp or mask: the query
+// kernel stored zeros for the pairs a query does not see.
+template <typename T, int kHeadDim, typename KT>
+__device__ __forceinline__ void stored_walk(KT& kt, const EvoParams& p, const SeqInfo& si, int k0,
+                                            int head, int lo, int hi, int warp_first, int warp_last,
+                                            const T* __restrict__ q, const T* __restrict__ d_o,
+                                            const T* __restrict__ pairs,
+                                            const float* __restrict__ pair_delta) {
+    using S = StoredStage<T, kHeadDim>;
+    static_assert(2 * KT::kCols >= 2 * S::kCols && KT::kStages >= S::kHalf, "the stages fit");
+    const PairRows pr = PairRows::of(p.window);
+    const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+    const int t = lane & 3;
+    // Stage i's copies: Q and dO rows, the pair rows' pieces (8 a query and plane), and delta.
+    auto issue = [&](int qt, int i) {
+        T* const sq = kt.sQ + i * S::kStage;
+        T* const sdo = kt.sdO + i * S::kStage;
+        tile_rows_async<T, kHeadDim, S::kCols>(p, q, qt, hi, head, sq);
+        tile_rows_async<T, kHeadDim, S::kCols>(p, d_o, qt, hi, head, sdo);
+        // A thread copies one piece of one plane, of every 8th query (not unrolled: unrolled, the
+        // D = 128 kernel spilled 4 B on sm_80, NVRTC 13.0).
+        const int piece = threadIdx.x & 7, plane = (threadIdx.x >> 3) & 1;
+        T* const dst = (plane ? sdo : sq) + S::kPairs + 8 * piece;
+        static_assert(kDenseThreads % 16 == 0 && S::kCols % (kDenseThreads / 16) == 0, "whole passes");
+#pragma unroll 1
+        for (int row = threadIdx.x >> 4; row < S::kCols; row += kDenseThreads / 16) {
+            const int query = qt + row;
+            const int e = k0 + 8 * piece - pr.first(si, query);
+            const bool valid = query < hi && e >= 0 && e <= pr.span;
+            const T* src = pairs + (valid ? pr.row(query, p.heads, head) + plane * pr.len + e : 0);
+            cp_async<16>(dst + row * S::kPairStride, src, valid);
+        }
+        if (threadIdx.x < S::kCols) {
+            const int query = qt + threadIdx.x;
+            const bool inside = query < hi;
+            cp_async<4>(kt.sLse + i * S::kCols + threadIdx.x,
+                        pair_delta + (inside ? static_cast<size_t>(query) * p.heads + head : 0), inside);
+        }
+    };
+    __syncthreads();  // the caller's use of the arrays is done
+    if (lo < hi) {
+        issue(lo, 0);
+        cp_async_wait_all();
+        __syncthreads();
+    }
+    // Lane l gives row l % 8 of matrix l / 8: queries + 8 (bit 4), keys + 8 (bit 3).
+    const int a_at = (((lane >> 4) & 1) * 8 + (lane & 7)) * S::kPairStride + warp * 16 + ((lane >> 3) & 1) * 8;
+    int i = 0;
+#pragma unroll 1
+    for (int qt = lo; qt < hi; qt += S::kCols, i ^= 1) {
+        const bool more = qt + S::kCols < hi;  // block-uniform
+        if (more) issue(qt + S::kCols, i ^ 1);
+        const T* const sq = kt.sQ + i * S::kStage;
+        const T* const sdo = kt.sdO + i * S::kStage;
+#pragma unroll 1
+        for (int sub = 0; sub < S::kCols; sub += 16) {
+            const int qs = qt + sub;
+            if (qs + 15 < warp_first || qs > warp_last || qs >= hi) continue;  // warp-uniform
+            unsigned gp[4], dz[4];
+            ldmatrix<4, true>(gp, sq + S::kPairs + sub * S::kPairStride, a_at);
+            ldmatrix<4, true>(dz, sdo + S::kPairs + sub * S::kPairStride, a_at);
+            // A's columns (queries) 2t, 2t + 1 in r[0], r[1]; 2t + 8, 2t + 9 in r[2], r[3].
+            const float* const delta = kt.sLse + i * S::kCols + sub + 2 * t;
+            FragA<T> a_gp, a_dz;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float d0 = delta[(k >> 1) * 8], d1 = delta[(k >> 1) * 8 + 1];
+                a_gp.r[k] = MmaPair<T>{gp[k]};
+                const MmaPair<T> z{dz[k]};
+                a_dz.r[k] = make_pair<T>(fmaf(pair_lo(a_gp.r[k]), d0, pair_lo(z)),
+                                         fmaf(pair_hi(a_gp.r[k]), d1, pair_hi(z)));
+            }
+            frag_times_rows<T, kHeadDim>(kt.dv, a_gp, sdo + sub * S::kRowStride);
+            frag_times_rows<T, kHeadDim>(kt.dk, a_dz, sq + sub * S::kRowStride);
+        }
+        if (more) {
+            cp_async_wait_all();
+            __syncthreads();
+        }
+    }
+}
+
 template <typename T, int kHeadDim>
 __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k,
                                 const T* __restrict__ v, const void* __restrict__ gates,
@@ -92,8 +203,9 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
                                 const float* __restrict__ dgates, const float* __restrict__ dkbar,
                                 const float* __restrict__ dvbar, const float* __restrict__ tail_dk,
                                 const float* __restrict__ tail_dv, T* __restrict__ dk,
-                                T* __restrict__ dv, const int* __restrict__ tiles) {
-    using KT = KeyTile<T, kHeadDim>;
+                                T* __restrict__ dv, const int* __restrict__ tiles,
+                                const T* __restrict__ pairs, const float* __restrict__ pair_delta) {
+    using KT = KeyTcTile<T, kHeadDim>;
     KT kt;
     SPARSECTR_KEY_TILE_SMEM(kt, T, kHeadDim);
     const DenseBlock blk = dense_block(p, 1, tiles);
@@ -127,8 +239,11 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     const int b_lo = max(k0, si.behaviors), b_hi = min(k0 + kDenseRows, si.candidates) - 1;
     const int wb_lo = max(wk, si.behaviors), wb_hi = min(wk + 16, si.candidates) - 1;
     const bool warp_behaviors = wb_lo <= wb_hi;
-    // 1. Behaviors.
-    if (b_lo <= b_hi)
+    // 1. Behaviors: from the stored pairs where the query kernel wrote them (block-uniform).
+    if (b_lo <= b_hi && pairs != nullptr)
+        stored_walk<T, kHeadDim>(kt, p, si, k0, head, b_lo, min(b_hi + w, si.candidates),
+                                 warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1, q, d_o, pairs, pair_delta);
+    else if (b_lo <= b_hi)
         kt.template walk<kKeyTcSub, kKeyTcSplitFull<kHeadDim>, kGapLater>(
             rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1);
     // 2. Candidates: all of them when a behavior of the block is within w of the first, else
@@ -208,8 +323,9 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
              const float* __restrict__ dgates, const float* __restrict__ dkbar,                  \
              const float* __restrict__ dvbar, const float* __restrict__ tail_dk,                 \
              const float* __restrict__ tail_dv, T* __restrict__ dk, T* __restrict__ dv,          \
-             const int* __restrict__ tiles) {                                                    \
+             const int* __restrict__ tiles, const T* __restrict__ pairs,                         \
+             const float* __restrict__ pair_delta) {                                             \
         backward_key_tc<T, D>(p, q, k, v, gates, coeffs, rel_time, seqs, weekday0, chunk_ends,   \
                               chunk_counts, d_o, lse, dgates, dkbar, dvbar, tail_dk, tail_dv,    \
-                              dk, dv, tiles);                                                    \
+                              dk, dv, tiles, pairs, pair_delta);                                 \
     }

@@ -29,6 +29,12 @@
 // it took 16 warps per sequence). Chunk summaries enter the MMAs as a
 // 16-bit high part plus the 16-bit rest. Each output element has one writer: no atomics.
 //
+// With stored pairs (`pairs` not null, LocalPairs::Stored in src/cuda/backward.rs) part 0 also
+// writes each behavior row's local pairs, gate P and dz~ (dz centred on D~), and the row's
+// delta = D~ - dgates_b for the key side (attn/stored_pairs.cuh), which then skips its own
+// logits, exponentials and dO V^T for them. A copy of the local branch's pass does the stores,
+// so the kernel without them runs the same instructions as before.
+//
 // The kernel is latency bound (ncu on an H100 at bbd2154: 18.6% occupancy, SM 33%, memory 36%).
 // So slots are gathered TcLoad at a time with one round of loads between barriers (the copying
 // threads work out their slots' rows themselves, and the times land by cp.async with the token
@@ -54,6 +60,7 @@
 #include "attn/query.cuh"
 #include "attn/dense.cuh"
 #include "attn/tc_slots.cuh"
+#include "attn/stored_pairs.cuh"
 
 // Three blocks per SM where ptxas fits them without spills (NVRTC 13.0): D = 32, and D = 64 on
 // sm_90 (16 B spilled on sm_80, 4 B on sm_100). As latency bound as the forward (ncu on an H100:
@@ -70,7 +77,14 @@ constexpr bool kBwdQueryTcSm90 = false;
 // the user slot's values take no register of their own: at the D = 64 kernel's 168-register cap,
 // a shared row array's address through the pair loop spilled 16 B on sm_90 (NVRTC 13.0).
 constexpr int kPfUser = 8;
-constexpr int kBwdQueryPfFloats = (kPfUser + 4) * kDenseThreads;
+// Then, as [kDenseRows] records of 16 bytes, each block row's stored pairs (attn/
+// stored_pairs.cuh): the element index of local slot 0's entry in the row (were slot 0 a
+// behavior), and the slots [lo, hi) it stores (empty where the row stores none). Read at each
+// store: held in registers through the pair loop, such values spilled 32-80 B on sm_90 at
+// D = 64 (NVRTC 13.0).
+constexpr int kPfPairs = kPfUser + 4;
+constexpr int kBwdQueryPfFloats = (kPfPairs + 2) * kDenseThreads;
+static_assert(2 * kDenseThreads * sizeof(float) == kDenseRows * 16, "a record per block row");
 
 template <typename T, int kHeadDim>
 constexpr int kBwdQueryTcMinBlocks =
@@ -127,9 +141,36 @@ struct BwdTcContext {
     const int* chunk_ends;
     const unsigned* rel_time;
     unsigned* raw_time;  // shared: the slots' times as their copies land
-    float* pf;           // shared [kPfUser + 4][kDenseThreads]: each thread's sum_j P_j
-                         // (Bk, Hr, Wk) sums, and its rows' user-slot values
+    float* pf;           // shared kBwdQueryPfFloats: each thread's sum_j P_j (Bk, Hr, Wk)
+                         // sums, its rows' user-slot values, and the rows' pair records
+    T* pairs;           // stored pairs (kStore)
+    float* pair_delta;  // stored pairs' deltas, or null
 };
+
+// Block row `row`'s stored-pair record (kPfPairs): {slot 0's element index (low, high), lo, hi}.
+// An asm volatile load where compiled for a GPU: a load hoisted out of the pair loop would hold
+// its registers there.
+__device__ __forceinline__ uint4* pair_record(float* pf, int row) {
+    return reinterpret_cast<uint4*>(pf + kPfPairs * kDenseThreads) + row;
+}
+// Whether this thread's row r (g or g + 8 of its warp) stores pairs.
+__device__ __forceinline__ bool stores_pairs(float* pf, int r) {
+    const uint4 rec = *pair_record(pf, static_cast<int>(threadIdx.x) / kWarpSize * 16 +
+                                           (static_cast<int>(threadIdx.x) % kWarpSize) / 4 + 8 * r);
+    return rec.z < rec.w;  // lo < hi (as unsigned: the empty record's lo is 2^30, its hi 0)
+}
+__device__ __forceinline__ uint4 load_pair_record(float* pf, int row) {
+    const uint4* at = pair_record(pf, row);
+#ifdef __CUDA_ARCH__
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(static_cast<unsigned>(__cvta_generic_to_shared(at))));
+    return v;
+#else
+    return *at;
+#endif
+}
 
 // Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots, the
 // branch's slots [first, first + kCols).
@@ -176,10 +217,52 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
     }
 }
 
+// kStore's stores of one 8-slot column tile: the lane's slots `slot` and slot + 1 of its rows g
+// and g + 8, gate P and dz (C fragment order), where the row stores them (its record's [lo, hi):
+// the behavior slots of its row's keys; a masked pair there stores its zeros, and the rest of
+// the row is zeroed by store_pair_zeros). Two slots are one 4-byte store per plane where the
+// row's entries are 4-byte aligned (block-uniform: rows start 8 keys apart from the sequence's
+// start, and slot 0 sits local_lo - user keys from it), else 2-byte stores.
+template <typename T, typename Ctx>
+__device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const FragC& gp, const FragC& dz) {
+    const int len = PairRows::of(c.p->window).len;
+    const int row0 = static_cast<int>(threadIdx.x) / kWarpSize * 16 + (static_cast<int>(threadIdx.x) % kWarpSize) / 4;
+    // One row at a time: both rows' records in flight held 16 B more than the D = 64 kernel's
+    // 168 registers on sm_90 (NVRTC 13.0).
+#pragma unroll 1
+    for (int r = 0; r < 2; ++r) {
+        const uint4 rec = load_pair_record(c.pf, row0 + 8 * r);
+        const int lo = static_cast<int>(rec.z), hi = static_cast<int>(rec.w);
+        // Slot 0's element index (it may lie before the row and the buffer: only slots in
+        // [lo, hi) are added to it).
+        const long long at = static_cast<long long>(static_cast<unsigned long long>(rec.x) |
+                                                    (static_cast<unsigned long long>(rec.y) << 32));
+        T* const e = c.pairs + (at + slot);
+        // The row's values by selects: an index by r would put the fragments in local memory.
+        const float g0 = r ? gp.c[2] : gp.c[0], g1 = r ? gp.c[3] : gp.c[1];
+        const float z0 = r ? dz.c[2] : dz.c[0], z1 = r ? dz.c[3] : dz.c[1];
+        if (slot >= lo && slot + 1 < hi && (at & 1) == 0) {
+            *reinterpret_cast<unsigned*>(e) = make_pair<T>(g0, g1).bits;
+            *reinterpret_cast<unsigned*>(e + len) = make_pair<T>(z0, z1).bits;
+        } else {
+            if (slot >= lo && slot < hi) {
+                e[0] = from_float<T>(g0);
+                e[len] = from_float<T>(z0);
+            }
+            if (slot + 1 >= lo && slot + 1 < hi) {
+                e[1] = from_float<T>(g1);
+                e[len + 1] = from_float<T>(z1);
+            }
+        }
+    }
+}
+
 // One branch: returns this lane's rows' dgates_b in `dgates` (with `have_dgates`, takes D~ from
 // there and skips the first pass); adds gate_b-weighted dz K into dq and dz times the features
-// into dcoef.
-template <typename T, int kHeadDim, int kBranch>
+// into dcoef. kStore (local branch only): also stores the pairs of behavior rows for the key
+// side (attn/stored_pairs.cuh); a copy of its own, as a test per pair cost the local branch's
+// loop 6% more instructions where nothing is stored (sm_90 SASS, D = 64).
+template <typename T, int kHeadDim, int kBranch, bool kStore = false>
 __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c,
                                               const SlotTiles<T, kHeadDim>& sm,
                                               const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
@@ -245,8 +328,11 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                 pf[(kPfUser + r) * kDenseThreads] = gate[r] * pr;
                                 pf[(kPfUser + 2 + r) * kDenseThreads] = dp[n].c[i];
                             }
+                            // dP' is spent: it holds gate P for the stores.
+                            if (kStore) dp[n].c[i] = gate[r] * pr;
                         }
                     }
+                    if (kStore && pass == 1) store_pairs<T>(c, base + sub + n * 8 + 2 * t, dp[n], sc[n]);
                 }
                 if (pass == 1) {
 #pragma unroll
@@ -273,6 +359,9 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                 sums.weekend = pf[(4 * r + 2) * kDenseThreads];
                 sums.dz = pf[(4 * r + 3) * kDenseThreads];
                 dcoef[r].add_scaled(sums, gate[r] * (dgates[r] - du[r]));
+                // The stored dz~ was centred on dgates[r]: the key side adds gate P times this.
+                if (kStore && t == 0 && stores_pairs(c.pf, r))
+                    c.pair_delta[static_cast<size_t>(c.rw[r].q) * c.p->heads + c.head] = dgates[r] - du[r];
             }
             dgates[r] = du[r];
             du[r] = 0.f;
@@ -310,6 +399,31 @@ __device__ __forceinline__ void user_partial_tile(const EvoParams& p, const T* _
     }
 }
 
+// Zeros of the stored rows (attn/stored_pairs.cuh) of the block's behaviors [lo, hi) where the
+// pair loop stores nothing: the keys of a row before the tile's local behaviors [local_lo,
+// local_hi) (before its window, or the sequence's behaviors) and after them (past the tile's
+// last query). Disjoint from the entries store_pairs writes, so no ordering between them is
+// needed. Two threads a row; at most 8 zeros a row where the row starts inside the tile's keys.
+template <typename T>
+__device__ __forceinline__ void store_pair_zeros(const EvoParams& p, const SeqInfo& si, const TcTile& tt,
+                                                 int q0, int lo, int hi, int head, T* __restrict__ pairs) {
+    static_assert(kDenseThreads == 2 * kDenseRows, "two threads a row");
+    const PairRows pr = PairRows::of(p.window);
+    const int q = q0 + static_cast<int>(threadIdx.x) / 2;
+    if (q < lo || q >= hi) return;
+    const int first = pr.first(si, q);
+    const int before = min(max(tt.local_lo - first, 0), pr.len);  // entries [0, before)
+    const int after = min(max(tt.local_hi - first, before), pr.len);  // and [after, R)
+    const int zeros = before + pr.len - after;
+    T* const row = pairs + pr.row(q, p.heads, head);
+    const T zero = from_float<T>(0.f);
+    for (int k = static_cast<int>(threadIdx.x) % 2; k < zeros; k += 2) {
+        const int e = k < before ? k : after + (k - before);
+        row[e] = zero;
+        row[pr.len + e] = zero;
+    }
+}
+
 template <typename T, int kHeadDim>
 __device__ void evo_backward_query_tc(
     const EvoParams& p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
@@ -319,7 +433,8 @@ __device__ void evo_backward_query_tc(
     const int* __restrict__ chunk_ends, const int* __restrict__ chunk_counts,
     const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,
     float* __restrict__ dgates, float* __restrict__ coeff_partial, const int* __restrict__ tiles,
-    const T* __restrict__ branch_out, float* __restrict__ user_partial) {
+    const T* __restrict__ branch_out, float* __restrict__ user_partial, T* __restrict__ pairs,
+    float* __restrict__ pair_delta) {
     constexpr int kParts = BwdTcParts<kHeadDim>::kValue;
     constexpr int kDimTiles = kHeadDim / 8 / kParts;  // of this block's part of dQ
     SPARSECTR_SLOT_TILES(sm, T, kHeadDim);
@@ -341,7 +456,7 @@ __device__ void evo_backward_query_tc(
     c.chunk_ends = chunk_ends;
     c.rel_time = rel_time;
     c.raw_time = sRawTime_;
-    __shared__ float sPf[kBwdQueryPfFloats];
+    alignas(16) __shared__ float sPf[kBwdQueryPfFloats];  // 16: the pair records are uint4
     c.pf = sPf;
     // Rows that never see the user slot keep 0 (each thread's own slots).
 #pragma unroll
@@ -360,6 +475,32 @@ __device__ void evo_backward_query_tc(
                  c.rw, c.row_time);
 #pragma unroll
         for (int r = 0; r < 2; ++r) c.rb[r] = RowBias::make(c.row_time[r], tc, p.num_time_buckets, kLog2e);
+        // Stored pairs: part 0 writes the rows of behaviors. Local slot s is the key
+        // local_lo + s - user, entry key - first of the row; a row stores the slots of the
+        // behaviors [local_lo, local_hi) in its keys [first, first + R).
+        const PairRows pair_rows = PairRows::of(p.window);
+        const bool pairs_here = pairs != nullptr && blk.part == 0;  // block-uniform
+        c.pairs = pairs;
+        c.pair_delta = pairs_here ? pair_delta : nullptr;
+        if (t == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int qr = c.rw[r].q;
+                const bool stores = pairs_here && c.rw[r].live && qr < c.si.candidates;
+                const int first = pair_rows.first(c.si, qr);
+                const int lo_slot = first - c.tt.local_lo + c.tt.user;  // key `first`'s slot
+                // Slot 0's element index: negative where it lies before the buffer.
+                const long long at = static_cast<long long>(pair_rows.row(qr, p.heads, c.head)) - lo_slot;
+                const unsigned long long bits = static_cast<unsigned long long>(at);
+                const int lo = max(c.tt.user, lo_slot);
+                const int hi = min(c.tt.user + (c.tt.local_hi - c.tt.local_lo), lo_slot + pair_rows.len);
+                *pair_record(sPf, warp * 16 + g + 8 * r) =
+                    stores ? uint4{static_cast<unsigned>(bits), static_cast<unsigned>(bits >> 32),
+                                   static_cast<unsigned>(lo), static_cast<unsigned>(hi)}
+                           : uint4{0u, 0u, 1u << 30, 0u};
+            }
+        }
+        __syncwarp();
         c.warp_live = __any_sync(kFullMask, c.rw[0].live || c.rw[1].live) != 0;
         const int clamped[2] = {min(wq + g, c.si.end - 1), min(wq + g + 8, c.si.end - 1)};
         const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], c.head),
@@ -406,7 +547,10 @@ __device__ void evo_backward_query_tc(
             gate[r] = load_gate<T>(p, gates, row);                                               \
             lse_b[r] = lse[row] * kLog2e;                                                        \
         }                                                                                        \
-        bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, have_dgates, acc, dcoef, dg[B]); \
+        if (B == 2 && c.pair_delta != nullptr) /* block-uniform */                               \
+            bwd_tc_branch<T, kHeadDim, B, B == 2>(c, sm, qf, dof, gate, lse_b, dim0, have_dgates, acc, dcoef, dg[B]); \
+        else                                                                                     \
+            bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, have_dgates, acc, dcoef, dg[B]); \
     }
         SPARSECTR_BWD_TC_BRANCH(0)
         SPARSECTR_BWD_TC_BRANCH(1)
@@ -423,6 +567,8 @@ __device__ void evo_backward_query_tc(
                         from_float<T>(acc[dt].c[i] * p.scale);
             }
         }
+        if (pairs != nullptr && blk.part == 0)  // block-uniform
+            store_pair_zeros<T>(p, c.si, c.tt, q0, max(q0, c.si.behaviors), min(c.q_end, c.si.candidates), c.head, pairs);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float dco[3];
@@ -483,8 +629,10 @@ __device__ void evo_backward_query_tc(
              const T* __restrict__ d_o, const float* __restrict__ lse, T* __restrict__ dq,       \
              float* __restrict__ dgates, float* __restrict__ coeff_partial,                      \
              const int* __restrict__ tiles, const T* __restrict__ branch_out,                    \
-             float* __restrict__ user_partial) {                                                 \
+             float* __restrict__ user_partial, T* __restrict__ pairs,                            \
+             float* __restrict__ pair_delta) {                                                   \
         evo_backward_query_tc<T, D>(p, q, k, v, kbar, vbar, gates, coeffs, rel_time, seqs,       \
                                     weekday0, chunk_ends, chunk_counts, d_o, lse, dq, dgates,    \
-                                    coeff_partial, tiles, branch_out, user_partial);             \
+                                    coeff_partial, tiles, branch_out, user_partial, pairs,       \
+                                    pair_delta);                                                 \
     }

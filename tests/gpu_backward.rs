@@ -1,5 +1,6 @@
 //! The GPU backward against the f64 reference backward (SPEC section 8 tolerances, and each
-//! dgates entry within 1e-3: one row's lost key shows there) on awkward batches, its determinism (50 runs, bitwise), and a gradient check of the whole GPU path
+//! dgates entry within 1e-3: one row's lost key shows there) on awkward batches (also with the
+//! key side reading stored pairs), its determinism (50 runs, bitwise), and a gradient check of the whole GPU path
 //! against finite differences of the GPU forward in f32, and f32 on peaked logits (sparse and
 //! dense, forward and backward), and `load_kernels` against what the calls load. Without a GPU
 //! these print SKIPPED.
@@ -10,7 +11,7 @@ use common::gpu::{for_each_head_dim, gpu, own_handle, run_head_dims};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use sparsectr_attn::cuda::{
-    BackwardMode, GpuDevice, GpuElement, HostGradients, Saved, SparseKernels,
+    BackwardMode, GpuDevice, GpuElement, HostGradients, LocalPairs, Saved, SparseKernels,
 };
 use sparsectr_attn::workload::{self, random_tensor, uniform_tensor, Rng};
 use sparsectr_attn::{
@@ -183,6 +184,25 @@ fn gpu_backward_warp_kernels_match_reference_16bit() {
         return;
     };
     run_head_dims(&own, 8, case, |g, c, d| {
+        check_case::<bf16>(g, c, d)?;
+        check_case::<f16>(g, c, d)
+    });
+}
+
+/// The key side from the query kernel's stored pairs (`LocalPairs::Stored`) against the
+/// reference, both saved forms, every head dim (a handle of its own, as above). The stored rows
+/// are uninitialized memory, so a pair the query kernel failed to write shows up here.
+#[test]
+fn gpu_backward_stored_pairs_match_reference_16bit() {
+    let Some(own) = own_handle(
+        "gpu_backward_stored_pairs_match_reference_16bit",
+        SparseKernels::Auto,
+    ) else {
+        return;
+    };
+    own.set_local_pairs(LocalPairs::Stored);
+    assert_eq!(own.local_pairs(), LocalPairs::Stored);
+    run_head_dims(&own, 12, case, |g, c, d| {
         check_case::<bf16>(g, c, d)?;
         check_case::<f16>(g, c, d)
     });

@@ -323,6 +323,26 @@ __device__ __forceinline__ void probs_times_rows(FragC (&acc)[kDimTiles], const 
     }
 }
 
+// acc += A C for one 16-wide k-step: A a fragment in hand (16 x 16), C the 16 rows of sRows
+// [16][kHeadDim + pad] read as probs_times_rows reads them. 16-bit types only. (probs_times_rows
+// is not written on it: its tuned kernels sit at their register caps, and it stays as it is.)
+template <typename T, int kHeadDim, int kDimTiles>
+__device__ __forceinline__ void frag_times_rows(FragC (&acc)[kDimTiles], const FragA<T>& a, const T* sRows) {
+    static_assert(kDimTiles % 2 == 0, "dimension tiles are read in pairs");
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    const int lane = threadIdx.x % kWarpSize;
+    const T* mine = sRows + (((lane >> 3) & 1) * 8 + (lane & 7)) * kStride + (lane >> 4) * 8;
+#pragma unroll
+    for (int dt = 0; dt < kDimTiles; dt += 2) {
+        unsigned r[4];
+        ldmatrix<4, true>(r, mine, dt * 8);
+        const FragB<T> b0{{MmaPair<T>{r[0]}, MmaPair<T>{r[1]}}};
+        const FragB<T> b1{{MmaPair<T>{r[2]}, MmaPair<T>{r[3]}}};
+        mma(acc[dt], a, b0);
+        mma(acc[dt + 1], a, b1);
+    }
+}
+
 // Per-sequence temporal context of a pair's bias.
 struct DenseTime {
     const unsigned* __restrict__ rel_time;

@@ -103,9 +103,10 @@ struct PrefixCols {
 };
 
 // kReads: how the walk's K Q^T and V dO^T read their B fragments (rows_times_tile); kTileCols:
-// queries per tile (the walk's two stages).
+// queries per tile (the walk's two stages); kMinStages: elements of T that each of the Q and dO
+// arrays holds at least (another walk of the kernel uses them: backward_key_tc.cu's stored walk).
 template <typename T, int kHeadDim, bool kF32Rows = false, int kReads = kLdsmX4,
-          int kTileCols = DenseCols<T, kHeadDim>::kKey>
+          int kTileCols = DenseCols<T, kHeadDim>::kKey, int kMinStages = 0>
 struct KeyTile {
     static constexpr int kCols = kTileCols;
     static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
@@ -133,10 +134,12 @@ struct KeyTile {
     // Two stages of the query tiles (stage i from element i * kTile, or i * kCols per query):
     // the walk issues the next tile's copies into one before its MMAs on the other.
     static constexpr int kTile = kCols * (kHeadDim + kPad);
+    // Elements of each of the Q and dO arrays: two stages, or kMinStages.
+    static constexpr int kStages = 2 * kTile > kMinStages ? 2 * kTile : kMinStages;
     // Bytes of the arrays SPARSECTR_KEY_TILE_SMEM declares (the kernels' register budgets,
     // min_blocks_per_sm, count them).
     static constexpr int kSmemBytes =
-        2 * 2 * kTile * static_cast<int>(sizeof(T)) +
+        2 * kStages * static_cast<int>(sizeof(T)) +
         2 * kCols * static_cast<int>(3 * sizeof(float) + sizeof(unsigned) + sizeof(TokenTime)) +
         kDenseRows * static_cast<int>(sizeof(TokenTime));
     T* sQ;
@@ -411,9 +414,8 @@ struct KeyTile {
 // arrays must be declared in the kernel's own scope). KeyTile::kSmemBytes counts them.
 #define SPARSECTR_KEY_TILE_SMEM(kt, T, D)                                                         \
     constexpr int kKtCols_ = decltype(kt)::kCols;                                               \
-    constexpr int kKtPad_ = decltype(kt)::kPad;                                                 \
-    alignas(16) __shared__ T sQ_[2 * kKtCols_ * (D + kKtPad_)];                                 \
-    alignas(16) __shared__ T sdO_[2 * kKtCols_ * (D + kKtPad_)];                                \
+    alignas(16) __shared__ T sQ_[decltype(kt)::kStages];                                        \
+    alignas(16) __shared__ T sdO_[decltype(kt)::kStages];                                       \
     __shared__ float sLse_[2 * kKtCols_];                                                       \
     __shared__ float sDg_[2 * kKtCols_];                                                        \
     __shared__ unsigned sRaw_[2 * kKtCols_];                                                    \

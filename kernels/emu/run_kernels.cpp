@@ -987,6 +987,11 @@ struct Out {
     Buf dq, dk, dv, dgates, dcoeffs;
 };
 
+// The stored pairs of the local window and their deltas (LocalPairs::Stored).
+struct Pairs {
+    Buf rows, delta;
+};
+
 struct Timer {
     std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
     double seconds() const {
@@ -1266,7 +1271,12 @@ int run(const Folder& f, const Options& opt) {
             // 64-query tile (src/cuda/backward.rs: user_partial_rows); rows of sequences without
             // a user token are never written, nor read.
             const size_t user_rows = (static_cast<size_t>(B) + (static_cast<size_t>(T) + 63) / 64) * H * 2 * HD;
-            auto query_side = [&](bool saved, Out& out, Buf& partial, Buf& user_partial) {
+            // Stored pairs (LocalPairs::Stored, attn/stored_pairs.cuh): [T, H, 2, R] in the input
+            // dtype and delta [T, H] f32, poisoned, so that a pair the key side reads and the
+            // query kernel did not write turns dK or dV into NaN.
+            const size_t pair_len = static_cast<size_t>(((p.window - 1 + 7) & ~7) + 8);
+            const size_t pair_elems = static_cast<size_t>(T) * H * 2 * pair_len;
+            auto query_side = [&](bool saved, Out& out, Buf& partial, Buf& user_partial, Pairs* pairs) {
                 const dim3 token_grid((T + kBwdWarps - 1) / kBwdWarps, H), block(kBwdThreads);
                 if constexpr (DT == DType::F32) {
                     emu::launch_named(
@@ -1280,6 +1290,7 @@ int run(const Folder& f, const Options& opt) {
                         partial.as<float>());
                     (void)saved;  // the warp kernel always makes its own first pass
                     (void)user_partial;
+                    (void)pairs;
                 } else {
                     // backward_into's default for 16-bit inputs: the tensor-core query side.
                     using TB = typename Elem<DT>::bwd_query_tc;
@@ -1294,7 +1305,8 @@ int run(const Folder& f, const Options& opt) {
                         ends_d.as<const int>(), counts_d.as<const int>(), d_o_d.as<const TB>(),
                         lse.as<const float>(), out.dq.as<TB>(), out.dgates.as<float>(),
                         partial.as<float>(), tiles_d.as<const int>(),
-                        saved ? ob.as<const TB>() : nullptr, user_partial.as<float>());
+                        saved ? ob.as<const TB>() : nullptr, user_partial.as<float>(),
+                        pairs ? pairs->rows.as<TB>() : nullptr, pairs ? pairs->delta.as<float>() : nullptr);
                 }
             };
             auto reduce_coeffs = [&](const Buf& partial, Out& out) {
@@ -1302,14 +1314,16 @@ int run(const Folder& f, const Options& opt) {
                            cast_params<k_coeffs::EvoParams>(p), partial.as<const float>(),
                            out.dcoeffs.as<float>());
             };
-            auto backward = [&]() {
+            auto backward = [&](bool stored) {
                 Out out{poisoned<TQ>(rows), poisoned<TK>(rows), poisoned<TK>(rows),
                         poisoned<float>(branch_rows), poisoned<float>(static_cast<size_t>(H) * 3)};
                 Buf dkbar = poisoned<float>(summary_rows), dvbar = poisoned<float>(summary_rows);
                 Buf partial = poisoned<float>(branch_rows);
                 Buf user_partial = poisoned<float>(DT == DType::F32 ? 1 : user_rows);
+                Pairs pairs{stored ? poisoned<TQ>(pair_elems) : Buf(1),
+                            stored ? poisoned<float>(static_cast<size_t>(T) * H) : Buf(1)};
                 const dim3 token_grid((T + kBwdWarps - 1) / kBwdWarps, H), block(kBwdThreads);
-                query_side(true, out, partial, user_partial);
+                query_side(true, out, partial, user_partial, stored ? &pairs : nullptr);
                 if constexpr (DT == DType::F32) {
                     const dim3 summary_grid(
                         (static_cast<unsigned>(slots) + kBwdWarps - 1) / kBwdWarps, H);
@@ -1376,7 +1390,8 @@ int run(const Folder& f, const Options& opt) {
                         d_o_d.as<const TKC>(), lse.as<const float>(), out.dgates.as<const float>(),
                         dkbar.as<const float>(), dvbar.as<const float>(), tail_dk.as<const float>(),
                         tail_dv.as<const float>(), out.dk.as<TKC>(), out.dv.as<TKC>(),
-                        tiles_d.as<const int>());
+                        tiles_d.as<const int>(), stored ? pairs.rows.as<const TKC>() : nullptr,
+                        stored ? pairs.delta.as<const float>() : nullptr);
                     if (B > 0)
                         emu::launch_named(
                             KT::bwd_user_name, KT::bwd_user,
@@ -1389,7 +1404,7 @@ int run(const Folder& f, const Options& opt) {
                 return out;
             };
             Timer t;
-            Out out = backward();
+            Out out = backward(false);
             const double secs = t.seconds();
             const size_t first = rep.errors.size();
             auto ref = [&](const char* name, size_t n) {
@@ -1418,7 +1433,7 @@ int run(const Folder& f, const Options& opt) {
                         poisoned<float>(static_cast<size_t>(H) * 3)};
                 Buf partial = poisoned<float>(branch_rows);
                 Buf user_partial = poisoned<float>(user_rows);
-                query_side(false, two, partial, user_partial);
+                query_side(false, two, partial, user_partial, nullptr);
                 reduce_coeffs(partial, two);
                 const size_t at = rep.errors.size();
                 compare(rep, "two_pass_dq", widen<DT>(two.dq, rows), ref("dq", rows), tol);
@@ -1436,8 +1451,38 @@ int run(const Folder& f, const Options& opt) {
                 for (size_t i = at; i < rep.errors.size(); ++i) line += rep.errors[i] + " ";
                 std::printf("  query side, two passes: %s(%.2f s)\n", line.c_str(), t2.seconds());
             }
+            if constexpr (DT != DType::F32) {
+                // The key side from stored pairs (LocalPairs::Stored): dK and dV against the
+                // reference; the query kernel's other outputs must keep their bits (its stores
+                // change none of its sums).
+                Timer t3;
+                Out st = backward(true);
+                const size_t at = rep.errors.size();
+                for (const char* name : {"dk", "dv"}) {
+                    const auto want = ref(name, rows);
+                    const auto got = widen<DT>(name[1] == 'k' ? st.dk : st.dv, rows);
+                    compare(rep, (std::string("stored_") + name).c_str(), got, want, tol);
+                    compare_rows(rep, (std::string("stored_") + name).c_str(), got, want, HD, H, row_tolerance(DT));
+                }
+                const std::pair<const char*, std::pair<const Buf*, const Buf*>> same_bits[] = {
+                    {"dq", {&out.dq, &st.dq}}, {"dgates", {&out.dgates, &st.dgates}},
+                    {"dcoeffs", {&out.dcoeffs, &st.dcoeffs}}};
+                for (const auto& [name, bufs] : same_bits)
+                    if (std::memcmp(bufs.first->ptr, bufs.second->ptr, bufs.first->bytes) != 0)
+                        rep.fail(std::string("stored pairs: ") + name + " differs from the recomputing run's bits");
+                line.clear();
+                for (size_t i = at; i < rep.errors.size(); ++i) line += rep.errors[i] + " ";
+                std::printf("  key side from stored pairs: %s(%.2f s)\n", line.c_str(), t3.seconds());
+                if (opt.repeat_backward) {
+                    Out again = backward(true);
+                    const bool same = std::memcmp(st.dk.ptr, again.dk.ptr, st.dk.bytes) == 0 &&
+                                      std::memcmp(st.dv.ptr, again.dv.ptr, st.dv.bytes) == 0;
+                    if (!same) rep.fail("stored pairs: a second run gave different dK or dV bits");
+                    std::printf("  stored pairs again: %s\n", same ? "bitwise identical" : "DIFFERENT BITS");
+                }
+            }
             if (opt.repeat_backward) {
-                Out again = backward();
+                Out again = backward(false);
                 const std::pair<const char*, std::pair<const Buf*, const Buf*>> pairs[] = {
                     {"dq", {&out.dq, &again.dq}},         {"dk", {&out.dk, &again.dk}},
                     {"dv", {&out.dv, &again.dv}},         {"dgates", {&out.dgates, &again.dgates}},

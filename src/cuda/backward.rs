@@ -11,7 +11,9 @@
 //! (sequence, head) that adds up, in tile order, the user token's dK and dV from the partials
 //! the query kernel left per 64-query tile (every query sees the user token, and the query
 //! kernel has its P and dz in hand); for f32 one warp kernel gathers each token's uses. No
-//! kernel scatters with atomics, so every mode gives the same bits from run to run.
+//! kernel scatters with atomics, so every mode gives the same bits from run to run. Under
+//! [`LocalPairs::Stored`] the query kernel also stores each behavior's local-window pairs (gate P
+//! and dz) and the key side reads them instead of computing them a second time.
 
 use std::sync::Arc;
 
@@ -71,6 +73,58 @@ struct KeyScratch {
     tail_dv: CudaSlice<f32>,
     tail_blocks: u32,
     user: CudaSlice<f32>,
+}
+
+/// The stored pairs of [`LocalPairs::Stored`] (attn/stored_pairs.cuh): `[T, H, 2, R]` in the
+/// input dtype and `[T, H]` f32 deltas.
+struct StoredPairs<T> {
+    rows: CudaSlice<T>,
+    delta: CudaSlice<f32>,
+}
+
+/// Keys per stored row: the window's `w - 1` earlier keys rounded up to 8, and 8.
+fn pair_row_len(window: usize) -> usize {
+    (window.max(1) - 1).div_ceil(8) * 8 + 8
+}
+
+/// Elements of the stored pairs' rows and deltas.
+fn stored_pairs_len(num_tokens: usize, dims: Dims, window: usize) -> Result<(usize, usize)> {
+    let too_large = Error::OutOfRange {
+        field: "num_tokens",
+        value: num_tokens.to_string(),
+        expected: "T * H * 2 * R stored pairs to fit in usize (LocalPairs::Stored)",
+    };
+    let deltas = num_tokens
+        .checked_mul(dims.heads)
+        .ok_or(too_large.clone())?;
+    let rows = deltas
+        .checked_mul(2 * pair_row_len(window))
+        .ok_or(too_large)?;
+    Ok((rows, deltas))
+}
+
+/// Allocates the stored pairs, uninitialized: the query kernel writes every entry the key side
+/// reads (each behavior's whole row and its delta) before it, on the same stream, and nothing
+/// else reads them. Zeroing 2.3 KB a token would cost a memset as long as the reads it serves.
+fn stored_pairs<T: GpuElement>(
+    stream: &Arc<CudaStream>,
+    num_tokens: usize,
+    dims: Dims,
+    window: usize,
+) -> Result<StoredPairs<T>> {
+    let (rows, deltas) = stored_pairs_len(num_tokens, dims, window)?;
+    // SAFETY: device memory that no host code reads; the kernels read only entries written
+    // earlier on this stream (see above). Lengths are at least 1 (T > 0 here).
+    let (rows, delta) = unsafe {
+        (
+            stream.alloc::<T>(rows.max(1)),
+            stream.alloc::<f32>(deltas.max(1)),
+        )
+    };
+    Ok(StoredPairs {
+        rows: rows.map_err(driver("cuMemAlloc(stored pairs)"))?,
+        delta: delta.map_err(driver("cuMemAlloc(stored pair deltas)"))?,
+    })
 }
 
 /// Rows of the user-token partials: the query kernel writes tile `i` of sequence `s` (starting
@@ -185,6 +239,23 @@ pub enum Saved {
     LseOnly,
 }
 
+/// How the tensor-core key side (bf16 and f16) gets the local window's pairs: each behavior's
+/// `gate P` and `dz` for the behaviors in its window, which the query kernel also computes (for
+/// dQ). Chosen per [`GpuDevice`] with [`GpuDevice::set_local_pairs`]; both give dK and dV within
+/// SPEC section 8's tolerances, and every other output the same bits. f32 (the warp kernels)
+/// ignores it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalPairs {
+    /// The key side computes them again from Q, K, V, dO and the saved LSE: no scratch.
+    #[default]
+    Recompute = 0,
+    /// The query kernel stores them and the key side reads them (no logits, bias, exp or mask
+    /// on that side, and half its MMAs): scratch of `2 * T * H * R` elements of the input dtype,
+    /// `R = 8 * ceil((w - 1) / 8) + 8` (72 at w = 64), and `T * H` f32 per call. At ctr-base
+    /// (H = 8, w = 64) that is 2.3 KB a token.
+    Stored = 1,
+}
+
 /// Caller buffers the backward writes, every element of them.
 #[derive(Debug)]
 pub struct DeviceGrads<'a, T> {
@@ -227,8 +298,9 @@ impl GpuDevice {
     /// summaries `2 * B * P * H * D` f32, their gradients `2 * B * P * H * D` f32,
     /// `3 * T * H` f32 dcoeff partials and, for 16-bit inputs, the tail tokens' gradients
     /// `2 * B * P * m * H * D` f32 (m clamped to the longest sequence's behaviors) and the user
-    /// tokens' partial gradients `2 * (B + ceil(T / 64)) * H * D` f32 (one per 64 queries).
-    /// Nothing is `T x T`.
+    /// tokens' partial gradients `2 * (B + ceil(T / 64)) * H * D` f32 (one per 64 queries), and
+    /// under [`LocalPairs::Stored`] the stored pairs (`2 * T * H * R` elements of `T` and
+    /// `T * H` f32, see there). Nothing is `T x T`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_into<T: GpuElement>(
         &self,
@@ -302,6 +374,12 @@ impl GpuDevice {
             KeySide::TensorCore { .. } => Some(key_scratch(stream, batch, chunks, dims, &params)?),
             KeySide::Warp(_) => None,
         };
+        let mut pairs = match (&key_side, self.local_pairs()) {
+            (KeySide::TensorCore { .. }, LocalPairs::Stored) => {
+                Some(stored_pairs::<T>(stream, t, dims, config.window)?)
+            }
+            _ => None,
+        };
         let summary_rows = chunks
             .num_seqs
             .checked_mul(chunks.max_chunks)
@@ -339,11 +417,15 @@ impl GpuDevice {
                 None => launch.arg(&null),
             };
             launch.arg(&mut scratch.user);
+            match pairs.as_mut() {
+                Some(p) => launch.arg(&mut p.rows).arg(&mut p.delta),
+                None => launch.arg(&null).arg(&null),
+            };
         }
         // SAFETY: argument types and order match SPARSECTR_BACKWARD_QUERY, or
         // SPARSECTR_BACKWARD_QUERY_TC (the same parameters, the tile list, branch_out, null or
-        // 3 T H D elements, and the user partials, user_partial_rows * H * 2 * D f32); lengths
-        // checked above.
+        // 3 T H D elements, the user partials, user_partial_rows * H * 2 * D f32, and the stored
+        // pairs, null or T H 2 R elements and T H f32); lengths checked above.
         unsafe { launch.launch(query_cfg) }
             .map_err(driver("cuLaunchKernel(evo_backward_query)"))?;
 
@@ -369,6 +451,7 @@ impl GpuDevice {
             self.backward_key_tc(
                 [tails, local, user],
                 scratch,
+                pairs.as_ref(),
                 batch,
                 chunks,
                 dims,
@@ -471,6 +554,9 @@ impl GpuDevice {
         };
         if tiled {
             key_scratch_sizes(batch, chunks, dims, params)?;
+            if self.local_pairs() == LocalPairs::Stored {
+                stored_pairs_len(batch.num_tokens, dims, params.window as usize)?;
+            }
         }
         Ok(BackwardPlan {
             key_side,
@@ -489,6 +575,7 @@ impl GpuDevice {
         &self,
         [tails_fn, key_fn, user_fn]: [&CudaFunction; 3],
         scratch: &mut KeyScratch,
+        pairs: Option<&StoredPairs<T>>,
         batch: &DeviceBatch,
         chunks: &DeviceChunks,
         dims: Dims,
@@ -541,9 +628,14 @@ impl GpuDevice {
             .arg(&mut *dk)
             .arg(&mut *dv)
             .arg(&batch.tiles);
+        match pairs {
+            Some(p) => launch.arg(&p.rows).arg(&p.delta),
+            None => launch.arg(&null).arg(&null),
+        };
         let cfg = dense_grid(batch, dims, 1)?;
         // SAFETY: argument types and order match SPARSECTR_BACKWARD_KEY_TC; the tile list is
-        // the batch's own; lengths checked by backward_into.
+        // the batch's own; the stored pairs null or written by the query kernel before (T H 2 R
+        // and T H elements); lengths checked by backward_into.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(evo_backward_key_tc)"))?;
 
         let mut launch = stream.launch_builder(user_fn);
@@ -687,6 +779,49 @@ mod tests {
                 }
                 start += n;
             }
+        }
+    }
+
+    /// The stored rows (attn/stored_pairs.cuh, mirrored here): query q's row of R keys from
+    /// `q8 - W` holds its whole window `[q - w + 1, q]`, and starts a multiple of 8 keys from
+    /// the sequence's start, so the key side's 64-key tiles meet it in whole 16-byte pieces.
+    #[test]
+    fn stored_rows_hold_each_window_in_whole_pieces() {
+        assert_eq!(pair_row_len(64), 72);
+        assert_eq!(pair_row_len(1), 8);
+        assert_eq!(pair_row_len(9), 16);
+        assert_eq!(pair_row_len(10), 24);
+        assert_eq!(pair_row_len(128), 136);
+        let mut rng = crate::workload::Rng::new(29);
+        for _ in 0..5000 {
+            let w = rng.range(1, 300) as usize;
+            let start = rng.range(0, 1000) as usize;
+            let q = start + rng.range(0, 2000) as usize;
+            let len = pair_row_len(w);
+            let span = len - 8;
+            let first = (start + ((q - start) & !7)) as i64 - span as i64;
+            assert!(
+                first <= q as i64 + 1 - w as i64,
+                "w {w} q {q}: window starts before the row"
+            );
+            assert!(
+                (q as i64) < first + len as i64,
+                "w {w} q {q}: the query is past its row"
+            );
+            assert_eq!(
+                (first - start as i64).rem_euclid(8),
+                0,
+                "w {w} q {q}: row not on a piece"
+            );
+        }
+        let dims = Dims {
+            heads: 8,
+            head_dim: 64,
+        };
+        assert_eq!(stored_pairs_len(3, dims, 64).unwrap(), (3 * 8 * 2 * 72, 24));
+        match stored_pairs_len(usize::MAX / 4, dims, 64) {
+            Err(Error::OutOfRange { field, .. }) => assert_eq!(field, "num_tokens"),
+            other => panic!("expected an OutOfRange error, got {other:?}"),
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
+use super::backward::LocalPairs;
 use super::kernels::{self, Entry, KernelEntry};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -51,6 +52,8 @@ pub struct GpuDevice {
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     /// A [`SparseKernels`] as u8: which sparse kernels this handle runs.
     sparse_kernels: AtomicU8,
+    /// A [`LocalPairs`] as u8: how the tensor-core key side gets the local window's pairs.
+    local_pairs: AtomicU8,
 }
 
 /// Which kernels the sparse forward and backward run: the tensor-core kernels (forward, query
@@ -104,6 +107,7 @@ impl GpuDevice {
             arch: format!("sm_{major}{minor}"),
             modules: Mutex::new(HashMap::new()),
             sparse_kernels: AtomicU8::new(SparseKernels::Auto as u8),
+            local_pairs: AtomicU8::new(LocalPairs::Recompute as u8),
         })
     }
 
@@ -119,6 +123,21 @@ impl GpuDevice {
             1 => SparseKernels::Warp,
             2 => SparseKernels::TensorCore,
             _ => SparseKernels::Auto,
+        }
+    }
+
+    /// Chooses how later backward calls on this handle get the local window's pairs on the
+    /// tensor-core key side (default [`LocalPairs::Recompute`]): a trade of scratch memory for
+    /// the key side's work, for comparing the two on one GPU.
+    pub fn set_local_pairs(&self, pairs: LocalPairs) {
+        self.local_pairs.store(pairs as u8, Ordering::Relaxed);
+    }
+
+    /// How this handle's backward gets the local window's pairs.
+    pub fn local_pairs(&self) -> LocalPairs {
+        match self.local_pairs.load(Ordering::Relaxed) {
+            1 => LocalPairs::Stored,
+            _ => LocalPairs::Recompute,
         }
     }
 

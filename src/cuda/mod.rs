@@ -46,7 +46,7 @@ mod kernels;
 mod params;
 mod timing;
 
-pub use backward::{BackwardMode, DeviceGrads, HostGradients, Saved};
+pub use backward::{BackwardMode, DeviceGrads, HostGradients, LocalPairs, Saved};
 pub use batch::{DeviceBatch, DeviceChunks, GPU_MAX_CHUNK_SLOTS, GPU_MAX_TOKENS};
 pub use dense::{DenseGrads, DenseOutputs, HostDenseForward};
 pub use device::{GpuDevice, SparseKernels};
