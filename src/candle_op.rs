@@ -187,12 +187,43 @@ pub fn load_kernels(
         d => {
             // Checked above all the same, so that a bad dtype is named on every build.
             let _ = kernel_dtype;
-            candle_core::bail!(
-                "sparsectr-attn: no kernels for device {:?} in this build (CUDA needs the \
-                 feature candle-cuda)",
-                d.location()
-            )
+            Err(no_kernels(d))
         }
+    }
+}
+
+/// The error of a device this build has no kernels for.
+fn no_kernels(device: &candle_core::Device) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "sparsectr-attn: no kernels for device {:?} in this build (CUDA needs the feature \
+         candle-cuda)",
+        device.location()
+    ))
+}
+
+/// How the backward of [`evo_attention`] on `device` gets the local window's pairs on its
+/// tensor-core key side (bf16, f16): see [`LocalPairs`](crate::cuda::LocalPairs), whose
+/// `Stored` trades scratch memory for the key side's work. Nothing to set on a CPU device.
+///
+/// ```
+/// # fn main() -> candle_core::Result<()> {
+/// use sparsectr_attn::cuda::LocalPairs;
+/// sparsectr_attn::candle_op::set_local_pairs(&candle_core::Device::Cpu, LocalPairs::Stored)?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn set_local_pairs(
+    device: &candle_core::Device,
+    pairs: crate::cuda::LocalPairs,
+) -> candle_core::Result<()> {
+    match device {
+        candle_core::Device::Cpu => {
+            let _ = pairs;
+            Ok(())
+        }
+        #[cfg(feature = "candle-cuda")]
+        candle_core::Device::Cuda(dev) => gpu::set_local_pairs(dev, pairs),
+        d => Err(no_kernels(d)),
     }
 }
 
@@ -205,11 +236,7 @@ pub fn loaded_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<&
         candle_core::Device::Cpu => Ok(Vec::new()),
         #[cfg(feature = "candle-cuda")]
         candle_core::Device::Cuda(dev) => gpu::loaded_kernels(dev),
-        d => candle_core::bail!(
-            "sparsectr-attn: no kernels for device {:?} in this build (CUDA needs the feature \
-             candle-cuda)",
-            d.location()
-        ),
+        d => Err(no_kernels(d)),
     }
 }
 

@@ -70,6 +70,12 @@ pub(super) fn loaded_kernels(dev: &CudaDevice) -> CResult<Vec<&'static str>> {
     Ok(gpu_for(dev)?.loaded_kernels())
 }
 
+/// [`super::set_local_pairs`] on candle's CUDA device: the handle of this device's stream.
+pub(super) fn set_local_pairs(dev: &CudaDevice, pairs: crate::cuda::LocalPairs) -> CResult<()> {
+    gpu_for(dev)?.set_local_pairs(pairs);
+    Ok(())
+}
+
 /// A layout's batch and chunks on one stream.
 #[derive(Debug)]
 pub(super) struct GpuLayout {
