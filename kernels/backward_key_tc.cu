@@ -130,18 +130,25 @@ __device__ __forceinline__ void stored_walk(KT& kt, const EvoParams& p, const Se
         T* const sdo = kt.sdO + i * S::kStage;
         tile_rows_async<T, kHeadDim, S::kCols>(p, q, qt, hi, head, sq);
         tile_rows_async<T, kHeadDim, S::kCols>(p, d_o, qt, hi, head, sdo);
-        // A thread copies one piece of one plane, of every 8th query (not unrolled: unrolled, the
-        // D = 128 kernel spilled 4 B on sm_80, NVRTC 13.0).
-        const int piece = threadIdx.x & 7, plane = (threadIdx.x >> 3) & 1;
-        T* const dst = (plane ? sdo : sq) + S::kPairs + 8 * piece;
-        static_assert(kDenseThreads % 16 == 0 && S::kCols % (kDenseThreads / 16) == 0, "whole passes");
+        // A thread copies one piece of one plane, of every 8th query: 8 queries on, the row
+        // starts 8 keys later (so the piece sits 8 entries earlier in it) and 8 H rows further.
+        // Not unrolled: unrolled, the D = 128 kernel spilled 4 B on sm_80 (NVRTC 13.0).
+        constexpr int kStep = kDenseThreads / 16;
+        static_assert(kStep == 8 && S::kCols % kStep == 0, "8 queries a pass");
+        const int piece = threadIdx.x & 7, plane = (threadIdx.x >> 3) & 1, row0 = threadIdx.x >> 4;
+        T* dst = (plane ? sdo : sq) + S::kPairs + row0 * S::kPairStride + 8 * piece;
+        int query = qt + row0;
+        int e = k0 + 8 * piece - pr.first(si, query);
+        size_t at = pr.row(query, p.heads, head) + plane * pr.len;
+        const size_t step = pr.row(kStep, p.heads, 0);
 #pragma unroll 1
-        for (int row = threadIdx.x >> 4; row < S::kCols; row += kDenseThreads / 16) {
-            const int query = qt + row;
-            const int e = k0 + 8 * piece - pr.first(si, query);
+        for (int row = row0; row < S::kCols; row += kStep) {
             const bool valid = query < hi && e >= 0 && e <= pr.span;
-            const T* src = pairs + (valid ? pr.row(query, p.heads, head) + plane * pr.len + e : 0);
-            cp_async<16>(dst + row * S::kPairStride, src, valid);
+            cp_async<16>(dst, pairs + (valid ? at + e : 0), valid);
+            dst += kStep * S::kPairStride;
+            query += kStep;
+            e -= kStep;
+            at += step;
         }
         if (threadIdx.x < S::kCols) {
             const int query = qt + threadIdx.x;
