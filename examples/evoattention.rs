@@ -14,11 +14,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
-use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, Saved};
+use sparsectr_attn::cuda::{BackwardMode, GpuDevice, GpuElement, LocalPairs, Saved};
 use sparsectr_attn::reference::{self, Gradients};
 use sparsectr_attn::workload::{self, Rng, Workload, WORKLOADS};
 use sparsectr_attn::{
-    Branch, Chunks, DType, EvoAttention, Gates, Inputs, JaggedBatch, NUM_BRANCHES,
+    rel_l2_error, Branch, Chunks, DType, EvoAttention, Gates, Inputs, JaggedBatch, NUM_BRANCHES,
 };
 
 /// Defaults: ctr-base at n = 512 and 4096 requested tokens (8 users, about 3,900 tokens) runs
@@ -370,6 +370,20 @@ fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<
         Backend::CpuReference { .. } => None,
     };
 
+    // On a GPU, 16-bit: the backward once more with the key side reading the query kernel's
+    // stored local pairs (LocalPairs::Stored), against the default run's gradients.
+    let stored = match (backend, grads.as_ref()) {
+        (Backend::Gpu(gpu), Some(_)) if T::DTYPE != DType::F32 => {
+            gpu.set_local_pairs(LocalPairs::Stored);
+            let start = Instant::now();
+            let g = backend.backward(&attn, &inputs, &d_o);
+            let took = start.elapsed();
+            gpu.set_local_pairs(LocalPairs::Recompute);
+            Some((g?, took))
+        }
+        _ => None,
+    };
+
     print_summary(
         args,
         backend,
@@ -383,7 +397,10 @@ fn run<T: GpuElement>(args: &Args, backend: &Backend) -> sparsectr_attn::Result<
             again,
         },
     );
-    let checks = check_outputs(&attn, &fwd, grads.as_ref());
+    let mut checks = check_outputs(&attn, &fwd, grads.as_ref());
+    if let (Some((s, took)), Some(g)) = (&stored, grads.as_ref()) {
+        checks.push(check_stored_pairs(s, g, *took, T::DTYPE.tolerance()));
+    }
     println!("checks");
     for c in &checks {
         println!(
@@ -618,6 +635,23 @@ fn check_outputs(
         });
     }
     checks
+}
+
+/// The backward with stored local pairs (`s`) against the default one (`g`): dK and dV within
+/// the dtype's tolerance (the key side rounds dz once more), everything else the same bits.
+fn check_stored_pairs(s: &Gradients, g: &Gradients, took: Duration, tol: f64) -> Check {
+    let same = s.dq == g.dq && s.dgates == g.dgates && s.dcoeffs == g.dcoeffs;
+    let (dk, dv) = (rel_l2_error(&s.dk, &g.dk), rel_l2_error(&s.dv, &g.dv));
+    Check {
+        name: "stored local pairs",
+        ok: same && dk <= tol && dv <= tol,
+        detail: format!(
+            "dK {dk:.1e}, dV {dv:.1e} from the default run's (tolerance {tol:e}); dQ, dgates, \
+             dcoeffs {}; backward {}",
+            if same { "the same bits" } else { "DIFFERENT" },
+            fmt_duration(took)
+        ),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
