@@ -672,15 +672,26 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
             timed.push(("sparse-ours", "fwd_warp", reps, warp_ms?));
             // fwd_bwd_two_pass: without saved branch outputs, the query backward makes its own
             // first pass for dgates (what every backward did before they were saved).
-            for (pass, mode, save) in [
-                ("fwd_bwd", BackwardMode::Fast, Saved::BranchOutputs),
+            // fwd_bwd_stored: the key side reading the local pairs the query kernel stored
+            // (LocalPairs::Stored), beside fwd_bwd's recomputing key side in the same run.
+            let recompute = LocalPairs::Recompute;
+            for (pass, mode, save, pairs) in [
+                ("fwd_bwd", Fast, Saved::BranchOutputs, recompute),
+                (
+                    "fwd_bwd_stored",
+                    Fast,
+                    Saved::BranchOutputs,
+                    LocalPairs::Stored,
+                ),
                 (
                     "fwd_bwd_det",
                     BackwardMode::Deterministic,
                     Saved::BranchOutputs,
+                    recompute,
                 ),
-                ("fwd_bwd_two_pass", BackwardMode::Fast, Saved::LseOnly),
+                ("fwd_bwd_two_pass", Fast, Saved::LseOnly, recompute),
             ] {
+                gpu.set_local_pairs(pairs);
                 let ms = gpu.time_median_ms(WARMUP, reps, |i| {
                     let bufs = (&mut *f, &mut *g);
                     c.sparse_forward_backward(
@@ -692,27 +703,10 @@ fn bench_cell(gpu: &GpuDevice, args: &Args, wl: Workload, len: usize) -> Result<
                         mode,
                         save,
                     )
-                })?;
-                timed.push(("sparse-ours", pass, reps, ms));
+                });
+                gpu.set_local_pairs(recompute);
+                timed.push(("sparse-ours", pass, reps, ms?));
             }
-            // fwd_bwd_stored: the key side reading the pairs the query kernel stored
-            // (LocalPairs::Stored), beside fwd_bwd's recomputing key side in the same run.
-            gpu.set_local_pairs(LocalPairs::Stored);
-            let stored_ms = gpu.time_median_ms(WARMUP, reps, |i| {
-                let bufs = (&mut *f, &mut *g);
-                let saved = Saved::BranchOutputs;
-                c.sparse_forward_backward(
-                    &d_batch,
-                    &chunks,
-                    &sets[i % 2],
-                    &coeffs,
-                    bufs,
-                    Fast,
-                    saved,
-                )
-            });
-            gpu.set_local_pairs(LocalPairs::Recompute);
-            timed.push(("sparse-ours", "fwd_bwd_stored", reps, stored_ms?));
             timed.push((
                 "sparse-ours",
                 "e2e_fwd_bwd",
