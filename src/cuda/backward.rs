@@ -376,7 +376,8 @@ impl GpuDevice {
         };
         let mut pairs = match (&key_side, self.local_pairs()) {
             (KeySide::TensorCore { .. }, LocalPairs::Stored) => {
-                Some(stored_pairs::<T>(stream, t, dims, config.window)?)
+                // The kernels' window (clamped to the longest sequence), which sizes each row.
+                Some(stored_pairs::<T>(stream, t, dims, params.window as usize)?)
             }
             _ => None,
         };
