@@ -44,10 +44,13 @@
 // ldmatrix .trans reads the A fragments (gate P)^T and dz~^T without bank conflicts). Two stages
 // in the KeyTile's Q and dO arrays (kHalf elements each: a stage's Q and gate P rows in one,
 // dO and dz~ rows in the other), and each query's delta in its LSE array (2 kCols floats, at
-// least a stage pair of kCols here: KeyTile's tiles are as wide or wider).
+// least a stage pair of kCols here: KeyTile's tiles are as wide or wider). 32 queries a stage only
+// at D = 64, where two stages fit in KeyTile's own: at D = 32 they made every key block 8 KB
+// larger (25.6 to 33.8 KB, the default recompute walk's too), which held sm_86, sm_89 and sm_12x
+// (100 KB an SM) to 2 blocks where 3 fit before (NVRTC 13.0's ptxas report).
 template <typename T, int kHeadDim>
 struct StoredStage {
-    static constexpr int kCols = kHeadDim == 128 ? 16 : 32;
+    static constexpr int kCols = kHeadDim == 64 ? 32 : 16;
     static constexpr int kRowStride = kHeadDim + SmemPad<T>::kValue;
     static constexpr int kPairStride = kDenseRows + 8;
     // In each array, per stage: kCols token rows, then kCols pair rows.

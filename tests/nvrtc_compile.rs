@@ -33,8 +33,8 @@ fn check_arch(arch: &str, test: &str) {
     let names = kernel_names();
     for r in &reports {
         println!(
-            "{arch} {}: {} registers, {} B stack, {} B spill stores, {} B spill loads",
-            r.function, r.registers, r.stack_frame, r.spill_stores, r.spill_loads
+            "{arch} {}: {} registers, {} B smem, {} B stack, {} B spill stores, {} B spill loads",
+            r.function, r.registers, r.shared_bytes, r.stack_frame, r.spill_stores, r.spill_loads
         );
     }
     for name in &names {

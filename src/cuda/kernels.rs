@@ -452,6 +452,8 @@ pub struct KernelReport {
     pub spill_loads: u32,
     /// Bytes of stack frame.
     pub stack_frame: u32,
+    /// Bytes of static shared memory a block.
+    pub shared_bytes: u32,
 }
 
 /// Compiles every kernel with NVRTC for `arch`, each alone as the GPU path loads it where nvcc
@@ -524,6 +526,7 @@ fn parse_ptxas_log(log: &str, arch: &str) -> Vec<KernelReport> {
                 spill_stores: 0,
                 spill_loads: 0,
                 stack_frame: 0,
+                shared_bytes: 0,
             });
             continue;
         }
@@ -537,6 +540,7 @@ fn parse_ptxas_log(log: &str, arch: &str) -> Vec<KernelReport> {
         }
         if let Some(n) = number_before(line, " registers") {
             current.registers = n;
+            current.shared_bytes = number_before(line, " bytes smem").unwrap_or(0);
         }
     }
     reports
@@ -557,7 +561,7 @@ mod tests {
             ptxas info    : Compiling entry function 'evo_forward_bf16_d64' for 'sm_90'\n\
             ptxas info    : Function properties for evo_forward_bf16_d64\n\
             ptxas         .     16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
-            ptxas info    : Used 72 registers, used 1 barriers, 16 bytes cumulative stack size\n\
+            ptxas info    : Used 72 registers, used 1 barriers, 16 bytes cumulative stack size, 25600 bytes smem\n\
             ptxas info    : Compiling entry function 'evo_chunking' for 'sm_90'\n\
             ptxas info    : Used 30 registers\n";
         let r = parse_ptxas_log(log, "sm_90");
@@ -567,7 +571,7 @@ mod tests {
             (r[0].registers, r[0].spill_stores, r[0].spill_loads),
             (72, 8, 4)
         );
-        assert_eq!(r[0].stack_frame, 16);
+        assert_eq!((r[0].stack_frame, r[0].shared_bytes), (16, 25600));
         assert_eq!((r[1].registers, r[1].spill_stores), (30, 0));
     }
 
