@@ -2,8 +2,9 @@
 //! user may run it on: sm_80 (A100), sm_86 (A10, A40), sm_89 (L4, L40S), sm_90 (H100, H200),
 //! sm_100 (B200) and sm_120 (RTX PRO 6000 Blackwell). The register budgets (launch bounds) were
 //! tuned on sm_90; shared memory per SM differs by architecture (kernels/common/occupancy.cuh),
-//! and ptxas fits registers differently on each. Needs NVRTC (`source scripts/nvrtc-env.sh`
-//! installs the CUDA 13.0 wheel), not a GPU.
+//! and ptxas fits registers differently on each, so the tile kernels are also checked for static
+//! shared memory that would hold them to fewer blocks an SM than their registers. Needs NVRTC
+//! (`source scripts/nvrtc-env.sh` installs the CUDA 13.0 wheel), not a GPU.
 
 use sparsectr_attn::cuda::{compile_modules, compile_report, kernel_names};
 
@@ -62,6 +63,39 @@ fn check_arch(arch: &str, test: &str) {
         names.len(),
         "a kernel outside the instantiation list"
     );
+    for r in reports.iter().filter(|r| is_tile_kernel(&r.function)) {
+        let (by_registers, by_shared) = blocks_per_sm(arch, r);
+        assert!(
+            by_shared >= by_registers,
+            "{} on {arch}: {} B of static shared memory a block hold it to {by_shared} blocks an \
+             SM where its {} registers fit {by_registers}",
+            r.function,
+            r.shared_bytes,
+            r.registers
+        );
+    }
+}
+
+/// The tile kernels: 128 threads a block (kDenseThreads, kernels/attn/dense.cuh), latency bound,
+/// their register budgets chosen for a number of blocks an SM. Their shared memory must not be
+/// what holds them to fewer: the key kernel's stored-pair stages once took sm_86, sm_89 and
+/// sm_12x from 3 blocks to 2 at D = 32 with nothing failing.
+fn is_tile_kernel(name: &str) -> bool {
+    name.starts_with("evo_dense_") || name.contains("_tc_")
+}
+
+/// Blocks of a tile kernel an SM holds by its registers and by its static shared memory:
+/// 64K registers an SM, allocated to a warp in 256s; shared memory an SM as
+/// kernels/common/occupancy.cuh has it, less 1 KB the driver reserves a block.
+fn blocks_per_sm(arch: &str, r: &sparsectr_attn::cuda::KernelReport) -> (u32, u32) {
+    let per_thread = r.registers.div_ceil(8) * 8;
+    let by_registers = 65536 / (per_thread * 128);
+    let shared_per_sm: u32 = match arch {
+        "sm_86" | "sm_89" | "sm_120" => 100 * 1024,
+        "sm_80" => 164 * 1024,
+        _ => 228 * 1024,
+    };
+    (by_registers, shared_per_sm / (r.shared_bytes + 1024))
 }
 
 /// Every module's NVRTC log, cut short, for a report that lacks a kernel. (On an H100 host,
