@@ -233,25 +233,27 @@ __device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const FragC&
     for (int r = 0; r < 2; ++r) {
         const uint4 rec = load_pair_record(c.pf, row0 + 8 * r);
         const int lo = static_cast<int>(rec.z), hi = static_cast<int>(rec.w);
-        // Slot 0's element index (it may lie before the row and the buffer: only slots in
-        // [lo, hi) are added to it).
+        // Slot 0's element index (it may lie before the row and the buffer: a pointer is formed
+        // only for slots in [lo, hi)).
         const long long at = static_cast<long long>(static_cast<unsigned long long>(rec.x) |
                                                     (static_cast<unsigned long long>(rec.y) << 32));
-        T* const e = c.pairs + (at + slot);
         // The row's values by selects: an index by r would put the fragments in local memory.
         const float g0 = r ? gp.c[2] : gp.c[0], g1 = r ? gp.c[3] : gp.c[1];
         const float z0 = r ? dz.c[2] : dz.c[0], z1 = r ? dz.c[3] : dz.c[1];
         if (slot >= lo && slot + 1 < hi && (at & 1) == 0) {
+            T* const e = c.pairs + (at + slot);
             *reinterpret_cast<unsigned*>(e) = make_pair<T>(g0, g1).bits;
             *reinterpret_cast<unsigned*>(e + len) = make_pair<T>(z0, z1).bits;
         } else {
             if (slot >= lo && slot < hi) {
+                T* const e = c.pairs + (at + slot);
                 e[0] = from_float<T>(g0);
                 e[len] = from_float<T>(z0);
             }
             if (slot + 1 >= lo && slot + 1 < hi) {
-                e[1] = from_float<T>(g1);
-                e[len + 1] = from_float<T>(z1);
+                T* const e = c.pairs + (at + slot + 1);
+                e[0] = from_float<T>(g1);
+                e[len] = from_float<T>(z1);
             }
         }
     }
