@@ -9,9 +9,11 @@ the attention kernels run once per sub-tile of keys, so "instructions per MMA" t
 figure that a change to the per-key work moves.
 
 These are static counts: a loop body's conditional blocks are counted whether or not they run.
+`--paths` adds, per loop, the shortest and longest paths once round it (one iteration runs one
+path: where a loop holds two passes' copies of its work, the longest is about the costlier pass).
 
     source scripts/nvrtc-env.sh
-    python3 scripts/sass-loops.py forward_tc --kernel bf16_d64 [--arch sm_90] [--out-dir DIR]
+    python3 scripts/sass-loops.py forward_tc --kernel bf16_d64 [--arch sm_90] [--out-dir DIR] [--paths]
 
 nvdisasm comes from $NVDISASM, PATH, or the nvidia-cuda-nvdisasm wheel (installed with pip if
 missing: CUDA 13.2's reads sm_80 and sm_90 cubins of NVRTC 13.0).
@@ -166,6 +168,40 @@ def loops(instrs, labels):
     return sorted(set(found))
 
 
+def iteration_paths(body, labels):
+    """(shortest, longest) instruction count of one trip round a loop: paths through its body's
+    forward branches from the head to a branch back to it. Static counts add every conditional
+    block (both passes' copies of the query backward's element work, say); these bound what one
+    iteration can execute. None where no path returns to the head."""
+    index = {addr: i for i, (addr, *_) in enumerate(body)}
+    head = body[0][0]
+    best = [None] * (len(body) + 1)  # (shortest, longest) from instruction i to the back edge
+
+    def successors(i):
+        _, op, text, _ = body[i]
+        if op.startswith("EXIT") or op.startswith("RET"):
+            return [], False
+        if not op.startswith("BRA"):
+            return [i + 1], False
+        m = re.search(r"(\.L_x_\d+)", text)
+        target = labels.get(m.group(1)) if m else None
+        # `@P0 BRA`, or a predicate operand (`BRA P1, target`): either way it may fall through.
+        conditional = text.startswith("@") or re.search(r"!?U?P\w+\s*,", text.split("BRA", 1)[1].split("`")[0])
+        back = target == head
+        out = [] if back else ([index[target]] if target in index and target > body[i][0] else [])
+        if conditional:
+            out.append(i + 1)
+        return out, back
+
+    for i in range(len(body) - 1, -1, -1):
+        succ, back = successors(i)
+        options = [(0, 0)] if back else []
+        options += [best[j] for j in succ if j < len(body) and best[j] is not None]
+        if options:
+            best[i] = (1 + min(o[0] for o in options), 1 + max(o[1] for o in options))
+    return best[0]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("module", help="generated module name, e.g. forward_tc, or a path to a .cu")
@@ -174,6 +210,8 @@ def main():
     ap.add_argument("--out-dir", help="build.rs's OUT_DIR (default: the newest under target/)")
     ap.add_argument("--top", type=int, default=10, help="opcodes listed per loop")
     ap.add_argument("--dump", default="", help="also print the loop starting at this address (hex)")
+    ap.add_argument("--paths", action="store_true",
+                    help="also the shortest and longest paths once round each loop")
     args = ap.parse_args()
 
     if args.module.endswith(".cu"):
@@ -207,6 +245,10 @@ def main():
             print(f"  loop {body[0][0]:#07x}: {len(body):4d} instructions, {mma} MMA{per_mma}"
                   f" (ends at {where(body[-1][3])})")
             print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top)))
+            if args.paths:
+                paths = iteration_paths(body, labels[name])
+                if paths:
+                    print(f"    one trip: {paths[0]} to {paths[1]} instructions")
             if args.dump and int(args.dump, 16) == body[0][0]:
                 for addr, _, text, line in body:
                     print(f"      {addr:#07x}  {text:<60} {where(line)}")
