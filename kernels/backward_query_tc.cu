@@ -71,11 +71,15 @@ constexpr bool kBwdQueryTcSm90 = !kArchSm10x;
 #else
 constexpr bool kBwdQueryTcSm90 = false;
 #endif
-// Floats of the shared per-thread sums and values (BwdTcContext::pf), two rows a thread: the
-// dcoeffs sums, four per row; then, in the threads that hold a row's first column, the row's
-// gate P of the user slot (kPfUser + r) and its dP', then dz (kPfUser + 2 + r). Beside the sums,
-// the user slot's values take no register of their own: at the D = 64 kernel's 168-register cap,
-// a shared row array's address through the pair loop spilled 16 B on sm_90 (NVRTC 13.0).
+// Floats of the shared per-thread sums and values (BwdTcContext::pf), in rows of kDenseThreads:
+// the sums of the D~ correction (bwd_tc_branch), the features' MMA accumulators as a float4 a
+// thread in rows 0-3 and the thread's bucket sums for its two rows as a float2 a thread in rows
+// kPfBucket and kPfBucket + 1 (rows 6 and 7 unused); then, in the threads that hold a row's
+// first column, the row's gate P of the user slot (kPfUser + r) and its dP', then dz
+// (kPfUser + 2 + r). Beside the sums, the user slot's values take no register of their own: at
+// the D = 64 kernel's 168-register cap, a shared row array's address through the pair loop
+// spilled 16 B on sm_90 (NVRTC 13.0).
+constexpr int kPfBucket = 4;
 constexpr int kPfUser = 8;
 // Then, as [kDenseRows] records of 16 bytes, each block row's stored pairs (attn/
 // stored_pairs.cuh): the element index of local slot 0's entry in the row (were slot 0 a
@@ -141,8 +145,8 @@ struct BwdTcContext {
     const int* chunk_ends;
     const unsigned* rel_time;
     unsigned* raw_time;  // shared: the slots' times as their copies land
-    float* pf;           // shared kBwdQueryPfFloats: each thread's sum_j P_j (Bk, Hr, Wk)
-                         // sums, its rows' user-slot values, and the rows' pair records
+    float* pf;           // shared kBwdQueryPfFloats: the sum_j P_j (Bk, Hr, Wk) sums, each
+                         // thread's rows' user-slot values, and the rows' pair records
     T* pairs;           // stored pairs (kStore)
     float* pair_delta;  // stored pairs' deltas, or null
 };
@@ -218,13 +222,14 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
 }
 
 // kStore's stores of one 8-slot column tile: the lane's slots `slot` and slot + 1 of its rows g
-// and g + 8, gate P and dz (C fragment order), where the row stores them (its record's [lo, hi):
-// the behavior slots of its row's keys; a masked pair there stores its zeros, and the rest of
-// the row is zeroed by store_pair_zeros). Two slots are one 4-byte store per plane where the
+// and g + 8, gate P (from P in C fragment order, and the rows' gates) and dz, where the row
+// stores them (its record's [lo, hi): the behavior slots of its row's keys; a masked pair there
+// stores its zeros, and the rest of the row is zeroed by store_pair_zeros). Two slots are one 4-byte store per plane where the
 // row's entries are 4-byte aligned (block-uniform: rows start 8 keys apart from the sequence's
 // start, and slot 0 sits local_lo - user keys from it), else 2-byte stores.
 template <typename T, typename Ctx>
-__device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const FragC& gp, const FragC& dz) {
+__device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const float (&gate)[2], const FragC& pr,
+                                            const FragC& dz) {
     const int len = PairRows::of(c.p->window).len;
     const int row0 = static_cast<int>(threadIdx.x) / kWarpSize * 16 + (static_cast<int>(threadIdx.x) % kWarpSize) / 4;
     // One row at a time: both rows' records in flight held 16 B more than the D = 64 kernel's
@@ -238,7 +243,8 @@ __device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const FragC&
         const long long at = static_cast<long long>(static_cast<unsigned long long>(rec.x) |
                                                     (static_cast<unsigned long long>(rec.y) << 32));
         // The row's values by selects: an index by r would put the fragments in local memory.
-        const float g0 = r ? gp.c[2] : gp.c[0], g1 = r ? gp.c[3] : gp.c[1];
+        const float gr = r ? gate[1] : gate[0];
+        const float g0 = gr * (r ? pr.c[2] : pr.c[0]), g1 = gr * (r ? pr.c[3] : pr.c[1]);
         const float z0 = r ? dz.c[2] : dz.c[0], z1 = r ? dz.c[3] : dz.c[1];
         if (slot >= lo && slot + 1 < hi && (at & 1) == 0) {
             T* const e = c.pairs + (at + slot);
@@ -257,6 +263,23 @@ __device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const FragC&
             }
         }
     }
+}
+
+// sum_j P_j (kc, ks, kw, 1) of a sub-tile's slots for rows g and g + 8 (the per-key features of
+// the D~ correction's sum_j P_j (Bk, Hr, Wk); Hr = q.c kc + q.s ks), added to `acc` by one f16 MMA:
+// A = P of the sub-tile (two C fragments, [0, 1]), B = the slots' features that gather_slots
+// wrote into their K rows' padding, read by one ldmatrix .x2.trans (lane l, 0-15, points at
+// slot l's). C column 2t + e of lane t: t = 0 (kc, ks), t = 1 (kw, 1), t = 2, 3 zeros. By FMAs,
+// three a pair and the per-thread sums in shared memory, it took about 50 instructions of each
+// sub-tile loop (sm_90 SASS, D = 64). f16 keeps 11 bits of P and the features; the product
+// scales gate (D~ - dgates_b), which the rounding of O_b keeps near 2^-9 of the row's terms.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void pair_feature_sums(FragC& acc, const FragC (&pr)[2], const T* k_rows) {
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    unsigned r[2];
+    ldmatrix<2, true>(r, reinterpret_cast<const half_t*>(k_rows),
+                      (static_cast<int>(threadIdx.x) & 15) * kStride + kHeadDim);
+    mma(acc, a_from_c<half_t>(pr[0], pr[1]), FragB<half_t>{{MmaPair<half_t>{r[0]}, MmaPair<half_t>{r[1]}}});
 }
 
 // One branch: returns this lane's rows' dgates_b in `dgates` (with `have_dgates`, takes D~ from
@@ -281,12 +304,14 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
     const int t = threadIdx.x % 4;
     const int num_slots = tile_slots<kBranch>(c.tt, *c.p, c.q_end);
     float du[2] = {0.f, 0.f};  // this lane's share of sum_j P_j dP'_j per row
-    // This thread's share of sum_j P_j (Bk, Hr, Wk) in the last pass, per row: added to in
-    // shared memory once a sub-tile, as eight registers through the loop spilled 36 B at D = 64
-    // on sm_90 under the 168-register cap (NVRTC 13.0).
-    float* const pf = c.pf + threadIdx.x;
-#pragma unroll
-    for (int x = 0; x < 8; ++x) pf[x * kDenseThreads] = 0.f;
+    // sum_j P_j (Bk, Hr, Wk) in the last pass, for the D~ correction, in shared memory: the
+    // features' MMA accumulators (pair_feature_sums) and this lane's share of the buckets' sums
+    // per row, added to once a sub-tile (eight such sums in registers through the loop spilled
+    // 36 B at D = 64 on sm_90 under the 168-register cap, NVRTC 13.0).
+    float4* const pt_features = reinterpret_cast<float4*>(c.pf) + threadIdx.x;
+    float2* const pt_bucket = reinterpret_cast<float2*>(c.pf + kPfBucket * kDenseThreads) + threadIdx.x;
+    *pt_features = make_float4(0.f, 0.f, 0.f, 0.f);
+    *pt_bucket = make_float2(0.f, 0.f);
     const int first_pass = have_dgates ? 1 : 0;  // block-uniform
     // Not unrolled: two copies of the tile loop pushed ptxas past 255 registers.
 #pragma unroll 1
@@ -307,7 +332,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                 const SlotTiles<T, kHeadDim> st = sm.from(sub);
                 FragC sc[kCols / 8], dp[kCols / 8];
                 bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, base + sub, qf, dof, sc, dp);
-                CoeffSums pt[2];  // this sub-tile's share of pf
+                float pt[2] = {0.f, 0.f};  // this sub-tile's share of pt_bucket
 #pragma unroll
                 for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
@@ -318,32 +343,34 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                         du[r] = fmaf(pr, dp[n].c[i], du[r]);
                         if (pass == 1) {
                             const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
-                            // Masked pairs add dz = 0; the user token has no bias to differentiate.
+                            // Masked pairs add dz = 0; the user token has no bias to differentiate
+                            // (its features are zeros in pair_feature_sums).
                             const bool untimed = kBranch == 2 && n == 0 && (i & 1) == 0 && base + sub + 2 * t < c.tt.user;
                             dcoef[r].add(untimed ? 0.f : dz, c.row_time[r], st.time[col], c.p->num_time_buckets);
-                            pt[r].add(untimed ? 0.f : pr, c.row_time[r], st.time[col], c.p->num_time_buckets);
+                            const float bk = pair_bucket(c.row_time[r], st.time[col], c.p->num_time_buckets);
+                            pt[r] = fmaf(untimed ? 0.f : pr, bk, pt[r]);
                             sc[n].c[i] = dz;
                             // The user slot's gate P and dP' for the user token's dK and dV
                             // (user_partial_tile): its dz needs the exact dgates_b, known only
                             // after this pass.
                             if (untimed) {
+                                float* const pf = c.pf + threadIdx.x;
                                 pf[(kPfUser + r) * kDenseThreads] = gate[r] * pr;
                                 pf[(kPfUser + 2 + r) * kDenseThreads] = dp[n].c[i];
                             }
-                            // dP' is spent: it holds gate P for the stores.
-                            if (kStore) dp[n].c[i] = gate[r] * pr;
+                            dp[n].c[i] = pr;  // dP' is spent: P, for the features' MMA and the stores
                         }
                     }
-                    if (kStore && pass == 1) store_pairs<T>(c, base + sub + n * 8 + 2 * t, dp[n], sc[n]);
+                    if (kStore && pass == 1) store_pairs<T>(c, base + sub + n * 8 + 2 * t, gate, dp[n], sc[n]);
                 }
                 if (pass == 1) {
-#pragma unroll
-                    for (int r = 0; r < 2; ++r) {
-                        pf[(4 * r + 0) * kDenseThreads] += pt[r].bucket;
-                        pf[(4 * r + 1) * kDenseThreads] += pt[r].phase;
-                        pf[(4 * r + 2) * kDenseThreads] += pt[r].weekend;
-                        pf[(4 * r + 3) * kDenseThreads] += pt[r].dz;
-                    }
+                    FragC f;
+                    const float4 was = *pt_features;
+                    f.c[0] = was.x, f.c[1] = was.y, f.c[2] = was.z, f.c[3] = was.w;
+                    pair_feature_sums<T, kHeadDim>(f, dp, st.k);
+                    *pt_features = make_float4(f.c[0], f.c[1], f.c[2], f.c[3]);
+                    const float2 b = *pt_bucket;
+                    *pt_bucket = make_float2(b.x + pt[0], b.y + pt[1]);
                     probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k, dim0);
                     if (kSummary) probs_times_rows<T, kHeadDim, kCols>(dq, sc, st.k_lo(), dim0);
                 }
@@ -355,11 +382,17 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
             du[r] += __shfl_xor_sync(kFullMask, du[r], 2);
             // After pass 2: dz summed gate (dP' - D~) where gate (dP' - dgates_b) was meant.
             if (pass == 1) {
+                // This lane's share of the sums (CoeffSums::finish is linear in them, so the four
+                // lanes' shares add up as the sums do): its bucket sum, and the MMA's columns
+                // 2t, 2t + 1 of row r (pair_feature_sums).
+                const float4 f4 = *pt_features;
+                const float2 b2 = *pt_bucket;
+                const float a = r ? f4.z : f4.x, b = r ? f4.w : f4.y;
                 CoeffSums sums;
-                sums.bucket = pf[(4 * r + 0) * kDenseThreads];
-                sums.phase = pf[(4 * r + 1) * kDenseThreads];
-                sums.weekend = pf[(4 * r + 2) * kDenseThreads];
-                sums.dz = pf[(4 * r + 3) * kDenseThreads];
+                sums.bucket = r ? b2.y : b2.x;
+                sums.phase = t == 0 ? fmaf(c.row_time[r].c, a, c.row_time[r].s * b) : 0.f;
+                sums.weekend = t == 1 ? a : 0.f;
+                sums.dz = t == 1 ? b : 0.f;
                 dcoef[r].add_scaled(sums, gate[r] * (dgates[r] - du[r]));
                 // The stored dz~ was centred on dgates[r]: the key side adds gate P times this.
                 if (kStore && t == 0 && stores_pairs(c.pf, r))

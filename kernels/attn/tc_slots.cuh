@@ -520,8 +520,9 @@ __device__ __forceinline__ void land_gather(int branch, const unsigned* raw_time
 }
 
 // One gather, slots [base, base + TcLoad<D, kBranch>) of a branch, into `st`, visible to the
-// whole block on return: issue_gather and land_gather between barriers. Called by every thread
-// of the block.
+// whole block on return: issue_gather and land_gather between barriers, and the slots' dcoeffs
+// features. The query backward's (the forward stages its own). Called by every thread of the
+// block.
 template <int kBranch, typename T, int kHeadDim>
 __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si, const EvoParams& p,
                                              int head, int chunk_base, const int* __restrict__ chunk_ends,
@@ -534,5 +535,25 @@ __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si
     issue_gather<kBranch>(tt, si, p, head, chunk_base, chunk_ends, rel_time, k, v, kbar, vbar, base,
                           num_slots, st, raw_time);
     land_gather<kHeadDim, TcRows<kHeadDim>::kValue>(kBranch, raw_time, st.time, wd0);
+    // Each slot's per-key dcoeffs features (kc, ks, kw, 1, then four zeros) as f16 in its K row's
+    // padding, where the query backward (the only caller) reads them by ldmatrix as the B
+    // fragment of its sum_j P_j (Hr, Wk, 1) MMA (pair_feature_sums); zeros for the user slot,
+    // which has no time and no bias. f16 whatever T is: the features lie in [-1, 1], where f16
+    // keeps 3 more bits than bf16. Slots past the branch's end get their zero time's features,
+    // finite, as their P is 0. The thread that landed a slot's time writes them.
+    constexpr int kPerSlot = TcGatherThreads<kHeadDim, kBranch, TcRows<kHeadDim>::kValue>::kValue;
+    static_assert(SmemPad<T>::kValue * sizeof(T) == 16, "a K row's padding holds the eight features");
+    const GatherSlot me = gather_slot<kPerSlot>(threadIdx.x);
+    if (me.part == 0) {
+        const TokenTime x = st.time[me.slot];
+        uint4 f = {0u, 0u, 0u, 0u};
+        if (!(kBranch == 2 && base + me.slot < tt.user)) {
+            f.x = static_cast<unsigned>(from_float<half_t>(x.c).bits) |
+                  (static_cast<unsigned>(from_float<half_t>(x.s).bits) << 16);
+            f.y = static_cast<unsigned>(from_float<half_t>(x.weekend).bits) |
+                  (static_cast<unsigned>(from_float<half_t>(1.f).bits) << 16);
+        }
+        *reinterpret_cast<uint4*>(st.k + me.slot * SlotTiles<T, kHeadDim>::kStride + kHeadDim) = f;
+    }
     __syncthreads();
 }

@@ -163,6 +163,11 @@ struct RowBias {
     }
 };
 
+// min(bucket(|t_q - t_k|), NB) of a pair: the one feature of dcoeffs that depends on both times.
+__device__ __forceinline__ float pair_bucket(const TokenTime& q, const TokenTime& k, int num_time_buckets) {
+    return clamped_bucket(max(q.t, k.t) - min(q.t, k.t), num_time_buckets);
+}
+
 // dcoeffs of one query row, sum_j dz_j (Bk, Hr, Wk)(q, j), kept as four sums over the keys that
 // need no per-pair feature: with x_j = qc kc + qs ks and qw, kw in {0, 1},
 //   sum dz Bk = -(1 / NB) sum dz min(bucket, NB)
@@ -174,8 +179,7 @@ struct CoeffSums {
 
     __device__ __forceinline__ void add(float dz_j, const TokenTime& q, const TokenTime& k,
                                         int num_time_buckets) {
-        const unsigned dt = max(q.t, k.t) - min(q.t, k.t);
-        bucket = fmaf(dz_j, clamped_bucket(dt, num_time_buckets), bucket);
+        bucket = fmaf(dz_j, pair_bucket(q, k, num_time_buckets), bucket);
         phase = fmaf(dz_j, fmaf(q.c, k.c, q.s * k.s), phase);
         weekend = fmaf(dz_j, k.weekend, weekend);
         dz += dz_j;

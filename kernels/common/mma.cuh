@@ -125,8 +125,8 @@ __device__ __forceinline__ MmaPair<T> pair_of(T lo, T hi) {
     return MmaPair<T>{static_cast<unsigned>(lo.bits) | (static_cast<unsigned>(hi.bits) << 16)};
 }
 
-// kMatrices (2 or 4) 8x8 matrices of 16-bit elements from shared memory (PTX `ldmatrix .x2`,
-// `.x4`, and `.x4.trans` where kTrans): lane l gives the address of row l % 8 of matrix l / 8 (8
+// kMatrices (2 or 4) 8x8 matrices of 16-bit elements from shared memory (PTX `ldmatrix .x2`
+// and `.x4`, `.trans` where kTrans): lane l gives the address of row l % 8 of matrix l / 8 (8
 // consecutive elements, 16-byte aligned; lanes 16-31 are ignored by .x2) and receives
 //   r[i] = (M_i[g][2t], M_i[g][2t + 1])      the B fragment half of an operand whose k runs
 //                                             along M's rows (K in Q K^T), or with kTrans
@@ -141,7 +141,7 @@ __device__ __forceinline__ MmaPair<T> pair_of(T lo, T hi) {
 // sub-tile loops took 11-16 more instructions, the key side's walks 20).
 template <int kMatrices, bool kTrans, typename T>
 __device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row, int offset SPARSECTR_SITE_PARAM) {
-    static_assert(kMatrices == 4 || (kMatrices == 2 && !kTrans), "ldmatrix .x4, .x4.trans or .x2");
+    static_assert(kMatrices == 4 || kMatrices == 2, "ldmatrix .x2 or .x4 (.trans or not)");
 #ifdef __CUDA_ARCH__
     const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(row));
     const unsigned at = smem + offset * static_cast<unsigned>(sizeof(T));
@@ -152,6 +152,10 @@ __device__ __forceinline__ void ldmatrix(unsigned (&r)[kMatrices], const T* row,
     else if constexpr (kMatrices == 4)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(at));
+    else if constexpr (kTrans)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
                      : "r"(at));
     else
         asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
