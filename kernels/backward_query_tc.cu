@@ -390,7 +390,8 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                 const float a = r ? f4.z : f4.x, b = r ? f4.w : f4.y;
                 CoeffSums sums;
                 sums.bucket = r ? b2.y : b2.x;
-                sums.phase = t == 0 ? fmaf(c.row_time[r].c, a, c.row_time[r].s * b) : 0.f;
+                sums.cos = t == 0 ? a : 0.f;
+                sums.sin = t == 0 ? b : 0.f;
                 sums.weekend = t == 1 ? a : 0.f;
                 sums.dz = t == 1 ? b : 0.f;
                 dcoef[r].add_scaled(sums, gate[r] * (dgates[r] - du[r]));

@@ -168,19 +168,21 @@ __device__ __forceinline__ float pair_bucket(const TokenTime& q, const TokenTime
     return clamped_bucket(max(q.t, k.t) - min(q.t, k.t), num_time_buckets);
 }
 
-// dcoeffs of one query row, sum_j dz_j (Bk, Hr, Wk)(q, j), kept as four sums over the keys that
-// need no per-pair feature: with x_j = qc kc + qs ks and qw, kw in {0, 1},
+// dcoeffs of one query row, sum_j dz_j (Bk, Hr, Wk)(q, j), kept as five sums over the keys that
+// need no per-pair feature: with Hr = (qc kc + qs ks - 1) / 2 and qw, kw in {0, 1},
 //   sum dz Bk = -(1 / NB) sum dz min(bucket, NB)
-//   sum dz Hr = (sum dz x - sum dz) / 2
+//   sum dz Hr = (qc sum dz kc + qs sum dz ks - sum dz) / 2
 //   sum dz Wk = -(qw sum dz + (1 - 2 qw) sum dz kw)
-// so a pair costs the bucket and four FMAs, and no branch on the features.
+// so a pair costs the bucket and five FMAs, and no branch on the features. (The phase as one
+// sum of dz (qc kc + qs ks) took an FMUL and two FMAs a pair.)
 struct CoeffSums {
-    float bucket = 0.f, phase = 0.f, weekend = 0.f, dz = 0.f;
+    float bucket = 0.f, cos = 0.f, sin = 0.f, weekend = 0.f, dz = 0.f;
 
     __device__ __forceinline__ void add(float dz_j, const TokenTime& q, const TokenTime& k,
                                         int num_time_buckets) {
         bucket = fmaf(dz_j, pair_bucket(q, k, num_time_buckets), bucket);
-        phase = fmaf(dz_j, fmaf(q.c, k.c, q.s * k.s), phase);
+        cos = fmaf(dz_j, k.c, cos);
+        sin = fmaf(dz_j, k.s, sin);
         weekend = fmaf(dz_j, k.weekend, weekend);
         dz += dz_j;
     }
@@ -188,7 +190,8 @@ struct CoeffSums {
     // Adds c times other's sums: the sums of dz_j + c w_j where `other` summed w_j.
     __device__ __forceinline__ void add_scaled(const CoeffSums& other, float c) {
         bucket = fmaf(c, other.bucket, bucket);
-        phase = fmaf(c, other.phase, phase);
+        cos = fmaf(c, other.cos, cos);
+        sin = fmaf(c, other.sin, sin);
         weekend = fmaf(c, other.weekend, weekend);
         dz = fmaf(c, other.dz, dz);
     }
@@ -196,7 +199,7 @@ struct CoeffSums {
     // (sum dz Bk, sum dz Hr, sum dz Wk).
     __device__ __forceinline__ void finish(const TokenTime& q, int num_time_buckets, float (&out)[3]) const {
         out[0] = -bucket * __frcp_rn(static_cast<float>(num_time_buckets));
-        out[1] = 0.5f * (phase - dz);
+        out[1] = 0.5f * (fmaf(q.c, cos, q.s * sin) - dz);
         out[2] = -fmaf(q.weekend, dz, (1.f - 2.f * q.weekend) * weekend);
     }
 };
