@@ -71,10 +71,10 @@ constexpr bool kBwdQueryTcSm90 = !kArchSm10x;
 #else
 constexpr bool kBwdQueryTcSm90 = false;
 #endif
-// Floats of the shared per-thread sums and values (BwdTcContext::pf), in rows of kDenseThreads:
-// the sums of the D~ correction (bwd_tc_branch), the features' MMA accumulators as a float4 a
-// thread in rows 0-3 and the thread's bucket sums for its two rows as a float2 a thread in rows
-// kPfBucket and kPfBucket + 1 (rows 6 and 7 unused); then, in the threads that hold a row's
+// Floats of the shared per-thread sums and values (BwdTcContext::pf), in rows of kDenseThreads
+// floats: the sums of the D~ correction (bwd_tc_branch), the features' MMA accumulators as one
+// float4 a thread over rows 0-3 and the thread's bucket sums for its two rows as one float2 a
+// thread over rows kPfBucket and kPfBucket + 1 (rows 6 and 7 unused); then, in the threads that hold a row's
 // first column, the row's gate P of the user slot (kPfUser + r) and its dP', then dz
 // (kPfUser + 2 + r). Beside the sums, the user slot's values take no register of their own: at
 // the D = 64 kernel's 168-register cap, a shared row array's address through the pair loop
@@ -224,9 +224,10 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
 // kStore's stores of one 8-slot column tile: the lane's slots `slot` and slot + 1 of its rows g
 // and g + 8, gate P (from P in C fragment order, and the rows' gates) and dz, where the row
 // stores them (its record's [lo, hi): the behavior slots of its row's keys; a masked pair there
-// stores its zeros, and the rest of the row is zeroed by store_pair_zeros). Two slots are one 4-byte store per plane where the
-// row's entries are 4-byte aligned (block-uniform: rows start 8 keys apart from the sequence's
-// start, and slot 0 sits local_lo - user keys from it), else 2-byte stores.
+// stores its zeros, and the rest of the row is zeroed by store_pair_zeros). Two slots are one
+// 4-byte store per plane where the row's entries are 4-byte aligned (block-uniform: rows start 8
+// keys apart from the sequence's start, and slot 0 sits local_lo - user keys from it), else
+// 2-byte stores.
 template <typename T, typename Ctx>
 __device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const float (&gate)[2], const FragC& pr,
                                             const FragC& dz) {
@@ -266,13 +267,14 @@ __device__ __forceinline__ void store_pairs(const Ctx& c, int slot, const float 
 }
 
 // sum_j P_j (kc, ks, kw, 1) of a sub-tile's slots for rows g and g + 8 (the per-key features of
-// the D~ correction's sum_j P_j (Bk, Hr, Wk); Hr = q.c kc + q.s ks), added to `acc` by one f16 MMA:
-// A = P of the sub-tile (two C fragments, [0, 1]), B = the slots' features that gather_slots
-// wrote into their K rows' padding, read by one ldmatrix .x2.trans (lane l, 0-15, points at
-// slot l's). C column 2t + e of lane t: t = 0 (kc, ks), t = 1 (kw, 1), t = 2, 3 zeros. By FMAs,
-// three a pair and the per-thread sums in shared memory, it took about 50 instructions of each
-// sub-tile loop (sm_90 SASS, D = 64). f16 keeps 11 bits of P and the features; the product
-// scales gate (D~ - dgates_b), which the rounding of O_b keeps near 2^-9 of the row's terms.
+// the D~ correction's sum_j P_j (Bk, Hr, Wk), as CoeffSums keeps them), added to `acc` by one f16
+// MMA: A = P of the sub-tile (two C fragments, in [0, 1]), B = the slots' features that
+// gather_slots wrote into their K rows' padding, read by one ldmatrix .x2.trans (lane l, 0-15,
+// points at slot l's). C column 2t + e of lane t: t = 0 (kc, ks), t = 1 (kw, 1), t = 2, 3 zeros.
+// By FMAs, three a pair and the per-thread sums in shared memory, these took about 50
+// instructions of each sub-tile loop (sm_90 SASS, D = 64). f16 keeps 11 bits of P and the
+// features, enough here: the sums are multiplied by gate (D~ - dgates_b), which the rounding of
+// O_b keeps near 2^-9 of the row's terms.
 template <typename T, int kHeadDim>
 __device__ __forceinline__ void pair_feature_sums(FragC& acc, const FragC (&pr)[2], const T* k_rows) {
     constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
