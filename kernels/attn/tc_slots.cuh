@@ -548,10 +548,8 @@ __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si
         const TokenTime x = st.time[me.slot];
         uint4 f = {0u, 0u, 0u, 0u};
         if (!(kBranch == 2 && base + me.slot < tt.user)) {
-            f.x = static_cast<unsigned>(from_float<half_t>(x.c).bits) |
-                  (static_cast<unsigned>(from_float<half_t>(x.s).bits) << 16);
-            f.y = static_cast<unsigned>(from_float<half_t>(x.weekend).bits) |
-                  (static_cast<unsigned>(from_float<half_t>(1.f).bits) << 16);
+            f.x = make_pair<half_t>(x.c, x.s).bits;
+            f.y = make_pair<half_t>(x.weekend, 1.f).bits;
         }
         *reinterpret_cast<uint4*>(st.k + me.slot * SlotTiles<T, kHeadDim>::kStride + kHeadDim) = f;
     }
