@@ -15,7 +15,7 @@
 // Each walk takes its 64-query tiles in 16-query sub-tiles (kKeyTcSub), and a warp skips those
 // outside its keys' windows: a warp's 16 behaviors are seen by 16 + w - 1 of the 64 + w - 1
 // queries walked. The 8-column-tile fragments of a whole 64-query tile also held the kernel at
-// 254-255 registers; with 16-query sub-tiles D = 64 takes 208-213 and D = 32 154-162 (NVRTC 13.0).
+// 254-255 registers; with 16-query sub-tiles D = 64 fits 168 and D = 32 128 (NVRTC 13.0).
 //
 // Then each row adds its other uses, all computed before: the transition branch from the tails
 // kernel's f32 buffer (backward_tails_tc.cu) when the token is a tail, and its chunk's summary
@@ -59,13 +59,24 @@ struct StoredStage {
     static constexpr int kHalf = 2 * kStage;
 };
 
-// Three blocks per SM at D = 32 (156-162 registers, no spills on sm_80 or sm_90 with NVRTC 13.0
-// since the walk takes 16-query sub-tiles), two above: D = 64 spilled 28-32 B at three, and
-// D = 128 needs over 250 registers (the dK and dV accumulators of 16 rows).
+// Four blocks per SM at D = 32 (128 registers) and three at D = 64 (168), no spills (NVRTC 13.0);
+// two at D = 128 (over 250 registers: the dK and dV accumulators of 16 rows). Fewer where those
+// spilled 4-16 B: three at D = 32 before sm_90, two at D = 64 on sm_10x; and where shared memory
+// holds fewer, that many. D = 32 and 64 fit these since the K and V fragments are loaded just
+// before the walks that multiply by them (backward_key_tc's load_rows): loaded at the kernel's
+// start, they were live through the set-up and the stored walk, and the budgets spilled 4-32 B
+// (so three and two blocks before).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kKeyTcBlocksD32 = 3;
+#else
+constexpr int kKeyTcBlocksD32 = 4;
+#endif
 template <typename T, int kHeadDim>
 using KeyTcTile = KeyTile<T, kHeadDim, false, kLdsmX4, DenseCols<T, kHeadDim>::kKey, StoredStage<T, kHeadDim>::kHalf>;
 template <typename T, int kHeadDim>
-constexpr int kKeyTcMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 3 : 2, KeyTcTile<T, kHeadDim>::kSmemBytes);
+constexpr int kKeyTcMinBlocks =
+    min_blocks_per_sm(kHeadDim == 32 ? kKeyTcBlocksD32 : kHeadDim == 64 && !kArchSm10x ? 3 : 2,
+                      KeyTcTile<T, kHeadDim>::kSmemBytes);
 
 // Queries per MMA sub-tile of the local walk (KeyTile::walk): a warp skips the sub-tiles of a
 // query tile outside its keys' windows.
@@ -239,10 +250,16 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     const int wd0 = weekday0[s];
     if (threadIdx.x < kDenseRows)
         sKeyTime_[threadIdx.x] = token_time_fast(rel_time[min(k0 + static_cast<int>(threadIdx.x), si.end - 1)], wd0);
-    const int clamped[2] = {min(max(wk + g, si.behaviors), si.end - 1), min(max(wk + g + 8, si.behaviors), si.end - 1)};
-    const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
-    kt.kf.init(k + at[0], k + at[1]);
-    kt.vf.init(v + at[0], v + at[1]);
+    // The K and V fragments of the lane's rows, loaded just before each walk that multiplies by
+    // them (the stored walk does not): live from the kernel's start, or their rows' addresses
+    // kept through the behaviors' walk, they spilled at kKeyTcMinBlocks' budgets.
+    auto load_rows = [&]() {
+        const int clamped[2] = {min(max(wk + g, si.behaviors), si.end - 1),
+                                min(max(wk + g + 8, si.behaviors), si.end - 1)};
+        const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
+        kt.kf.init(k + at[0], k + at[1]);
+        kt.vf.init(v + at[0], v + at[1]);
+    };
     kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 2);
 
     // Block-uniform ranges. The block's behaviors are [b_lo, b_hi]; the warp's [wb_lo, wb_hi].
@@ -253,9 +270,11 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
     if (b_lo <= b_hi && pairs != nullptr)
         stored_walk<T, kHeadDim>(kt, p, si, k0, head, b_lo, min(b_hi + w, si.candidates),
                                  warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1, q, d_o, pairs, pair_delta);
-    else if (b_lo <= b_hi)
+    else if (b_lo <= b_hi) {
+        load_rows();
         kt.template walk<kKeyTcSub, kKeyTcSplitFull<kHeadDim>, kGapLater>(
             rows, b_lo, min(b_hi + w, si.candidates), warp_behaviors ? wb_lo : kNoKey, wb_hi + w - 1);
+    }
     // 2. Candidates: all of them when a behavior of the block is within w of the first, else
     // only the block's own.
     const bool block_seen_by_all = b_lo <= b_hi && b_hi + w > si.candidates;
@@ -266,6 +285,7 @@ __device__ void backward_key_tc(const EvoParams& p, const T* __restrict__ q, con
         const int wc_lo = max(wk, si.candidates), wc_hi = min(wk + 16, si.end) - 1;
         const int first = warp_seen_by_all ? 0 : (wc_lo <= wc_hi ? wc_lo : kNoKey);
         const int last = warp_seen_by_all ? kNoKey : wc_hi;
+        load_rows();
         kt.template walk<kKeyTcSub, false, kGapAbs>(rows, c_lo, c_hi, first, last);
     }
 
