@@ -4,7 +4,8 @@
 // itself, every later behavior and every candidate: by every query at or after it. Writes
 // scale * dK and dV of each slot in f32 to tail_dk, tail_dv ([B * P * m, H, D], slot-major); the
 // local kernel (backward_key_tc.cu) adds them to the token's other uses and rounds once. Slots past
-// a chunk's length or a sequence's chunk count are never written nor read.
+// a chunk's length or a sequence's chunk count are never read; those in a block that has a
+// token are written as zeros.
 //
 // Grid: (B * ceil(P * m / 64), H), block kDenseThreads. Where P m <= 32, two warp sets share the
 // rows and split the queries (walk_sets). One writer per element: no atomics.
@@ -22,14 +23,24 @@
 #include "attn/key_tile.cuh"
 
 // Four blocks per SM at D = 32 (126-128 registers, no spills on sm_80 or sm_90 with NVRTC 13.0),
-// two above: D = 64 spilled 36 B at three (168 registers; it takes 213-214 at two), and D = 128
-// needs about 250 (the dK and dV accumulators of 16 rows). Where shared memory holds fewer blocks
-// (three at D = 32 on sm_86, sm_89, sm_12x), that many.
+// three at D = 64 on sm_90 (168 registers), two elsewhere at D = 64 and at D = 128, which needs
+// about 250 (the dK and dV accumulators of 16 rows). Where shared memory holds fewer blocks
+// (three at D = 32 on sm_86, sm_89, sm_12x), that many. D = 64 spilled 36 B at three until
+// backward_tails_tc walked with `sets` a constant (kTailsSetsConst) and left s and slot0 out of
+// the registers it keeps; sm_80 and sm_10x still spill 8 B there, and sm_80 4 B at D = 32 with
+// the walk in two copies, so only sm_90 takes them.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+constexpr bool kTailsSm90 = false;
+#else
+constexpr bool kTailsSm90 = true;
+#endif
+template <int kHeadDim>
+constexpr bool kTailsSetsConst = kHeadDim == 64 && kTailsSm90;
 template <typename T, int kHeadDim>
 using TailsKeyTile = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue>;
 template <typename T, int kHeadDim>
-constexpr int kTailsMinBlocks =
-    min_blocks_per_sm(kHeadDim == 32 ? 4 : 2, TailsKeyTile<T, kHeadDim>::kSmemBytes);
+constexpr int kTailsMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 4 : kTailsSetsConst<kHeadDim> ? 3 : 2,
+                                                  TailsKeyTile<T, kHeadDim>::kSmemBytes);
 
 // The token of tail slot `slot` of sequence `s`, or -1 where the slot holds none.
 __device__ __forceinline__ int tail_token(const EvoParams& p, const SeqInfo& si, int s, int slot,
@@ -71,41 +82,63 @@ __device__ void backward_tails_tc(const EvoParams& p, const T* __restrict__ q, c
 
     const int lane = threadIdx.x % kWarpSize;
     const int g = lane >> 2, t = lane & 3;
+    // The sequence and first slot, for the writes after the walk: read back from shared memory
+    // there, not kept in registers through it.
+    __shared__ int sBlock_[2];
+    // The rows and their walk. Where kTailsSetsConst, in one copy per number of warp sets (the
+    // lambda is inlined at each call): a constant `sets`, and s and slot0 through shared memory,
+    // are what fit three blocks an SM at D = 64 (kTailsMinBlocks).
+    auto rows_walk = [&](const int sets) {
+        const WalkSet ws = WalkSet::of(sets);
+        const int row0 = slot0 + ws.row_warp * 16 + g;  // the lane's rows: row0 and row0 + 8
+        PrefixRows rows;
+        rows.key[0] = row0 < slots ? tail_token(p, si, s, row0, chunk_ends, num_chunks) : -1;
+        rows.key[1] = row0 + 8 < slots ? tail_token(p, si, s, row0 + 8, chunk_ends, num_chunks) : -1;
+        const int wd0 = weekday0[s];
+        if (threadIdx.x < kDenseRows) {
+            const int slot = slot0 + static_cast<int>(threadIdx.x);
+            const int key = slot < slots ? tail_token(p, si, s, slot, chunk_ends, num_chunks) : -1;
+            sKeyTime_[threadIdx.x] = token_time_fast(rel_time[key >= 0 ? key : first], wd0);
+        }
+        if (threadIdx.x == 0) {
+            sBlock_[0] = s;
+            sBlock_[1] = slot0;
+        }
+
+        const int clamped[2] = {rows.key[0] >= 0 ? rows.key[0] : first, rows.key[1] >= 0 ? rows.key[1] : first};
+        const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
+        kt.kf.init(k + at[0], k + at[1]);
+        kt.vf.init(v + at[0], v + at[1]);
+        kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 1);
+        kt.walk_prefix(rows, first, si.end, sets, si);
+        if (ws.set > 0) return;  // set 0 holds the sums
+
+        // Every slot of the block's rows in the sequence is written: one with no token (past its
+        // chunk's length or the chunk count) is seen by no query, so its sums are zeros, and
+        // no reader asks for it. Testing rows.key here instead kept it through the walk.
+        const int s_out = sBlock_[0], row_out = sBlock_[1] + ws.row_warp * 16 + g;
+#pragma unroll
+        for (int dt = 0; dt < KT::kDimTiles; ++dt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int slot = row_out + 8 * (i >> 1);
+                if (slot >= slots) continue;
+                const size_t idx = ((static_cast<size_t>(s_out) * slots + slot) * p.heads + head) * kHeadDim + dt * 8 +
+                                   2 * t + (i & 1);
+                tail_dk[idx] = kt.dk[dt].c[i] * p.scale;
+                tail_dv[idx] = kt.dv[dt].c[i];
+            }
+        }
+    };
     // P m <= 32 (16 in ctr-small) fills at most half of the block's rows: two warp sets share
     // them (key_tile.cuh).
     const int sets = walk_sets<KT::kCols>(slots);
-    const WalkSet ws = WalkSet::of(sets);
-    const int row0 = slot0 + ws.row_warp * 16 + g;  // the lane's rows: row0 and row0 + 8
-    PrefixRows rows;
-    rows.key[0] = row0 < slots ? tail_token(p, si, s, row0, chunk_ends, num_chunks) : -1;
-    rows.key[1] = row0 + 8 < slots ? tail_token(p, si, s, row0 + 8, chunk_ends, num_chunks) : -1;
-    const int wd0 = weekday0[s];
-    if (threadIdx.x < kDenseRows) {
-        const int slot = slot0 + static_cast<int>(threadIdx.x);
-        const int key = slot < slots ? tail_token(p, si, s, slot, chunk_ends, num_chunks) : -1;
-        sKeyTime_[threadIdx.x] = token_time_fast(rel_time[key >= 0 ? key : first], wd0);
-    }
-
-    const int clamped[2] = {rows.key[0] >= 0 ? rows.key[0] : first, rows.key[1] >= 0 ? rows.key[1] : first};
-    const size_t at[2] = {dense_row<kHeadDim>(p, clamped[0], head), dense_row<kHeadDim>(p, clamped[1], head)};
-    kt.kf.init(k + at[0], k + at[1]);
-    kt.vf.init(v + at[0], v + at[1]);
-    kt.begin(p, typename KT::Inputs{q, d_o, lse, dgates, gates, rel_time}, coeffs, head, wd0, 1);
-    kt.walk_prefix(rows, first, si.end, sets, si);
-    if (ws.set > 0) return;  // set 0 holds the sums
-
-#pragma unroll
-    for (int dt = 0; dt < KT::kDimTiles; ++dt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int r = i >> 1;
-            if (rows.key[r] < 0) continue;
-            const int slot = row0 + 8 * r;
-            const size_t idx = ((static_cast<size_t>(s) * slots + slot) * p.heads + head) * kHeadDim + dt * 8 + 2 * t + (i & 1);
-            tail_dk[idx] = kt.dk[dt].c[i] * p.scale;
-            tail_dv[idx] = kt.dv[dt].c[i];
-        }
-    }
+    if (!kTailsSetsConst<kHeadDim>)
+        rows_walk(sets);
+    else if (sets == 2)
+        rows_walk(2);
+    else
+        rows_walk(1);
 }
 
 #define SPARSECTR_BACKWARD_TAILS_TC(NAME, T, D)                                                  \
