@@ -66,16 +66,11 @@ struct StoredStage {
 // before the walks that multiply by them (backward_key_tc's load_rows): loaded at the kernel's
 // start, they were live through the set-up and the stored walk, and the budgets spilled 4-32 B
 // (so three and two blocks before).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-constexpr int kKeyTcBlocksD32 = 3;
-#else
-constexpr int kKeyTcBlocksD32 = 4;
-#endif
 template <typename T, int kHeadDim>
 using KeyTcTile = KeyTile<T, kHeadDim, false, kLdsmX4, DenseCols<T, kHeadDim>::kKey, StoredStage<T, kHeadDim>::kHalf>;
 template <typename T, int kHeadDim>
 constexpr int kKeyTcMinBlocks =
-    min_blocks_per_sm(kHeadDim == 32 ? kKeyTcBlocksD32 : kHeadDim == 64 && !kArchSm10x ? 3 : 2,
+    min_blocks_per_sm(kHeadDim == 32 ? (kArchBeforeSm90 ? 3 : 4) : kHeadDim == 64 && !kArchSm10x ? 3 : 2,
                       KeyTcTile<T, kHeadDim>::kSmemBytes);
 
 // Queries per MMA sub-tile of the local walk (KeyTile::walk): a warp skips the sub-tiles of a

@@ -23,19 +23,14 @@
 #include "attn/key_tile.cuh"
 
 // Four blocks per SM at D = 32 (126-128 registers, no spills on sm_80 or sm_90 with NVRTC 13.0),
-// three at D = 64 on sm_90 (168 registers), two elsewhere at D = 64 and at D = 128, which needs
-// about 250 (the dK and dV accumulators of 16 rows). Where shared memory holds fewer blocks
-// (three at D = 32 on sm_86, sm_89, sm_12x), that many. D = 64 spilled 36 B at three until
-// backward_tails_tc walked with `sets` a constant (kTailsSetsConst) and left s and slot0 out of
-// the registers it keeps; sm_80 and sm_10x still spill 8 B there, and sm_80 4 B at D = 32 with
-// the walk in two copies, so only sm_90 takes them.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
-constexpr bool kTailsSm90 = false;
-#else
-constexpr bool kTailsSm90 = true;
-#endif
+// three at D = 64 from sm_90 on but sm_10x (168 registers), two elsewhere at D = 64 and at
+// D = 128, which needs about 250 (the dK and dV accumulators of 16 rows). Where shared memory
+// holds fewer blocks (three at D = 32 and two at D = 64 on sm_86, sm_89, sm_12x), that many.
+// D = 64 spilled 36 B at three until backward_tails_tc walked with `sets` a constant
+// (kTailsSetsConst) and left s and slot0 out of the registers it keeps; sm_80 and sm_10x still
+// spill 8 B there, and sm_80 4 B at D = 32 with the walk in two copies, so they do not take them.
 template <int kHeadDim>
-constexpr bool kTailsSetsConst = kHeadDim == 64 && kTailsSm90;
+constexpr bool kTailsSetsConst = kHeadDim == 64 && !kArchBeforeSm90 && !kArchSm10x;
 template <typename T, int kHeadDim>
 using TailsKeyTile = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue>;
 template <typename T, int kHeadDim>

@@ -24,6 +24,14 @@ constexpr bool kArchSm10x = true;
 constexpr bool kArchSm10x = false;
 #endif
 
+// sm_80 to sm_89 (A100, A10, L4, L40): likewise, where some kernels spill at the budget that
+// fits them on sm_90.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr bool kArchBeforeSm90 = true;
+#else
+constexpr bool kArchBeforeSm90 = false;
+#endif
+
 // Shared memory the driver reserves for every resident block (sm_80 and later).
 constexpr int kSmemReservedPerBlock = 1024;
 
