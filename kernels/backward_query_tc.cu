@@ -122,9 +122,13 @@ struct BwdTcParts {
     static constexpr int kValue = kHeadDim == 128 ? 2 : 1;
 };
 
-// How QK^T and dO V^T read their B fragments (rows_times_tile): at D = 64 this kernel is at its
-// 168-register cap, and ldmatrix .x2 spilled 16 B on sm_90 (.x4 32 B; NVRTC 13.0).
-constexpr int kBwdTcReads = kLoadB;
+// How QK^T and dO V^T read their B fragments (rows_times_tile): ldmatrix .x4, one instruction
+// for two MMAs where load_b took four. It spilled 32 B at D = 64 under the 168-register cap
+// until sessions 35-36 shortened the pair loop; now none (NVRTC 13.0, sm_90), and the sub-tile
+// trips of the summaries / tails / local loops go 410 / 346 / 369 -> 366 / 321 / 346 SASS
+// instructions (D = 32: 351 / 315 / 336 -> 329 / 304 / 325; D = 128: 507 / 401 / 414 -> 412 /
+// 362 / 366).
+constexpr int kBwdTcReads = kLdsmX4;
 
 // Everything one branch's passes read.
 template <typename T, int kHeadDim>
