@@ -66,8 +66,11 @@ struct StoredStage {
 // before the walks that multiply by them (backward_key_tc's load_rows): loaded at the kernel's
 // start, they were live through the set-up and the stored walk, and the budgets spilled 4-32 B
 // (so three and two blocks before).
+// The bias's phase and weekend terms by add_bias_features (kBiasMma) up to D = 64: at D = 128,
+// where the kernel takes 255 registers, it spilled 4 B on sm_86 and sm_89 (NVRTC 13.0).
 template <typename T, int kHeadDim>
-using KeyTcTile = KeyTile<T, kHeadDim, false, kLdsmX4, DenseCols<T, kHeadDim>::kKey, StoredStage<T, kHeadDim>::kHalf>;
+using KeyTcTile = KeyTile<T, kHeadDim, false, kLdsmX4, DenseCols<T, kHeadDim>::kKey, StoredStage<T, kHeadDim>::kHalf,
+                          kHeadDim <= 64>;
 template <typename T, int kHeadDim>
 constexpr int kKeyTcMinBlocks =
     min_blocks_per_sm(kHeadDim == 32 ? (kArchBeforeSm90 ? 3 : 4) : kHeadDim == 64 && !kArchSm10x ? 3 : 2,

@@ -140,6 +140,7 @@ struct BwdTcContext {
     TcRow rw[2];
     TokenTime row_time[2];
     RowBias rb[2];  // logits in base 2: scale and bias times log2 e, against LSE times log2 e
+    unsigned bias_a[2];  // the rows' A fragment of add_bias_features
     float scale2;
     bool warp_live;
     const T* k;
@@ -195,6 +196,7 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
         clear(sc[n]);
         clear(dp[n]);
     }
+    add_bias_features<T, kHeadDim, kCols / 8>(sc, c.bias_a, sm.v);  // phase and weekend terms
     rows_times_tile<T, kHeadDim, kCols, kBwdTcReads>(sc, qf, sm.k);
     rows_times_tile<T, kHeadDim, kCols, kBwdTcReads>(dp, dof, sm.v);
     if (kSummary) {
@@ -212,7 +214,7 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
         for (int i = 0; i < 4; ++i) {
             // Computed for every element and masked after, as in the forward.
             const int r = i >> 1, cc = n * 8 + (i & 1), col = cc + 2 * t;
-            float bias = c.rb[r](sm.time[col], c.p->num_time_buckets);
+            float bias = c.rb[r].bucket_term(sm.time[col], c.p->num_time_buckets);
             // Local slot 0, the user token where there is one, has no time: only a lane's first
             // column (cc = 0) can be it.
             if (kBranch == 2 && cc == 0 && slot0 < c.tt.user) bias = 0.f;
@@ -516,7 +518,10 @@ __device__ void evo_backward_query_tc(
         tc_setup(p, c.si, s, q0, c.q_end, wq, chunk_ends, chunk_counts, rel_time, c.wd0, &c.tt,
                  c.rw, c.row_time);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) c.rb[r] = RowBias::make(c.row_time[r], tc, p.num_time_buckets, kLog2e);
+        for (int r = 0; r < 2; ++r) {
+            c.rb[r] = RowBias::make(c.row_time[r], tc, p.num_time_buckets, kLog2e);
+            c.bias_a[r] = bias_row_pair(c.rb[r], __frcp_rn(c.scale2), t);
+        }
         // Stored pairs: part 0 writes the rows of behaviors. Local slot s is the key
         // local_lo + s - user, entry key - first of the row; a row stores the slots of the
         // behaviors [local_lo, local_hi) in its keys [first, first + R).

@@ -31,8 +31,10 @@
 // spill 8 B there, and sm_80 4 B at D = 32 with the walk in two copies, so they do not take them.
 template <int kHeadDim>
 constexpr bool kTailsSetsConst = kHeadDim == 64 && !kArchBeforeSm90 && !kArchSm10x;
+// The bias by FFMAs (kBiasMma false): by add_bias_features, its walk's loops were 8% shorter
+// but D = 64 spilled 4-8 B at three blocks on sm_90 (NVRTC 13.0).
 template <typename T, int kHeadDim>
-using TailsKeyTile = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue>;
+using TailsKeyTile = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue, 0, false>;
 template <typename T, int kHeadDim>
 constexpr int kTailsMinBlocks = min_blocks_per_sm(kHeadDim == 32 ? 4 : kTailsSetsConst<kHeadDim> ? 3 : 2,
                                                   TailsKeyTile<T, kHeadDim>::kSmemBytes);

@@ -247,6 +247,58 @@ __device__ __forceinline__ void rows_times_tile(FragC (&acc)[kCols / 8],
     }
 }
 
+// The phase and weekend terms of the RelTemporal bias on tensor cores: for a row's coefficients
+// (RowBias cos, sin, weekend) against a column token's features (kc, ks, kw), three FFMAs a pair
+// (24 a 16-column sub-tile in each lane) become one bf16 m16n8k8 MMA per 8 columns and a
+// ldmatrix: x = x_hi + x_lo for the rows (A, registers) and y = y_hi + y_lo for the columns (B,
+// eight bf16 in each column token's padding of a shared row tile), three products of four:
+//   A row:    (C_hi, C_hi, C_lo, S_hi, S_hi, S_lo, W_hi, W_lo)
+//   B column: (kc_hi, kc_lo, kc_hi, ks_hi, ks_lo, ks_hi, kw, kw)
+// with C, S, W the coefficients over scale2, so that the MMAs start the accumulator that the raw
+// scores then add to, and scale2 times it plus RowBias::bucket_term is the logit. Each term is
+// within about 2^-15 of its value (the dropped x_lo y_lo and the parts' roundings): in base-2
+// logit units 2e-5 of |s2| or |s3|, far below the 16-bit dtypes' tolerances (f32 runs the SIMT
+// kernels, which keep RowBias's FFMAs). bf16 for both parts keeps f32's range, where f16 would
+// overflow at |s2| / scale near 2^16.
+//
+// A column token's eight features, for its row's padding (zeros for an untimed token).
+__device__ __forceinline__ uint4 bias_column_features(const TokenTime& x) {
+    const float ch = to_float(from_float<bf16_t>(x.c)), sh = to_float(from_float<bf16_t>(x.s));
+    return uint4{make_pair<bf16_t>(ch, x.c - ch).bits, make_pair<bf16_t>(ch, sh).bits,
+                 make_pair<bf16_t>(x.s - sh, sh).bits, make_pair<bf16_t>(x.weekend, x.weekend).bits};
+}
+
+// This lane's A register for one of its rows (g or g + 8): lane t holds columns 2t and 2t + 1.
+__device__ __forceinline__ unsigned bias_row_pair(const RowBias& rb, float inv_scale2, int t) {
+    const float cc = rb.cos * inv_scale2, ss = rb.sin * inv_scale2, ww = rb.weekend * inv_scale2;
+    const float ch = to_float(from_float<bf16_t>(cc)), sh = to_float(from_float<bf16_t>(ss)),
+                wh = to_float(from_float<bf16_t>(ww));
+    const float lo = t == 0 ? ch : t == 1 ? cc - ch : t == 2 ? sh : wh;
+    const float hi = t == 0 ? ch : t == 1 ? sh : t == 2 ? ss - sh : ww - wh;
+    return make_pair<bf16_t>(lo, hi).bits;
+}
+
+// acc[n] += the bias terms of the warp's rows (a: bias_row_pair of rows g and g + 8) against
+// columns 8n to 8n + 7 of a row-major shared tile sRows[..][kHeadDim + pad] whose padding holds
+// bias_column_features. One ldmatrix per 16 or 32 columns (lane l gives column l's padding).
+template <typename T, int kHeadDim, int kTiles>
+__device__ __forceinline__ void add_bias_features(FragC (&acc)[kTiles], const unsigned (&a)[2], const T* sRows) {
+    constexpr int kStride = kHeadDim + SmemPad<T>::kValue;
+    static_assert(SmemPad<T>::kValue * sizeof(T) == 16, "a row's padding holds the eight features");
+    static_assert(kTiles % 2 == 0, "columns in 16s");
+    constexpr int kPer = kTiles % 4 == 0 ? 4 : 2;  // n-tiles per ldmatrix
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+#pragma unroll
+    for (int n0 = 0; n0 < kTiles; n0 += kPer) {
+        unsigned r[kPer];
+        ldmatrix<kPer, false>(r, reinterpret_cast<const bf16_t*>(sRows),
+                              (n0 * 8 + lane % (8 * kPer)) * kStride + kHeadDim);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i)
+            mma_k8(acc[n0 + i], MmaPair<bf16_t>{a[0]}, MmaPair<bf16_t>{a[1]}, MmaPair<bf16_t>{r[i]});
+    }
+}
+
 // As rows_times_tile, for a warp's 16 rows held in f32 in global memory (rows[0]: row g,
 // rows[1]: row g + 8, element 0 of the head; chunk summaries): each A piece is split into a
 // 16-bit high part and the 16-bit rest and both are multiplied, which keeps A to about 2^-16

@@ -104,9 +104,11 @@ struct PrefixCols {
 
 // kReads: how the walk's K Q^T and V dO^T read their B fragments (rows_times_tile); kTileCols:
 // queries per tile (the walk's two stages); kMinStages: elements of T that each of the Q and dO
-// arrays holds at least (another walk of the kernel uses them: backward_key_tc.cu's stored walk).
+// arrays holds at least (another walk of the kernel uses them: backward_key_tc.cu's stored walk);
+// kBiasMma: the bias's phase and weekend terms by add_bias_features (dense.cuh), from features
+// that land() writes into the Q rows' padding, instead of three FFMAs a pair.
 template <typename T, int kHeadDim, bool kF32Rows = false, int kReads = kLdsmX4,
-          int kTileCols = DenseCols<T, kHeadDim>::kKey, int kMinStages = 0>
+          int kTileCols = DenseCols<T, kHeadDim>::kKey, int kMinStages = 0, bool kBiasMma = true>
 struct KeyTile {
     static constexpr int kCols = kTileCols;
     static constexpr bool kResident = DenseResident<T, kHeadDim>::kValue;
@@ -224,8 +226,12 @@ struct KeyTile {
         cp_async_wait_all();
         const int tid = threadIdx.x;
         if (tid < kCols) {
-            sTime[i * kCols + tid] = token_time_fast(sRaw[i * kCols + tid], weekday0);
+            const TokenTime x = token_time_fast(sRaw[i * kCols + tid], weekday0);
+            sTime[i * kCols + tid] = x;
             sGate[i * kCols + tid] = gate;
+            // The query's bias features in its Q row's padding (add_bias_features, dense.cuh).
+            if (kBiasMma)
+                *reinterpret_cast<uint4*>(sQ + i * kTile + tid * (kHeadDim + kPad) + kHeadDim) = bias_column_features(x);
         }
         __syncthreads();
     }
@@ -248,7 +254,9 @@ struct KeyTile {
                 // Computed for every element and masked after: a branch per element costs more
                 // than the work it skips.
                 const int r = e >> 1, col = n * 8 + 2 * t + (e & 1), query = qs + col;
-                const float bias = kb[r].template operator()<false, kLater>(tTime[col], pp.num_time_buckets);
+                // With kBiasMma the phase and weekend terms are in pt already.
+                const float bias = kBiasMma ? kb[r].template bucket_term<false, kLater>(tTime[col], pp.num_time_buckets)
+                                            : kb[r].template operator()<false, kLater>(tTime[col], pp.num_time_buckets);
                 const float z = fmaf(pt[n].c[e], scale2, bias);
                 float gp = tGate[col] * fast_exp2(fmaf(tLse[col], -kLog2e, z));
                 if (kMasked && !seen(query, r)) gp = 0.f;
@@ -307,6 +315,9 @@ struct KeyTile {
         __syncthreads();  // the caller's sKeyTime is written, and an earlier walk is done
         const RowBias kb[2] = {RowBias::make(sKeyTime[key_slot[0]], coeffs, pp.num_time_buckets, kLog2e),
                                RowBias::make(sKeyTime[key_slot[1]], coeffs, pp.num_time_buckets, kLog2e)};
+        const float inv_scale2 = __frcp_rn(pp.scale * kLog2e);
+        unsigned ka[2] = {0u, 0u};
+        if (kBiasMma) ka[0] = bias_row_pair(kb[0], inv_scale2, lane & 3), ka[1] = bias_row_pair(kb[1], inv_scale2, lane & 3);
         // Testing the branch's rule per pair compiled to two branches and a convergence barrier
         // each, about 15 of the local walk's 443 SASS instructions per pair (sm_90, D = 64).
         const typename Rows::Seen seen = rows.seen(lo, hi);
@@ -345,6 +356,7 @@ struct KeyTile {
                     clear(pt[n]);
                     clear(dst[n]);
                 }
+                if (kBiasMma) add_bias_features<T, kHeadDim, kSubTiles>(pt, ka, tQ);
                 if (kF32Rows) {
                     rows_times_tile_f32<T, kHeadDim, kSub>(pt, fk, tQ);
                     rows_times_tile_f32<T, kHeadDim, kSub>(dst, fv, tdO);

@@ -552,6 +552,11 @@ __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si
             f.y = make_pair<half_t>(x.weekend, 1.f).bits;
         }
         *reinterpret_cast<uint4*>(st.k + me.slot * SlotTiles<T, kHeadDim>::kStride + kHeadDim) = f;
+        // And the bias's phase and weekend features (add_bias_features, dense.cuh) in its V
+        // row's padding; zeros for the user slot.
+        const bool untimed = kBranch == 2 && base + me.slot < tt.user;
+        *reinterpret_cast<uint4*>(st.v + me.slot * SlotTiles<T, kHeadDim>::kStride + kHeadDim) =
+            untimed ? uint4{0u, 0u, 0u, 0u} : bias_column_features(x);
     }
     __syncthreads();
 }

@@ -152,14 +152,21 @@ struct RowBias {
     // on the wrong side it gives a wrong but finite bias, which the caller must mask.
     template <bool kRowLast = false, bool kRowFirst = false>
     __device__ __forceinline__ float operator()(const TokenTime& k, int num_time_buckets) const {
+        float z = bucket_term<kRowLast, kRowFirst>(k, num_time_buckets);
+        z = fmaf(cos, k.c, z);
+        z = fmaf(sin, k.s, z);
+        return fmaf(weekend, k.weekend, z);
+    }
+
+    // The bucket's term plus the base: the bias less its phase and weekend terms, for a caller
+    // that adds those by an MMA (BiasFeatures in backward_query_tc.cu).
+    template <bool kRowLast = false, bool kRowFirst = false>
+    __device__ __forceinline__ float bucket_term(const TokenTime& k, int num_time_buckets) const {
         static_assert(!(kRowLast && kRowFirst), "one order at most");
         const unsigned next = kRowLast    ? t - k.t + 1u
                               : kRowFirst ? k.t - t + 1u
                                           : max(t, k.t) - min(t, k.t) + 1u;
-        float z = fmaf(bucket, clamped_bucket_of_next(next, num_time_buckets), base);
-        z = fmaf(cos, k.c, z);
-        z = fmaf(sin, k.s, z);
-        return fmaf(weekend, k.weekend, z);
+        return fmaf(bucket, clamped_bucket_of_next(next, num_time_buckets), base);
     }
 };
 

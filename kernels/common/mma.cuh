@@ -287,3 +287,21 @@ __device__ __forceinline__ void mma(FragC& d, const FragA<T>& a, const FragB<T>&
     emu::mma_m16n8k16(av, bv, d.c);
 }
 #endif
+
+// D = A B + C on a 16x8x8 bf16 tile (`mma.sync.aligned.m16n8k8`): the first halves of the
+// m16n8k16 fragments, a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], b = B[2t, 2t+1][g]. For
+// products of eight terms, where m16n8k16 with zeros in k = 8-15 needed zero registers moved
+// into its operands (sm_90 SASS).
+__device__ __forceinline__ void mma_k8(FragC& d, MmaPair<bf16_t> a0, MmaPair<bf16_t> a1, MmaPair<bf16_t> b) {
+#ifdef __CUDA_ARCH__
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d.c[0]), "+f"(d.c[1]), "+f"(d.c[2]), "+f"(d.c[3])
+        : "r"(a0.bits), "r"(a1.bits), "r"(b.bits));
+#else
+    const float av[8] = {pair_lo(a0), pair_hi(a0), pair_lo(a1), pair_hi(a1), 0.f, 0.f, 0.f, 0.f};
+    const float bv[4] = {pair_lo(b), pair_hi(b), 0.f, 0.f};
+    emu::mma_m16n8k16(av, bv, d.c);
+#endif
+}
