@@ -32,7 +32,7 @@
 template <int kHeadDim>
 constexpr bool kTailsSetsConst = kHeadDim == 64 && !kArchBeforeSm90 && !kArchSm10x;
 // The bias by FFMAs (kBiasMma false): by add_bias_features, its walk's loops were 8% shorter
-// but D = 64 spilled 4-8 B at three blocks on sm_90 (NVRTC 13.0).
+// but D = 64 spilled 8 B at three blocks on sm_90 (12 B with ldmatrix .x4; NVRTC 13.0).
 template <typename T, int kHeadDim>
 using TailsKeyTile = KeyTile<T, kHeadDim, false, kLdsmX2, PrefixCols<T, kHeadDim>::kValue, 0, false>;
 template <typename T, int kHeadDim>

@@ -273,9 +273,9 @@ __device__ __forceinline__ unsigned bias_row_pair(const RowBias& rb, float inv_s
     const float cc = rb.cos * inv_scale2, ss = rb.sin * inv_scale2, ww = rb.weekend * inv_scale2;
     const float ch = to_float(from_float<bf16_t>(cc)), sh = to_float(from_float<bf16_t>(ss)),
                 wh = to_float(from_float<bf16_t>(ww));
-    const float lo = t == 0 ? ch : t == 1 ? cc - ch : t == 2 ? sh : wh;
-    const float hi = t == 0 ? ch : t == 1 ? sh : t == 2 ? ss - sh : ww - wh;
-    return make_pair<bf16_t>(lo, hi).bits;
+    const float first = t == 0 ? ch : t == 1 ? cc - ch : t == 2 ? sh : wh;     // column 2t
+    const float second = t == 0 ? ch : t == 1 ? sh : t == 2 ? ss - sh : ww - wh;  // 2t + 1
+    return make_pair<bf16_t>(first, second).bits;
 }
 
 // acc[n] += the bias terms of the warp's rows (a: bias_row_pair of rows g and g + 8) against

@@ -159,7 +159,7 @@ struct RowBias {
     }
 
     // The bucket's term plus the base: the bias less its phase and weekend terms, for a caller
-    // that adds those by an MMA (BiasFeatures in backward_query_tc.cu).
+    // that adds those by an MMA (add_bias_features, dense.cuh).
     template <bool kRowLast = false, bool kRowFirst = false>
     __device__ __forceinline__ float bucket_term(const TokenTime& k, int num_time_buckets) const {
         static_assert(!(kRowLast && kRowFirst), "one order at most");
