@@ -16,16 +16,20 @@
 // every pair for it). A warp skips the local sub-tiles none of its 16 rows sees (LocalSpan): a
 // ctr-base tile's window spans 128 local slots, of which each warp sees at most 80 (5 or 6 of 8
 // sub-tiles); and of those, the ones all 16 rows see whole (3 at w = 64 with a user token, 2
-// without, past a sequence's first tile) take no per-element mask. Per element the work is the bias folded per row (RowBias: the bucket and
-// four FMAs; dt + 1 one add where no row of the warp sees a later key), one FMA for the scale
-// and one ex2 (logits in base 2), computed for every element and masked after: the inner loops
-// went from 540-656 SASS instructions per 16-slot sub-tile to 294-364 (sm_90, D = 64, static
-// counts of scripts/sass-loops.py), when the per-element bias, expf and branches were most of
-// them, the local one from 392 to 350 by testing slots by number, and then (with the one-add
-// dt, the user token's test on column 0 only, and the unmasked full sub-tiles) to about 305 on
-// a window's edges and 265 inside it; the tails' and summaries' from 280 and 311 to 261 and
-// 297. Chunk
-// summaries are f32: they are split into a 16-bit high part and the 16-bit rest, and both go
+// without, past a sequence's first tile) take no per-element mask. Per element the work is the
+// bias folded per row (RowBias: the bucket's term, an FMA; dt + 1 one add where no row of the
+// warp sees a later key), one FMA for the scale and one ex2 (logits in base 2), computed for
+// every element and masked after; the bias's phase and weekend terms are an MMA per 8 slots
+// (add_bias_features, from features each slot's K row carries in its padding), which the
+// scores then add to. The inner loops went from 540-656 SASS instructions per 16-slot sub-tile
+// to 294-364 (sm_90, D = 64, static counts of scripts/sass-loops.py), when the per-element
+// bias, expf and branches were most of them, the local one from 392 to 350 by testing slots by
+// number, and then (with the one-add dt, the user token's test on column 0 only, and the
+// unmasked full sub-tiles) to about 305 on a window's edges and 265 inside it; the tails' and
+// summaries' from 280 and 311 to 261 and 297; with the bias MMA (session 38) the longest trips
+// of the local, tails' and summaries' loops 319, 279 and 310 -> 297, 257 and 290 in their |dt|
+// form, 305, 261 and 297 -> 284, 240 and 275 in their one-add form.
+// Chunk summaries are f32: they are split into a 16-bit high part and the 16-bit rest, and both go
 // through the MMA, so summaries keep about 16 bits of mantissa (the backward recomputes their
 // logits in f32 against this forward's LSE).
 //
@@ -58,6 +62,17 @@
 #include "attn/tc_slots.cuh"
 #include "attn/tile_softmax.cuh"
 
+// The bias's phase and weekend terms by add_bias_features (an MMA per 8 slots), or by RowBias's
+// FFMAs where ptxas has no registers to spare for it: sm_80 at D = 64 (three blocks; sm_86 and
+// sm_89 hold two), which spilled 4 B in bf16 and 12 B in f16 with it (NVRTC 13.0), and 8 B in
+// bf16 with the rows' A fragment reloaded from shared memory at each sub-tile. There the query
+// backward's P differs from the forward's by the MMA's roundings (about 2^-15 of |s2| and |s3|,
+// add_bias_features).
+template <int kHeadDim>
+struct TcBiasMma {
+    static constexpr bool kValue = !(kArchBeforeSm90 && kSmemPerSm > 100 * 1024 && kHeadDim == 64);
+};
+
 // Three blocks per SM (168 registers) where ptxas fits them without spills: this kernel is latency
 // bound (ncu on an H100: 71% of cycles with no eligible warp at two blocks), so more warps hide more
 // of each tile's loads. At D = 128 the cap spilled (NVRTC 13.0), and so did D = 64 on sm_100
@@ -78,11 +93,11 @@ struct TcResidentQ {
     static constexpr bool kValue = kHeadDim <= 64;
 };
 
-// The base-2 logits of one sub-tile in place (sc: raw scores in, -inf where masked out), slots
-// first + sub + 2 t + c of the lane's columns. kMasked: test each element's visibility (where
-// some row of the warp may not see some slot of the sub-tile); kRowLast: no visible key is later
-// than its row (RowBias).
-template <int kBranch, bool kRowLast, bool kMasked, int kKeyTiles, typename Tiles>
+// The base-2 logits of one sub-tile in place (sc: raw scores in, with the bias's phase and weekend
+// terms over scale2 where kBiasMma; -inf where masked out), slots first + sub + 2 t + c of the
+// lane's columns. kMasked: test each element's visibility (where some row of the warp may not
+// see some slot of the sub-tile); kRowLast: no visible key is later than its row (RowBias).
+template <int kBranch, bool kRowLast, bool kMasked, bool kBiasMma, int kKeyTiles, typename Tiles>
 __device__ __forceinline__ void tc_logits(FragC (&sc)[kKeyTiles], const EvoParams& p, const TcTile& tt,
                                           const TcRow (&rw)[2], const RowBias (&rb)[2],
                                           const LocalSeen (&ls)[2], const Tiles& st, int slot0) {
@@ -99,7 +114,10 @@ __device__ __forceinline__ void tc_logits(FragC (&sc)[kKeyTiles], const EvoParam
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int r = i >> 1, c = n * 8 + (i & 1), col = c + 2 * (threadIdx.x % 4);
-            float bias = rb[r].template operator()<kRowLast>(st.time[col], p.num_time_buckets);
+            // With TcBiasMma the phase and weekend terms are in sc already (add_bias_features).
+            float bias = kBiasMma
+                             ? rb[r].template bucket_term<kRowLast>(st.time[col], p.num_time_buckets)
+                             : rb[r].template operator()<kRowLast>(st.time[col], p.num_time_buckets);
             if (kBranch == 2 && c == 0 && user_col) bias = 0.f;
             const float z = fmaf(sc[n].c[i], scale2, bias);
             bool visible = true;
@@ -119,6 +137,7 @@ template <typename T, int kHeadDim, int kBranch, bool kRowLast, int kRows>
 __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
                                                 const RowOperand<T, kHeadDim, TcResidentQ<kHeadDim>::kValue>& qf,
                                                 const TcTile& tt, const TcRow (&rw)[2], const RowBias (&rb)[2],
+                                                const unsigned (&ba)[2],  // bias_row_pair of the rows
                                                 const LocalSpan* span,  // per warp
                                                 const SlotTiles<T, kHeadDim, kRows>& gathered, int first,
                                                 int slots, FragC (&acc)[kHeadDim / 8], RowSoftmax& sm) {
@@ -145,13 +164,14 @@ __device__ __forceinline__ void tc_gather_tiles(const EvoParams& p,
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) clear(sc[n]);
         const SlotTiles<T, kHeadDim, kRows> st = gathered.from(sub);
+        if (TcBiasMma<kHeadDim>::kValue) add_bias_features<T, kHeadDim, kKeyTiles>(sc, ba, st.k);
         rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k);
         if (kSummary) rows_times_tile<T, kHeadDim, kCols>(sc, qf, st.k_lo());
         const int slot0 = first + sub + 2 * t;
         if (kBranch == 2 && ((full >> (sub / kCols)) & 1u))  // warp-uniform
-            tc_logits<kBranch, kRowLast, false>(sc, p, tt, rw, rb, ls, st, slot0);
+            tc_logits<kBranch, kRowLast, false, TcBiasMma<kHeadDim>::kValue>(sc, p, tt, rw, rb, ls, st, slot0);
         else
-            tc_logits<kBranch, kRowLast, true>(sc, p, tt, rw, rb, ls, st, slot0);
+            tc_logits<kBranch, kRowLast, true, TcBiasMma<kHeadDim>::kValue>(sc, p, tt, rw, rb, ls, st, slot0);
         float corr[2];
         if (sm.update(sc, corr)) scale_rows(acc, corr);
         probs_times_rows<T, kHeadDim, kCols>(acc, sc, st.v, 0);
@@ -197,6 +217,8 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     tc_setup(p, si, s, q0, q_end, wq, chunk_ends, chunk_counts, rel_time, wd0, &tt, rw, row_time);
     const RowBias rb[2] = {RowBias::make(row_time[0], tc, p.num_time_buckets, kLog2e),
                            RowBias::make(row_time[1], tc, p.num_time_buckets, kLog2e)};
+    const float inv_scale2 = __frcp_rn(p.scale * kLog2e);
+    const unsigned ba[2] = {bias_row_pair(rb[0], inv_scale2, t), bias_row_pair(rb[1], inv_scale2, t)};
     // Whether the warp's rows attend, and its local span: read after land(0)'s barrier.
     __shared__ LocalSpan sSpan[kDenseThreads / kWarpSize];
     store_local_span(tt, rw,
@@ -236,7 +258,11 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
     auto land = [&](int r) {
         int first;
         const int i = r & 1;
-        land_gather<kHeadDim, kStage>(round_of(r, &first), gathered.raw(i), gathered.stage(i).time, wd0);
+        const int branch = round_of(r, &first);
+        // The slots' bias features in their K rows' padding; none for the user token (local slot 0).
+        land_gather<kHeadDim, kStage, T>(branch, gathered.raw(i), gathered.stage(i).time, wd0,
+                                         TcBiasMma<kHeadDim>::kValue ? gathered.stage(i).k : nullptr,
+                                         branch == 2 && first == 0 ? tt.user : 0);
         __syncthreads();  // the stage is visible, and every warp is done with the other one
     };
 
@@ -298,17 +324,17 @@ __device__ void evo_forward_tc(const EvoParams& p, const T* __restrict__ q, cons
             // the |dt| form of the bias (and only such a warp: none in BENCH.md's workloads).
             const bool row_last = sSpan[warp].row_last;
             if (branch == 0 && row_last)
-                tc_gather_tiles<T, kHeadDim, 0, true>(p, qf, tt, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 0, true>(p, qf, tt, rw, rb, ba, span, st, first, min(kLoad0, n0 - first), acc, sm);
             else if (branch == 0)
-                tc_gather_tiles<T, kHeadDim, 0, false>(p, qf, tt, rw, rb, span, st, first, min(kLoad0, n0 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 0, false>(p, qf, tt, rw, rb, ba, span, st, first, min(kLoad0, n0 - first), acc, sm);
             else if (branch == 1 && row_last)
-                tc_gather_tiles<T, kHeadDim, 1, true>(p, qf, tt, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 1, true>(p, qf, tt, rw, rb, ba, span, st, first, min(kLoad1, n1 - first), acc, sm);
             else if (branch == 1)
-                tc_gather_tiles<T, kHeadDim, 1, false>(p, qf, tt, rw, rb, span, st, first, min(kLoad1, n1 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 1, false>(p, qf, tt, rw, rb, ba, span, st, first, min(kLoad1, n1 - first), acc, sm);
             else if (row_last)
-                tc_gather_tiles<T, kHeadDim, 2, true>(p, qf, tt, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 2, true>(p, qf, tt, rw, rb, ba, span, st, first, min(kLoad2, n2 - first), acc, sm);
             else
-                tc_gather_tiles<T, kHeadDim, 2, false>(p, qf, tt, rw, rb, span, st, first, min(kLoad2, n2 - first), acc, sm);
+                tc_gather_tiles<T, kHeadDim, 2, false>(p, qf, tt, rw, rb, ba, span, st, first, min(kLoad2, n2 - first), acc, sm);
         }
         if (r + 1 < rounds) land(r + 1);
     }

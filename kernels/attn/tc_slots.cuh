@@ -506,17 +506,27 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
 }
 
 // Lands this thread's part of a gather of branch `branch` issued by issue_gather: waits for its
-// copies and turns the raw times it copied into TokenTime. A barrier after it makes the stage
-// visible to the block.
-template <int kHeadDim, int kRows>
-__device__ __forceinline__ void land_gather(int branch, const unsigned* raw_time, TokenTime* time, int wd0) {
+// copies and turns the raw times it copied into TokenTime, and, where `bias_rows` is given (the
+// K or V tile of the gather's stage), writes each slot's bias features (bias_column_features,
+// for add_bias_features) into its row's padding: zeros for its first `untimed` slots (the user
+// token, which has no time and no bias). A barrier after it makes the stage visible to the block.
+template <int kHeadDim, int kRows, typename T>
+__device__ __forceinline__ void land_gather(int branch, const unsigned* raw_time, TokenTime* time, int wd0,
+                                            T* bias_rows, int untimed) {
     cp_async_wait_all();
     constexpr int kSummary = TcGatherThreads<kHeadDim, 0, kRows>::kValue;
     constexpr int kToken = TcGatherThreads<kHeadDim, 1, kRows>::kValue;
     static_assert(kToken == TcGatherThreads<kHeadDim, 2, kRows>::kValue, "token branches gather alike");
+    static_assert(SmemPad<T>::kValue * sizeof(T) == 16, "a row's padding holds the eight features");
     // The thread that issued a slot's time copy (part 0, issue_gather) lands it.
     const GatherSlot me = branch == 0 ? gather_slot<kSummary>(threadIdx.x) : gather_slot<kToken>(threadIdx.x);
-    if (me.part == 0) time[me.slot] = token_time_fast(raw_time[me.slot], wd0);
+    if (me.part == 0) {
+        const TokenTime x = token_time_fast(raw_time[me.slot], wd0);
+        time[me.slot] = x;
+        if (bias_rows != nullptr)
+            *reinterpret_cast<uint4*>(bias_rows + me.slot * SlotTiles<T, kHeadDim, kRows>::kStride + kHeadDim) =
+                me.slot < untimed ? uint4{0u, 0u, 0u, 0u} : bias_column_features(x);
+    }
 }
 
 // One gather, slots [base, base + TcLoad<D, kBranch>) of a branch, into `st`, visible to the
@@ -534,7 +544,9 @@ __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si
     __syncthreads();  // the previous gather's readers are done
     issue_gather<kBranch>(tt, si, p, head, chunk_base, chunk_ends, rel_time, k, v, kbar, vbar, base,
                           num_slots, st, raw_time);
-    land_gather<kHeadDim, TcRows<kHeadDim>::kValue>(kBranch, raw_time, st.time, wd0);
+    // (With the bias features written here, below, rather than by land_gather: there the D = 64
+    // kernel spilled 8 B at its 168-register cap, sm_90, NVRTC 13.0.)
+    land_gather<kHeadDim, TcRows<kHeadDim>::kValue, T>(kBranch, raw_time, st.time, wd0, nullptr, 0);
     // Each slot's per-key dcoeffs features (kc, ks, kw, 1, then four zeros) as f16 in its K row's
     // padding, where the query backward (the only caller) reads them by ldmatrix as the B
     // fragment of its sum_j P_j (Hr, Wk, 1) MMA (pair_feature_sums); zeros for the user slot,
@@ -542,7 +554,6 @@ __device__ __forceinline__ void gather_slots(const TcTile& tt, const SeqInfo& si
     // keeps 3 more bits than bf16. Slots past the branch's end get their zero time's features,
     // finite, as their P is 0. The thread that landed a slot's time writes them.
     constexpr int kPerSlot = TcGatherThreads<kHeadDim, kBranch, TcRows<kHeadDim>::kValue>::kValue;
-    static_assert(SmemPad<T>::kValue * sizeof(T) == 16, "a K row's padding holds the eight features");
     const GatherSlot me = gather_slot<kPerSlot>(threadIdx.x);
     if (me.part == 0) {
         const TokenTime x = st.time[me.slot];
