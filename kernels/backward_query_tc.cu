@@ -130,6 +130,14 @@ struct BwdTcParts {
 // 362 / 366).
 constexpr int kBwdTcReads = kLdsmX4;
 
+// Whether P's exponential tests its logit for -inf first, which the value does not need (ex2(-inf)
+// is 0; the test was there for -inf - -inf, an empty row's logit less its LSE): only at D = 64, where ptxas spilled 48 B without
+// the test (sm_90, NVRTC 13.0), though the sub-tile loops were 347 / 295 / 322 -> 332 / 284 /
+// 300 SASS instructions. D = 32: 301 / 275 / 301 -> 285 / 260 / 281; D = 128: 383 / 331 / 341
+// -> 369 / 318 / 322.
+template <int kHeadDim>
+constexpr bool kBwdTcTestMasked = kHeadDim == 64;
+
 // Everything one branch's passes read.
 template <typename T, int kHeadDim>
 struct BwdTcContext {
@@ -181,15 +189,29 @@ __device__ __forceinline__ uint4 load_pair_record(float* pf, int row) {
 #endif
 }
 
-// Logits (-inf where masked) into sc and dP' = dO V^T into dp for one tile of slots, the
-// branch's slots [first, first + kCols).
+// A row's bias constant less its branch's LSE (natural log, from the forward) in base 2, for
+// bwd_tile_scores. +inf for a row with no key in the branch (LSE -inf), which no logit of the
+// row keeps: they are all masked, -inf.
+__device__ __forceinline__ float base_of_branch(const RowBias& rb, float lse) {
+    return fmaf(lse, -kLog2e, rb.base);
+}
+
+// log2 P (the base-2 logits less the rows' LSE; -inf where masked) into sc and dP' = dO V^T into
+// dp for one tile of slots, the branch's slots [first, first + kCols). base_b: the rows' bias
+// constant (RowBias::base) less their LSE in base 2, once per row and branch, where subtracting
+// the LSE from each logit took an FADD an element (sub-tile trips at D = 64 354 / 302 / 329 ->
+// 347 / 295 / 322, sm_90).
 template <typename T, int kHeadDim, int kBranch, int kCols>
 __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>& c,
                                                 const SlotTiles<T, kHeadDim>& sm, int first,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                                 const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
-                                                FragC (&sc)[kCols / 8], FragC (&dp)[kCols / 8]) {
+                                                const float (&base_b)[2], FragC (&sc)[kCols / 8],
+                                                FragC (&dp)[kCols / 8]) {
     constexpr bool kSummary = kBranch == 0;
+    RowBias rb[2] = {c.rb[0], c.rb[1]};
+    rb[0].base = base_b[0];
+    rb[1].base = base_b[1];
     const int t = threadIdx.x % 4;
 #pragma unroll
     for (int n = 0; n < kCols / 8; ++n) {
@@ -214,10 +236,11 @@ __device__ __forceinline__ void bwd_tile_scores(const BwdTcContext<T, kHeadDim>&
         for (int i = 0; i < 4; ++i) {
             // Computed for every element and masked after, as in the forward.
             const int r = i >> 1, cc = n * 8 + (i & 1), col = cc + 2 * t;
-            float bias = c.rb[r].bucket_term(sm.time[col], c.p->num_time_buckets);
+            float bias = rb[r].bucket_term(sm.time[col], c.p->num_time_buckets);
             // Local slot 0, the user token where there is one, has no time: only a lane's first
             // column (cc = 0) can be it.
-            if (kBranch == 2 && cc == 0 && slot0 < c.tt.user) bias = 0.f;
+            // Its bias is 0: the LSE's share alone (within an ulp of base_b's rounding).
+            if (kBranch == 2 && cc == 0 && slot0 < c.tt.user) bias = base_b[r] - c.rb[r].base;
             const float z = fmaf(sc[n].c[i], c.scale2, bias);
             bool visible;
             if constexpr (kBranch == 2) visible = at[r](cc);
@@ -300,7 +323,7 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
                                               const SlotTiles<T, kHeadDim>& sm,
                                               const RowOperand<T, kHeadDim, BwdTcResidentQ<kHeadDim>::kValue>& qf,
                                               const RowOperand<T, kHeadDim, BwdTcResidentDo<kHeadDim>::kValue>& dof,
-                                              const float (&gate)[2], const float (&lse_b)[2],
+                                              const float (&gate)[2], const float (&base_b)[2],
                                               int dim0, bool have_dgates,
                                               FragC (&dq)[kHeadDim / 8 / BwdTcParts<kHeadDim>::kValue],
                                               CoeffSums (&dcoef)[2], float (&dgates)[2]) {
@@ -339,15 +362,15 @@ __device__ __forceinline__ void bwd_tc_branch(const BwdTcContext<T, kHeadDim>& c
             for (int sub = 0; sub < kLoad && base + sub < num_slots; sub += kCols) {
                 const SlotTiles<T, kHeadDim> st = sm.from(sub);
                 FragC sc[kCols / 8], dp[kCols / 8];
-                bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, base + sub, qf, dof, sc, dp);
+                bwd_tile_scores<T, kHeadDim, kBranch, kCols>(c, st, base + sub, qf, dof, base_b, sc, dp);
                 float pt[2] = {0.f, 0.f};  // this sub-tile's share of pt_bucket
 #pragma unroll
                 for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
                     for (int i = 0; i < 4; ++i) {
                         const int r = i >> 1, col = n * 8 + 2 * t + (i & 1);
-                        // A row with keys has a finite LSE; masked logits are -inf: P = 0.
-                        const float pr = sc[n].c[i] == neg_inf() ? 0.f : fast_exp2(sc[n].c[i] - lse_b[r]);
+                        // sc is log2 P, -inf where masked: P = ex2(-inf) = 0 there.
+                        const float pr = kBwdTcTestMasked<kHeadDim> && sc[n].c[i] == neg_inf() ? 0.f : fast_exp2(sc[n].c[i]);
                         du[r] = fmaf(pr, dp[n].c[i], du[r]);
                         if (pass == 1) {
                             const float dz = gate[r] * pr * (dp[n].c[i] - dgates[r]);
@@ -588,16 +611,16 @@ __device__ void evo_backward_query_tc(
 
 #define SPARSECTR_BWD_TC_BRANCH(B)                                                               \
     {                                                                                            \
-        float gate[2], lse_b[2];                                                                 \
+        float gate[2], base_b[2];                                                                \
         for (int r = 0; r < 2; ++r) {                                                            \
             const size_t row = (static_cast<size_t>(clamped[r]) * p.heads + c.head) * 3 + B;    \
             gate[r] = load_gate<T>(p, gates, row);                                               \
-            lse_b[r] = lse[row] * kLog2e;                                                        \
+            base_b[r] = base_of_branch(c.rb[r], lse[row]);                                       \
         }                                                                                        \
         if (B == 2 && c.pair_delta != nullptr) /* block-uniform */                               \
-            bwd_tc_branch<T, kHeadDim, B, B == 2>(c, sm, qf, dof, gate, lse_b, dim0, have_dgates, acc, dcoef, dg[B]); \
+            bwd_tc_branch<T, kHeadDim, B, B == 2>(c, sm, qf, dof, gate, base_b, dim0, have_dgates, acc, dcoef, dg[B]); \
         else                                                                                     \
-            bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, lse_b, dim0, have_dgates, acc, dcoef, dg[B]); \
+            bwd_tc_branch<T, kHeadDim, B>(c, sm, qf, dof, gate, base_b, dim0, have_dgates, acc, dcoef, dg[B]); \
     }
         SPARSECTR_BWD_TC_BRANCH(0)
         SPARSECTR_BWD_TC_BRANCH(1)
