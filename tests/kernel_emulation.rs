@@ -18,9 +18,12 @@
 //! before every block (the driver links with `kernels/emu/emu_shared.ld`); `EMU_SHARED_POISON=0`
 //! turns that off. Each run also writes the bank model's report (`EMU_BANKS`, cuda_host.h) to
 //! its folder, and the test fails if any call site of the shared-memory tile helpers takes more
-//! wavefronts than its conflict-free ideal. `SPARSECTR_EMU_SANITIZE=plain` builds a driver whose
-//! every load and store is instrumented (GCC's kernel-address calls; about 1.5x slower, so not
-//! the default), so that the report also has plain shared accesses (`a[i] = x`) by source line,
+//! wavefronts than its conflict-free ideal. The runs of a few scenarios (`REVERSED_TOO`) are
+//! made twice, the second time with every launch's blocks last to first
+//! (`EMU_BLOCK_ORDER=reverse`), and their outputs must agree bit for bit (the driver's
+//! `DIGEST`). `SPARSECTR_EMU_SANITIZE=plain` builds a driver whose every load and store is
+//! instrumented (GCC's kernel-address calls; about 1.5x slower, so not the default), so that
+//! the report also has plain shared accesses (`a[i] = x`) by source line,
 //! named through `addr2line`; those above their ideal are listed, not failed (their widths are
 //! the host compile's).
 
@@ -855,7 +858,17 @@ struct Run {
     dtype: DType,
     dir: PathBuf,
     flags: Vec<&'static str>,
+    /// Every launch's blocks last to first (`EMU_BLOCK_ORDER=reverse`), the twin of the run of
+    /// the same folder in grid order: the two must compute the same bits.
+    reversed: bool,
 }
+
+/// The scenarios run a second time with every launch's blocks in reverse order: several 64-token
+/// tiles a sequence, two warp sets, and every dtype. A GPU runs blocks in no set order, so a block
+/// that reads what another block of its launch writes, or two blocks that write one element
+/// differently, would give results that depend on it; in grid order alone the emulation could
+/// hide that.
+const REVERSED_TOO: [&str; 3] = ["local-spans", "long-two-sets", "no-user-token"];
 
 /// The `name=error` pairs of a driver's result line.
 fn errors_of(summary: &str) -> Vec<(String, f64)> {
@@ -908,12 +921,32 @@ struct Outcome {
     seconds: f64,
 }
 
+impl Outcome {
+    /// The driver's digest of every output its `compare` checked (`DIGEST <hex>`).
+    fn digest(&self) -> Option<&str> {
+        self.output
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("DIGEST "))
+    }
+}
+
 fn run_driver(exe: &Path, run: &Run) -> Outcome {
     let started = Instant::now();
+    // The reversed twin's bank report goes beside the other's: the model counts one order.
+    let banks = if run.reversed {
+        "banks-reversed.tsv"
+    } else {
+        BANKS_FILE
+    };
     let out = Command::new(exe)
         .arg(&run.dir)
         .args(&run.flags)
-        .env("EMU_BANKS", run.dir.join(BANKS_FILE))
+        .env("EMU_BANKS", run.dir.join(banks))
+        .env(
+            "EMU_BLOCK_ORDER",
+            if run.reversed { "reverse" } else { "forward" },
+        )
         .output();
     let seconds = started.elapsed().as_secs_f64();
     match out {
@@ -1048,11 +1081,21 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
             if let Err(e) = written {
                 panic!("{label}: writing the reference folder failed: {e}");
             }
+            if REVERSED_TOO.contains(&s.name) {
+                runs.push(Run {
+                    label: format!("{label} reversed"),
+                    dtype,
+                    dir: dir.clone(),
+                    flags: s.flags.clone(),
+                    reversed: true,
+                });
+            }
             runs.push(Run {
                 label,
                 dtype,
                 dir,
                 flags: s.flags.clone(),
+                reversed: false,
             });
         }
     }
@@ -1060,16 +1103,20 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         Ok(exe) => exe,
         Err(e) => panic!("{e}"),
     };
-    let self_test = Command::new(&exe)
-        .arg("--self-test")
-        .output()
-        .expect("run the kernel emulation's self-test");
-    assert!(
-        self_test.status.success(),
-        "the emulation fails its self-test (collectives, cp.async, time buckets, math models, shared-memory poison, bank model):\n{}{}",
-        String::from_utf8_lossy(&self_test.stdout),
-        String::from_utf8_lossy(&self_test.stderr)
-    );
+    // In both block orders: the reversed runs below count on blocks running last to first.
+    for order in ["forward", "reverse"] {
+        let self_test = Command::new(&exe)
+            .arg("--self-test")
+            .env("EMU_BLOCK_ORDER", order)
+            .output()
+            .expect("run the kernel emulation's self-test");
+        assert!(
+            self_test.status.success(),
+            "the emulation fails its self-test with EMU_BLOCK_ORDER={order} (collectives, cp.async, time buckets, math models, shared-memory poison, block order, bank model):\n{}{}",
+            String::from_utf8_lossy(&self_test.stdout),
+            String::from_utf8_lossy(&self_test.stderr)
+        );
+    }
     // And it must stop a kernel whose lane exits before a collective the others reach.
     let early_exit = Command::new(&exe)
         .arg("--self-test-early-exit")
@@ -1168,6 +1215,28 @@ fn cuda_kernels_in_cpu_emulation_match_the_reference() {
         results.len(),
         failed.join("\n")
     );
+    // Each reversed run against its twin in grid order, bit for bit.
+    let mut twins = 0;
+    for (i, reversed) in &results {
+        if !runs[*i].reversed {
+            continue;
+        }
+        let (_, forward) = results
+            .iter()
+            .find(|(j, _)| !runs[*j].reversed && runs[*j].dir == runs[*i].dir)
+            .expect("every reversed run has a twin in grid order");
+        let (a, b) = (forward.digest(), reversed.digest());
+        assert!(
+            a.is_some() && a == b,
+            "{}: the outputs depend on the order in which blocks run: digest {a:?} in grid order, \
+             {b:?} in reverse",
+            runs[*i].label
+        );
+        twins += 1;
+    }
+    if twins > 0 {
+        say!("kernel emulation: {twins} runs gave the same bits with every launch's blocks in reverse order");
+    }
     check_bank_model(&runs);
 }
 
@@ -1187,7 +1256,7 @@ type BankSite = (String, String, String, u32);
 fn check_bank_model(runs: &[Run]) {
     let mut sites: BTreeMap<BankSite, (u64, u64, u64)> = BTreeMap::new();
     const HEADER: &str = "kernel\tsite\top\tbytes\tinstructions\twavefronts\tideal";
-    for run in runs {
+    for run in runs.iter().filter(|r| !r.reversed) {
         // Every driver run writes one, with no site where nothing went through the helpers (the
         // empty batches): a missing file is a model that recorded nothing, not a clean one.
         let path = run.dir.join(BANKS_FILE);

@@ -23,7 +23,10 @@
 //   blockDim std::jthreads per launch, thread `tid` of each block on thread `tid`, blocks one after
 //   another (each block starts when every thread has finished the one before). It checks the
 //   arguments against the kernel's parameter types (pointee types exactly, `const void*` takes any
-//   pointer).
+//   pointer). Blocks run in grid order, or last to first with `EMU_BLOCK_ORDER=reverse`: a GPU
+//   runs them in no set order, so a kernel whose blocks read what another block of the same
+//   launch writes, or write the same element differently, gives other results the other way
+//   round (the kernel emulation test compares the two runs' outputs bit for bit).
 //
 // Sanitizers work on top: -fsanitize=address,undefined finds out-of-bounds accesses of the
 // kernels, -fsanitize=thread races between CUDA threads (a missing __syncwarp or __syncthreads
@@ -1171,6 +1174,18 @@ constexpr bool arg_matches() {
 
 // Bytes of `__shared__` variables that poison_shared covers (0: the driver was linked without
 // emu_shared.ld, or EMU_SHARED_POISON=0).
+// Whether blocks run last to first (EMU_BLOCK_ORDER=reverse; anything but "reverse" or
+// "forward" stops the run, so that a misspelling does not quietly test one order twice).
+inline bool blocks_reversed() {
+    static const bool reversed = [] {
+        const char* s = std::getenv("EMU_BLOCK_ORDER");
+        if (s == nullptr || *s == '\0' || std::strcmp(s, "forward") == 0) return false;
+        if (std::strcmp(s, "reverse") == 0) return true;
+        fail("EMU_BLOCK_ORDER=%s: expected forward or reverse", s);
+    }();
+    return reversed;
+}
+
 inline std::size_t shared_poison_range() {
     static const bool off = [] {
         const char* s = std::getenv("EMU_SHARED_POISON");
@@ -1221,7 +1236,6 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
         static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
     BlockState st;
     st.kernel = name;
-    st.block_idx = dim3(0, 0, 0);
     st.num_threads = threads;
     const int warps = threads / warpSize;
     for (int w = 0; w < warps; ++w) {
@@ -1233,10 +1247,14 @@ void launch_named(const char* name, void (*kernel)(P...), dim3 grid, dim3 block,
     st.smem_log.resize(static_cast<std::size_t>(threads));
     for (int i = 0; i < threads; ++i) st.where[i].store(kRunning);
     unsigned long long current = 0;
-    auto block_of = [grid](unsigned long long b) {
+    // The b-th block to run (the poison alternates by this count, not by the block's index).
+    const bool reversed = blocks_reversed();
+    auto block_of = [grid, reversed, num_blocks](unsigned long long b) {
+        if (reversed) b = num_blocks - 1 - b;
         return dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                     static_cast<unsigned>(b / (static_cast<unsigned long long>(grid.x) * grid.y)));
     };
+    st.block_idx = block_of(0);
     // Runs once per block, after its last thread exited and before any thread goes on.
     auto next_block = [&]() noexcept {
         tally_block(st);

@@ -268,6 +268,28 @@ __global__ void shared_at_start_plain(unsigned* out) {
     if (tid == 0) word = 0u;
 }
 
+// Each block's place in the launch's run order. Blocks run one after another, so the counter
+// needs no atomic.
+__global__ void record_block_order(unsigned* order, unsigned* count) {
+    if (threadIdx.x == 0) order[blockIdx.x] = (*count)++;
+}
+
+// Blocks run in grid order, or last to first under EMU_BLOCK_ORDER=reverse.
+int run_block_order() {
+    constexpr unsigned kLaunchBlocks = 5;
+    std::vector<unsigned> order(kLaunchBlocks, ~0u);
+    unsigned count = 0;
+    EMU_LAUNCH(record_block_order, dim3(kLaunchBlocks), dim3(kThreads), order.data(), &count);
+    int bad = 0;
+    for (unsigned b = 0; b < kLaunchBlocks; ++b) {
+        const unsigned want = emu::blocks_reversed() ? kLaunchBlocks - 1 - b : b;
+        if (order[b] != want && bad++ < 10)
+            std::printf("self-test: block %u ran %u-th, want %u-th (EMU_BLOCK_ORDER %s)\n", b, order[b],
+                        want, emu::blocks_reversed() ? "reverse" : "forward");
+    }
+    return bad;
+}
+
 int run_shared_poison() {
     const std::size_t range = emu::shared_poison_range();
     const char* off = std::getenv("EMU_SHARED_POISON");
@@ -282,7 +304,9 @@ int run_shared_poison() {
     EMU_LAUNCH(shared_at_start_plain, dim3(kLaunchBlocks), dim3(kThreads), plain.data());
     int bad = 0;
     for (int b = 0; b < kLaunchBlocks; ++b) {
-        const unsigned want = b % 2 == 0 ? 0xffffffffu : 0x7f7f7f7fu;
+        // The poison alternates with the order in which blocks run (EMU_BLOCK_ORDER).
+        const int nth = emu::blocks_reversed() ? kLaunchBlocks - 1 - b : b;
+        const unsigned want = nth % 2 == 0 ? 0xffffffffu : 0x7f7f7f7fu;
         for (int tid = 0; tid < kThreads; ++tid) {
             const int i = b * kThreads + tid;
             if (tmpl[i] != want && bad++ < 10)
@@ -389,9 +413,10 @@ int run() {
     bad += run_time_buckets();
     bad += run_math_models();
     bad += run_shared_poison();
+    bad += run_block_order();
     bad += run_bank_model();
     std::printf("%s self-test of the emulated collectives, cp.async, time buckets, math models, "
-                "shared-memory poison and bank model\n",
+                "shared-memory poison, block order and bank model\n",
                 bad == 0 ? "OK" : "FAILED");
     return bad == 0 ? 0 : 1;
 }
@@ -742,6 +767,21 @@ struct Folder {
 struct Report {
     int failures = 0;
     std::vector<std::string> errors;  // name=error, for the summary line
+    // FNV-1a over the bits of every output compared, in order: a run with the blocks of every
+    // launch in reverse order (EMU_BLOCK_ORDER) must give the same digest, as a GPU's results
+    // must not depend on the order in which its blocks run.
+    std::uint64_t digest = 14695981039346656037ull;
+
+    void absorb(const std::vector<double>& got) {
+        for (const double x : got) {
+            std::uint64_t bits;
+            std::memcpy(&bits, &x, sizeof bits);
+            for (int i = 0; i < 8; ++i) {
+                digest ^= (bits >> (8 * i)) & 0xffu;
+                digest *= 1099511628211ull;
+            }
+        }
+    }
 
     void fail(const std::string& msg) {
         ++failures;
@@ -753,6 +793,7 @@ struct Report {
 // Relative L2 error; NaN anywhere fails; a zero reference needs an exactly zero result.
 double compare(Report& r, const std::string& name, const std::vector<double>& got,
                const std::vector<double>& want, double tol) {
+    r.absorb(got);
     if (got.size() != want.size()) {
         r.fail(name + ": length " + std::to_string(got.size()) + " vs " + std::to_string(want.size()));
         return NAN;
@@ -1588,6 +1629,7 @@ int run(const Folder& f, const Options& opt) {
 
     std::string summary;
     for (const auto& e : rep.errors) summary += " " + e;
+    std::printf("DIGEST %016llx\n", static_cast<unsigned long long>(rep.digest));
     std::printf("%s %s D=%d:%s (%.1f s; %llu launches, %llu blocks, %llu threads, %llu collective "
                 "arrivals)\n",
                 rep.failures == 0 ? "OK" : "FAILED", dtype_name(DT), HD, summary.c_str(),
