@@ -9,7 +9,8 @@
 # what finished.
 #
 #   STEPS="tests example sanitize bench train"   the steps to run, in order (default: these
-#                                         five; "ncu" and "ncu-source" are not by default)
+#                                         five; "ncu", "ncu-source" and "red" are not by
+#                                         default; "red" times f32 reductions, red-rate.cu)
 #   BUDGET_S=540                          no step starts later than this, and each step is cut
 #                                         off (timeout) where it would run past it
 #   SANITIZE="memcheck racecheck initcheck", SANITIZE_BINS (default: the forward, backward and
@@ -49,7 +50,7 @@ started=$(date +%s)
 status=0
 
 pack() {
-  grep -h -E "test result|ERROR SUMMARY|sparse-ours|^(evo|dense) |error|TIMED OUT|SKIPPED STEP" \
+  grep -h -E "test result|ERROR SUMMARY|sparse-ours|^(evo|dense) |error|TIMED OUT|SKIPPED STEP|^(copy|store|red\.)|sums" \
     "$out"/*.log > "$dest/summary.txt" 2>/dev/null
   [ -f "$out/ab.txt" ] && cat "$out/ab.txt" >> "$dest/summary.txt"
   tar -C "$(dirname "$out")" -czf "$dest/gpu-run.tar.gz" gpu-run
@@ -195,6 +196,14 @@ for step in $steps; do
         done
       fi
       ;;
+    red)
+      # The L2's f32 reduction rate into a dQ-shaped buffer (scripts/red-rate.cu): whether dQ of
+      # the local branch by atomics on the key side could pay (the results' notes, session 40).
+      run_logged red-rate-build.log nvcc -O3 -arch=sm_90 -o "$out/red-rate" scripts/red-rate.cu
+      [ -x "$out/red-rate" ] && run_logged red-rate.log "$out/red-rate"
+      rm -f "$out/red-rate"
+      pack
+      ;;
     example)
       # The main job (README's first command) on the GPU, forward and backward checked.
       if [ -x device-bin/example-evoattention ]; then
@@ -210,7 +219,7 @@ for step in $steps; do
       fi
       ;;
     *)
-      echo "unknown step $step (tests, example, sanitize, bench, ncu, ncu-source, train, versions, ab)" | tee -a "$out/env.txt"
+      echo "unknown step $step (tests, example, sanitize, bench, ncu, ncu-source, train, versions, ab, red)" | tee -a "$out/env.txt"
       status=2
       ;;
   esac
