@@ -447,7 +447,8 @@ __device__ __forceinline__ void store_split(T* hi, T* lo, const uint4& raw) {
 // copies land, so that the forward computes on its other stage meanwhile (forward_tc.cu).
 // TcGatherThreads threads take each slot (gather_slot): part 0 stores its row and aux and copies
 // its time (raw) by cp.async, and each works out the row itself (slot_row), once, and copies its
-// share of the slot's K and V pieces; token rows go by cp.async, summary rows (f32, split into
+// share of the slot's K and V pieces (at one thread a slot, pieces of its warp's slots instead,
+// whole rows at a time); token rows go by cp.async, summary rows (f32, split into
 // two 16-bit parts) are loaded and stored at once. Complete with land_gather and a barrier. Called by every
 // thread of the block.
 template <int kBranch, typename T, int kHeadDim, int kRows>
@@ -470,7 +471,7 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
     }
     // Piece j of a thread is piece j * kPerSlot + part of the row, so the slot's threads read
     // adjacent 16 bytes at each step.
-    if (kBranch == 0) {
+    if constexpr (kBranch == 0) {
         constexpr int kPieces = kHeadDim / 4 / kPerSlot;  // float4 pieces
         const size_t at = (static_cast<size_t>(max(row, 0)) * p.heads + head) * kHeadDim;
         const uint4* krow = reinterpret_cast<const uint4*>(kbar + at);
@@ -488,12 +489,45 @@ __device__ __forceinline__ void issue_gather(const TcTile& tt, const SeqInfo& si
             store_split<T>(st.k + to, st.k_lo() + to, kraw);
             store_split<T>(st.v + to, st.v_lo() + to, vraw);
         }
+    } else if constexpr (kPerSlot == 1) {
+        // Token rows at one thread a slot (the query backward at D = 32 and 64): taking its own
+        // slot's pieces, each lane of a warp's copy read 16 bytes of a different row, 32
+        // sectors for 512 bytes, and each sector twice (by two copies: cp.async.cg keeps
+        // nothing in L1). So the warp copies its 32 slots' rows whole rows at a time: at copy j,
+        // lane l takes 16-byte piece l % kRowPieces of the warp's slot s = j kRowCopies +
+        // which(l), whose row lane s worked out (a shuffle). 8 lanes read one row's 128 bytes (at
+        // D = 32 two rows' 64): 4 cache lines and 16 sectors a copy. In shared memory, 8 lanes
+        // store one row's 128 bytes (banks 0-31 once) or at D = 32 (rows 20 banks apart) two
+        // rows 4 apart (16 banks apart). The forward (two threads a slot: 16 rows' 32 bytes, a
+        // whole sector each) keeps the layout below: this one spilled 4 B in its D = 64 kernel
+        // at the 168-register cap (sm_90, NVRTC 13.0), its gathers being inside its main loop.
+        constexpr int kVec = VecWidth<T>::kValue;
+        constexpr int kRowPieces = kHeadDim / kVec;
+        static_assert(kRowPieces == 4 || kRowPieces == 8 || kRowPieces == 16, "16-byte pieces of a row");
+        constexpr int kRowCopies = kWarpSize / kRowPieces;  // rows a copy takes
+        const unsigned lane = threadIdx.x % kWarpSize;
+        const int piece = static_cast<int>(lane % kRowPieces) * kVec;
+        const int which = kRowPieces >= 8 ? static_cast<int>(lane / kRowPieces)
+                                          : static_cast<int>((lane >> 3) | (((lane >> 2) & 1u) << 2));
+        const int first = r - static_cast<int>(lane);  // gather_slot<1>: slot = threadIdx.x
+        // Eight copies a thread (D = 64) unrolled whole computed all their addresses at once and
+        // spilled 204 B at the 168-register cap (NVRTC 13.0, the layout below); four unroll
+        // without.
+        constexpr int kUnroll = kRowPieces <= 4 ? kRowPieces : 2;
+#pragma unroll(kUnroll)
+        for (int j = 0; j < kRowPieces; ++j) {
+            const int s = j * kRowCopies + which;
+            const int rj = __shfl_sync(kFullMask, row, s);
+            const size_t at = (static_cast<size_t>(max(rj, 0)) * p.heads + head) * kHeadDim + piece;
+            const int to = (first + s) * kStride + piece;
+            cp_async<16>(st.k + to, k + at, rj >= 0);
+            cp_async<16>(st.v + to, v + at, rj >= 0);
+        }
     } else {
+        // Two or four threads a slot (the forward; the query backward at D = 128): a copy reads
+        // 32 or 64 bytes of each of its rows, whole sectors.
         constexpr int kVec = VecWidth<T>::kValue;
         constexpr int kPieces = kHeadDim / kVec / kPerSlot;
-        // Eight pieces a thread (one thread a slot: the query backward's gathers at D = 64)
-        // unrolled whole computed all their addresses at once and spilled 204 B at the
-        // 168-register cap (NVRTC 13.0); four (the forward's) unroll without.
         constexpr int kUnroll = kPieces <= 4 ? kPieces : 2;
         const size_t at = (static_cast<size_t>(max(row, 0)) * p.heads + head) * kHeadDim;
 #pragma unroll(kUnroll)
